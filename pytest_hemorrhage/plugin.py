@@ -1,0 +1,116 @@
+"""pytest hooks: options, marker, fixtures, summary and report. The work is in session.py."""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from .errors import HemorrhageError
+from .session import HemorrhageSession
+from .settings import OPTIONS, Settings
+
+if TYPE_CHECKING:
+    from .fixture import Hemorrhage
+    from .loading import LoadedModel
+
+session_key = pytest.StashKey[HemorrhageSession]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("hemorrhage", "model hemorrhage budgets")
+    for option in OPTIONS:
+        if option.flag:
+            group.addoption(f"--hemorrhage-{option.name}", action="store_true", default=None,
+                            dest=option.ini, help=option.help)
+            parser.addini(option.ini, option.help, type="bool", default=False)
+        else:
+            group.addoption(f"--hemorrhage-{option.name}", dest=option.ini, type=option.type,
+                            metavar=option.metavar, default=None, help=option.help)
+            parser.addini(option.ini, option.help, default="")
+    parser.addini("hemorrhage_budget", "Default budget for every hemorrhage test, e.g. "
+                  "'ppl_increase=0.05 kl_mean=0.02'; marker keys override it.", default="")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "hemorrhage(**budget): maximum tolerated degradation per metric, e.g. "
+        "hemorrhage(ppl_increase=0.05, kl_mean=0.02); optional confidence=0.95")
+    try:
+        settings = Settings.from_config(config)
+        if settings.model and not hasattr(config, "workerinput"):
+            from .loading import check_spec
+
+            check_spec(settings.model)
+    except HemorrhageError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.stash[session_key] = HemorrhageSession(settings)
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(XdistHooks(config), "hemorrhage-xdist")
+
+
+@pytest.fixture(scope="session")
+def hemorrhage_model(pytestconfig: pytest.Config) -> LoadedModel:
+    """The baseline model: ``.model``, ``.tokenizer``, ``.fingerprint``."""
+    return pytestconfig.stash[session_key].loaded()
+
+
+@pytest.fixture
+def hemorrhage(request: pytest.FixtureRequest, hemorrhage_model: LoadedModel) -> Hemorrhage:
+    """Measure, modify and check the baseline under this test's hemorrhage budget."""
+    from .fixture import Hemorrhage
+
+    session = request.config.stash[session_key]
+    harness = session.harness()
+    yield Hemorrhage(harness, session.budget_for(request.node), request.node, session)
+    harness.check_pristine()
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("hemorrhage") is not None:
+        item.config.stash[session_key].budget_for(item)  # bad budgets fail at setup
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[
+        None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if call.excinfo is not None and call.excinfo.errisinstance(HemorrhageError):
+        report.longrepr = f"HemorrhageError: {call.excinfo.value}"  # no torch traceback
+    if report.when == "call" or (report.when == "setup" and not report.passed):
+        outcome = "xfailed" if hasattr(report, "wasxfail") and report.skipped else (
+            "xpassed" if hasattr(report, "wasxfail") else report.outcome)
+        item.config.stash[session_key].set_outcome(item.nodeid, outcome)
+    return report
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    session = config.stash[session_key]
+    if session.records and not hasattr(config, "workerinput"):
+        from .report import render_table
+
+        terminalreporter.write_line("")
+        terminalreporter.write(render_table(session.records, width=config.get_terminal_writer().fullwidth,
+                                            color=terminalreporter.hasmarkup))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    config = session.config
+    state = config.stash[session_key]
+    if hasattr(config, "workerinput"):
+        config.workeroutput["hemorrhage"] = state.worker_output()
+    else:
+        state.write_report()
+
+
+class XdistHooks:
+    """Hooks that exist only when pytest-xdist is loaded: results travel to the controller."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        output = getattr(node, "workeroutput", {}).get("hemorrhage")
+        if output:
+            self.config.stash[session_key].merge_worker(output)

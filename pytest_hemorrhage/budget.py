@@ -1,0 +1,111 @@
+"""``@pytest.mark.hemorrhage(**budget)`` -> a validated Budget; one failure line per violation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from statistics import NormalDist
+from typing import TYPE_CHECKING, Any
+
+from .errors import HemorrhageError
+from .metrics import METRICS
+
+if TYPE_CHECKING:
+    from .metrics import Result
+
+__all__ = ["OPTIONS", "Budget", "parse_ini"]
+
+OPTIONS = {"confidence": "fail only when the one-sided upper confidence bound exceeds the budget"}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Maximum tolerated value per metric.
+
+    Args:
+        limits: metric name -> maximum.
+        confidence: if set (e.g. 0.95), a metric fails only when its one-sided upper bound
+            ``value + z * stderr`` exceeds the maximum; otherwise the point estimate is used.
+    """
+
+    limits: dict[str, float] = field(default_factory=dict)
+    confidence: float | None = None
+
+    @classmethod
+    def parse(cls, kwargs: Mapping[str, Any], *, where: str) -> Budget:
+        """Validate marker-style keyword arguments; ``where`` names the test for errors."""
+        limits: dict[str, float] = {}
+        confidence = None
+        for key, value in kwargs.items():
+            if key == "confidence":
+                if not _number(value) or not 0.5 <= value < 1:
+                    raise HemorrhageError(f"{where}: confidence={value!r} must be a number in "
+                                          "[0.5, 1), e.g. confidence=0.95")
+                confidence = float(value)
+            elif key not in METRICS:
+                valid = ", ".join([*METRICS, *OPTIONS])
+                raise HemorrhageError(f"{where}: can't have {key!r} in the hemorrhage budget; "
+                                      f"valid keys: {valid}")
+            elif not _number(value) or value < 0 or math.isnan(value):
+                raise HemorrhageError(f"{where}: {key}={value!r} must be a non-negative number "
+                                      "(the largest tolerated value)")
+            else:
+                limits[key] = float(value)
+        return cls(limits, confidence)
+
+    def merged(self, override: Budget) -> Budget:
+        """This budget with ``override``'s keys taking precedence."""
+        confidence = override.confidence if override.confidence is not None else self.confidence
+        return Budget({**self.limits, **override.limits}, confidence)
+
+    def upper(self, result: Result, metric: str) -> float:
+        """The value compared with the budget: point estimate, or upper confidence bound."""
+        value = result.metrics[metric]
+        se = result.stderr.get(metric)
+        if self.confidence is None or se is None:
+            return value
+        return value + NormalDist().inv_cdf(self.confidence) * se
+
+    def violations(self, result: Result) -> list[str]:
+        """One line per violated metric, e.g.
+        ``kl_mean: 0.0412 > 0.0200 (baseline ppl 8.41, modified ppl 9.01)``."""
+        context = f"baseline ppl {result.baseline_ppl:.2f}, modified ppl {result.modified_ppl:.2f}"
+        lines = []
+        if result.nonfinite:
+            lines.append(f"non-finite outputs: {result.nonfinite} of {result.tokens} tokens got "
+                         f"nan/inf logits ({context})")
+        for metric, limit in self.limits.items():
+            if metric not in result.metrics:
+                lines.append(f"{metric}: not measured by {result.modification}")
+                continue
+            bound = self.upper(result, metric)
+            if math.isnan(bound) or bound > limit:
+                value = result.metrics[metric]
+                shown = f"{value:.4f}"
+                if self.confidence is not None and bound != value:
+                    shown += f" (upper {self.confidence:.0%} bound {bound:.4f})"
+                lines.append(f"{metric}: {shown} > {limit:.4f} ({context})")
+        return lines
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.limits, **({"confidence": self.confidence} if self.confidence else {})}
+
+
+def parse_ini(text: str) -> Budget:
+    """``"ppl_increase=0.05 kl_mean=0.02"`` (ini ``hemorrhage_budget``) -> Budget."""
+    kwargs: dict[str, Any] = {}
+    for item in text.replace(",", " ").split():
+        key, sep, value = item.partition("=")
+        try:
+            kwargs[key] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise HemorrhageError(f"hemorrhage_budget: {item!r} is not metric=number, "
+                                  "e.g. hemorrhage_budget = ppl_increase=0.05 kl_mean=0.02")
+    return Budget.parse(kwargs, where="hemorrhage_budget")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

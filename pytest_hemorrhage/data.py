@@ -1,0 +1,94 @@
+"""Evaluation text -> token windows: fixed, non-overlapping, with spare tokens for calibration."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import HemorrhageError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["BUNDLED_CORPUS", "Windows", "make_windows", "read_text"]
+
+BUNDLED_CORPUS = Path(__file__).parent / "assets" / "corpus" / "valid.txt"
+
+
+def read_text(path: str | Path | None) -> str:
+    """The evaluation text from a ``.txt`` file, a ``.jsonl`` file (``text`` field) or a
+    directory of ``.txt`` files; the bundled held-out corpus when ``path`` is None."""
+    path = Path(path) if path else BUNDLED_CORPUS
+    if path.is_dir():
+        files = sorted(path.glob("*.txt"))
+        if not files:
+            raise HemorrhageError(f"--hemorrhage-data={path}: directory has no .txt files")
+        text = "\n\n".join(_read(f) for f in files)
+    elif path.suffix == ".jsonl":
+        text = "\n\n".join(_jsonl_texts(path))
+    else:
+        text = _read(path)
+    if not text.strip():
+        raise HemorrhageError(f"--hemorrhage-data={path}: no text in it; give a non-empty file")
+    return text
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise HemorrhageError(f"--hemorrhage-data={path}: no such file or directory") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise HemorrhageError(f"--hemorrhage-data={path}: cannot read it as UTF-8 text ({exc})") from None
+
+
+def _jsonl_texts(path: Path) -> list[str]:
+    texts = []
+    for number, line in enumerate(_read(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record: Any = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise HemorrhageError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise HemorrhageError(f'{path}:{number}: each line needs a string "text" field')
+        texts.append(record["text"])
+    return texts
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Evaluation windows and the tokens left after them, kept apart for calibration."""
+
+    eval: torch.Tensor  # (n_windows, seq_len) int64
+    spare: torch.Tensor  # (n_spare,) int64, disjoint from eval
+
+    def calibration(self, count: int) -> torch.Tensor:
+        """``count`` windows from the spare tokens, in order (deterministic, disjoint from eval)."""
+        seq_len = self.eval.shape[1]
+        available = self.spare.numel() // seq_len
+        if count > available:
+            raise HemorrhageError(
+                f"calibration needs {count} windows of {seq_len} tokens but the data leaves "
+                f"{available} after the evaluation windows; lower --hemorrhage-tokens, ask for "
+                "fewer calibration windows, or give more --hemorrhage-data"
+            )
+        return self.spare[: count * seq_len].reshape(count, seq_len)
+
+
+def make_windows(tokenizer: Any, text: str, *, seq_len: int, tokens: int) -> Windows:
+    """Tokenize ``text`` and cut the first ``tokens`` tokens into windows of ``seq_len``."""
+    import torch
+
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    ids = torch.tensor(ids, dtype=torch.long)
+    if ids.numel() < seq_len:
+        raise HemorrhageError(
+            f"the data has {ids.numel()} tokens, fewer than one window of "
+            f"--hemorrhage-seq-len={seq_len}; give more data or a shorter seq-len"
+        )
+    count = max(1, min(tokens, ids.numel()) // seq_len)
+    return Windows(eval=ids[: count * seq_len].reshape(count, seq_len), spare=ids[count * seq_len:])

@@ -1,0 +1,160 @@
+"""Hemorrhage measures: pure functions of the modified model's logits and the baseline reference.
+
+Every metric is 0 for a model identical to the baseline and grows with damage, so every budget
+is a maximum. Standard errors are paired: both models are scored on the same tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from .budget import Budget
+    from .reference import Reference
+
+__all__ = ["METRICS", "Result", "TokenStats", "summarize", "token_stats"]
+
+METRICS: dict[str, str] = {
+    "ppl_increase": "perplexity ratio minus 1: ppl_modified / ppl_baseline - 1",
+    "nll_increase": "mean increase of the correct token's negative log-likelihood (nats)",
+    "kl_mean": "mean KL(baseline || modified) of the next-token distribution, per token (nats)",
+    "kl_p99": "99th percentile of the per-token KL",
+    "kl_max": "largest per-token KL",
+    "top1_disagreement": "share of tokens whose most likely next token changed",
+    "delta_p_mean": "mean drop of the probability given to the correct token",
+}
+
+
+@dataclass
+class TokenStats:
+    """Per-token measures of one batch (or of all batches, concatenated)."""
+
+    kl: torch.Tensor
+    nll: torch.Tensor
+    disagree: torch.Tensor
+    p_target: torch.Tensor
+    finite: torch.Tensor
+
+    @staticmethod
+    def cat(parts: list[TokenStats]) -> TokenStats:
+        import torch
+
+        return TokenStats(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                            ("kl", "nll", "disagree", "p_target", "finite")))
+
+
+def token_stats(logits: torch.Tensor, ref: Reference) -> TokenStats:
+    """Compare modified ``logits`` (tokens, vocab) with the reference rows for those tokens."""
+    import torch
+
+    logits = logits.float()
+    finite = torch.isfinite(logits).all(-1)
+    logq = torch.log_softmax(logits, -1)
+    target_logq = logq.gather(-1, ref.targets[:, None]).squeeze(-1)
+    if ref.logp is not None:
+        lp = ref.logp.to(logq.device)
+        p = lp.exp()
+        kl = torch.where(p > 0, p * (lp - logq), 0).sum(-1)
+    else:
+        kl = _topk_kl(logq, ref.topk_logp.to(logq.device), ref.topk_idx.to(logq.device))
+    return TokenStats(
+        kl=kl.cpu(),
+        nll=(-target_logq).cpu(),
+        disagree=(logq.argmax(-1) != ref.top1.to(logq.device)).cpu(),
+        p_target=target_logq.exp().cpu(),
+        finite=finite.cpu(),
+    )
+
+
+def _topk_kl(logq: torch.Tensor, topk_logp: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
+    """KL over the baseline's top-K tokens plus one bucket for the rest of the vocabulary.
+
+    Grouping the tail into one outcome can only lower KL (log-sum inequality): the result is
+    exact when the tail is empty and otherwise short by p_tail * KL(tail-conditionals).
+    """
+    import torch
+
+    p = topk_logp.exp()
+    lq = logq.gather(-1, topk_idx)
+    head = (p * (topk_logp - lq)).sum(-1)
+    p_tail = (1 - p.double().sum(-1)).clamp_min(0)
+    q_tail = (1 - lq.double().exp().sum(-1)).clamp_min(1e-300)
+    tail = torch.where(p_tail > 0, p_tail * (p_tail.clamp_min(1e-300).log() - q_tail.log()), 0)
+    return head + tail.float()
+
+
+def _mean_se(x: torch.Tensor) -> tuple[float, float]:
+    x = x.double()
+    n = x.numel()
+    return x.mean().item(), (x.std().item() / math.sqrt(n)) if n > 1 else 0.0
+
+
+def _quantile_se(x: torch.Tensor, q: float) -> tuple[float, float]:
+    """Quantile and the half-width of its binomial order-statistic interval (~1 SE)."""
+    s = x.double().sort().values
+    n = s.numel()
+    spread = math.sqrt(n * q * (1 - q))
+    lo, hi = max(0, math.floor(n * q - spread)), min(n - 1, math.ceil(n * q + spread))
+    return s.quantile(q).item(), (s[hi] - s[lo]).item() / 2
+
+
+def summarize(stats: TokenStats, ref: Reference) -> tuple[dict[str, float], dict[str, float | None]]:
+    """Aggregate per-token measures into the metrics and their standard errors."""
+    d = stats.nll.double() - ref.targets_nll.double()
+    nll_increase, nll_se = _mean_se(d)
+    ratio = math.exp(nll_increase)
+    values = {
+        "ppl_increase": (ratio - 1, ratio * nll_se),
+        "nll_increase": (nll_increase, nll_se),
+        "kl_mean": _mean_se(stats.kl),
+        "kl_p99": _quantile_se(stats.kl, 0.99),
+        "kl_max": (stats.kl.max().item(), None),
+        "top1_disagreement": _mean_se(stats.disagree),
+        "delta_p_mean": _mean_se(ref.target_logp.exp().double() - stats.p_target.double()),
+    }
+    return {k: v for k, (v, _) in values.items()}, {k: se for k, (_, se) in values.items()}
+
+
+@dataclass
+class Result:
+    """One measurement of a modified model against the baseline.
+
+    ``stages`` holds the cumulative measurement after each stage of a composition.
+    """
+
+    modification: str
+    params: dict[str, Any]
+    metrics: dict[str, float]
+    stderr: dict[str, float | None]
+    baseline_ppl: float
+    modified_ppl: float
+    tokens: int
+    nonfinite: int = 0
+    stages: list[Result] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def violations(self, budget: Budget | dict[str, float]) -> list[str]:
+        """One line per metric over ``budget``; empty when within it."""
+        from .budget import Budget
+
+        if not isinstance(budget, Budget):
+            budget = Budget.parse(budget, where="violations()")
+        return budget.violations(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "modification": self.modification,
+            "params": self.params,
+            "metrics": self.metrics,
+            "stderr": self.stderr,
+            "baseline_ppl": self.baseline_ppl,
+            "modified_ppl": self.modified_ppl,
+            "tokens": self.tokens,
+            "nonfinite_tokens": self.nonfinite,
+            "stages": [s.to_dict() for s in self.stages],
+            "details": self.details,
+        }

@@ -1,0 +1,288 @@
+"""Modification registry: a frozen, self-validating config class plus the handler that applies it.
+
+A handler never writes into the model's tensors. It records every change on a `Patch`
+(parametrizations, module swaps, attribute sets) and `Patch.undo()` puts the original objects
+back, so the baseline is restored bit for bit without ever copying its weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..errors import HemorrhageError
+
+if TYPE_CHECKING:
+    from ..harness import Context
+
+__all__ = [
+    "Modification",
+    "Patch",
+    "Target",
+    "apply",
+    "get",
+    "make",
+    "names",
+    "register_modification",
+]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Modification:
+    """Base of every modification config.
+
+    Args:
+        include: glob patterns of module names to modify, replacing the default targets
+            (the linear layers inside the transformer blocks), e.g. ``("*.mlp.*",)``.
+        exclude: glob patterns of module names to leave alone, e.g. ``("*.layers.0.*",)``.
+    """
+
+    name: ClassVar[str] = ""
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for field in ("include", "exclude"):
+            value = getattr(self, field)
+            if isinstance(value, str):
+                object.__setattr__(self, field, (value,))
+            elif not all(isinstance(p, str) for p in value):
+                raise HemorrhageError(
+                    f"{self.name}: {field}={value!r} must be glob patterns of module names, "
+                    f"e.g. {field}=('*.mlp.*',)"
+                )
+            else:
+                object.__setattr__(self, field, tuple(value))
+
+    def params(self) -> dict[str, Any]:
+        """Every parameter, JSON-ready; empty targeting patterns left out."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if not (f.name in ("include", "exclude") and not getattr(self, f.name))}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Name plus parameters, for reports."""
+        return {"name": self.name, **self.params()}
+
+    def targets(self, model: nn.Module) -> list[Target]:
+        """The modules this modification edits, in model order."""
+        return select_targets(model, self.include, self.exclude, self.name)
+
+
+Handler = Callable[[Any, nn.Module, "Patch", "Context"], None]
+_REGISTRY: dict[str, tuple[type[Modification], Handler]] = {}
+_BUILTINS = ("quant", "prune")  # family modules that register on import
+
+
+def register_modification(name: str, config: type[Modification]) -> Callable[[Handler], Handler]:
+    """Register ``handler(config, model, patch, context)`` under ``name``.
+
+    Example:
+        >>> @dataclass(frozen=True, kw_only=True)
+        ... class Scale(Modification):
+        ...     factor: float = 1.0
+        >>> @register_modification("my.scale", Scale)
+        ... def scale(config, model, patch, context):
+        ...     for t in config.targets(model):
+        ...         patch.parametrize(t, lambda w: w * config.factor)
+    """
+
+    def decorate(handler: Handler) -> Handler:
+        if name in _REGISTRY and _REGISTRY[name][1] is not handler:
+            raise HemorrhageError(f"modification {name!r} is already registered")
+        config.name = name
+        _REGISTRY[name] = (config, handler)
+        return handler
+
+    return decorate
+
+
+def _load_builtins() -> None:
+    import importlib
+
+    for family in _BUILTINS:
+        importlib.import_module(f"{__package__}.{family}")
+
+
+def names() -> list[str]:
+    """Every registered modification name, sorted."""
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> tuple[type[Modification], Handler]:
+    """The config class and handler registered under ``name``."""
+    _load_builtins()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise HemorrhageError(
+            f"unknown modification {name!r}; registered: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def make(name: str | Modification, params: Mapping[str, Any] | None = None) -> Modification:
+    """Build and validate the config for ``name`` from keyword parameters."""
+    if isinstance(name, Modification):
+        return dataclasses.replace(name, **params) if params else name
+    config_cls, _ = get(name)
+    known = [f.name for f in dataclasses.fields(config_cls)]
+    unknown = sorted(set(params or {}) - set(known))
+    if unknown:
+        raise HemorrhageError(
+            f"{name}: unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(known)}"
+        )
+    try:
+        return config_cls(**(params or {}))
+    except TypeError as exc:  # missing required parameter
+        raise HemorrhageError(f"{name}: {exc}; valid parameters: {', '.join(known)}") from None
+
+
+def apply(config: Modification, model: nn.Module, patch: Patch, context: Context) -> None:
+    """Apply one modification, recording every change on ``patch``."""
+    _, handler = get(config.name)
+    handler(config, model, patch, context)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A linear layer to modify; ``weight`` is always (out_features, in_features)."""
+
+    name: str
+    module: nn.Module
+    transposed: bool  # GPT-2's Conv1D stores (in, out)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        w = self.module.weight
+        return w.t() if self.transposed else w
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The transformer blocks: the ModuleList holding most of the parameters."""
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        raise HemorrhageError(
+            f"{type(model).__name__}: no transformer blocks (nn.ModuleList) found; "
+            "pass include=(...) patterns naming the layers to modify"
+        )
+    return max(lists, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))
+
+
+def select_targets(
+    model: nn.Module, include: tuple[str, ...], exclude: tuple[str, ...], what: str = ""
+) -> list[Target]:
+    """Linear layers matching ``include`` (default: inside the blocks) and not ``exclude``."""
+    if include:
+        candidates = [(n, m) for n, m in model.named_modules() if _is_linear(m)
+                      and any(fnmatch.fnmatchcase(n, p) for p in include)]
+    else:
+        prefix, _ = blocks(model)
+        candidates = [(n, m) for n, m in model.named_modules()
+                      if _is_linear(m) and n.startswith(prefix + ".")]
+    chosen = [Target(n, m, type(m).__name__ == "Conv1D") for n, m in candidates
+              if not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
+    if not chosen:
+        raise HemorrhageError(
+            f"{what}: no linear layer matches include={include!r} exclude={exclude!r}; "
+            f"layer names look like {next((n for n, m in model.named_modules() if _is_linear(m)), '?')!r}"
+        )
+    return chosen
+
+
+class _Edit(nn.Module):
+    """A weight function as the nn.Module that torch.nn.utils.parametrize requires."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], transposed: bool) -> None:
+        super().__init__()
+        self.fn, self.transposed = fn, transposed
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return self.fn(w.t()).t() if self.transposed else self.fn(w)
+
+
+class Patch:
+    """Undo log of reversible changes to a model.
+
+    Changes are undone last-first; undo runs every step even if one raises, so a handler
+    that fails halfway still leaves the original model behind.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.logits_processors: list[Callable[[torch.Tensor], torch.Tensor]] = []
+        # parametrize re-seats the original tensor on itself (set_), which bumps its version
+        # counter without changing a bit; data_ptr -> version right after that bump
+        self.reseated: dict[int, int] = {}
+        self._undo: list[Callable[[], None]] = []
+
+    def parametrize(self, target: Target, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Compute ``target``'s weight as ``fn(weight)`` on every use; the original is kept."""
+        module = target.module
+        original = module.weight
+        parametrize.register_parametrization(
+            module, "weight", _Edit(fn, target.transposed), unsafe=True
+        )
+        self.reseated.setdefault(original.data_ptr(), original._version)
+
+        def undo() -> None:
+            if parametrize.is_parametrized(module, "weight"):
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+
+        self._undo.append(undo)
+
+    def swap_module(self, name: str, new: nn.Module) -> nn.Module:
+        """Replace the submodule at dotted ``name`` by ``new``; returns the original."""
+        parent_name, _, child = name.rpartition(".")
+        parent = self.model.get_submodule(parent_name) if parent_name else self.model
+        return self.setattr(parent, child, new)
+
+    def setattr(self, obj: object, attr: str, value: object) -> object:
+        """Set ``obj.attr = value`` until undo; returns the original value."""
+        original = getattr(obj, attr)
+        setattr(obj, attr, value)
+        self._undo.append(lambda: setattr(obj, attr, original))
+        return original
+
+    def on_undo(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` at undo time, in last-first order with the other changes."""
+        self._undo.append(fn)
+
+    def undo(self) -> None:
+        errors = []
+        while self._undo:
+            try:
+                self._undo.pop()()
+            except Exception as exc:  # keep undoing: every other step must still run
+                errors.append(exc)
+        self.logits_processors.clear()
+        if errors:
+            raise errors[0]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return repr(value)
+
+
+def iter_configs(stages: Any) -> Iterator[Modification]:
+    """Normalize ``name``, a config, or ``[(name, params), ...]`` into configs."""
+    for stage in stages:
+        if isinstance(stage, Modification):
+            yield stage
+        else:
+            name, params = stage
+            yield make(name, params)

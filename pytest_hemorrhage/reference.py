@@ -1,0 +1,148 @@
+"""The baseline's next-token distributions over the evaluation windows, computed once.
+
+Cached on disk under a content hash of everything that determines them (weights, tokenizer,
+windows, dtype, batching, storage form), so a changed model or data never reuses a stale entry.
+A file lock makes concurrent pytest-xdist workers compute it once.
+
+Storage: for vocabularies up to ``EXACT_VOCAB`` tokens every log-probability is kept and all
+metrics are exact. Above it, the ``topk`` largest log-probs per token are kept with the exact
+target-token log-prob and the baseline's argmax; KL then treats the rest of the vocabulary as
+one outcome, which underestimates it by p_tail * KL(tail-conditionals) (see ``metrics._topk_kl``);
+every other metric stays exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["EXACT_VOCAB", "FORMAT", "Reference", "cache_key", "load_or_compute"]
+
+EXACT_VOCAB = 8192
+FORMAT = 1  # bump when the stored fields change
+
+
+@dataclass
+class Reference:
+    """Per scored token (windows x positions, flattened): the baseline's outputs."""
+
+    targets: torch.Tensor  # (N,) int64: the true next token
+    target_logp: torch.Tensor  # (N,) float32: baseline log-prob of the true next token
+    top1: torch.Tensor  # (N,) int64: baseline argmax
+    logp: torch.Tensor | None = None  # (N, V) float32, exact storage
+    topk_logp: torch.Tensor | None = None  # (N, K) float32, top-K storage
+    topk_idx: torch.Tensor | None = None  # (N, K) int64
+
+    @property
+    def targets_nll(self) -> torch.Tensor:
+        return -self.target_logp
+
+    @property
+    def nll(self) -> float:
+        return self.targets_nll.double().mean().item()
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll)
+
+    def rows(self, start: int, stop: int) -> Reference:
+        """The reference for scored tokens ``start:stop``."""
+        return Reference(**{f.name: None if getattr(self, f.name) is None
+                            else getattr(self, f.name)[start:stop] for f in fields(self)})
+
+    @staticmethod
+    def from_logprobs(logp: torch.Tensor, targets: torch.Tensor, topk: int) -> Reference:
+        """Build from full log-probs (N, V), keeping the top ``topk`` when that is smaller."""
+        target_logp = logp.gather(-1, targets[:, None]).squeeze(-1)
+        top1 = logp.argmax(-1)
+        if topk >= logp.shape[-1]:
+            return Reference(targets, target_logp, top1, logp=logp)
+        values, idx = logp.topk(topk, dim=-1)
+        return Reference(targets, target_logp, top1, topk_logp=values, topk_idx=idx)
+
+    @staticmethod
+    def cat(parts: list[Reference]) -> Reference:
+        import torch
+
+        return Reference(**{f.name: None if getattr(parts[0], f.name) is None
+                            else torch.cat([getattr(p, f.name) for p in parts])
+                            for f in fields(Reference)})
+
+
+def cache_key(*parts: object) -> str:
+    """Hash of the things that determine a reference."""
+    h = hashlib.blake2b(digest_size=12)
+    for part in (FORMAT, *parts):
+        h.update(repr(part).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def load_or_compute(
+    key: str, cache_dir: Path | None, compute: Callable[[], Reference]
+) -> tuple[Reference, bool]:
+    """The cached reference for ``key``, else ``compute()`` and store it.
+
+    Returns the reference and whether it came from the cache. A corrupted entry is rebuilt and
+    an unwritable cache is bypassed, each with a warning: a wrong reference is never used.
+    """
+    if cache_dir is None:
+        return compute(), False
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        from filelock import FileLock
+
+        lock = FileLock(str(cache_dir / f"reference-{key}.lock"))
+        lock.acquire(timeout=3600)
+    except OSError as exc:
+        warnings.warn(f"hemorrhage cache {cache_dir} is not writable ({exc}); "
+                      "computing the reference without it", stacklevel=2)
+        return compute(), False
+    try:
+        path = cache_dir / f"reference-{key}.pt"
+        cached = _load(path)
+        if cached is not None:
+            return cached, True
+        reference = compute()
+        _store(path, reference)
+        return reference, False
+    finally:
+        lock.release()
+
+
+def _load(path: Path) -> Reference | None:
+    import torch
+
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.pop("format") != FORMAT:
+            raise ValueError("old format")
+        return Reference(**state)
+    except Exception as exc:  # any damage: rebuild rather than trust it
+        warnings.warn(f"hemorrhage cache entry {path} is unreadable ({exc}); rebuilding it",
+                      stacklevel=3)
+        return None
+
+
+def _store(path: Path, reference: Reference) -> None:
+    import torch
+
+    tmp = path.with_suffix(".tmp")
+    try:
+        state = {f.name: getattr(reference, f.name) for f in fields(reference)}
+        torch.save({"format": FORMAT, **state}, tmp)
+        tmp.replace(path)  # atomic: readers never see half a file
+    except OSError as exc:
+        warnings.warn(f"cannot write hemorrhage cache entry {path} ({exc}); continuing without "
+                      "it", stacklevel=3)
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,126 @@
+"""The run: loads the model once, collects every result, writes the report."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from . import __version__
+from .budget import Budget
+from .errors import HemorrhageError
+
+if TYPE_CHECKING:
+    import pytest
+
+    from .harness import Harness
+    from .loading import LoadedModel
+    from .metrics import Result
+    from .settings import Settings
+
+__all__ = ["REPORT_SCHEMA", "HemorrhageSession"]
+
+REPORT_SCHEMA = 1
+NO_MODEL = ("no model given: pass --hemorrhage-model=<dir | hub id | module:factory | "
+            "hemorrhage-tiny> or set hemorrhage_model in the ini file")
+
+
+@dataclass
+class HemorrhageSession:
+    """State of one pytest run (a worker's, under xdist), kept in ``config.stash``."""
+
+    settings: Settings
+    records: list[dict[str, Any]] = field(default_factory=list)
+    header: dict[str, Any] = field(default_factory=dict)
+    _loaded: LoadedModel | HemorrhageError | None = None
+    _harness: Harness | None = None
+
+    def loaded(self) -> LoadedModel:
+        """The baseline model, loaded on first use; a load error is raised for every test."""
+        import pytest
+
+        if self.settings.model is None:
+            pytest.skip(NO_MODEL)
+        if self._loaded is None:
+            from .loading import load_model
+
+            s = self.settings
+            try:
+                self._loaded = load_model(s.model, device=s.device, dtype=s.dtype,
+                                          trust_remote_code=s.trust_remote_code,
+                                          allow_pickle=s.allow_pickle)
+            except HemorrhageError as exc:
+                self._loaded = exc
+        if isinstance(self._loaded, HemorrhageError):
+            raise self._loaded
+        return self._loaded
+
+    def harness(self) -> Harness:
+        if self._harness is None:
+            from .harness import Harness
+
+            loaded = self.loaded()
+            self._harness = Harness(loaded, self.settings)
+            model = loaded.model
+            self.header = {
+                "model": {"spec": loaded.spec, "fingerprint": loaded.fingerprint,
+                          "class": type(model).__name__,
+                          "parameters": sum(p.numel() for p in model.parameters()),
+                          "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                          "device": str(loaded.device)},
+                "data": {"source": str(self.settings.data or "bundled corpus"),
+                         "fingerprint": self._harness.data_fingerprint,
+                         "seq_len": self.settings.seq_len,
+                         "windows": len(self._harness.windows.eval),
+                         "topk": self._harness.topk},
+            }
+        return self._harness
+
+    def budget_for(self, item: pytest.Item) -> Budget:
+        """The ini budget with the item's ``hemorrhage`` marker keys on top."""
+        budget = self.settings.budget
+        for marker in reversed(list(item.iter_markers("hemorrhage"))):
+            if marker.args:
+                raise HemorrhageError(f"{item.nodeid}: @pytest.mark.hemorrhage takes keyword "
+                                      "arguments only, e.g. hemorrhage(ppl_increase=0.05)")
+            budget = budget.merged(Budget.parse(marker.kwargs, where=item.nodeid))
+        return budget
+
+    def record(self, item: pytest.Item, result: Result, budget: Budget) -> None:
+        """Keep ``result`` for the summary and report; expose its metrics to JUnit XML."""
+        if "baseline" not in self.header:
+            self.header["baseline"] = {"ppl": result.baseline_ppl}
+        self.records.append({
+            "nodeid": item.nodeid,
+            **result.to_dict(),
+            "budget": budget.to_dict(),
+            "violations": budget.violations(result),
+            "outcome": None,
+        })
+        for metric, value in result.metrics.items():
+            item.user_properties.append((f"hemorrhage.{result.modification}.{metric}", value))
+
+    def set_outcome(self, nodeid: str, outcome: str) -> None:
+        for record in self.records:
+            if record["nodeid"] == nodeid:
+                record["outcome"] = outcome
+
+    def worker_output(self) -> dict[str, Any]:
+        return {"header": self.header, "records": self.records}
+
+    def merge_worker(self, output: dict[str, Any]) -> None:
+        for key, value in output.get("header", {}).items():
+            self.header.setdefault(key, value)
+        self.records.extend(output.get("records", []))
+
+    def report(self) -> dict[str, Any]:
+        """The JSON report (schema documented in the README)."""
+        return {"schema_version": REPORT_SCHEMA, "plugin_version": __version__,
+                **self.header, "results": self.records}
+
+    def write_report(self) -> None:
+        path = self.settings.report
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.report(), indent=2, default=str) + "\n")

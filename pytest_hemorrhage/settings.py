@@ -1,0 +1,154 @@
+"""Command-line options and ini keys, parsed once into frozen Settings."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .budget import Budget, parse_ini
+from .errors import HemorrhageError
+
+__all__ = ["OPTIONS", "Option", "Settings"]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def _count(text: str) -> int:
+    return 0 if text in ("0", "auto") else _positive_int(text)
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices and not (text.startswith("cuda:") and "cuda" in choices):
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+@dataclass(frozen=True)
+class Option:
+    """One ``--hemorrhage-NAME`` option, also readable as ini key ``hemorrhage_NAME``."""
+
+    name: str
+    help: str
+    default: Any = None
+    type: Callable[[str], Any] | None = str
+    metavar: str | None = None
+
+    @property
+    def flag(self) -> bool:
+        return self.type is None
+
+    @property
+    def ini(self) -> str:
+        return "hemorrhage_" + self.name.replace("-", "_")
+
+
+OPTIONS = [
+    Option("model", "Baseline model: a directory saved with save_pretrained, a hub id, "
+           "package.module:factory returning a model or (model, tokenizer), or hemorrhage-tiny "
+           "(the bundled model). Default: none (hemorrhage tests are skipped).",
+           metavar="SPEC"),
+    Option("data", "Evaluation text: a .txt file, a .jsonl file with a 'text' field, or a "
+           "directory of .txt files. Default: the bundled held-out corpus.", metavar="PATH"),
+    Option("device", "Device for the model: auto, cpu, cuda, cuda:N or mps. "
+           "Default: auto (cuda if available).", "auto",
+           _choice("auto", "cpu", "cuda", "mps"), "DEVICE"),
+    Option("dtype", "Weights dtype: auto, float32, float16 or bfloat16. Default: auto "
+           "(float32 on CPU, the checkpoint's dtype on GPU).", "auto",
+           _choice("auto", "float32", "float16", "bfloat16"), "DTYPE"),
+    Option("seq-len", "Tokens per evaluation window. Default: 128.", 128, _positive_int, "N"),
+    Option("tokens", "Evaluation budget in tokens (rounded down to whole windows). "
+           "Default: 8192.", 8192, _positive_int, "N"),
+    Option("batch-size", "Windows per forward pass. Default: auto (logits under ~256 MB).",
+           0, _count, "N"),
+    Option("topk", "Baseline log-probs stored per token. Default: auto (all of them up to "
+           "8192 tokens of vocabulary, else 256).", 0, _count, "K"),
+    Option("calibration-windows", "Windows of calibration data for data-aware modifications "
+           "(wanda, gradient, smoothing), disjoint from the evaluation windows. Default: 16.",
+           16, _positive_int, "N"),
+    Option("seed", "Seed for every random draw (noise, faults, sampling). Default: 0.",
+           0, int, "N"),
+    Option("report", "Write the JSON report to PATH. Default: no report.", metavar="PATH"),
+    Option("cache-dir", "Where baseline references are cached. Default: .hemorrhage_cache "
+           "beside .pytest_cache.", metavar="DIR"),
+    Option("no-cache", "Compute the baseline reference without reading or writing the cache.",
+           type=None),
+    Option("trust-remote-code", "Allow a hub model's own Python code to run when loading.",
+           type=None),
+    Option("allow-pickle", "Allow loading pickle (*.bin) checkpoints, which can run code.",
+           type=None),
+]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the options and ini keys decide for one run."""
+
+    model: str | None
+    data: Path | None
+    device: str
+    dtype: str
+    seq_len: int
+    tokens: int
+    batch_size: int
+    topk: int
+    calibration_windows: int
+    seed: int
+    report: Path | None
+    cache_dir: Path | None
+    trust_remote_code: bool
+    allow_pickle: bool
+    budget: Budget
+
+    @classmethod
+    def from_config(cls, config: Any) -> Settings:
+        """Read the command line, falling back to ini values, then to the defaults."""
+        values: dict[str, Any] = {}
+        for option in OPTIONS:
+            value = config.getoption(option.ini)
+            if value is None:
+                raw = config.getini(option.ini)
+                if option.flag:
+                    value = bool(raw)
+                elif raw not in (None, ""):
+                    try:
+                        value = option.type(raw)
+                    except argparse.ArgumentTypeError as exc:
+                        raise HemorrhageError(f"ini {option.ini}: {exc}") from None
+                else:
+                    value = option.default
+            values[option.name.replace("-", "_")] = value
+        paths_root = config.rootpath
+        for key in ("data", "report"):
+            if values[key]:
+                values[key] = Path(values[key])
+        model = values["model"]
+        if model and not Path(model).is_dir() and (paths_root / model).is_dir():
+            model = str(paths_root / model)  # ini values are relative to the rootdir
+        cache_dir = values.pop("cache_dir")
+        if values.pop("no_cache"):
+            cache_dir = None
+        elif cache_dir is None:
+            cache_dir = paths_root / _pytest_cache_dir(config).parent / ".hemorrhage_cache"
+        return cls(**{**values, "model": model, "cache_dir": cache_dir and Path(cache_dir),
+                      "budget": parse_ini(config.getini("hemorrhage_budget") or "")})
+
+
+def _pytest_cache_dir(config: Any) -> Path:
+    try:
+        return Path(config.getini("cache_dir"))
+    except ValueError:  # the cacheprovider plugin is disabled
+        return Path(".pytest_cache")
