@@ -9,7 +9,7 @@ from statistics import NormalDist
 from typing import TYPE_CHECKING, Any
 
 from .errors import HemorrhageError
-from .metrics import METRICS
+from .metrics import EXTRA_METRICS, METRICS
 
 if TYPE_CHECKING:
     from .metrics import Result
@@ -43,8 +43,8 @@ class Budget:
                     raise HemorrhageError(f"{where}: confidence={value!r} must be a number in "
                                           "[0.5, 1), e.g. confidence=0.95")
                 confidence = float(value)
-            elif key not in METRICS:
-                valid = ", ".join([*METRICS, *OPTIONS])
+            elif key not in METRICS and key not in EXTRA_METRICS:
+                valid = ", ".join([*METRICS, *EXTRA_METRICS, *OPTIONS])
                 raise HemorrhageError(f"{where}: can't have {key!r} in the hemorrhage budget; "
                                       f"valid keys: {valid}")
             elif not _number(value) or value < 0 or math.isnan(value):

@@ -47,7 +47,8 @@ class Hemorrhage:
         """Measure a modification against the baseline, e.g.
         ``measure("quant.rtn", bits=4)`` or ``measure([("prune.wanda", {...}), ("quant.rtn", {...})])``.
         """
-        result = self.harness.measure(_stages(modification, params))
+        want = frozenset(self.budget.limits) | self._session.default_extras()
+        result = self.harness.measure(_stages(modification, params), want)
         self._session.record(self._node, result, self.budget)
         return result
 
@@ -57,10 +58,35 @@ class Hemorrhage:
         with self.harness.modified(_stages(modification, params)):
             yield self.harness.model
 
+    def find_threshold(self, modification: str, param: str, **options: Any) -> Any:
+        """The gentlest value of ``param`` that breaks the budget (bisection); see
+        :func:`pytest_hemorrhage.explore.find_threshold`."""
+        from .explore import find_threshold
+
+        return find_threshold(self, modification, param, **options)
+
+    def sweep(self, modification: str, param: str, values: Any, **options: Any) -> Any:
+        """Measure ``param`` over ``values`` and fit the phase transition; see
+        :func:`pytest_hemorrhage.explore.sweep`."""
+        from .explore import sweep
+
+        return sweep(self, modification, param, values, **options)
+
+    def calibrate_decoding(self, target: Any, **options: Any) -> Any:
+        """Fit a decoding temperature that brings ``target`` back toward the baseline; see
+        :func:`pytest_hemorrhage.decoding.calibrate_decoding`."""
+        from .decoding import calibrate_decoding
+
+        return calibrate_decoding(self, target, **options)
+
     def check(self, result: Result, budget: Budget | None = None) -> None:
-        """Fail the test with one line per metric of ``result`` over the budget."""
+        """Fail the test with one line per metric of ``result`` over the budget, plus where
+        in the model the damage starts."""
         lines = (budget or self.budget).violations(result)
         if lines:
+            from .blame import explain
+
+            lines += explain(self.harness, result)
             where = f"{result.modification} {_format_params(result.params)}".strip()
             pytest.fail(f"hemorrhage over budget for {where}:\n  " + "\n  ".join(lines),
                         pytrace=False)

@@ -12,7 +12,7 @@ import torch
 
 from .data import make_windows, read_text
 from .errors import HemorrhageError
-from .metrics import Result, TokenStats, summarize, token_stats
+from .metrics import EXTRA_METRICS, Result, TokenStats, summarize, token_stats
 from .modifications.registry import Modification, Patch, apply, iter_configs
 from .reference import EXACT_VOCAB, Reference, cache_key, load_or_compute
 
@@ -20,7 +20,23 @@ if TYPE_CHECKING:
     from .loading import LoadedModel
     from .settings import Settings
 
-__all__ = ["Context", "Harness", "Stages", "model_logits"]
+__all__ = ["Context", "Harness", "Stages", "model_logits", "register_extra"]
+
+# Extra metric providers: fn(harness, patch) -> (metrics, stderr, details), run on the
+# modified model; registered by the modules that EXTRA_METRICS names, imported on demand.
+Extra = Callable[["Harness", Patch], tuple[dict[str, float], dict[str, Any], dict[str, Any]]]
+_EXTRAS: dict[str, Extra] = {}
+
+
+def register_extra(*metrics: str) -> Callable[[Extra], Extra]:
+    """Register ``fn(harness, patch)`` as the provider of ``metrics``."""
+
+    def decorate(fn: Extra) -> Extra:
+        for name in metrics:
+            _EXTRAS[name] = fn
+        return fn
+
+    return decorate
 
 # What measure()/modified() accept: a name, a config, or a sequence of (name, params) / configs.
 Stages = str | Modification | Sequence[Any]
@@ -43,6 +59,7 @@ class Context:
         self.tokenizer = harness.loaded.tokenizer
         self.device = harness.device
         self.seed = harness.settings.seed
+        self.applied: tuple[Modification, ...] = ()  # earlier stages of the current composition
 
     def calibration_windows(self, count: int | None = None) -> torch.Tensor:
         """Token windows disjoint from the evaluation ones (deterministic), on the model's device."""
@@ -112,6 +129,7 @@ class Harness:
         """Apply ``stages`` for the duration of the block; the baseline is restored exactly."""
         configs = list(iter_configs(_as_list(stages)))
         patch = Patch(self.model)
+        self.context.applied = ()
         try:
             for config in configs:
                 self._apply(config, patch)
@@ -122,11 +140,12 @@ class Harness:
             self._accept_reseated(patch.reseated)
             self.check_pristine()
 
-    def measure(self, stages: Stages) -> Result:
+    def measure(self, stages: Stages, want: frozenset[str] = frozenset()) -> Result:
         """Measure ``stages`` against the baseline.
 
         A composition is measured after every stage; ``Result.stages`` holds the cumulative
-        measurements before the last stage, the result itself is the total.
+        measurements before the last stage, the result itself is the total. ``want`` names extra
+        metrics (see ``EXTRA_METRICS``) to compute on the total too.
         """
         configs = list(iter_configs(_as_list(stages)))
         reference = self.reference
@@ -135,13 +154,28 @@ class Harness:
             for i, config in enumerate(configs):
                 self._apply(config, patch)
                 results.append(self._evaluate(patch, configs[: i + 1], reference))
+            self._extras(patch, results[-1], want)
         total = results[-1]
         total.stages = results[:-1]
         return total
 
+    def _extras(self, patch: Patch, result: Result, want: frozenset[str]) -> None:
+        import importlib
+
+        providers: dict[int, Extra] = {}
+        for name in sorted(want & EXTRA_METRICS.keys()):
+            importlib.import_module(f"{__package__}.{EXTRA_METRICS[name]}")
+            providers[id(_EXTRAS[name])] = _EXTRAS[name]
+        for provider in providers.values():
+            metrics, stderr, details = provider(self, patch)
+            result.metrics.update(metrics)
+            result.stderr.update(stderr)
+            result.details.update(details)
+
     def _apply(self, config: Modification, patch: Patch) -> None:
         torch.manual_seed(self.settings.seed)  # handlers that draw (noise, faults) reproduce
         apply(config, self.model, patch, self.context)
+        self.context.applied += (config,)
 
     def _evaluate(self, patch: Patch, configs: list[Modification], reference: Reference) -> Result:
         parts, row = [], 0
@@ -162,6 +196,7 @@ class Harness:
             modified_ppl=math.exp(stats.nll.double().mean().item()),
             tokens=stats.nll.numel(),
             nonfinite=int((~stats.finite).sum()),
+            configs=list(configs),
         )
 
     def _accept_reseated(self, reseated: dict[int, int]) -> None:

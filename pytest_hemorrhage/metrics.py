@@ -27,6 +27,14 @@ METRICS: dict[str, str] = {
     "top1_disagreement": "share of tokens whose most likely next token changed",
     "delta_p_mean": "mean drop of the probability given to the correct token",
 }
+# Computed only when a budget names them or an option asks (they cost extra passes):
+# metric name -> module under pytest_hemorrhage that registers its provider.
+EXTRA_METRICS: dict[str, str] = {
+    "gen_mismatch": "generation",
+    "gen_first_divergence": "generation",
+    "accuracy_drop": "tasks",
+    "flip_rate": "tasks",
+}
 
 
 @dataclass
@@ -136,6 +144,7 @@ class Result:
     nonfinite: int = 0
     stages: list[Result] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
+    configs: list[Any] = field(default_factory=list, repr=False)  # to re-apply (diagnostics)
 
     def violations(self, budget: Budget | dict[str, float]) -> list[str]:
         """One line per metric over ``budget``; empty when within it."""

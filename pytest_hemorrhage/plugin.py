@@ -18,6 +18,12 @@ if TYPE_CHECKING:
 session_key = pytest.StashKey[HemorrhageSession]()
 
 
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    from . import newhooks
+
+    pluginmanager.add_hookspecs(newhooks)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("hemorrhage", "model hemorrhage budgets")
     for option in OPTIONS:
@@ -45,7 +51,7 @@ def pytest_configure(config: pytest.Config) -> None:
             check_spec(settings.model)
     except HemorrhageError as exc:
         raise pytest.UsageError(str(exc)) from None
-    config.stash[session_key] = HemorrhageSession(settings)
+    config.stash[session_key] = HemorrhageSession(settings, hook=config.hook)
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(XdistHooks(config), "hemorrhage-xdist")
 

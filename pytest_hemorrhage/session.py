@@ -30,7 +30,9 @@ class HemorrhageSession:
     """State of one pytest run (a worker's, under xdist), kept in ``config.stash``."""
 
     settings: Settings
+    hook: Any = None  # config.hook, to ask plugins for their modifications
     records: list[dict[str, Any]] = field(default_factory=list)
+    explorations: list[dict[str, Any]] = field(default_factory=list)  # thresholds, sweeps
     header: dict[str, Any] = field(default_factory=dict)
     _loaded: LoadedModel | HemorrhageError | None = None
     _harness: Harness | None = None
@@ -58,8 +60,11 @@ class HemorrhageSession:
     def harness(self) -> Harness:
         if self._harness is None:
             from .harness import Harness
+            from .modifications import register_modification
 
             loaded = self.loaded()
+            if self.hook is not None:
+                self.hook.pytest_hemorrhage_modifications(register=register_modification)
             self._harness = Harness(loaded, self.settings)
             model = loaded.model
             self.header = {
@@ -100,23 +105,36 @@ class HemorrhageSession:
         for metric, value in result.metrics.items():
             item.user_properties.append((f"hemorrhage.{result.modification}.{metric}", value))
 
+    def default_extras(self) -> frozenset[str]:
+        """Extra metrics every measure computes, as asked on the command line."""
+        extras = {"gen_mismatch", "gen_first_divergence"} if self.settings.generate else set()
+        if self.settings.tasks:
+            extras |= {"accuracy_drop", "flip_rate"}
+        return frozenset(extras)
+
+    def record_exploration(self, item: pytest.Item, kind: str, data: dict[str, Any]) -> None:
+        """Keep a threshold search or sweep (``data`` JSON-ready) for the summary and report."""
+        self.explorations.append({"nodeid": item.nodeid, "kind": kind, **data})
+
     def set_outcome(self, nodeid: str, outcome: str) -> None:
         for record in self.records:
             if record["nodeid"] == nodeid:
                 record["outcome"] = outcome
 
     def worker_output(self) -> dict[str, Any]:
-        return {"header": self.header, "records": self.records}
+        return {"header": self.header, "records": self.records,
+                "explorations": self.explorations}
 
     def merge_worker(self, output: dict[str, Any]) -> None:
         for key, value in output.get("header", {}).items():
             self.header.setdefault(key, value)
         self.records.extend(output.get("records", []))
+        self.explorations.extend(output.get("explorations", []))
 
     def report(self) -> dict[str, Any]:
         """The JSON report (schema documented in the README)."""
         return {"schema_version": REPORT_SCHEMA, "plugin_version": __version__,
-                **self.header, "results": self.records}
+                **self.header, "results": self.records, "explorations": self.explorations}
 
     def write_report(self) -> None:
         path = self.settings.report

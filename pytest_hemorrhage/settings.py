@@ -82,6 +82,14 @@ OPTIONS = [
     Option("seed", "Seed for every random draw (noise, faults, sampling). Default: 0.",
            0, int, "N"),
     Option("report", "Write the JSON report to PATH. Default: no report.", metavar="PATH"),
+    Option("plot", "Write one PNG per measured curve into DIR (needs matplotlib). "
+           "Default: no plots.", metavar="DIR"),
+    Option("generate", "Also compute the generation metrics (gen_mismatch, "
+           "gen_first_divergence) for every measure, not only when a budget names them.",
+           type=None),
+    Option("tasks", "Multiple-choice task file(s) (.jsonl with context, choices, answer), "
+           "comma-separated, each a named task. Default: none (the bundled cloze task when a "
+           "budget names a task metric).", metavar="PATHS"),
     Option("cache-dir", "Where baseline references are cached. Default: .hemorrhage_cache "
            "beside .pytest_cache.", metavar="DIR"),
     Option("no-cache", "Compute the baseline reference without reading or writing the cache.",
@@ -108,6 +116,9 @@ class Settings:
     calibration_windows: int
     seed: int
     report: Path | None
+    plot: Path | None
+    generate: bool
+    tasks: tuple[Path, ...]
     cache_dir: Path | None
     trust_remote_code: bool
     allow_pickle: bool
@@ -132,9 +143,10 @@ class Settings:
                     value = option.default
             values[option.name.replace("-", "_")] = value
         paths_root = config.rootpath
-        for key in ("data", "report"):
+        for key in ("data", "report", "plot"):
             if values[key]:
                 values[key] = Path(values[key])
+        values["tasks"] = tuple(Path(p) for p in (values["tasks"] or "").split(",") if p)
         model = values["model"]
         if model and not Path(model).is_dir() and (paths_root / model).is_dir():
             model = str(paths_root / model)  # ini values are relative to the rootdir

@@ -1,0 +1,64 @@
+"""Calibration statistics for data-aware modifications (Wanda, SmoothQuant, ...).
+
+One pass of the model over the calibration windows records, for every linear layer, the
+per-input-channel L2 norm and maximum magnitude of its inputs, with the windows kept disjoint
+from the evaluation ones. The statistics describe the model as it is when the modification is
+applied (the baseline, or the output of the earlier stages of a composition) and are computed
+once per session for each such state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .registry import _is_linear
+
+if TYPE_CHECKING:
+    from ..harness import Context
+
+__all__ = ["InputStats", "input_stats"]
+
+
+@dataclass(frozen=True)
+class InputStats:
+    """Per input channel of one linear layer, over every calibration token."""
+
+    l2: torch.Tensor  # (in_features,) float32: sqrt(sum of x_j^2), Wanda's ||X_j||_2
+    abs_max: torch.Tensor  # (in_features,) float32: max |x_j|, SmoothQuant's activation range
+    tokens: int
+
+
+def input_stats(model: nn.Module, context: Context) -> dict[str, InputStats]:
+    """Statistics of every linear layer's input, by module name (computed once per session)."""
+    return context.memo(("input_stats", context.applied), lambda: _collect(model, context))
+
+
+def _collect(model: nn.Module, context: Context) -> dict[str, InputStats]:
+    sums: dict[str, torch.Tensor] = {}
+    maxes: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            sums[name] = sums.get(name, 0) + x.square().sum(0)
+            maxes[name] = torch.maximum(maxes.get(name, x.new_zeros(x.shape[1])), x.abs().amax(0))
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules()
+               if _is_linear(m)]
+    try:
+        windows = context.calibration_windows()
+        with torch.inference_mode():
+            for batch in windows.split(8):
+                context.logits(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: InputStats(sums[n].sqrt().cpu(), maxes[n].cpu(), counts[n]) for n in sums}

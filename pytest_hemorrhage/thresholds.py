@@ -1,0 +1,465 @@
+"""Where does a model break? Bisection for a budget threshold and a phase-transition fit.
+
+Two pure-math tools, independent of any model code (numpy only, no torch):
+
+* :func:`bisect_threshold` finds the gentlest compression setting (sparsity, bits, layers
+  dropped, ...) that breaks a degradation budget, with as few model evaluations as possible.
+* :func:`fit_phase_transition` fits the piecewise law of Ma et al. 2025, "Model Hemorrhage and
+  the Robustness Limits of LLMs": damage grows as a power law up to a critical compression
+  ``s0`` (the phase-transition point) and exponentially beyond it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "PhaseTransition",
+    "Threshold",
+    "bisect_threshold",
+    "fit_phase_transition",
+]
+
+
+def _json_float(v: float | None) -> float | None:
+    # JSON has no NaN/inf; a diverged metric is reported as null rather than an invalid file.
+    if v is None or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+# --------------------------------------------------------------------------------------------
+# Bisection
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """Result of :func:`bisect_threshold`.
+
+    Args:
+        value: Estimated breaking point: the harsh edge of the final bracket (the gentlest
+            setting seen to break), or None when nothing in range breaks.
+        bracket: (last passing, first breaking) setting; an entry is None where no such setting
+            exists in range (nothing breaks / everything breaks).
+        evaluations: Number of calls to ``breaks``.
+        measurements: (x, metric, broke) for every call, in evaluation order.
+        monotone: False when the evaluated points contradict monotone damage.
+        note: Human-readable summary, including any monotonicity warning.
+    """
+
+    value: float | None
+    bracket: tuple[float | None, float | None]
+    evaluations: int
+    measurements: list[tuple[float, float, bool]]
+    monotone: bool
+    note: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (non-finite metrics become None)."""
+        return {
+            "value": self.value,
+            "bracket": list(self.bracket),
+            "evaluations": self.evaluations,
+            "measurements": [
+                {"x": x, "metric": _json_float(m), "broke": b} for x, m, b in self.measurements
+            ],
+            "monotone": self.monotone,
+            "note": self.note,
+        }
+
+
+def _monotonicity(
+    measurements: Sequence[tuple[float, float, bool]],
+    *,
+    increasing: bool,
+    higher_is_worse: bool,
+    rtol: float,
+) -> tuple[bool, str]:
+    """Check evaluated points for evidence against monotone damage.
+
+    Args:
+        measurements: (x, metric, broke) triples in any order.
+        increasing: Damage grows with x.
+        higher_is_worse: The metric grows with damage (perplexity) rather than falls (accuracy).
+        rtol: Relative improvement of the metric toward harsher settings that is tolerated as
+            noise.
+
+    Returns:
+        (monotone, note); note is empty when monotone.
+    """
+    pts = sorted(measurements, key=lambda t: t[0] if increasing else -t[0])
+    problems: list[str] = []
+
+    fails = [x for x, _, broke in pts if broke]
+    if fails:
+        first_fail = fails[0]
+        harsher_pass = [
+            x for x, _, broke in pts
+            if not broke and (x > first_fail if increasing else x < first_fail)
+        ]
+        if harsher_pass:
+            problems.append(
+                f"budget passes at x={harsher_pass[0]:g} although it broke at the gentler "
+                f"x={first_fail:g}"
+            )
+
+    # Compare with the worst value so far, so that a slow drift of sub-tolerance steps toward
+    # a better metric is still caught.
+    sign = 1.0 if higher_is_worse else -1.0
+    worst_x: float | None = None
+    worst = -math.inf
+    for x, metric, _ in pts:
+        if not math.isfinite(metric):
+            continue
+        damage = sign * metric
+        if worst_x is not None and damage < worst - rtol * abs(worst):
+            problems.append(
+                f"metric improves from {sign * worst:.4g} at x={worst_x:g} to {metric:.4g} "
+                f"at the harsher x={x:g}"
+            )
+            break
+        if damage > worst:
+            worst, worst_x = damage, x
+
+    if not problems:
+        return True, ""
+    return False, "non-monotone damage: " + "; ".join(problems) + " (threshold may be unreliable)"
+
+
+def bisect_threshold(
+    breaks: Callable[[float], tuple[bool, float]],
+    *,
+    lo: float,
+    hi: float,
+    tol: float = 0.01,
+    integer: bool = False,
+    increasing: bool = True,
+    higher_is_worse: bool = True,
+    rtol: float = 0.02,
+) -> Threshold:
+    """Find the gentlest setting in [lo, hi] that breaks the budget, assuming monotone damage.
+
+    The harsh end is evaluated first (if it passes there is no threshold in range); then the
+    bracket is bisected on the assumption that the gentle end passes, which saves one call: on
+    [0, 1] with tol=0.01 that is 1 + 7 = 8 evaluations. The gentle end is evaluated only if
+    every probe broke and the bracket collapsed onto it, to confirm that the model really breaks
+    everywhere (one extra call in that case only).
+
+    Args:
+        breaks: Evaluates the model at x; returns (exceeds_budget, metric_value).
+        lo: Lower end of the search range.
+        hi: Upper end of the search range.
+        tol: Final bracket width for continuous x; ignored when ``integer`` (the result is then
+            exact, bracket width 1).
+        integer: Search over integers only (bits, layers dropped, ...).
+        increasing: True if damage grows with x (sparsity: gentlest is small x); False if it
+            grows as x shrinks (bits: gentlest is large x).
+        higher_is_worse: The metric grows with damage (perplexity, KL); set False for metrics
+            that fall with damage (accuracy). Only used for the monotonicity check.
+        rtol: Relative improvement of the metric toward harsher settings tolerated as noise
+            before damage is reported as non-monotone.
+
+    Returns:
+        The :class:`Threshold`.
+    """
+    if not lo <= hi:
+        raise ValueError(f"need lo <= hi, got lo={lo}, hi={hi}")
+    if integer:
+        if lo != int(lo) or hi != int(hi):
+            raise ValueError("integer search needs integer lo and hi")
+        lo, hi, step = int(lo), int(hi), 1
+    else:
+        if not tol > 0:
+            raise ValueError(f"tol must be positive, got {tol}")
+        step = tol
+
+    gentle, harsh = (lo, hi) if increasing else (hi, lo)
+    measurements: list[tuple[float, float, bool]] = []
+
+    def probe(x: float) -> bool:
+        broke, metric = breaks(x)
+        measurements.append((x, float(metric), bool(broke)))
+        return bool(broke)
+
+    def result(value: float | None, bracket: tuple[float | None, float | None], note: str
+               ) -> Threshold:
+        monotone, warning = _monotonicity(
+            measurements, increasing=increasing, higher_is_worse=higher_is_worse, rtol=rtol
+        )
+        return Threshold(
+            value=value,
+            bracket=bracket,
+            evaluations=len(measurements),
+            measurements=measurements,
+            monotone=monotone,
+            note=f"{note}; {warning}" if warning else note,
+        )
+
+    if not probe(harsh):
+        return result(None, (harsh, None),
+                      f"no threshold in range: even the harshest setting x={harsh:g} passes")
+
+    passing, failing = gentle, harsh
+    pass_seen = False
+    while abs(failing - passing) > step:
+        mid = (passing + failing) // 2 if integer else (passing + failing) / 2
+        if probe(mid):
+            failing = mid
+        else:
+            passing, pass_seen = mid, True
+
+    if not pass_seen and (gentle == harsh or probe(gentle)):
+        return result(gentle, (None, gentle),
+                      f"breaks everywhere: even the gentlest setting x={gentle:g} breaks")
+    return result(failing, (passing, failing),
+                  f"breaks at x={failing:g} (passes at x={passing:g})")
+
+
+# --------------------------------------------------------------------------------------------
+# Phase-transition fit
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PhaseTransition:
+    """Result of :func:`fit_phase_transition`.
+
+    The fitted damage curve is ``d(x) = a * x**b`` for ``x <= s0`` and
+    ``d(x) = a * s0**b * exp(c * (x - s0))`` above; the metric is ``baseline + d(x)``.
+
+    Args:
+        s0: Phase-transition point, or None when no transition is reported.
+        s0_stderr: Half-width of the profile-likelihood interval of s0 (about 68 %).
+        a: Power-law prefactor.
+        b: Power-law exponent.
+        c: Exponential rate above s0 (per unit x).
+        r2: Coefficient of determination of the piecewise fit in log space.
+        baseline: Offset subtracted from the metric before the fit.
+        n_points: Points used in the fit (after dropping unusable ones).
+        evidence: Smallest BIC gain of the piecewise law over a pure power law and a pure
+            exponential (log space); None when too few points to fit.
+        transition: True when a transition is reported.
+        reason: Why a transition is, or is not, reported; mentions dropped points.
+    """
+
+    s0: float | None
+    s0_stderr: float | None
+    a: float | None
+    b: float | None
+    c: float | None
+    r2: float | None
+    baseline: float
+    n_points: int
+    evidence: float | None
+    transition: bool
+    reason: str
+
+    def predict(self, x: float | Sequence[float] | np.ndarray) -> np.ndarray:
+        """Evaluate the fitted metric ``baseline + d(x)`` at x (for plotting).
+
+        Args:
+            x: Compression settings.
+
+        Returns:
+            Fitted metric values, same shape as x.
+        """
+        if self.s0 is None or self.a is None or self.b is None or self.c is None:
+            raise ValueError(f"no fitted transition to evaluate: {self.reason}")
+        xa = np.asarray(x, dtype=float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            power = self.a * np.power(xa, self.b)
+            expo = self.a * self.s0**self.b * np.exp(self.c * (xa - self.s0))
+        return self.baseline + np.where(xa <= self.s0, power, expo)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (non-finite numbers become None)."""
+        return {k: _json_float(v) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+def _lstsq_batch(design: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Least squares for a stack of design matrices (G, n, p) against one target (n,).
+
+    Returns:
+        (coefficients (G, p), residual sum of squares (G,)).
+    """
+    # pinv goes through an SVD, so repeated x values (rank-deficient segments) are harmless.
+    coef = np.linalg.pinv(design) @ target
+    resid = target - np.einsum("gnp,gp->gn", design, coef)
+    return coef, np.einsum("gn,gn->g", resid, resid)
+
+
+def _piecewise(x: np.ndarray, ly: np.ndarray, s0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Profile fit of the piecewise law for each candidate s0.
+
+    With s0 fixed the model is linear in (log a, b, c): below s0 log d = log a + b log x; above
+    it log d = log a + b log s0 + c (x - s0), which builds continuity at s0 into the design.
+    """
+    s = s0[:, None]
+    below = x[None, :] <= s
+    design = np.empty((len(s0), len(x), 3))
+    design[..., 0] = 1.0
+    design[..., 1] = np.where(below, np.log(x)[None, :], np.log(s))
+    design[..., 2] = np.where(below, 0.0, x[None, :] - s)
+    return _lstsq_batch(design, ly)
+
+
+def _line_rss(u: np.ndarray, ly: np.ndarray) -> float:
+    design = np.stack([np.ones_like(u), u], axis=1)[None]
+    return float(_lstsq_batch(design, ly)[1][0])
+
+
+def fit_phase_transition(
+    x: Sequence[float] | np.ndarray,
+    y: Sequence[float] | np.ndarray,
+    *,
+    baseline: float = 0.0,
+    min_side: int = 3,
+    bic_margin: float = 6.0,
+    rate_ratio: float = 2.0,
+) -> PhaseTransition:
+    """Fit power law below s0 and exponential above it; report s0 only if the data demand it.
+
+    Formulation: the damage ``d = y - baseline`` is modelled, in log space, as
+    ``log d = log a + b log x`` for ``x <= s0`` and ``log d(s0) + c (x - s0)`` above (continuous
+    at s0). A power law ``a x**b`` vanishes at x=0, so d must be a damage that is ~0 for the
+    unmodified model: pass the raw metric with ``baseline`` = the dense model's value (e.g. ppl
+    and baseline=5.12), or an already zero-based damage (relative ppl increase, KL) with the
+    default baseline=0. Do not pass a ratio like ppl/ppl_dense without baseline=1. Points with
+    x <= 0 (no log), non-finite values or ``d <= 0`` (no measurable damage) are dropped, and the
+    reason says how many.
+
+    For every candidate s0 on a grid between the data points (then refined twice) the rest is
+    ordinary linear least squares, so the fit is deterministic and has no starting values to
+    get wrong. s0_stderr is the half-width of the region where the profile log-likelihood
+    ``n log(RSS(s0) / RSS_min)`` stays within 1.
+
+    A transition is refused (s0=None) when fewer than ``min_side`` points lie on either side of
+    any admissible s0; when a pure power law or a pure exponential (the two limits of the
+    piecewise law) fits about as well, i.e. the BIC gain is below ``bic_margin``; or when the
+    exponential rate c is not at least ``rate_ratio`` times the power law's local log-growth
+    rate b / s0 at the kink.
+
+    Args:
+        x: Compression settings (sparsity, rank reduction, ...), any order.
+        y: Metric at each setting, growing with damage.
+        baseline: Value of the metric for the unmodified model; subtracted before the fit.
+        min_side: Minimum number of points on each side of s0. With 3 each segment keeps
+            its own residual degree of freedom; typical published sweeps have only 7-8 points.
+        bic_margin: BIC gain over both single-law fits required to report a transition.
+        rate_ratio: How much steeper (in log d per unit x) the exponential must be than the
+            power law at s0.
+
+    Returns:
+        The :class:`PhaseTransition`.
+    """
+    xa = np.asarray(x, dtype=float).ravel()
+    ya = np.asarray(y, dtype=float).ravel()
+    if xa.shape != ya.shape:
+        raise ValueError(f"x and y differ in length: {xa.size} vs {ya.size}")
+    if min_side < 3:
+        raise ValueError("min_side must be at least 3 (the power law alone has 2 parameters)")
+
+    d = ya - baseline
+    with np.errstate(invalid="ignore"):
+        keep = np.isfinite(xa) & np.isfinite(d) & (xa > 0) & (d > 0)
+    order = np.argsort(xa[keep], kind="stable")
+    xs, ly = xa[keep][order], np.log(d[keep][order])
+    n = xs.size
+    n_dropped = xa.size - n
+    dropped = (
+        f" ({n_dropped} point(s) dropped: non-finite, x <= 0 or no damage above baseline)"
+        if n_dropped
+        else ""
+    )
+
+    def refuse(reason: str, r2: float | None = None, evidence: float | None = None
+               ) -> PhaseTransition:
+        return PhaseTransition(None, None, None, None, None, r2, float(baseline), int(n),
+                               evidence, False, reason + dropped)
+
+    if n < 2 * min_side or xs[min_side - 1] >= xs[n - min_side]:
+        return refuse(f"too few points: {n} usable, need {min_side} on each side of s0")
+
+    # Admissible kinks keep min_side points on each side: xs[k-1] <= s0 < xs[n-k].
+    lo_s, hi_s = xs[min_side - 1], xs[n - min_side]
+    knots = np.unique(xs[(xs >= lo_s) & (xs <= hi_s)])
+    grid = np.unique(np.concatenate(
+        [np.linspace(a, b, 65) for a, b in zip(knots[:-1], knots[1:], strict=True)]
+    ))
+    grid = grid[grid < hi_s]
+    _, rss = _piecewise(xs, ly, grid)
+    for _ in range(2):
+        i = int(np.argmin(rss))
+        fine = np.linspace(grid[max(i - 1, 0)], grid[min(i + 1, grid.size - 1)], 65)
+        fine = fine[fine < hi_s]
+        grid = np.unique(np.concatenate([grid, fine]))
+        _, rss = _piecewise(xs, ly, grid)
+
+    i = int(np.argmin(rss))
+    s0 = float(grid[i])
+    coef, best = _piecewise(xs, ly, grid[i : i + 1])
+    log_a, b, c = (float(v) for v in coef[0])
+    rss_min = float(best[0])
+
+    tss = float(np.sum((ly - ly.mean()) ** 2))
+    # A floor keeps log(RSS) finite for noise-free data without favouring either model.
+    floor = 1e-12 * max(tss, 1e-300)
+
+    def bic(r: float, p: int) -> float:
+        return n * math.log(max(r, floor) / n) + p * math.log(n)
+
+    # s0 counts as a parameter: it was chosen to minimise the RSS.
+    bic_pw = bic(rss_min, 4)
+    gain_pow = bic(_line_rss(np.log(xs), ly), 2) - bic_pw
+    gain_exp = bic(_line_rss(xs, ly), 2) - bic_pw
+    evidence = min(gain_pow, gain_exp)
+    r2 = 1.0 - rss_min / tss if tss > 0 else 0.0
+
+    if gain_pow < bic_margin:
+        return refuse(f"a pure power law explains the data about as well (BIC gain "
+                      f"{gain_pow:.1f} < {bic_margin:g} for a kink at x={s0:.3g})", r2, evidence)
+    if gain_exp < bic_margin:
+        return refuse(f"a pure exponential explains the data about as well (BIC gain "
+                      f"{gain_exp:.1f} < {bic_margin:g} for a kink at x={s0:.3g})", r2, evidence)
+    if b <= 0:
+        # A falling-then-rising (U-shaped) curve is what noise often fits; hemorrhage needs
+        # damage that already grows, gently, below the transition.
+        return refuse(f"damage does not grow below the kink at x={s0:.3g} (power-law exponent "
+                      f"b={b:.3g} <= 0)", r2, evidence)
+    local = b / s0
+    if c < rate_ratio * local:
+        return refuse(f"the exponential rate above x={s0:.3g} (c={c:.3g}) is not clearly larger "
+                      f"than the power law's local growth (b/s0={local:.3g})", r2, evidence)
+
+    # Profile-likelihood interval: contiguous grid region around the optimum within 1 unit.
+    dev = n * np.log(np.maximum(rss, floor) / max(rss_min, floor))
+    inside = dev <= 1.0
+    lo_i = hi_i = i
+    while lo_i > 0 and inside[lo_i - 1]:
+        lo_i -= 1
+    while hi_i < grid.size - 1 and inside[hi_i + 1]:
+        hi_i += 1
+    spacing = float(np.max(np.diff(grid[max(i - 1, 0) : i + 2]))) if grid.size > 1 else 0.0
+    stderr = max((float(grid[hi_i]) - float(grid[lo_i])) / 2, spacing)
+
+    return PhaseTransition(
+        s0=s0,
+        s0_stderr=stderr,
+        a=math.exp(log_a),
+        b=b,
+        c=c,
+        r2=r2,
+        baseline=float(baseline),
+        n_points=int(n),
+        evidence=evidence,
+        transition=True,
+        reason=(f"power law (b={b:.3g}) up to s0={s0:.3g}, exponential (c={c:.3g}) above; "
+                f"BIC gain {gain_pow:.1f} over a pure power law and {gain_exp:.1f} over a pure "
+                f"exponential") + dropped,
+    )
