@@ -125,6 +125,14 @@ class Settings:
     budget: Budget
 
     @classmethod
+    def defaults(cls, **overrides: Any) -> Settings:
+        """The command-line defaults with ``overrides``, for use outside pytest."""
+        values = {o.name.replace("-", "_"): (False if o.flag else o.default) for o in OPTIONS}
+        values.pop("no_cache")
+        values.update(tasks=(), budget=Budget(), cache_dir=None)
+        return cls(**{**values, **overrides})
+
+    @classmethod
     def from_config(cls, config: Any) -> Settings:
         """Read the command line, falling back to ini values, then to the defaults."""
         values: dict[str, Any] = {}
