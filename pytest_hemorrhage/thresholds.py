@@ -96,11 +96,14 @@ def _monotonicity(
     pts = sorted(measurements, key=lambda t: t[0] if increasing else -t[0])
     problems: list[str] = []
 
+    # Bisection itself never yields a pass harsher than a fail; points from a sweep or a
+    # search by other means can.
     fails = [x for x, _, broke in pts if broke]
     if fails:
         first_fail = fails[0]
         harsher_pass = [
-            x for x, _, broke in pts
+            x
+            for x, _, broke in pts
             if not broke and (x > first_fail if increasing else x < first_fail)
         ]
         if harsher_pass:
@@ -187,8 +190,9 @@ def bisect_threshold(
         measurements.append((x, float(metric), bool(broke)))
         return bool(broke)
 
-    def result(value: float | None, bracket: tuple[float | None, float | None], note: str
-               ) -> Threshold:
+    def result(
+        value: float | None, bracket: tuple[float | None, float | None], note: str
+    ) -> Threshold:
         monotone, warning = _monotonicity(
             measurements, increasing=increasing, higher_is_worse=higher_is_worse, rtol=rtol
         )
@@ -202,8 +206,11 @@ def bisect_threshold(
         )
 
     if not probe(harsh):
-        return result(None, (harsh, None),
-                      f"no threshold in range: even the harshest setting x={harsh:g} passes")
+        return result(
+            None,
+            (harsh, None),
+            f"no threshold in range: even the harshest setting x={harsh:g} passes",
+        )
 
     passing, failing = gentle, harsh
     pass_seen = False
@@ -215,10 +222,12 @@ def bisect_threshold(
             passing, pass_seen = mid, True
 
     if not pass_seen and (gentle == harsh or probe(gentle)):
-        return result(gentle, (None, gentle),
-                      f"breaks everywhere: even the gentlest setting x={gentle:g} breaks")
-    return result(failing, (passing, failing),
-                  f"breaks at x={failing:g} (passes at x={passing:g})")
+        return result(
+            gentle,
+            (None, gentle),
+            f"breaks everywhere: even the gentlest setting x={gentle:g} breaks",
+        )
+    return result(failing, (passing, failing), f"breaks at x={failing:g} (passes at x={passing:g})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,7 +248,8 @@ class PhaseTransition:
         a: Power-law prefactor.
         b: Power-law exponent.
         c: Exponential rate above s0 (per unit x).
-        r2: Coefficient of determination of the piecewise fit in log space.
+        r2: Coefficient of determination of the best piecewise fit in log space (also set when
+            the transition is refused; None when too few points to fit).
         baseline: Offset subtracted from the metric before the fit.
         n_points: Points used in the fit (after dropping unusable ones).
         evidence: Smallest BIC gain of the piecewise law over a pure power law and a pure
@@ -325,32 +335,32 @@ def fit_phase_transition(
 ) -> PhaseTransition:
     """Fit power law below s0 and exponential above it; report s0 only if the data demand it.
 
-    Formulation: the damage ``d = y - baseline`` is modelled, in log space, as
-    ``log d = log a + b log x`` for ``x <= s0`` and ``log d(s0) + c (x - s0)`` above (continuous
-    at s0). A power law ``a x**b`` vanishes at x=0, so d must be a damage that is ~0 for the
-    unmodified model: pass the raw metric with ``baseline`` = the dense model's value (e.g. ppl
-    and baseline=5.12), or an already zero-based damage (relative ppl increase, KL) with the
-    default baseline=0. Do not pass a ratio like ppl/ppl_dense without baseline=1. Points with
-    x <= 0 (no log), non-finite values or ``d <= 0`` (no measurable damage) are dropped, and the
-    reason says how many.
+    Formulation: the damage ``d = y - baseline`` is modelled in log space as
+    ``log d = log a + b log x`` for ``x <= s0`` and ``log d(s0) + c (x - s0)`` above, so the
+    curve is continuous at s0. A power law vanishes at x=0, so d must be ~0 for the unmodified
+    model: pass the raw metric with ``baseline`` set to the dense model's value (ppl with
+    baseline=5.12), or an already zero-based damage (relative ppl increase, KL) with the default
+    baseline=0. A ratio ppl/ppl_dense needs baseline=1 (it then gives the same s0 as raw ppl
+    with the dense baseline, since a constant factor only shifts log a). Points with x <= 0,
+    non-finite values or d <= 0 (no measurable damage) are dropped and the reason says so.
 
-    For every candidate s0 on a grid between the data points (then refined twice) the rest is
-    ordinary linear least squares, so the fit is deterministic and has no starting values to
-    get wrong. s0_stderr is the half-width of the region where the profile log-likelihood
-    ``n log(RSS(s0) / RSS_min)`` stays within 1.
+    With s0 fixed the rest is linear least squares, so s0 is profiled over a grid between the
+    data points (then refined twice): deterministic, no starting values. s0_stderr is the
+    half-width of the contiguous region where RSS(s0) - RSS_min stays within one residual
+    variance; it is approximate (on synthetic data the actual error is ~1.3x larger).
 
-    A transition is refused (s0=None) when fewer than ``min_side`` points lie on either side of
-    any admissible s0; when a pure power law or a pure exponential (the two limits of the
-    piecewise law) fits about as well, i.e. the BIC gain is below ``bic_margin``; or when the
-    exponential rate c is not at least ``rate_ratio`` times the power law's local log-growth
-    rate b / s0 at the kink.
+    A transition is refused (s0=None) when fewer than ``min_side`` points can lie on each
+    side; when a pure power law or a pure exponential (the two limits of the piecewise law)
+    fits about as well, i.e. the BIC gain is below ``bic_margin``; when damage does not grow
+    below the kink (b <= 0); or when the exponential rate c is below ``rate_ratio`` times the
+    power law's local growth rate b / s0 at the kink.
 
     Args:
         x: Compression settings (sparsity, rank reduction, ...), any order.
         y: Metric at each setting, growing with damage.
         baseline: Value of the metric for the unmodified model; subtracted before the fit.
-        min_side: Minimum number of points on each side of s0. With 3 each segment keeps
-            its own residual degree of freedom; typical published sweeps have only 7-8 points.
+        min_side: Minimum number of points on each side of s0. With 3 each segment keeps its
+            own residual degree of freedom; published sweeps often have only 7-8 points.
         bic_margin: BIC gain over both single-law fits required to report a transition.
         rate_ratio: How much steeper (in log d per unit x) the exponential must be than the
             power law at s0.
@@ -370,7 +380,7 @@ def fit_phase_transition(
         keep = np.isfinite(xa) & np.isfinite(d) & (xa > 0) & (d > 0)
     order = np.argsort(xa[keep], kind="stable")
     xs, ly = xa[keep][order], np.log(d[keep][order])
-    n = xs.size
+    n = int(xs.size)
     n_dropped = xa.size - n
     dropped = (
         f" ({n_dropped} point(s) dropped: non-finite, x <= 0 or no damage above baseline)"
@@ -378,10 +388,13 @@ def fit_phase_transition(
         else ""
     )
 
-    def refuse(reason: str, r2: float | None = None, evidence: float | None = None
-               ) -> PhaseTransition:
-        return PhaseTransition(None, None, None, None, None, r2, float(baseline), int(n),
-                               evidence, False, reason + dropped)
+    def refuse(
+        reason: str, r2: float | None = None, evidence: float | None = None
+    ) -> PhaseTransition:
+        return PhaseTransition(
+            s0=None, s0_stderr=None, a=None, b=None, c=None, r2=r2, baseline=float(baseline),
+            n_points=n, evidence=evidence, transition=False, reason=reason + dropped,
+        )  # fmt: skip
 
     if n < 2 * min_side or xs[min_side - 1] >= xs[n - min_side]:
         return refuse(f"too few points: {n} usable, need {min_side} on each side of s0")
@@ -389,23 +402,20 @@ def fit_phase_transition(
     # Admissible kinks keep min_side points on each side: xs[k-1] <= s0 < xs[n-k].
     lo_s, hi_s = xs[min_side - 1], xs[n - min_side]
     knots = np.unique(xs[(xs >= lo_s) & (xs <= hi_s)])
-    grid = np.unique(np.concatenate(
-        [np.linspace(a, b, 65) for a, b in zip(knots[:-1], knots[1:], strict=True)]
-    ))
-    grid = grid[grid < hi_s]
+    grid = np.linspace(knots[:-1], knots[1:], 65).ravel()
+    grid = np.unique(grid[grid < hi_s])
     _, rss = _piecewise(xs, ly, grid)
     for _ in range(2):
         i = int(np.argmin(rss))
         fine = np.linspace(grid[max(i - 1, 0)], grid[min(i + 1, grid.size - 1)], 65)
-        fine = fine[fine < hi_s]
-        grid = np.unique(np.concatenate([grid, fine]))
+        grid = np.unique(np.concatenate([grid, fine[fine < hi_s]]))
         _, rss = _piecewise(xs, ly, grid)
 
     i = int(np.argmin(rss))
     s0 = float(grid[i])
-    coef, best = _piecewise(xs, ly, grid[i : i + 1])
+    coef, _ = _piecewise(xs, ly, grid[i : i + 1])
     log_a, b, c = (float(v) for v in coef[0])
-    rss_min = float(best[0])
+    rss_min = float(rss[i])
 
     tss = float(np.sum((ly - ly.mean()) ** 2))
     # A floor keeps log(RSS) finite for noise-free data without favouring either model.
@@ -414,39 +424,51 @@ def fit_phase_transition(
     def bic(r: float, p: int) -> float:
         return n * math.log(max(r, floor) / n) + p * math.log(n)
 
-    # s0 counts as a parameter: it was chosen to minimise the RSS.
+    # s0 counts as a fourth parameter: it was chosen to minimise the RSS.
     bic_pw = bic(rss_min, 4)
     gain_pow = bic(_line_rss(np.log(xs), ly), 2) - bic_pw
     gain_exp = bic(_line_rss(xs, ly), 2) - bic_pw
     evidence = min(gain_pow, gain_exp)
     r2 = 1.0 - rss_min / tss if tss > 0 else 0.0
+    at = f"for a kink at x={s0:.3g}"
 
     if gain_pow < bic_margin:
-        return refuse(f"a pure power law explains the data about as well (BIC gain "
-                      f"{gain_pow:.1f} < {bic_margin:g} for a kink at x={s0:.3g})", r2, evidence)
+        return refuse(
+            f"a pure power law explains the data about as well (BIC gain {gain_pow:.1f} < "
+            f"{bic_margin:g} {at})",
+            r2,
+            evidence,
+        )
     if gain_exp < bic_margin:
-        return refuse(f"a pure exponential explains the data about as well (BIC gain "
-                      f"{gain_exp:.1f} < {bic_margin:g} for a kink at x={s0:.3g})", r2, evidence)
+        return refuse(
+            f"a pure exponential explains the data about as well (BIC gain {gain_exp:.1f} < "
+            f"{bic_margin:g} {at})",
+            r2,
+            evidence,
+        )
     if b <= 0:
-        # A falling-then-rising (U-shaped) curve is what noise often fits; hemorrhage needs
-        # damage that already grows, gently, below the transition.
-        return refuse(f"damage does not grow below the kink at x={s0:.3g} (power-law exponent "
-                      f"b={b:.3g} <= 0)", r2, evidence)
+        # Noise is often fitted by a falling-then-rising curve; hemorrhage needs damage that
+        # already grows, gently, below the transition.
+        return refuse(f"damage does not grow below the kink (b={b:.3g} <= 0 {at})", r2, evidence)
     local = b / s0
     if c < rate_ratio * local:
-        return refuse(f"the exponential rate above x={s0:.3g} (c={c:.3g}) is not clearly larger "
-                      f"than the power law's local growth (b/s0={local:.3g})", r2, evidence)
+        return refuse(
+            f"the exponential rate c={c:.3g} is not clearly larger than the power law's local "
+            f"growth b/s0={local:.3g} ({at})",
+            r2,
+            evidence,
+        )
 
-    # Profile-likelihood interval: contiguous grid region around the optimum within 1 unit.
-    dev = n * np.log(np.maximum(rss, floor) / max(rss_min, floor))
-    inside = dev <= 1.0
+    # Unbiased residual variance (n - 4 dof): RSS_min / n would give far too narrow intervals
+    # for the 7-10 point sweeps typical of papers.
+    inside = rss - rss_min <= max(rss_min, floor) / (n - 4)
     lo_i = hi_i = i
     while lo_i > 0 and inside[lo_i - 1]:
         lo_i -= 1
     while hi_i < grid.size - 1 and inside[hi_i + 1]:
         hi_i += 1
-    spacing = float(np.max(np.diff(grid[max(i - 1, 0) : i + 2]))) if grid.size > 1 else 0.0
-    stderr = max((float(grid[hi_i]) - float(grid[lo_i])) / 2, spacing)
+    spacing = float(np.max(np.diff(grid[max(i - 1, 0) : i + 2])))
+    stderr = max(float(grid[hi_i] - grid[lo_i]) / 2, spacing)
 
     return PhaseTransition(
         s0=s0,
@@ -456,10 +478,12 @@ def fit_phase_transition(
         c=c,
         r2=r2,
         baseline=float(baseline),
-        n_points=int(n),
+        n_points=n,
         evidence=evidence,
         transition=True,
-        reason=(f"power law (b={b:.3g}) up to s0={s0:.3g}, exponential (c={c:.3g}) above; "
-                f"BIC gain {gain_pow:.1f} over a pure power law and {gain_exp:.1f} over a pure "
-                f"exponential") + dropped,
+        reason=(
+            f"power law (b={b:.3g}) up to s0={s0:.3g}, exponential (c={c:.3g}) above; BIC gain "
+            f"{gain_pow:.1f} over a pure power law, {gain_exp:.1f} over a pure exponential"
+        )
+        + dropped,
     )
