@@ -40,16 +40,21 @@ class Budget:
         for key, value in kwargs.items():
             if key == "confidence":
                 if not _number(value) or not 0.5 <= value < 1:
-                    raise HemorrhageError(f"{where}: confidence={value!r} must be a number in "
-                                          "[0.5, 1), e.g. confidence=0.95")
+                    raise HemorrhageError(
+                        f"{where}: confidence={value!r} must be a number in "
+                        "[0.5, 1), e.g. confidence=0.95"
+                    )
                 confidence = float(value)
             elif key not in METRICS and key not in EXTRA_METRICS:
                 valid = ", ".join([*METRICS, *EXTRA_METRICS, *OPTIONS])
-                raise HemorrhageError(f"{where}: can't have {key!r} in the hemorrhage budget; "
-                                      f"valid keys: {valid}")
+                raise HemorrhageError(
+                    f"{where}: can't have {key!r} in the hemorrhage budget; valid keys: {valid}"
+                )
             elif not _number(value) or value < 0 or math.isnan(value):
-                raise HemorrhageError(f"{where}: {key}={value!r} must be a non-negative number "
-                                      "(the largest tolerated value)")
+                raise HemorrhageError(
+                    f"{where}: {key}={value!r} must be a non-negative number "
+                    "(the largest tolerated value)"
+                )
             else:
                 limits[key] = float(value)
         return cls(limits, confidence)
@@ -73,8 +78,10 @@ class Budget:
         context = f"baseline ppl {result.baseline_ppl:.2f}, modified ppl {result.modified_ppl:.2f}"
         lines = []
         if result.nonfinite:
-            lines.append(f"non-finite outputs: {result.nonfinite} of {result.tokens} tokens got "
-                         f"nan/inf logits ({context})")
+            lines.append(
+                f"non-finite outputs: {result.nonfinite} of {result.tokens} tokens got "
+                f"nan/inf logits ({context})"
+            )
         for metric, limit in self.limits.items():
             if metric not in result.metrics:
                 lines.append(f"{metric}: not measured by {result.modification}")
@@ -102,8 +109,10 @@ def parse_ini(text: str) -> Budget:
         except ValueError:
             sep = ""
         if not sep:
-            raise HemorrhageError(f"hemorrhage_budget: {item!r} is not metric=number, "
-                                  "e.g. hemorrhage_budget = ppl_increase=0.05 kl_mean=0.02")
+            raise HemorrhageError(
+                f"hemorrhage_budget: {item!r} is not metric=number, "
+                "e.g. hemorrhage_budget = ppl_increase=0.05 kl_mean=0.02"
+            )
     return Budget.parse(kwargs, where="hemorrhage_budget")
 
 

@@ -41,7 +41,9 @@ def _read(path: Path) -> str:
     except FileNotFoundError:
         raise HemorrhageError(f"--hemorrhage-data={path}: no such file or directory") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise HemorrhageError(f"--hemorrhage-data={path}: cannot read it as UTF-8 text ({exc})") from None
+        raise HemorrhageError(
+            f"--hemorrhage-data={path}: cannot read it as UTF-8 text ({exc})"
+        ) from None
 
 
 def _jsonl_texts(path: Path) -> list[str]:
@@ -91,4 +93,6 @@ def make_windows(tokenizer: Any, text: str, *, seq_len: int, tokens: int) -> Win
             f"--hemorrhage-seq-len={seq_len}; give more data or a shorter seq-len"
         )
     count = max(1, min(tokens, ids.numel()) // seq_len)
-    return Windows(eval=ids[: count * seq_len].reshape(count, seq_len), spare=ids[count * seq_len:])
+    return Windows(
+        eval=ids[: count * seq_len].reshape(count, seq_len), spare=ids[count * seq_len :]
+    )

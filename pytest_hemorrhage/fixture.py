@@ -27,8 +27,9 @@ class Hemorrhage:
         session: the run, which collects every result for the summary and the report.
     """
 
-    def __init__(self, harness: Harness, budget: Budget, node: pytest.Item,
-                 session: HemorrhageSession) -> None:
+    def __init__(
+        self, harness: Harness, budget: Budget, node: pytest.Item, session: HemorrhageSession
+    ) -> None:
         self.harness = harness
         self.budget = budget
         self._node = node
@@ -45,7 +46,8 @@ class Hemorrhage:
 
     def measure(self, modification: Stages, /, **params: Any) -> Result:
         """Measure a modification against the baseline, e.g.
-        ``measure("quant.rtn", bits=4)`` or ``measure([("prune.wanda", {...}), ("quant.rtn", {...})])``.
+        ``measure("quant.rtn", bits=4)`` or
+        ``measure([("prune.wanda", {"sparsity": 0.5}), ("quant.rtn", {"bits": 4})])``.
         """
         want = frozenset(self.budget.limits) | self._session.default_extras()
         result = self.harness.measure(_stages(modification, params), want)
@@ -88,8 +90,9 @@ class Hemorrhage:
 
             lines += explain(self.harness, result)
             where = f"{result.modification} {_format_params(result.params)}".strip()
-            pytest.fail(f"hemorrhage over budget for {where}:\n  " + "\n  ".join(lines),
-                        pytrace=False)
+            pytest.fail(
+                f"hemorrhage over budget for {where}:\n  " + "\n  ".join(lines), pytrace=False
+            )
 
 
 def _stages(modification: Stages, params: dict[str, Any]) -> Stages:

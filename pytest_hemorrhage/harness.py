@@ -38,6 +38,7 @@ def register_extra(*metrics: str) -> Callable[[Extra], Extra]:
 
     return decorate
 
+
 # What measure()/modified() accept: a name, a config, or a sequence of (name, params) / configs.
 Stages = str | Modification | Sequence[Any]
 
@@ -62,7 +63,7 @@ class Context:
         self.applied: tuple[Modification, ...] = ()  # earlier stages of the current composition
 
     def calibration_windows(self, count: int | None = None) -> torch.Tensor:
-        """Token windows disjoint from the evaluation ones (deterministic), on the model's device."""
+        """Windows disjoint from the evaluation ones (deterministic), on the model's device."""
         n = count or self._harness.settings.calibration_windows
         return self._harness.windows.calibration(n).to(self.device)
 
@@ -87,9 +88,13 @@ class Harness:
         self.settings = settings
         self.device = loaded.device
         self.memo: dict[Any, Any] = {}
-        self.windows = make_windows(loaded.tokenizer, read_text(settings.data),
-                                    seq_len=settings.seq_len, tokens=settings.tokens)
-        self.vocab = model_logits(self.model, self.windows.eval[:1, :2].to(self.device)).shape[-1]
+        self.windows = make_windows(
+            loaded.tokenizer,
+            read_text(settings.data),
+            seq_len=settings.seq_len,
+            tokens=settings.tokens,
+        )
+        self.vocab = _vocab_size(self.model, self.windows.eval[:1, :2].to(self.device))
         self.batch_size = settings.batch_size or _auto_batch(settings.seq_len, self.vocab)
         self.topk = settings.topk or (self.vocab if self.vocab <= EXACT_VOCAB else 256)
         self.context = Context(self)
@@ -98,28 +103,38 @@ class Harness:
 
     @cached_property
     def data_fingerprint(self) -> str:
-        return cache_key(self.windows.eval.numpy().tobytes())
+        return cache_key(tuple(self.windows.eval.shape), self.windows.eval.numpy().tobytes())
 
     @cached_property
     def reference(self) -> Reference:
-        key = cache_key(self.loaded.fingerprint, self.data_fingerprint, self.batch_size,
-                        self.topk, str(next(self.model.parameters()).dtype), str(self.device.type))
-        reference, self.reference_cached = load_or_compute(key, self.settings.cache_dir,
-                                                           self._compute_reference)
+        key = cache_key(
+            self.loaded.fingerprint,
+            self.data_fingerprint,
+            self.batch_size,
+            self.topk,
+            str(next(self.model.parameters()).dtype),
+            str(self.device.type),
+        )
+        reference, self.reference_cached = load_or_compute(
+            key, self.settings.cache_dir, self._compute_reference
+        )
         return reference
 
     def _compute_reference(self) -> Reference:
         parts = []
         for logits, targets in self._batches():
-            parts.append(Reference.from_logprobs(torch.log_softmax(logits.float(), -1).cpu(),
-                                                 targets.cpu(), self.topk))
+            parts.append(
+                Reference.from_logprobs(
+                    torch.log_softmax(logits.float(), -1).cpu(), targets.cpu(), self.topk
+                )
+            )
         return Reference.cat(parts)
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(logits, targets) per batch, flattened over scored positions."""
         windows = self.windows.eval
         for i in range(0, len(windows), self.batch_size):
-            ids = windows[i: i + self.batch_size].to(self.device)
+            ids = windows[i : i + self.batch_size].to(self.device)
             with torch.inference_mode():
                 logits = model_logits(self.model, ids)[:, :-1]
             yield logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
@@ -188,8 +203,9 @@ class Harness:
         metrics, stderr = summarize(stats, reference)
         return Result(
             modification="+".join(c.name for c in configs),
-            params=configs[0].params() if len(configs) == 1 else
-            {"stages": [{"name": c.name, **c.params()} for c in configs]},
+            params=configs[0].params()
+            if len(configs) == 1
+            else {"stages": [{"name": c.name, **c.params()} for c in configs]},
             metrics=metrics,
             stderr=stderr,
             baseline_ppl=reference.ppl,
@@ -214,8 +230,9 @@ class Harness:
         """
         now = _snapshot(self.model)
         if now != self._pristine:
-            changed = [k for k in now.keys() | self._pristine.keys()
-                       if now.get(k) != self._pristine.get(k)][:3]
+            changed = [
+                k for k in now.keys() | self._pristine.keys() if now.get(k) != self._pristine.get(k)
+            ][:3]
             names = ", ".join(map(str, changed))
             raise HemorrhageError(
                 f"the baseline model was changed in place ({names}); change it only inside "
@@ -225,10 +242,19 @@ class Harness:
 
 def _snapshot(model: Any) -> dict[str, tuple[Any, ...]]:
     """Storage and version of every tensor, identity of every module."""
-    tensors = {name: (t.data_ptr(), t._version, tuple(t.shape), t.dtype)
-               for name, t in model.state_dict(keep_vars=True).items()}
+    tensors = {
+        name: (t.data_ptr(), t._version, tuple(t.shape), t.dtype)
+        for name, t in model.state_dict(keep_vars=True).items()
+    }
     modules = {f"module {name or '<root>'}": (id(m),) for name, m in model.named_modules()}
     return tensors | modules
+
+
+def _vocab_size(model: Any, probe: torch.Tensor) -> int:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and hasattr(head, "weight"):
+        return head.weight.shape[0]
+    return model_logits(model, probe).shape[-1]  # plain modules: ask them
 
 
 def _auto_batch(seq_len: int, vocab: int) -> int:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import HemorrhageError
+from .errors import HemorrhageError, first_line
 
 __all__ = ["BUNDLED_MODEL", "BUNDLED_NAME", "LoadedModel", "check_spec", "load_model"]
 
@@ -53,8 +53,10 @@ def kind(spec: str) -> str:
 
 
 def _offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def check_spec(spec: str) -> None:
@@ -124,13 +126,17 @@ def _pretrained(source: str, spec: str, torch_dtype: Any, trust: bool, allow_pic
     path = Path(source).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise HemorrhageError(f"--hemorrhage-model={spec}: directory has no config.json; "
-                                  "save the model with model.save_pretrained(dir)")
+            raise HemorrhageError(
+                f"--hemorrhage-model={spec}: directory has no config.json; "
+                "save the model with model.save_pretrained(dir)"
+            )
         has_safetensors = any(path.glob("*.safetensors"))
         has_pickle = any(path.glob("*.bin")) or any(path.glob("*.pt"))
         if not has_safetensors and not has_pickle:
-            raise HemorrhageError(f"--hemorrhage-model={spec}: config.json but no weights "
-                                  "(*.safetensors); save them with model.save_pretrained(dir)")
+            raise HemorrhageError(
+                f"--hemorrhage-model={spec}: config.json but no weights "
+                "(*.safetensors); save them with model.save_pretrained(dir)"
+            )
         if not has_safetensors and not allow_pickle:
             raise HemorrhageError(
                 f"--hemorrhage-model={spec}: only pickle weights (*.bin), which can run code when "
@@ -139,12 +145,15 @@ def _pretrained(source: str, spec: str, torch_dtype: Any, trust: bool, allow_pic
             )
     try:
         return AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch_dtype, trust_remote_code=trust,
+            source,
+            dtype=torch_dtype,
+            trust_remote_code=trust,
             use_safetensors=None if allow_pickle else True,
         )
     except (OSError, ValueError, KeyError) as exc:
-        raise HemorrhageError(f"--hemorrhage-model={spec}: cannot load it as a causal LM: "
-                              f"{_first_line(exc)}") from None
+        raise HemorrhageError(
+            f"--hemorrhage-model={spec}: cannot load it as a causal LM: {first_line(exc)}"
+        ) from None
 
 
 def _tokenizer(source: str, spec: str, trust: bool) -> Any:
@@ -154,7 +163,7 @@ def _tokenizer(source: str, spec: str, trust: bool) -> Any:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise HemorrhageError(
-            f"--hemorrhage-model={spec}: no usable tokenizer ({_first_line(exc)}); save it "
+            f"--hemorrhage-model={spec}: no usable tokenizer ({first_line(exc)}); save it "
             "beside the model with tokenizer.save_pretrained(dir)"
         ) from None
 
@@ -169,8 +178,10 @@ def _from_factory(spec: str) -> tuple[Any, Any]:
     if tokenizer is None:
         name = getattr(getattr(model, "config", None), "_name_or_path", "")
         if not name:
-            raise HemorrhageError(f"--hemorrhage-model={spec}: the factory returned no tokenizer; "
-                                  "return (model, tokenizer)")
+            raise HemorrhageError(
+                f"--hemorrhage-model={spec}: the factory returned no tokenizer; "
+                "return (model, tokenizer)"
+            )
         tokenizer = _tokenizer(name, spec, False)
     return model, tokenizer
 
@@ -183,8 +194,11 @@ def fingerprint(model: Any, tokenizer: Any) -> str:
     h.update(type(model).__name__.encode())
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
-        settings = {k: v for k, v in config.to_dict().items()
-                    if k not in ("_name_or_path", "transformers_version")}
+        settings = {
+            k: v
+            for k, v in config.to_dict().items()
+            if k not in ("_name_or_path", "transformers_version")
+        }
         h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
@@ -192,9 +206,9 @@ def fingerprint(model: Any, tokenizer: Any) -> str:
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
             h.update(t.view(-1).view(torch.uint8).numpy().data if t.numel() else b"")
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update((backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))).encode())
+    h.update(
+        (
+            backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+        ).encode()
+    )
     return h.hexdigest()
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

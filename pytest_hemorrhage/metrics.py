@@ -51,8 +51,12 @@ class TokenStats:
     def cat(parts: list[TokenStats]) -> TokenStats:
         import torch
 
-        return TokenStats(*(torch.cat([getattr(p, f) for p in parts]) for f in
-                            ("kl", "nll", "disagree", "p_target", "finite")))
+        return TokenStats(
+            *(
+                torch.cat([getattr(p, f) for p in parts])
+                for f in ("kl", "nll", "disagree", "p_target", "finite")
+            )
+        )
 
 
 def token_stats(logits: torch.Tensor, ref: Reference) -> TokenStats:
@@ -110,7 +114,9 @@ def _quantile_se(x: torch.Tensor, q: float) -> tuple[float, float]:
     return s.quantile(q).item(), (s[hi] - s[lo]).item() / 2
 
 
-def summarize(stats: TokenStats, ref: Reference) -> tuple[dict[str, float], dict[str, float | None]]:
+def summarize(
+    stats: TokenStats, ref: Reference
+) -> tuple[dict[str, float], dict[str, float | None]]:
     """Aggregate per-token measures into the metrics and their standard errors."""
     d = stats.nll.double() - ref.targets_nll.double()
     nll_increase, nll_se = _mean_se(d)

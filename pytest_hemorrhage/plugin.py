@@ -28,21 +28,38 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("hemorrhage", "model hemorrhage budgets")
     for option in OPTIONS:
         if option.flag:
-            group.addoption(f"--hemorrhage-{option.name}", action="store_true", default=None,
-                            dest=option.ini, help=option.help)
+            group.addoption(
+                f"--hemorrhage-{option.name}",
+                action="store_true",
+                default=None,
+                dest=option.ini,
+                help=option.help,
+            )
             parser.addini(option.ini, option.help, type="bool", default=False)
         else:
-            group.addoption(f"--hemorrhage-{option.name}", dest=option.ini, type=option.type,
-                            metavar=option.metavar, default=None, help=option.help)
+            group.addoption(
+                f"--hemorrhage-{option.name}",
+                dest=option.ini,
+                type=option.type,
+                metavar=option.metavar,
+                default=None,
+                help=option.help,
+            )
             parser.addini(option.ini, option.help, default="")
-    parser.addini("hemorrhage_budget", "Default budget for every hemorrhage test, e.g. "
-                  "'ppl_increase=0.05 kl_mean=0.02'; marker keys override it.", default="")
+    parser.addini(
+        "hemorrhage_budget",
+        "Default budget for every hemorrhage test, e.g. "
+        "'ppl_increase=0.05 kl_mean=0.02'; marker keys override it.",
+        default="",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "hemorrhage(**budget): maximum tolerated degradation per metric, e.g. "
-        "hemorrhage(ppl_increase=0.05, kl_mean=0.02); optional confidence=0.95")
+        "markers",
+        "hemorrhage(**budget): maximum tolerated degradation per metric, e.g. "
+        "hemorrhage(ppl_increase=0.05, kl_mean=0.02); optional confidence=0.95",
+    )
     try:
         settings = Settings.from_config(config)
         if settings.model and not hasattr(config, "workerinput"):
@@ -79,14 +96,18 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[
-        None, pytest.TestReport, pytest.TestReport]:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
     if call.excinfo is not None and call.excinfo.errisinstance(HemorrhageError):
         report.longrepr = f"HemorrhageError: {call.excinfo.value}"  # no torch traceback
     if report.when == "call" or (report.when == "setup" and not report.passed):
-        outcome = "xfailed" if hasattr(report, "wasxfail") and report.skipped else (
-            "xpassed" if hasattr(report, "wasxfail") else report.outcome)
+        outcome = (
+            "xfailed"
+            if hasattr(report, "wasxfail") and report.skipped
+            else ("xpassed" if hasattr(report, "wasxfail") else report.outcome)
+        )
         item.config.stash[session_key].set_outcome(item.nodeid, outcome)
     return report
 
@@ -97,8 +118,13 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         from .report import render_table
 
         terminalreporter.write_line("")
-        terminalreporter.write(render_table(session.records, width=config.get_terminal_writer().fullwidth,
-                                            color=terminalreporter.hasmarkup))
+        terminalreporter.write(
+            render_table(
+                session.records,
+                width=config.get_terminal_writer().fullwidth,
+                color=terminalreporter.hasmarkup,
+            )
+        )
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

@@ -21,6 +21,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .errors import first_line
+
 if TYPE_CHECKING:
     import torch
 
@@ -55,8 +57,12 @@ class Reference:
 
     def rows(self, start: int, stop: int) -> Reference:
         """The reference for scored tokens ``start:stop``."""
-        return Reference(**{f.name: None if getattr(self, f.name) is None
-                            else getattr(self, f.name)[start:stop] for f in fields(self)})
+        return Reference(
+            **{
+                f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[start:stop]
+                for f in fields(self)
+            }
+        )
 
     @staticmethod
     def from_logprobs(logp: torch.Tensor, targets: torch.Tensor, topk: int) -> Reference:
@@ -72,9 +78,14 @@ class Reference:
     def cat(parts: list[Reference]) -> Reference:
         import torch
 
-        return Reference(**{f.name: None if getattr(parts[0], f.name) is None
-                            else torch.cat([getattr(p, f.name) for p in parts])
-                            for f in fields(Reference)})
+        return Reference(
+            **{
+                f.name: None
+                if getattr(parts[0], f.name) is None
+                else torch.cat([getattr(p, f.name) for p in parts])
+                for f in fields(Reference)
+            }
+        )
 
 
 def cache_key(*parts: object) -> str:
@@ -103,8 +114,11 @@ def load_or_compute(
         lock = FileLock(str(cache_dir / f"reference-{key}.lock"))
         lock.acquire(timeout=3600)
     except OSError as exc:
-        warnings.warn(f"hemorrhage cache {cache_dir} is not writable ({exc}); "
-                      "computing the reference without it", stacklevel=2)
+        warnings.warn(
+            f"hemorrhage cache {cache_dir} is not writable ({first_line(exc)}); "
+            "computing the reference without it",
+            stacklevel=2,
+        )
         return compute(), False
     try:
         path = cache_dir / f"reference-{key}.pt"
@@ -129,8 +143,10 @@ def _load(path: Path) -> Reference | None:
             raise ValueError("old format")
         return Reference(**state)
     except Exception as exc:  # any damage: rebuild rather than trust it
-        warnings.warn(f"hemorrhage cache entry {path} is unreadable ({exc}); rebuilding it",
-                      stacklevel=3)
+        warnings.warn(
+            f"hemorrhage cache entry {path} is unreadable ({first_line(exc)}); rebuilding it",
+            stacklevel=3,
+        )
         return None
 
 
@@ -143,6 +159,9 @@ def _store(path: Path, reference: Reference) -> None:
         torch.save({"format": FORMAT, **state}, tmp)
         tmp.replace(path)  # atomic: readers never see half a file
     except OSError as exc:
-        warnings.warn(f"cannot write hemorrhage cache entry {path} ({exc}); continuing without "
-                      "it", stacklevel=3)
+        warnings.warn(
+            f"cannot write hemorrhage cache entry {path} ({first_line(exc)}); continuing without "
+            "it",
+            stacklevel=3,
+        )
         tmp.unlink(missing_ok=True)

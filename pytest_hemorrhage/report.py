@@ -13,8 +13,10 @@ DEFAULT_COLUMNS = ("ppl_increase", "kl_mean")  # shown for results measured with
 
 def _params(params: dict[str, Any]) -> str:
     if "stages" in params:
-        return " → ".join(f"{s['name']}({_params({k: v for k, v in s.items() if k != 'name'})})"
-                          for s in params["stages"])
+        return " → ".join(
+            f"{s['name']}({_params({k: v for k, v in s.items() if k != 'name'})})"
+            for s in params["stages"]
+        )
     return ", ".join(f"{k}={v}" for k, v in params.items())
 
 
@@ -27,42 +29,58 @@ def _number(value: float | None) -> str:
 
 
 def render_table(records: list[dict[str, Any]], *, width: int = 120, color: bool = False) -> str:
-    """One row per budgeted metric of each result: value, budget, margin, verdict."""
-    from rich import box
-    from rich.console import Console
+    """Per result: a heading (test, outcome, modification), then one row per budgeted metric
+    with value, budget, margin (budget - value) and verdict."""
+    from rich.console import Console, Group
     from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title="hemorrhage", title_justify="left", box=box.SIMPLE_HEAD)
-    table.add_column("test / modification", overflow="fold", ratio=1)
-    table.add_column("metric", no_wrap=True)
-    for name in ("value", "budget", "margin"):
-        table.add_column(name, justify="right", no_wrap=True)
-    table.add_column("", no_wrap=True)
+    parts: list[Any] = [Text("hemorrhage", style="bold")]
     for record in records:
         budget = {k: v for k, v in record["budget"].items() if k != "confidence"}
         metrics = list(budget) or [m for m in DEFAULT_COLUMNS if m in record["metrics"]]
-        test = record["nodeid"].rpartition("::")[2]
-        if record.get("outcome"):
-            test += f" [{record['outcome']}]"
-        for i, metric in enumerate(metrics):
-            value = record["metrics"].get(metric)
-            limit = budget.get(metric)
-            if limit is None:
-                margin, verdict = "", ""
-            else:
-                over = value is None or not math.isfinite(value) or value > limit
-                margin = (f"{(limit - value) / limit:+.0%}" if limit and value is not None
-                          and math.isfinite(value) else "")
-                verdict = "[red]over[/]" if over else "[green]ok[/]"
-            what = (_params(record["params"]) if "stages" in record["params"] else
-                    f"{record['modification']}({_params(record['params'])})")
-            table.add_row(f"{escape(test)}\n  {escape(what)}" if i == 0 else "",
-                          metric, _number(value), _number(limit), margin, verdict)
+        what = (
+            _params(record["params"])
+            if "stages" in record["params"]
+            else f"{record['modification']}({_params(record['params'])})"
+        )
+        outcome = record.get("outcome") or ""
+        style = {"passed": "green", "failed": "red", "xfailed": "yellow"}.get(outcome, "")
+        parts.append(
+            Text.from_markup(
+                f"[bold]{escape(record['nodeid'])}[/] [{style or 'default'}]{outcome}[/] "
+                f"{escape(what)}"
+            )
+        )
+        table = Table(box=None, show_header=False, padding=(0, 1), pad_edge=False)
+        table.add_column(width=4)
+        table.add_column(min_width=20)
+        for _ in range(3):
+            table.add_column(justify="right", min_width=9)
+        table.add_column()
+        for metric in metrics:
+            value, limit = record["metrics"].get(metric), budget.get(metric)
+            margin, verdict = "", ""
+            if limit is not None:
+                finite = value is not None and math.isfinite(value)
+                margin = f"{limit - value:+.4f}" if finite else ""
+                verdict = "[red]over[/]" if not finite or value > limit else "[green]ok[/]"
+            table.add_row(
+                "",
+                metric,
+                _number(value),
+                "" if limit is None else f"≤ {limit:.4f}",
+                margin,
+                verdict,
+            )
         if record.get("nonfinite_tokens"):
-            table.add_row("", "non-finite", str(record["nonfinite_tokens"]), "0", "",
-                          "[red]over[/]")
+            table.add_row(
+                "", "non-finite tokens", str(record["nonfinite_tokens"]), "≤ 0", "", "[red]over[/]"
+            )
+        parts.append(table)
     out = io.StringIO()
-    Console(file=out, width=width, force_terminal=color, no_color=not color,
-            highlight=False).print(table)
+    Console(file=out, width=width, force_terminal=color, no_color=not color, highlight=False).print(
+        Group(*parts)
+    )
     return out.getvalue()

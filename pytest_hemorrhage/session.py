@@ -21,8 +21,10 @@ if TYPE_CHECKING:
 __all__ = ["REPORT_SCHEMA", "HemorrhageSession"]
 
 REPORT_SCHEMA = 1
-NO_MODEL = ("no model given: pass --hemorrhage-model=<dir | hub id | module:factory | "
-            "hemorrhage-tiny> or set hemorrhage_model in the ini file")
+NO_MODEL = (
+    "no model given: pass --hemorrhage-model=<dir | hub id | module:factory | "
+    "hemorrhage-tiny> or set hemorrhage_model in the ini file"
+)
 
 
 @dataclass
@@ -48,9 +50,13 @@ class HemorrhageSession:
 
             s = self.settings
             try:
-                self._loaded = load_model(s.model, device=s.device, dtype=s.dtype,
-                                          trust_remote_code=s.trust_remote_code,
-                                          allow_pickle=s.allow_pickle)
+                self._loaded = load_model(
+                    s.model,
+                    device=s.device,
+                    dtype=s.dtype,
+                    trust_remote_code=s.trust_remote_code,
+                    allow_pickle=s.allow_pickle,
+                )
             except HemorrhageError as exc:
                 self._loaded = exc
         if isinstance(self._loaded, HemorrhageError):
@@ -68,16 +74,21 @@ class HemorrhageSession:
             self._harness = Harness(loaded, self.settings)
             model = loaded.model
             self.header = {
-                "model": {"spec": loaded.spec, "fingerprint": loaded.fingerprint,
-                          "class": type(model).__name__,
-                          "parameters": sum(p.numel() for p in model.parameters()),
-                          "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-                          "device": str(loaded.device)},
-                "data": {"source": str(self.settings.data or "bundled corpus"),
-                         "fingerprint": self._harness.data_fingerprint,
-                         "seq_len": self.settings.seq_len,
-                         "windows": len(self._harness.windows.eval),
-                         "topk": self._harness.topk},
+                "model": {
+                    "spec": loaded.spec,
+                    "fingerprint": loaded.fingerprint,
+                    "class": type(model).__name__,
+                    "parameters": sum(p.numel() for p in model.parameters()),
+                    "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                    "device": str(loaded.device),
+                },
+                "data": {
+                    "source": str(self.settings.data or "bundled corpus"),
+                    "fingerprint": self._harness.data_fingerprint,
+                    "seq_len": self.settings.seq_len,
+                    "windows": len(self._harness.windows.eval),
+                    "topk": self._harness.topk,
+                },
             }
         return self._harness
 
@@ -86,8 +97,10 @@ class HemorrhageSession:
         budget = self.settings.budget
         for marker in reversed(list(item.iter_markers("hemorrhage"))):
             if marker.args:
-                raise HemorrhageError(f"{item.nodeid}: @pytest.mark.hemorrhage takes keyword "
-                                      "arguments only, e.g. hemorrhage(ppl_increase=0.05)")
+                raise HemorrhageError(
+                    f"{item.nodeid}: @pytest.mark.hemorrhage takes keyword "
+                    "arguments only, e.g. hemorrhage(ppl_increase=0.05)"
+                )
             budget = budget.merged(Budget.parse(marker.kwargs, where=item.nodeid))
         return budget
 
@@ -95,13 +108,15 @@ class HemorrhageSession:
         """Keep ``result`` for the summary and report; expose its metrics to JUnit XML."""
         if "baseline" not in self.header:
             self.header["baseline"] = {"ppl": result.baseline_ppl}
-        self.records.append({
-            "nodeid": item.nodeid,
-            **result.to_dict(),
-            "budget": budget.to_dict(),
-            "violations": budget.violations(result),
-            "outcome": None,
-        })
+        self.records.append(
+            {
+                "nodeid": item.nodeid,
+                **result.to_dict(),
+                "budget": budget.to_dict(),
+                "violations": budget.violations(result),
+                "outcome": None,
+            }
+        )
         for metric, value in result.metrics.items():
             item.user_properties.append((f"hemorrhage.{result.modification}.{metric}", value))
 
@@ -122,8 +137,7 @@ class HemorrhageSession:
                 record["outcome"] = outcome
 
     def worker_output(self) -> dict[str, Any]:
-        return {"header": self.header, "records": self.records,
-                "explorations": self.explorations}
+        return {"header": self.header, "records": self.records, "explorations": self.explorations}
 
     def merge_worker(self, output: dict[str, Any]) -> None:
         for key, value in output.get("header", {}).items():
@@ -133,8 +147,13 @@ class HemorrhageSession:
 
     def report(self) -> dict[str, Any]:
         """The JSON report (schema documented in the README)."""
-        return {"schema_version": REPORT_SCHEMA, "plugin_version": __version__,
-                **self.header, "results": self.records, "explorations": self.explorations}
+        return {
+            "schema_version": REPORT_SCHEMA,
+            "plugin_version": __version__,
+            **self.header,
+            "results": self.records,
+            "explorations": self.explorations,
+        }
 
     def write_report(self) -> None:
         path = self.settings.report

@@ -57,47 +57,103 @@ class Option:
 
 
 OPTIONS = [
-    Option("model", "Baseline model: a directory saved with save_pretrained, a hub id, "
-           "package.module:factory returning a model or (model, tokenizer), or hemorrhage-tiny "
-           "(the bundled model). Default: none (hemorrhage tests are skipped).",
-           metavar="SPEC"),
-    Option("data", "Evaluation text: a .txt file, a .jsonl file with a 'text' field, or a "
-           "directory of .txt files. Default: the bundled held-out corpus.", metavar="PATH"),
-    Option("device", "Device for the model: auto, cpu, cuda, cuda:N or mps. "
-           "Default: auto (cuda if available).", "auto",
-           _choice("auto", "cpu", "cuda", "mps"), "DEVICE"),
-    Option("dtype", "Weights dtype: auto, float32, float16 or bfloat16. Default: auto "
-           "(float32 on CPU, the checkpoint's dtype on GPU).", "auto",
-           _choice("auto", "float32", "float16", "bfloat16"), "DTYPE"),
+    Option(
+        "model",
+        "Baseline model: a directory saved with save_pretrained, a hub id, "
+        "package.module:factory returning a model or (model, tokenizer), or hemorrhage-tiny "
+        "(the bundled model). Default: none (hemorrhage tests are skipped).",
+        metavar="SPEC",
+    ),
+    Option(
+        "data",
+        "Evaluation text: a .txt file, a .jsonl file with a 'text' field, or a "
+        "directory of .txt files. Default: the bundled held-out corpus.",
+        metavar="PATH",
+    ),
+    Option(
+        "device",
+        "Device for the model: auto, cpu, cuda, cuda:N or mps. Default: auto (cuda if available).",
+        "auto",
+        _choice("auto", "cpu", "cuda", "mps"),
+        "DEVICE",
+    ),
+    Option(
+        "dtype",
+        "Weights dtype: auto, float32, float16 or bfloat16. Default: auto "
+        "(float32 on CPU, the checkpoint's dtype on GPU).",
+        "auto",
+        _choice("auto", "float32", "float16", "bfloat16"),
+        "DTYPE",
+    ),
     Option("seq-len", "Tokens per evaluation window. Default: 128.", 128, _positive_int, "N"),
-    Option("tokens", "Evaluation budget in tokens (rounded down to whole windows). "
-           "Default: 8192.", 8192, _positive_int, "N"),
-    Option("batch-size", "Windows per forward pass. Default: auto (logits under ~256 MB).",
-           0, _count, "N"),
-    Option("topk", "Baseline log-probs stored per token. Default: auto (all of them up to "
-           "8192 tokens of vocabulary, else 256).", 0, _count, "K"),
-    Option("calibration-windows", "Windows of calibration data for data-aware modifications "
-           "(wanda, gradient, smoothing), disjoint from the evaluation windows. Default: 16.",
-           16, _positive_int, "N"),
-    Option("seed", "Seed for every random draw (noise, faults, sampling). Default: 0.",
-           0, int, "N"),
+    Option(
+        "tokens",
+        "Evaluation budget in tokens (rounded down to whole windows). Default: 8192.",
+        8192,
+        _positive_int,
+        "N",
+    ),
+    Option(
+        "batch-size",
+        "Windows per forward pass. Default: auto (logits under ~256 MB).",
+        0,
+        _count,
+        "N",
+    ),
+    Option(
+        "topk",
+        "Baseline log-probs stored per token. Default: auto (all of them up to "
+        "8192 tokens of vocabulary, else 256).",
+        0,
+        _count,
+        "K",
+    ),
+    Option(
+        "calibration-windows",
+        "Windows of calibration data for data-aware modifications "
+        "(wanda, gradient, smoothing), disjoint from the evaluation windows. Default: 16.",
+        16,
+        _positive_int,
+        "N",
+    ),
+    Option(
+        "seed", "Seed for every random draw (noise, faults, sampling). Default: 0.", 0, int, "N"
+    ),
     Option("report", "Write the JSON report to PATH. Default: no report.", metavar="PATH"),
-    Option("plot", "Write one PNG per measured curve into DIR (needs matplotlib). "
-           "Default: no plots.", metavar="DIR"),
-    Option("generate", "Also compute the generation metrics (gen_mismatch, "
-           "gen_first_divergence) for every measure, not only when a budget names them.",
-           type=None),
-    Option("tasks", "Multiple-choice task file(s) (.jsonl with context, choices, answer), "
-           "comma-separated, each a named task. Default: none (the bundled cloze task when a "
-           "budget names a task metric).", metavar="PATHS"),
-    Option("cache-dir", "Where baseline references are cached. Default: .hemorrhage_cache "
-           "beside .pytest_cache.", metavar="DIR"),
-    Option("no-cache", "Compute the baseline reference without reading or writing the cache.",
-           type=None),
-    Option("trust-remote-code", "Allow a hub model's own Python code to run when loading.",
-           type=None),
-    Option("allow-pickle", "Allow loading pickle (*.bin) checkpoints, which can run code.",
-           type=None),
+    Option(
+        "plot",
+        "Write one PNG per measured curve into DIR (needs matplotlib). Default: no plots.",
+        metavar="DIR",
+    ),
+    Option(
+        "generate",
+        "Also compute the generation metrics (gen_mismatch, "
+        "gen_first_divergence) for every measure, not only when a budget names them.",
+        type=None,
+    ),
+    Option(
+        "tasks",
+        "Multiple-choice task file(s) (.jsonl with context, choices, answer), "
+        "comma-separated, each a named task. Default: none (the bundled cloze task when a "
+        "budget names a task metric).",
+        metavar="PATHS",
+    ),
+    Option(
+        "cache-dir",
+        "Where baseline references are cached. Default: .hemorrhage_cache beside .pytest_cache.",
+        metavar="DIR",
+    ),
+    Option(
+        "no-cache",
+        "Compute the baseline reference without reading or writing the cache.",
+        type=None,
+    ),
+    Option(
+        "trust-remote-code", "Allow a hub model's own Python code to run when loading.", type=None
+    ),
+    Option(
+        "allow-pickle", "Allow loading pickle (*.bin) checkpoints, which can run code.", type=None
+    ),
 ]
 
 
@@ -163,8 +219,14 @@ class Settings:
             cache_dir = None
         elif cache_dir is None:
             cache_dir = paths_root / _pytest_cache_dir(config).parent / ".hemorrhage_cache"
-        return cls(**{**values, "model": model, "cache_dir": cache_dir and Path(cache_dir),
-                      "budget": parse_ini(config.getini("hemorrhage_budget") or "")})
+        return cls(
+            **{
+                **values,
+                "model": model,
+                "cache_dir": cache_dir and Path(cache_dir),
+                "budget": parse_ini(config.getini("hemorrhage_budget") or ""),
+            }
+        )
 
 
 def _pytest_cache_dir(config: Any) -> Path:

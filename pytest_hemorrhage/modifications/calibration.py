@@ -51,8 +51,9 @@ def _collect(model: nn.Module, context: Context) -> dict[str, InputStats]:
 
         return record
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules()
-               if _is_linear(m)]
+    handles = [
+        m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if _is_linear(m)
+    ]
     try:
         windows = context.calibration_windows()
         with torch.inference_mode():

@@ -63,8 +63,11 @@ class Modification:
 
     def params(self) -> dict[str, Any]:
         """Every parameter, JSON-ready; empty targeting patterns left out."""
-        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)
-                if not (f.name in ("include", "exclude") and not getattr(self, f.name))}
+        return {
+            f.name: _jsonable(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if not (f.name in ("include", "exclude") and not getattr(self, f.name))
+        }
 
     def to_dict(self) -> dict[str, Any]:
         """Name plus parameters, for reports."""
@@ -184,18 +187,26 @@ def select_targets(
 ) -> list[Target]:
     """Linear layers matching ``include`` (default: inside the blocks) and not ``exclude``."""
     if include:
-        candidates = [(n, m) for n, m in model.named_modules() if _is_linear(m)
-                      and any(fnmatch.fnmatchcase(n, p) for p in include)]
+        candidates = [
+            (n, m)
+            for n, m in model.named_modules()
+            if _is_linear(m) and any(fnmatch.fnmatchcase(n, p) for p in include)
+        ]
     else:
         prefix, _ = blocks(model)
-        candidates = [(n, m) for n, m in model.named_modules()
-                      if _is_linear(m) and n.startswith(prefix + ".")]
-    chosen = [Target(n, m, type(m).__name__ == "Conv1D") for n, m in candidates
-              if not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
+        candidates = [
+            (n, m) for n, m in model.named_modules() if _is_linear(m) and n.startswith(prefix + ".")
+        ]
+    chosen = [
+        Target(n, m, type(m).__name__ == "Conv1D")
+        for n, m in candidates
+        if not any(fnmatch.fnmatchcase(n, p) for p in exclude)
+    ]
     if not chosen:
+        example = next((n for n, m in model.named_modules() if _is_linear(m)), "?")
         raise HemorrhageError(
             f"{what}: no linear layer matches include={include!r} exclude={exclude!r}; "
-            f"layer names look like {next((n for n, m in model.named_modules() if _is_linear(m)), '?')!r}"
+            f"layer names look like {example!r}"
         )
     return chosen
 

@@ -20,13 +20,20 @@ def check_number(
         ok = (lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)
     if not ok:
         interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        raise HemorrhageError(f"{config.name}: {field}={value!r} is out of range; use a number in {interval}")
+        raise HemorrhageError(
+            f"{config.name}: {field}={value!r} is out of range; use a number in {interval}"
+        )
 
 
 def check_int(config: Any, field: str, lo: int, hi: int | None = None) -> None:
     """``getattr(config, field)`` is an integer in [lo, hi]."""
     value = getattr(config, field)
-    if not isinstance(value, int) or isinstance(value, bool) or value < lo or (hi is not None and value > hi):
+    if (
+        not isinstance(value, int)
+        or isinstance(value, bool)
+        or value < lo
+        or (hi is not None and value > hi)
+    ):
         bound = f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer >= {lo}"
         raise HemorrhageError(f"{config.name}: {field}={value!r} is out of range; use {bound}")
 
@@ -36,5 +43,6 @@ def check_choice(config: Any, field: str, choices: Iterable[Any]) -> None:
     value, choices = getattr(config, field), list(choices)
     if value not in choices:
         raise HemorrhageError(
-            f"{config.name}: {field}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}"
+            f"{config.name}: {field}={value!r} is not valid; "
+            f"choose one of {', '.join(map(repr, choices))}"
         )

@@ -1,0 +1,77 @@
+"""Budgets: validation, ini defaults, and the one-line-per-violation message."""
+
+from __future__ import annotations
+
+import pytest
+
+from pytest_hemorrhage.budget import Budget, parse_ini
+from pytest_hemorrhage.errors import HemorrhageError
+from pytest_hemorrhage.metrics import Result
+
+
+def _result(**metrics: float) -> Result:
+    return Result(
+        "quant.rtn",
+        {"bits": 4},
+        metrics,
+        {k: 0.001 for k in metrics},
+        baseline_ppl=8.41,
+        modified_ppl=9.01,
+        tokens=100,
+    )
+
+
+def test_violation_line_names_metric_value_budget_and_perplexities():
+    budget = Budget.parse({"kl_mean": 0.02, "ppl_increase": 0.1}, where="t")
+    lines = budget.violations(_result(kl_mean=0.0412, ppl_increase=0.05))
+    assert lines == ["kl_mean: 0.0412 > 0.0200 (baseline ppl 8.41, modified ppl 9.01)"]
+
+
+def test_every_violated_metric_gets_its_own_line():
+    budget = Budget.parse({"kl_mean": 0.02, "ppl_increase": 0.01}, where="t")
+    assert len(budget.violations(_result(kl_mean=0.5, ppl_increase=0.5))) == 2
+
+
+def test_nan_metric_and_nonfinite_outputs_fail():
+    result = _result(kl_mean=float("nan"))
+    result.nonfinite = 3
+    lines = Budget.parse({"kl_mean": 1.0}, where="t").violations(result)
+    assert lines[0].startswith("non-finite outputs: 3 of 100 tokens")
+    assert lines[1].startswith("kl_mean: nan > 1.0000")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"kl_meen": 0.1},
+            "can't have 'kl_meen' in the hemorrhage budget; valid keys: ppl_increase",
+        ),
+        ({"kl_mean": -1}, "kl_mean=-1 must be a non-negative number"),
+        ({"kl_mean": "0.1"}, "kl_mean='0.1' must be a non-negative number"),
+        ({"confidence": 1.5}, "confidence=1.5 must be a number in [0.5, 1)"),
+    ],
+)
+def test_bad_budgets_name_the_test_the_key_and_the_fix(kwargs, message):
+    with pytest.raises(HemorrhageError) as info:
+        Budget.parse(kwargs, where="test_x.py::test_y")
+    assert str(info.value).startswith("test_x.py::test_y: ")
+    assert message in str(info.value)
+
+
+def test_ini_budget_parses_and_marker_overrides_per_key():
+    default = parse_ini("ppl_increase=0.05 kl_mean=0.02")
+    merged = default.merged(Budget.parse({"kl_mean": 0.5}, where="t"))
+    assert merged.limits == {"ppl_increase": 0.05, "kl_mean": 0.5}
+    with pytest.raises(HemorrhageError, match="'ppl_increase' is not metric=number"):
+        parse_ini("ppl_increase")
+
+
+def test_confidence_fails_on_the_upper_bound_and_shows_it():
+    result = _result(kl_mean=0.019)
+    result.stderr["kl_mean"] = 0.002
+    assert Budget.parse({"kl_mean": 0.02}, where="t").violations(result) == []
+    lines = Budget.parse({"kl_mean": 0.02, "confidence": 0.95}, where="t").violations(result)
+    assert lines == [
+        "kl_mean: 0.0190 (upper 95% bound 0.0223) > 0.0200 (baseline ppl 8.41, modified ppl 9.01)"
+    ]

@@ -1,0 +1,80 @@
+"""--hemorrhage-model: every kind of spec, and every kind of bad one."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from pytest_hemorrhage.errors import HemorrhageError
+from pytest_hemorrhage.loading import BUNDLED_MODEL, check_spec, kind, load_model
+
+
+def test_spec_kinds(tmp_path):
+    assert kind(str(tmp_path)) == "dir"
+    assert kind("hemorrhage-tiny") == "bundled"
+    assert kind("my_pkg.models:build") == "factory"
+    assert kind("meta-llama/Llama-2-7b-hf") == "hub"
+    assert kind("./no/such/dir") == "missing"
+
+
+def test_bundled_model_loads_in_eval_mode_with_a_stable_fingerprint(tiny):
+    again = load_model("hemorrhage-tiny", device="cpu")
+    assert not tiny.model.training
+    assert tiny.fingerprint == again.fingerprint
+    assert (
+        tiny.tokenizer.decode(tiny.tokenizer("def f(x): return x")["input_ids"])
+        == "def f(x): return x"
+    )
+
+
+def test_local_directory_and_factory_load_the_same_weights(tiny, tmp_path, monkeypatch):
+    shutil.copytree(BUNDLED_MODEL, tmp_path / "model")
+    assert load_model(str(tmp_path / "model"), device="cpu").fingerprint == tiny.fingerprint
+    (tmp_path / "factories.py").write_text(
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"def build():\n    d = {str(tmp_path / 'model')!r}\n"
+        "    return AutoModelForCausalLM.from_pretrained(d), AutoTokenizer.from_pretrained(d)\n"
+    )
+    monkeypatch.syspath_prepend(tmp_path)
+    assert load_model("factories:build", device="cpu").fingerprint == tiny.fingerprint
+
+
+def test_changed_weights_change_the_fingerprint(tiny, tmp_path):
+    import torch
+
+    model = load_model("hemorrhage-tiny", device="cpu")
+    with torch.no_grad():
+        next(model.model.parameters()).view(-1)[0] += 1e-3
+    from pytest_hemorrhage.loading import fingerprint
+
+    assert fingerprint(model.model, model.tokenizer) != tiny.fingerprint
+
+
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        ([], "directory has no config.json"),
+        (["config.json"], "config.json but no weights (*.safetensors)"),
+        (["config.json", "pytorch_model.bin"], "only pickle weights (*.bin)"),
+        (["config.json", "model.safetensors"], "no usable tokenizer"),
+    ],
+)
+def test_bad_model_directories_get_clear_errors(tmp_path, files, message):
+    for name in files:
+        source = BUNDLED_MODEL / name
+        (tmp_path / name).write_bytes(source.read_bytes() if source.exists() else b"\0")
+    with pytest.raises(
+        HemorrhageError, match=message.replace("(", r"\(").replace(")", r"\)").replace("*", r"\*")
+    ):
+        load_model(str(tmp_path), device="cpu")
+
+
+def test_startup_checks(monkeypatch):
+    with pytest.raises(HemorrhageError, match="no such directory"):
+        check_spec("./no/such/dir")
+    with pytest.raises(HemorrhageError, match="module 'no_such_module_xyz' cannot be imported"):
+        check_spec("no_such_module_xyz:build")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HemorrhageError, match="not in the local hub cache and HF_HUB_OFFLINE"):
+        check_spec("nobody-xyz/no-such-model")

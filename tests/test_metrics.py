@@ -1,0 +1,104 @@
+"""Metrics against their definitions, on synthetic logits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pytest_hemorrhage.metrics import METRICS, TokenStats, summarize, token_stats
+from pytest_hemorrhage.reference import Reference
+
+
+def _reference(logits: torch.Tensor, targets: torch.Tensor, topk: int) -> Reference:
+    return Reference.from_logprobs(torch.log_softmax(logits, -1), targets, topk)
+
+
+@pytest.fixture
+def logits():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(500, 50, generator=g) * 3
+    return (
+        base,
+        base + torch.randn(500, 50, generator=g) * 0.5,
+        torch.randint(0, 50, (500,), generator=g),
+    )
+
+
+def test_identical_model_scores_zero_on_every_metric(logits):
+    base, _, targets = logits
+    ref = _reference(base, targets, topk=50)
+    metrics, stderr = summarize(token_stats(base, ref), ref)
+    assert set(metrics) == set(METRICS)
+    assert all(abs(v) < 1e-6 for v in metrics.values()), metrics
+
+
+def test_metrics_match_their_definitions(logits):
+    base, mod, targets = logits
+    ref = _reference(base, targets, topk=50)
+    metrics, stderr = summarize(token_stats(mod, ref), ref)
+    p, q = torch.softmax(base.double(), -1), torch.softmax(mod.double(), -1)
+    kl = (p * (p.log() - q.log())).sum(-1)
+    nll_b = -p.log()[torch.arange(500), targets]
+    nll_m = -q.log()[torch.arange(500), targets]
+    assert metrics["kl_mean"] == pytest.approx(kl.mean().item(), rel=1e-4)
+    assert metrics["kl_max"] == pytest.approx(kl.max().item(), rel=1e-4)
+    assert metrics["kl_p99"] == pytest.approx(kl.quantile(0.99).item(), rel=1e-4)
+    assert metrics["nll_increase"] == pytest.approx((nll_m - nll_b).mean().item(), abs=1e-5)
+    ppl_ratio = math.exp(nll_m.mean().item()) / math.exp(nll_b.mean().item())
+    assert metrics["ppl_increase"] == pytest.approx(ppl_ratio - 1, abs=1e-5)
+    disagree = (base.argmax(-1) != mod.argmax(-1)).double().mean().item()
+    assert metrics["top1_disagreement"] == pytest.approx(disagree)
+    dp = (p[torch.arange(500), targets] - q[torch.arange(500), targets]).mean().item()
+    assert metrics["delta_p_mean"] == pytest.approx(dp, abs=1e-6)
+    # paired standard errors: every metric but the maximum has one, and it is positive
+    assert stderr["kl_max"] is None
+    assert all(se > 0 for name, se in stderr.items() if name != "kl_max")
+    assert stderr["kl_mean"] == pytest.approx(kl.std().item() / math.sqrt(500), rel=1e-3)
+
+
+def test_topk_storage_is_exact_without_a_tail_and_a_close_lower_bound_with_one(logits):
+    base, mod, targets = logits
+    exact_ref = _reference(base, targets, topk=50)
+    exact = token_stats(mod, exact_ref).kl
+    assert torch.allclose(token_stats(mod, _reference(base, targets, topk=49)).kl, exact, atol=1e-2)
+    approx = token_stats(mod, _reference(base, targets, topk=8)).kl
+    assert (approx <= exact + 1e-5).all()  # grouping the tail can only lower KL
+    # the documented error: p_tail * KL of the tail-conditional distributions
+    p, q = torch.softmax(base.double(), -1), torch.softmax(mod.double(), -1)
+    idx = base.topk(8, -1).indices
+    tail = torch.ones_like(p, dtype=torch.bool).scatter(-1, idx, False)
+    p_t, q_t = p * tail, q * tail
+    p_tail, q_tail = p_t.sum(-1), q_t.sum(-1)
+    cond = (p_t / p_tail[:, None]) * (
+        (p_t / p_tail[:, None]).clamp_min(1e-300).log()
+        - (q_t / q_tail[:, None]).clamp_min(1e-300).log()
+    )
+    missing = p_tail * torch.where(tail, cond, 0).sum(-1)
+    assert torch.allclose(exact.double() - approx.double(), missing, atol=1e-4)
+    # all other metrics are exact in top-K form
+    m_exact, _ = summarize(token_stats(mod, exact_ref), exact_ref)
+    ref8 = _reference(base, targets, topk=8)
+    m_topk, _ = summarize(token_stats(mod, ref8), ref8)
+    for name in ("ppl_increase", "nll_increase", "top1_disagreement", "delta_p_mean"):
+        assert m_topk[name] == pytest.approx(m_exact[name], abs=1e-6)
+
+
+def test_nonfinite_logits_are_counted_not_raised(logits):
+    base, mod, targets = logits
+    mod = mod.clone()
+    mod[3, 7] = float("nan")
+    mod[10] = float("inf")
+    stats = token_stats(mod, _reference(base, targets, topk=50))
+    assert int((~stats.finite).sum()) == 2
+
+
+def test_token_stats_concatenate_in_order(logits):
+    base, mod, targets = logits
+    ref = _reference(base, targets, topk=50)
+    whole = token_stats(mod, ref)
+    parts = TokenStats.cat(
+        [token_stats(mod[:200], ref.rows(0, 200)), token_stats(mod[200:], ref.rows(200, 500))]
+    )
+    assert torch.equal(whole.kl, parts.kl) and torch.equal(whole.nll, parts.nll)

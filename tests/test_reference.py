@@ -1,0 +1,92 @@
+"""The baseline reference: computed once, cached by content, never stale, never wrong."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from pytest_hemorrhage.harness import Harness
+from pytest_hemorrhage.settings import Settings
+
+
+def _harness(tiny, tmp_path, **overrides):
+    settings = Settings.defaults(model="hemorrhage-tiny", tokens=1024, cache_dir=tmp_path / "c")
+    return Harness(tiny, dataclasses.replace(settings, **overrides))
+
+
+def _count_forwards(model):
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    return calls, handle
+
+
+def test_warm_cache_runs_no_baseline_forward_pass(tiny, tmp_path):
+    first = _harness(tiny, tmp_path)
+    first.reference  # noqa: B018  (computes it)
+    assert not first.reference_cached
+    calls, handle = _count_forwards(tiny.model)
+    try:
+        second = _harness(tiny, tmp_path)
+        reference = second.reference
+        assert second.reference_cached
+        assert calls == []
+    finally:
+        handle.remove()
+    assert torch.equal(reference.logp, first.reference.logp)
+
+
+def test_changed_data_or_settings_never_reuse_an_entry(tiny, tmp_path):
+    _harness(tiny, tmp_path).reference  # noqa: B018
+    other_data = tmp_path / "other.txt"
+    other_data.write_text("A different text about something else entirely. " * 400)
+    for overrides in ({"data": other_data}, {"seq_len": 64}, {"topk": 16}):
+        h = _harness(tiny, tmp_path, **overrides)
+        h.reference  # noqa: B018
+        assert not h.reference_cached, overrides
+
+
+def test_topk_reference_stores_k_values_and_matches_exact_top1(tiny, tmp_path):
+    exact = _harness(tiny, tmp_path).reference
+    topk = _harness(tiny, tmp_path, topk=16).reference
+    assert exact.logp is not None and topk.logp is None
+    assert topk.topk_logp.shape[-1] == 16
+    assert torch.equal(topk.top1, exact.top1)
+    assert torch.equal(topk.target_logp, exact.target_logp)
+
+
+def test_corrupted_entry_is_rebuilt_with_a_warning(tiny, tmp_path):
+    good = _harness(tiny, tmp_path).reference
+    (entry,) = (tmp_path / "c").glob("reference-*.pt")
+    entry.write_bytes(b"garbage")
+    h = _harness(tiny, tmp_path)
+    with pytest.warns(UserWarning, match="unreadable .* rebuilding it"):
+        rebuilt = h.reference
+    assert not h.reference_cached
+    assert torch.equal(rebuilt.logp, good.logp)
+
+
+def test_unwritable_cache_is_bypassed_with_a_warning(tiny, tmp_path):
+    blocker = tmp_path / "c"
+    blocker.write_text("a file where the cache directory should be")
+    h = _harness(tiny, tmp_path)
+    with pytest.warns(UserWarning, match="not writable"):
+        reference = h.reference
+    assert reference.targets.numel() > 0 and not h.reference_cached
+
+
+def test_identical_model_measures_exactly_zero(harness):
+    from pytest_hemorrhage.modifications import registry
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Nothing(registry.Modification):
+        pass
+
+    registry._REGISTRY["test.nothing"] = (Nothing, lambda *a: None)
+    Nothing.name = "test.nothing"
+    try:
+        result = harness.measure("test.nothing")
+    finally:
+        del registry._REGISTRY["test.nothing"]
+    assert all(v == 0 for v in result.metrics.values()), result.metrics
