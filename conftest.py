@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 pytest_plugins = ["pytester"]
+
+# One thread per process: CI runs two xdist workers on two cores, and oversubscribed torch
+# threads made the suite several times slower.
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not any(item.get_closest_marker("cuda") for item in items):
         return
-    import torch
-
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA device")
         for item in items:

@@ -22,25 +22,33 @@ if TYPE_CHECKING:
 
 __all__ = ["Context", "Harness", "Stages", "model_logits", "register_extra"]
 
+# What measure()/modified() accept: a name, a config, or a sequence of (name, params) / configs.
+Stages = str | Modification | Sequence[Any]
+
 # Extra metric providers: fn(harness, patch) -> (metrics, stderr, details), run on the
-# modified model; registered by the modules that EXTRA_METRICS names, imported on demand.
+# modified model; each may have a baseline(harness) hook that runs first, on the unmodified
+# model, and memoizes what the provider compares against. Registered by the modules that
+# EXTRA_METRICS names, imported on demand.
 Extra = Callable[["Harness", Patch], tuple[dict[str, float], dict[str, Any], dict[str, Any]]]
-_EXTRAS: dict[str, Extra] = {}
+Baseline = Callable[["Harness"], Any]
+_EXTRAS: dict[str, tuple[Extra, Baseline | None]] = {}
 
 
-def register_extra(*metrics: str) -> Callable[[Extra], Extra]:
-    """Register ``fn(harness, patch)`` as the provider of ``metrics``."""
+def register_extra(*metrics: str, baseline: Baseline | None = None) -> Callable[[Extra], Extra]:
+    """Register ``fn(harness, patch)`` as the provider of ``metrics``.
+
+    Args:
+        metrics: the metric names it computes.
+        baseline: ``baseline(harness)``, run on the unmodified model before each measure that
+            needs the provider; it should memoize (``harness.memo``).
+    """
 
     def decorate(fn: Extra) -> Extra:
         for name in metrics:
-            _EXTRAS[name] = fn
+            _EXTRAS[name] = (fn, baseline)
         return fn
 
     return decorate
-
-
-# What measure()/modified() accept: a name, a config, or a sequence of (name, params) / configs.
-Stages = str | Modification | Sequence[Any]
 
 
 def model_logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
@@ -164,28 +172,34 @@ class Harness:
         """
         configs = list(iter_configs(_as_list(stages)))
         reference = self.reference
+        extras = self._extras(want)
+        for _, baseline in extras:
+            if baseline is not None:
+                baseline(self)
         results = []
         with self.modified([]) as patch:
             for i, config in enumerate(configs):
                 self._apply(config, patch)
                 results.append(self._evaluate(patch, configs[: i + 1], reference))
-            self._extras(patch, results[-1], want)
+            for provider, _ in extras:
+                metrics, stderr, details = provider(self, patch)
+                results[-1].metrics.update(metrics)
+                results[-1].stderr.update(stderr)
+                results[-1].details.update(details)
         total = results[-1]
         total.stages = results[:-1]
         return total
 
-    def _extras(self, patch: Patch, result: Result, want: frozenset[str]) -> None:
+    def _extras(self, want: frozenset[str]) -> list[tuple[Extra, Baseline | None]]:
+        """The providers of the extra metrics in ``want``, each once."""
         import importlib
 
-        providers: dict[int, Extra] = {}
+        providers: dict[Extra, Baseline | None] = {}
         for name in sorted(want & EXTRA_METRICS.keys()):
             importlib.import_module(f"{__package__}.{EXTRA_METRICS[name]}")
-            providers[id(_EXTRAS[name])] = _EXTRAS[name]
-        for provider in providers.values():
-            metrics, stderr, details = provider(self, patch)
-            result.metrics.update(metrics)
-            result.stderr.update(stderr)
-            result.details.update(details)
+            provider, baseline = _EXTRAS[name]
+            providers[provider] = baseline
+        return list(providers.items())
 
     def _apply(self, config: Modification, patch: Patch) -> None:
         torch.manual_seed(self.settings.seed)  # handlers that draw (noise, faults) reproduce

@@ -1,16 +1,56 @@
-"""Weight quantization."""
+"""Quantization: fake-quantized weights and the real kernels of bitsandbytes and hqq.
+
+Weight-only formats that a float matmul can run exactly (``rtn``, ``fp8``, ``dtype``) are
+parametrizations: the weight is rounded on every use and the original stays untouched.
+Library formats (``bnb_int8``, ``bnb_4bit``, ``hqq``) and ``w8a8`` swap each target layer for a
+module holding only the quantized weight and running the library's own kernels; the swap is
+undone by putting the original module back.
+"""
 
 from __future__ import annotations
 
+import logging
+import warnings
 from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from .registry import Modification, Patch, register_modification
-from .validate import check_choice, check_int
+from ..errors import HemorrhageError
+from .registry import Modification, Patch, Target, register_modification
+from .validate import check_choice, check_int, check_number
 
-__all__ = ["RTN", "rtn_quantize"]
+if TYPE_CHECKING:
+    from ..harness import Context
+
+__all__ = [
+    "BNB_BLOCKSIZES",
+    "FP8_FORMATS",
+    "HQQ_BITS",
+    "RTN",
+    "BnbFourBit",
+    "BnbInt8",
+    "ComputeIn",
+    "Dtype",
+    "Fp8",
+    "Hqq",
+    "W8A8",
+    "W8A8Linear",
+    "fp8_quantize",
+    "int8_per_row",
+    "rtn_quantize",
+    "smooth_scales",
+]
+
+BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes 0.45-0.50
+HQQ_BITS = (1, 2, 3, 4, 5, 6, 8)  # hqq.core.quantize.Quantizer.SUPPORTED_BITS, integers
+FP8_FORMATS = {"e4m3": "float8_e4m3fn", "e5m2": "float8_e5m2"}
+_DTYPES = ("float16", "bfloat16")
+
+
+# --- round to nearest ------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,3 +102,385 @@ def apply_rtn(config: RTN, model: nn.Module, patch: Patch, context: object) -> N
         patch.parametrize(
             target, lambda w: rtn_quantize(w, config.bits, config.group_size, config.symmetric)
         )
+
+
+# --- float formats (parametrized round trips) -------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Fp8(Modification):
+    """FP8 weights with one float32 scale per output row (amax maps to the format's largest value).
+
+    Args:
+        format: ``"e4m3"`` (torch.float8_e4m3fn: more precision) or ``"e5m2"`` (more range).
+    """
+
+    format: str = "e4m3"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice(self, "format", tuple(FP8_FORMATS))
+
+
+def fp8_quantize(w: torch.Tensor, format: str) -> torch.Tensor:
+    """Round-trip ``w`` (out, in) through FP8 ``format`` with a per-output-row scale."""
+    fp8 = getattr(torch, FP8_FORMATS[format])
+    wf = w.float()
+    scale = wf.abs().amax(-1, keepdim=True).clamp_min(1e-12) / torch.finfo(fp8).max
+    return ((wf / scale).to(fp8).float() * scale).to(w.dtype)
+
+
+@register_modification("quant.fp8", Fp8)
+def apply_fp8(config: Fp8, model: nn.Module, patch: Patch, context: object) -> None:
+    for target in config.targets(model):
+        patch.parametrize(target, lambda w: fp8_quantize(w, config.format))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Dtype(Modification):
+    """Weights rounded to a lower-precision float dtype (computation stays in the model's dtype).
+
+    Args:
+        dtype: ``"float16"`` or ``"bfloat16"``.
+    """
+
+    dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice(self, "dtype", _DTYPES)
+
+
+@register_modification("quant.dtype", Dtype)
+def apply_dtype(config: Dtype, model: nn.Module, patch: Patch, context: object) -> None:
+    low = getattr(torch, config.dtype)
+    for target in config.targets(model):
+        patch.parametrize(target, lambda w: w.to(low).to(w.dtype))
+
+
+# --- bitsandbytes -----------------------------------------------------------------------------
+
+
+def _bitsandbytes() -> ModuleType:
+    """bitsandbytes, imported without its warning about an optional CPU kernel package.
+
+    The warning concerns the AVX512-BF16 fused 4-bit kernel, which this module does not use.
+    """
+    cpu_ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = cpu_ops.level
+    cpu_ops.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+    finally:
+        cpu_ops.setLevel(level)
+    return bitsandbytes
+
+
+class ComputeIn(nn.Module):
+    """Runs ``layer`` on inputs cast to ``dtype`` and returns the caller's dtype.
+
+    LLM.int8() is defined on float16 activations (bitsandbytes casts to it and warns on every
+    call otherwise); this keeps a float32 or bfloat16 model's other layers in their own dtype.
+    """
+
+    def __init__(self, layer: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.layer, self.dtype = layer, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x.to(self.dtype)).to(x.dtype)
+
+
+def _bias(target: Target, dtype: torch.dtype | None = None) -> nn.Parameter | None:
+    """A private copy of the target's bias (kernels cast their bias in place)."""
+    bias = getattr(target.module, "bias", None)
+    if bias is None:
+        return None
+    return nn.Parameter(bias.detach().to(dtype or bias.dtype, copy=True), requires_grad=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BnbInt8(Modification):
+    """LLM.int8(): bitsandbytes ``Linear8bitLt`` with int8 weights (one scale per output row).
+
+    Activations are quantized per token at run time; input columns holding a value of at least
+    ``threshold`` are multiplied in float16 instead (the mixed-precision decomposition).
+
+    Args:
+        threshold: outlier threshold on activation magnitudes; 0 disables the decomposition
+            (every column in int8). Default 6.0, as in the paper and transformers.
+    """
+
+    threshold: float = 6.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number(self, "threshold", 0.0, float("inf"))
+
+
+def _int8_layer(target: Target, threshold: float) -> nn.Module:
+    bnb = _bitsandbytes()
+    weight = target.weight.detach()
+    out_features, in_features = weight.shape
+    bias = _bias(target, torch.float16)
+    layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias is not None,
+                                has_fp16_weights=False, threshold=threshold, device="meta")
+    with torch.no_grad():
+        cb, scb, _ = bnb.functional.int8_vectorwise_quant(weight.to(torch.float16).contiguous())
+    layer.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False,
+                                     CB=cb, SCB=scb)
+    layer.bias = bias
+    return ComputeIn(layer.eval(), torch.float16)
+
+
+@register_modification("quant.bnb_int8", BnbInt8)
+def apply_bnb_int8(config: BnbInt8, model: nn.Module, patch: Patch, context: object) -> None:
+    for target in config.targets(model):
+        patch.swap_module(target.name, _int8_layer(target, config.threshold))
+
+
+@dataclass(frozen=True, kw_only=True)
+class BnbFourBit(Modification):
+    """QLoRA 4-bit weights: bitsandbytes ``Linear4bit`` (NF4 or FP4, one absmax per block).
+
+    Computation stays in the model's dtype: the weight is dequantized by bitsandbytes and
+    multiplied in that dtype. On CPU the AVX512-BF16 fused kernel is not used, so results do
+    not depend on the CPU model and no bfloat16 rounding of activations is added.
+
+    Args:
+        quant_type: ``"nf4"`` (normal float, for normally distributed weights) or ``"fp4"``.
+        blocksize: consecutive weights (row-major, (out, in)) sharing one absmax:
+            32, 64, 128, 256, 512, 1024, 2048 or 4096.
+        double_quant: quantize the absmax values too (8-bit, blocks of 256), as QLoRA's
+            "double quantization" (``bnb_4bit_use_double_quant``).
+    """
+
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice(self, "quant_type", ("nf4", "fp4"))
+        check_int(self, "blocksize", BNB_BLOCKSIZES[0], BNB_BLOCKSIZES[-1])
+        check_choice(self, "blocksize", BNB_BLOCKSIZES)
+        check_choice(self, "double_quant", (True, False))
+
+
+def _four_bit_layer(target: Target, config: BnbFourBit) -> nn.Module:
+    bnb = _bitsandbytes()
+    weight = target.weight.detach()
+    out_features, in_features = weight.shape
+    bias = _bias(target, weight.dtype)
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None,
+                              compute_dtype=weight.dtype, compress_statistics=config.double_quant,
+                              quant_type=config.quant_type, device="meta")
+    with torch.no_grad():
+        packed, state = bnb.functional.quantize_4bit(
+            weight.contiguous(), blocksize=config.blocksize,
+            compress_statistics=config.double_quant, quant_type=config.quant_type,
+        )
+    layer.weight = bnb.nn.Params4bit(
+        packed, requires_grad=False, quant_state=state, blocksize=config.blocksize,
+        compress_statistics=config.double_quant, quant_type=config.quant_type, module=layer,
+        bnb_quantized=True,
+    )
+    layer.quant_state = state
+    layer.bias = bias
+    layer.support_avx512bf16_for_cpu = False  # keep bitsandbytes' dequantize + matmul path
+    return layer.eval()
+
+
+@register_modification("quant.bnb_4bit", BnbFourBit)
+def apply_bnb_4bit(config: BnbFourBit, model: nn.Module, patch: Patch, context: object) -> None:
+    for target in config.targets(model):
+        patch.swap_module(target.name, _four_bit_layer(target, config))
+
+
+# --- hqq --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hqq(Modification):
+    """Half-Quadratic Quantization (hqq ``HQQLinear``): calibration-free, zero points optimized.
+
+    Min/max scaling per group of ``group_size`` weights, then hqq's proximal solver refines
+    the zero points. Scales and zero points are kept in the model's dtype.
+
+    Args:
+        bits: 1, 2, 3, 4, 5, 6 or 8 (hqq has no 7-bit format; 5 and 6 are stored unpacked).
+        group_size: weights sharing a scale and zero point, a multiple of 8; 0 means one group
+            per output row (axis 1) or per input column (axis 0).
+        axis: 1 (hqq's default): a group is ``group_size`` consecutive weights of a row of the
+            (out, in) weight. 0: hqq reshapes the flattened weight to (group_size, -1), so a
+            group is ``group_size`` weights spaced ``numel / group_size`` apart.
+    """
+
+    bits: int = 4
+    group_size: int = 64
+    axis: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if type(self.bits) is not int or self.bits not in HQQ_BITS:
+            raise HemorrhageError(
+                f"{self.name}: bits={self.bits!r} is not a width hqq supports; use one of "
+                f"{', '.join(map(str, HQQ_BITS))} (for 7 bits use quant.rtn bits=7)"
+            )
+        check_int(self, "group_size", 0)
+        if self.group_size % 8:
+            raise HemorrhageError(
+                f"{self.name}: group_size={self.group_size} is not a multiple of 8, which hqq "
+                f"requires; use e.g. group_size={max(8, self.group_size // 8 * 8)}, or 0 for one "
+                "group per row"
+            )
+        check_choice(self, "axis", (0, 1))
+
+
+_HQQ_PACKING = {1: 8, 2: 4, 4: 2}  # rows packed into one byte; 3 bits pads itself, 5-8 unpacked
+
+
+def _hqq_group(target: Target, config: Hqq) -> int:
+    """The group size hqq will use for ``target``, after checking hqq can pack it."""
+    out_features, in_features = target.weight.shape
+    numel = out_features * in_features
+    group = config.group_size or (in_features if config.axis == 1 else out_features)
+    rows = numel // group if config.axis == 1 else group  # rows of hqq's packed tensor
+    pack = _HQQ_PACKING.get(config.bits, 1)
+    if numel % group:
+        why = f"its {numel} weights are not a multiple of group_size={group}"
+    elif rows % pack:
+        why = f"hqq packs {pack} rows of {config.bits}-bit codes per byte and has {rows} rows"
+    else:
+        return group
+    raise HemorrhageError(
+        f"{config.name}: layer {target.name} ({out_features}x{in_features}): {why}; choose a "
+        f"group_size dividing {in_features}, or exclude this layer"
+    )
+
+
+def _hqq() -> ModuleType:
+    """hqq.core.quantize, imported without the DeprecationWarnings torch raises while hqq's
+    ``@torch.compile`` decorators load the compiler (nothing this module calls)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import hqq.core.quantize
+    return hqq.core.quantize
+
+
+def _hqq_layer(target: Target, config: Hqq, group: int) -> nn.Module:
+    hqq = _hqq()
+    weight = target.weight.detach()
+    quant_config = hqq.BaseQuantizeConfig(nbits=config.bits, group_size=group, axis=config.axis)
+    # hqq rebinds the weight of the layer it is given and then deletes it: give it a copy
+    return hqq.HQQLinear.from_weights(
+        weight.clone(memory_format=torch.contiguous_format), _bias(target), quant_config,
+        compute_dtype=weight.dtype, device=str(weight.device),
+    )
+
+
+@register_modification("quant.hqq", Hqq)
+def apply_hqq(config: Hqq, model: nn.Module, patch: Patch, context: object) -> None:
+    targets = config.targets(model)
+    groups = [_hqq_group(t, config) for t in targets]  # every check before the first swap
+    for target, group in zip(targets, groups, strict=True):
+        patch.swap_module(target.name, _hqq_layer(target, config, group))
+
+
+# --- W8A8 with SmoothQuant --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class W8A8(Modification):
+    """int8 weights (per output channel) times int8 activations (per token, computed on the fly).
+
+    With ``smooth`` (SmoothQuant), activation outliers are migrated into the weights before
+    both are quantized: per input channel j, ``s_j = max|X_j|**alpha / max|W_j|**(1-alpha)``
+    from calibration data, the weight becomes ``W diag(s)`` and the input ``X diag(1/s)``.
+    This is the seed paper's "dynamic quantization scaling" mitigation.
+
+    Args:
+        smooth: migrate activation outliers into the weights first.
+        alpha: migration strength, 0-1: the share of the quantization difficulty moved from
+            the activations to the weights (0.5, SmoothQuant's default, balances the two).
+    """
+
+    smooth: bool = True
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice(self, "smooth", (True, False))
+        check_number(self, "alpha", 0.0, 1.0)
+
+
+def int8_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 quantization of each row (last dim): integers (as float) and scales."""
+    scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-5) / 127
+    return (x / scale).round().clamp(-127, 127), scale
+
+
+def smooth_scales(act_max: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's per-input-channel factors ``max|X_j|**alpha / max|W_j|**(1-alpha)``.
+
+    Args:
+        act_max: (in,) largest input magnitude per channel over the calibration tokens.
+        weight: (out, in) weight.
+        alpha: migration strength.
+    """
+    w_max = weight.detach().abs().amax(0).float().clamp_min(1e-5)
+    a_max = act_max.to(w_max.device).float()
+    return (a_max.pow(alpha) / w_max.pow(1 - alpha)).clamp_min(1e-5)
+
+
+class W8A8Linear(nn.Module):
+    """A linear layer computed as int8 x int8 with float32 accumulation and rescaling.
+
+    Holds the int8 weight and its per-row scales only (computed once, from ``W diag(s)``).
+    The integer products are summed in float32, exact while ``in_features * 127**2 < 2**24``
+    and within float32 rounding beyond.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
+                 smooth: torch.Tensor | None = None) -> None:
+        super().__init__()
+        w = weight.detach().float()
+        if smooth is not None:
+            w = w * smooth
+        qweight, scale = int8_per_row(w)
+        self.register_buffer("qweight", qweight.to(torch.int8))
+        self.register_buffer("weight_scale", scale.reshape(-1))
+        self.register_buffer("smooth", smooth)
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        if self.smooth is not None:
+            h = h / self.smooth
+        q, x_scale = int8_per_row(h)
+        out = nn.functional.linear(q, self.qweight.float()) * x_scale * self.weight_scale
+        if self.bias is not None:
+            out = out + self.bias.float()
+        return out.to(x.dtype)
+
+
+@register_modification("quant.w8a8", W8A8)
+def apply_w8a8(config: W8A8, model: nn.Module, patch: Patch, context: Context) -> None:
+    targets = config.targets(model)
+    stats: dict[str, Any] = {}
+    if config.smooth:
+        from .calibration import input_stats
+
+        stats = input_stats(model, context)
+        missing = [t.name for t in targets if t.name not in stats]
+        if missing:
+            raise HemorrhageError(
+                f"{config.name}: no calibration activations reached {missing[0]}; exclude it "
+                "or use smooth=False"
+            )
+    for target in targets:
+        weight = target.weight.detach()
+        smooth = (smooth_scales(stats[target.name].abs_max, weight, config.alpha)
+                  if config.smooth else None)
+        bias = getattr(target.module, "bias", None)
+        patch.swap_module(target.name, W8A8Linear(weight, bias, smooth))

@@ -80,7 +80,8 @@ class Modification:
 
 Handler = Callable[[Any, nn.Module, "Patch", "Context"], None]
 _REGISTRY: dict[str, tuple[type[Modification], Handler]] = {}
-_BUILTINS = ("quant", "prune")  # family modules that register on import
+# family modules, each registering its modifications on import
+_BUILTINS = ("quant", "prune", "structure", "lowrank", "expand", "noise", "decode")
 
 
 def register_modification(name: str, config: type[Modification]) -> Callable[[Handler], Handler]:
@@ -167,8 +168,24 @@ class Target:
         return w.t() if self.transposed else w
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    # by name: transformers is not imported here, and parametrize subclasses the class
+    return any(c.__name__ == "Conv1D" for c in type(module).__mro__)
+
+
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    """A dense float linear layer (nn.Linear or GPT-2's Conv1D), parametrized or not.
+
+    Kernel-quantized layers that subclass nn.Linear (bitsandbytes) hold integer weights and
+    are not targets of a later stage.
+    """
+    if not (isinstance(module, nn.Linear) or _is_conv1d(module)):
+        return False
+    if parametrize.is_parametrized(module, "weight"):
+        weight = module.parametrizations.weight.original
+    else:
+        weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.is_floating_point()
 
 
 def blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -198,7 +215,7 @@ def select_targets(
             (n, m) for n, m in model.named_modules() if _is_linear(m) and n.startswith(prefix + ".")
         ]
     chosen = [
-        Target(n, m, type(m).__name__ == "Conv1D")
+        Target(n, m, _is_conv1d(m))
         for n, m in candidates
         if not any(fnmatch.fnmatchcase(n, p) for p in exclude)
     ]
