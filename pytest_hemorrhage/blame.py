@@ -1,0 +1,450 @@
+"""Where the hemorrhage starts: per-block diagnostics of a modified model against the baseline.
+
+One forward pass of the modified model over a few evaluation windows, with hooks on the
+transformer blocks, their linear layers and their attention, is compared with the same pass of
+the baseline (run once per session and memoized):
+
+- **drift** per block: relative L2 (``||h' - h|| / ||h||`` over all tokens) and mean
+  ``1 - cosine`` of the residual stream at the block's output; the relative L2 of every linear
+  layer's output inside the block names the sublayer that moves most. Widths above
+  ``SKETCH_DIM`` are compared through a fixed random projection to ``SKETCH_DIM`` dimensions
+  (Johnson-Lindenstrauss: norms and angles kept to about 5%), so the memoized
+  baseline stays small for large models; identical outputs still give exactly 0.
+- **attention entropy shift** per block: mean ``|H' - H|`` (nats) of every head's attention
+  distribution at every query position. Attention weights exist only in eager attention, so
+  both passes switch ``config._attn_implementation`` to ``"eager"`` for their duration
+  (through the patch, undone after); models without that switch get no entropy figures.
+- **attribution** (only when asked: one full measurement per block): the modification applied to
+  one block alone (its other blocks added to each stage's ``exclude``), its ``kl_mean``, and
+  that block's share of the sum over blocks.
+
+The hemorrhage **begins** at the first block whose relative L2 drift exceeds
+``min(BEGIN_LEVEL, BEGIN_SHARE * final block's drift)``: 0.05 absolute, or 10% of the final
+drift when the whole drift is small. The block that **contributes** most is the one with the
+largest attribution share when attribution ran, else the one that adds the most drift over the
+block before it.
+
+When a modification removes or adds blocks (layer pruning, layer expansion), the blocks it kept
+are paired with the baseline's by module identity, and an added block ``k'`` is compared with
+baseline block ``k``, the one it follows; attribution then does not apply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .errors import HemorrhageError
+from .harness import model_logits
+from .metrics import Result
+from .modifications.registry import _is_linear, blocks
+
+if TYPE_CHECKING:
+    from .harness import Harness, Stages
+    from .modifications.registry import Modification, Patch
+
+__all__ = [
+    "BEGIN_LEVEL",
+    "BEGIN_SHARE",
+    "BlockDrift",
+    "Diagnosis",
+    "diagnose",
+    "explain",
+    "plot_blame",
+]
+
+BEGIN_LEVEL = 0.05  # relative L2 drift at which a block counts as bleeding...
+BEGIN_SHARE = 0.10  # ...or this share of the final block's drift, whichever is lower
+SKETCH_DIM = 256
+DEFAULT_WINDOWS = 2
+
+
+@dataclass
+class BlockDrift:
+    """Figures of one transformer block, modified vs baseline."""
+
+    index: int
+    name: str
+    drift_l2: float  # relative L2 of the residual stream at the block's output
+    drift_cos: float  # mean 1 - cosine, same tensors
+    sublayers: dict[str, float] = field(default_factory=dict)  # linear -> relative L2 of output
+    attn_entropy_shift: float | None = None  # mean |H' - H| over heads and queries (nats)
+    attn_entropy_change: float | None = None  # mean H' - H (nats): < 0 sharper, > 0 flatter
+    kl_mean: float | None = None  # attribution: kl_mean with only this block modified
+    share: float | None = None  # attribution: kl_mean / sum over blocks
+    added: bool = False  # a block the modification added after baseline block ``index``
+
+    @property
+    def label(self) -> str:
+        return f"{self.index}'" if self.added else str(self.index)
+
+
+@dataclass
+class Diagnosis:
+    """Per-block diagnostics of one modification; ``lines()`` is what a failed check shows."""
+
+    modification: str
+    blocks: list[BlockDrift]
+    tokens: int
+    threshold: float
+    begins: int | None  # position in ``blocks`` of the first bleeding block
+    most: int | None  # position in ``blocks`` of the block that contributes most
+    attribution: bool = False
+    kl_mean: float | None = None  # the whole modification's kl_mean (attribution runs)
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        """``hemorrhage begins at block 3 (mlp.down_proj drift 0.21); block 5 contributes
+        41% of kl_mean``, then the drift per block."""
+        out = []
+        if self.begins is None and self.blocks:
+            out.append("no block's hidden states drift: the change acts after the blocks "
+                       "(lm_head, logits or decoding)")
+        elif self.begins is not None:
+            block = self.blocks[self.begins]
+            sub = max(block.sublayers.items(), key=lambda kv: _order(kv[1]), default=None)
+            what = f"{sub[0]} drift {_fmt(sub[1])}" if sub else f"drift {_fmt(block.drift_l2)}"
+            line = f"hemorrhage begins at block {block.label} ({what})"
+            if self.most is not None:
+                worst = self.blocks[self.most]
+                if self.attribution and worst.share is not None:
+                    line += f"; block {worst.label} contributes {worst.share:.0%} of kl_mean"
+                else:
+                    before = self.blocks[self.most - 1].drift_l2 if self.most else 0.0
+                    line += (f"; block {worst.label} adds the most drift "
+                             f"(+{_fmt(worst.drift_l2 - before)})")
+            out.append(line)
+        if self.blocks:
+            out.append("drift by block (relative L2 of the residual stream): " +
+                       " ".join(f"{b.label}:{_fmt(b.drift_l2)}" for b in self.blocks))
+        shifts = [b.attn_entropy_shift for b in self.blocks]
+        if any(s for s in shifts):
+            out.append("attention entropy shift by block (nats): " +
+                       " ".join(f"{b.label}:{_fmt(b.attn_entropy_shift)}" for b in self.blocks))
+        return out + self.notes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self),
+                "levels": {"begin_level": BEGIN_LEVEL, "begin_share": BEGIN_SHARE}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Diagnosis:
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        values["blocks"] = [BlockDrift(**b) for b in values["blocks"]]
+        return cls(**values)
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:.2f}" if value == 0 or abs(value) >= 0.01 else f"{value:.1e}"
+
+
+def _order(value: float) -> float:
+    return math.inf if math.isnan(value) else value
+
+
+def diagnose(harness: Any, target: Stages | Result, *, attribution: bool = False,
+             windows: int = DEFAULT_WINDOWS) -> Diagnosis:
+    """Per-block drift (and, if asked, one-at-a-time attribution) of a modification.
+
+    Args:
+        harness: the session's Harness (or the ``hemorrhage`` fixture).
+        target: what ``measure`` accepts, or a Result (its ``configs`` are re-applied and the
+            figures are stored in ``result.details["blame"]`` for the JSON report).
+        attribution: also measure ``kl_mean`` with the modification on each block alone
+            (one full measurement per block).
+        windows: evaluation windows the drift is computed on (one batch).
+    """
+    harness = getattr(harness, "harness", harness)
+    result = target if isinstance(target, Result) else None
+    stages = result.configs if result is not None else target
+    if result is not None and not stages:
+        raise HemorrhageError(f"{result.modification}: the result has no configs to re-apply "
+                              "(it was not made by measure())")
+    ids = harness.windows.eval[:windows].to(harness.device)
+    baseline = harness.context.memo(("blame-baseline", windows), lambda: _baseline(harness, ids))
+    linears = frozenset(key.partition(":")[2] for key in baseline.outputs if ":" in key)
+    with harness.modified(stages) as patch:
+        configs = list(harness.context.applied)
+        modified = _capture(harness.model, ids, patch, linears)
+    diagnosis = _compare(baseline, modified, "+".join(c.name for c in configs), ids.numel())
+    if attribution and [b.index for b in diagnosis.blocks] != list(range(len(baseline.names))):
+        diagnosis.notes.append("(no attribution: it needs the baseline's blocks, unchanged)")
+    elif attribution:
+        total = (result.metrics.get("kl_mean") if result is not None else None)
+        if total is None:
+            total = harness.measure(configs).metrics["kl_mean"]
+        _attribute(harness, configs, diagnosis, total)
+    if result is not None:
+        result.details["blame"] = diagnosis.to_dict()  # the recorded report shares this dict
+    return diagnosis
+
+
+def explain(harness: Harness, result: Result) -> list[str]:
+    """Lines for a failed ``check()``: where the drift begins and which block bleeds most.
+
+    Reuses ``result.details["blame"]`` when ``diagnose(..., attribution=True)`` already ran;
+    with ``--hemorrhage-plot=DIR`` also draws the figures into DIR.
+    """
+    if not result.configs:
+        return []
+    try:
+        stored = result.details.get("blame")
+        diagnosis = Diagnosis.from_dict(stored) if stored else diagnose(harness, result)
+    except Exception as exc:  # a diagnostic must never hide the failure it explains
+        return [f"(no blame figures: {type(exc).__name__}: {exc})"]
+    lines = diagnosis.lines()
+    if harness.settings.plot:
+        digest = hashlib.blake2b(repr(result.params).encode(), digest_size=4).hexdigest()
+        name = re.sub(r"[^\w.+-]", "_", result.modification)
+        path = Path(harness.settings.plot) / f"blame-{name}-{digest}.png"
+        try:
+            plot_blame(path, diagnosis)
+            lines.append(f"blame plot: {path}")
+        except ImportError:
+            lines.append("(blame plot skipped: matplotlib is not installed)")
+    return lines
+
+
+def plot_blame(path: str | Path, diagnosis: Diagnosis) -> Path:
+    """Bar chart of the drift per block (and the attribution shares, when measured)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    x = range(len(diagnosis.blocks))
+    panels = 2 if diagnosis.attribution else 1
+    fig, axes = plt.subplots(panels, 1, figsize=(max(4, 0.4 * len(x) + 2), 2.6 * panels),
+                             squeeze=False)
+    ax = axes[0][0]
+    ax.bar(x, [b.drift_l2 for b in diagnosis.blocks], color="tab:red")
+    ax.axhline(diagnosis.threshold, color="gray", linestyle="--", linewidth=1,
+               label=f"bleeding above {diagnosis.threshold:.3g}")
+    ax.set_ylabel("relative L2 drift")
+    ax.set_title(f"{diagnosis.modification}: where the hemorrhage starts")
+    ax.legend(loc="lower right", fontsize="small", framealpha=0.9)
+    if diagnosis.attribution:
+        axes[1][0].bar(x, [b.share or 0.0 for b in diagnosis.blocks], color="tab:blue")
+        axes[1][0].set_ylabel("share of kl_mean")
+    for row in axes:
+        row[0].set_xticks(list(x), [b.label for b in diagnosis.blocks])
+    axes[-1][0].set_xlabel("block")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# -- capture -------------------------------------------------------------------------------
+
+
+@dataclass
+class _States:
+    """Sketched outputs of one forward pass: blocks, linears (``i:name``), attention entropy."""
+
+    prefix: str
+    names: list[str]  # block module names
+    ids: list[int]  # id() of each block module, to pair blocks when their number changed
+    outputs: dict[str, tuple[int, torch.Tensor]]  # key -> (width before sketching, sketch)
+    entropy: dict[int, torch.Tensor]
+
+
+def _baseline(harness: Harness, ids: torch.Tensor) -> _States:
+    with harness.modified([]) as patch:
+        return _capture(harness.model, ids, patch)
+
+
+_PROJECTIONS: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _sketch(x: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` (tokens, d) as float32 on CPU, projected to SKETCH_DIM when d is larger."""
+    x = x.detach().reshape(-1, x.shape[-1]).float()
+    d = x.shape[-1]
+    if d > SKETCH_DIM:
+        key = (d, str(x.device))
+        if key not in _PROJECTIONS:
+            g = torch.Generator().manual_seed(d)  # the same projection for both passes
+            _PROJECTIONS[key] = (torch.randn(d, SKETCH_DIM, generator=g) /
+                                 math.sqrt(SKETCH_DIM)).to(x.device)
+        x = x @ _PROJECTIONS[key]
+    return x.cpu()
+
+
+def _eager(model: Any, patch: Patch) -> bool:
+    """Switch to eager attention for the pass (weights exist only there); False if impossible."""
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if current is None:
+        return False
+    if current != "eager":
+        patch.setattr(config, "_attn_implementation", "eager")
+    return True
+
+
+def _capture(model: Any, ids: torch.Tensor, patch: Patch,
+             sublayers: frozenset[str] = frozenset()) -> _States:
+    """Outputs of every block and of its linear layers, or of modules named in ``sublayers``
+    (the baseline's linears, possibly swapped for quantized modules), and attention entropy."""
+    prefix, layers = blocks(model)
+    outputs: dict[str, tuple[int, torch.Tensor]] = {}
+    entropy: dict[int, torch.Tensor] = {}
+    attention = _eager(model, patch)
+    tokens = ids.shape[-1]
+
+    def keep(key: str):
+        def hook(module: Any, args: Any, out: Any) -> None:
+            x = out[0] if isinstance(out, tuple) else out
+            outputs[key] = (x.shape[-1], _sketch(x))
+        return hook
+
+    def weights(index: int):
+        def hook(module: Any, args: Any, out: Any) -> None:
+            w = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+            if (index not in entropy and isinstance(w, torch.Tensor) and w.dim() == 4
+                    and w.shape[-1] == w.shape[-2] == tokens):
+                entropy[index] = torch.special.entr(w.float()).sum(-1).flatten().cpu()
+        return hook
+
+    handles = []
+    for i, block in enumerate(layers):
+        handles.append(block.register_forward_hook(keep(str(i))))
+        for name, module in block.named_modules():
+            if name and (_is_linear(module) or name in sublayers):
+                handles.append(module.register_forward_hook(keep(f"{i}:{name}")))
+            elif name and attention:
+                handles.append(module.register_forward_hook(weights(i)))
+    try:
+        with torch.inference_mode():
+            model_logits(model, ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return _States(prefix, [f"{prefix}.{i}" for i in range(len(layers))],
+                   [id(block) for block in layers], outputs, entropy)
+
+
+# -- comparison ----------------------------------------------------------------------------
+
+
+def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    diff, norm = (b - a).norm().item(), a.norm().item()
+    if diff == 0 or math.isnan(diff):
+        return diff
+    return diff / norm if norm > 0 else math.inf
+
+
+def _cos_drift(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean 1 - cos over rows, as ||a/|a| - b/|b|||^2 / 2 so that equal rows give exactly 0."""
+    a, b = a.double(), b.double()
+    ua = a / a.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    ub = b / b.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    return ((ua - ub).square().sum(-1) / 2).mean().item()
+
+
+def _pairs(base: _States, now: _States) -> tuple[list[tuple[int, int, bool]], list[str]]:
+    """(baseline block, modified block, added) to compare: by position; or, when the
+    modification added or removed blocks, the blocks it kept by module identity, and each
+    added block against the baseline block it follows (the same point of the computation)."""
+    if len(now.ids) == len(base.ids):
+        return [(i, i, False) for i in range(len(base.ids))], []
+    index = {block: i for i, block in enumerate(base.ids)}
+    pairs: list[tuple[int, int, bool]] = []
+    last = None
+    for j, block in enumerate(now.ids):
+        if block in index:
+            last = index[block]
+            pairs.append((last, j, False))
+        elif last is not None:
+            pairs.append((last, j, True))
+    removed = sorted(set(range(len(base.ids))) - {i for i, _, added in pairs if not added})
+    note = (f"(the modification changed the number of blocks, {len(base.ids)} -> "
+            f"{len(now.ids)}: figures for the blocks it kept"
+            + (", and for each added block k' against baseline block k, which it follows"
+               if any(added for *_, added in pairs) else "")
+            + (f"; removed: {', '.join(map(str, removed))}" if removed else "") + ")")
+    return pairs, [note]
+
+
+def _compare(base: _States, now: _States, modification: str, tokens: int) -> Diagnosis:
+    pairs, notes = _pairs(base, now)
+    if any(base.outputs[str(i)][0] != now.outputs[str(j)][0] for i, j, _ in pairs):
+        notes.append("(the modification changed the width of the residual stream: per-block "
+                     "drift needs the same width, so none is shown)")
+        pairs = []
+    figures = []
+    for i, j, added in pairs:
+        a, b = base.outputs[str(i)][1], now.outputs[str(j)][1]
+        sub = {}
+        for key, (width, before) in base.outputs.items():
+            block, _, name = key.partition(":")
+            after = now.outputs.get(f"{j}:{name}")
+            # a sublayer whose width changed (structured pruning) has nothing to compare with
+            if block == str(i) and name and after is not None and after[0] == width:
+                sub[name] = _rel_l2(before, after[1])
+        shift = change = None
+        if i in base.entropy and j in now.entropy:
+            delta = now.entropy[j].double() - base.entropy[i].double()
+            shift, change = delta.abs().mean().item(), delta.mean().item()
+        name = f"{now.prefix}.{j} (added)" if added else base.names[i]
+        figures.append(BlockDrift(i, name, _rel_l2(a, b), _cos_drift(a, b), sub, shift, change,
+                                  added=added))
+    if base.entropy and not now.entropy:
+        notes.append("(the modified model exposes no attention weights: no entropy figures)")
+    final = figures[-1].drift_l2 if figures else 0.0
+    threshold = min(BEGIN_LEVEL, BEGIN_SHARE * final) if math.isfinite(final) else BEGIN_LEVEL
+    begins = next((k for k, f in enumerate(figures) if not f.drift_l2 <= threshold), None)
+    most = None
+    if begins is not None:
+        steps = [f.drift_l2 - (figures[k - 1].drift_l2 if k else 0.0)
+                 for k, f in enumerate(figures)]
+        most = max(range(len(steps)), key=lambda k: _order(steps[k]))
+    return Diagnosis(modification, figures, tokens, threshold, begins, most, notes=notes)
+
+
+def _restrict(config: Modification, prefix: str, index: int, count: int) -> Modification:
+    """``config`` applied to block ``index`` only: the other blocks join its ``exclude``."""
+    others = tuple(f"{prefix}.{j}.*" for j in range(count) if j != index)
+    return dataclasses.replace(config, exclude=(*config.exclude, *others))
+
+
+def _attribute(harness: Harness, configs: list[Modification], diagnosis: Diagnosis,
+               total: float) -> None:
+    prefix, layers = blocks(harness.model)
+    kls = []
+    for i in range(len(layers)):
+        restricted = []
+        for config in configs:
+            one = _restrict(config, prefix, i, len(layers))
+            try:
+                one.targets(harness.model)
+            except HemorrhageError:  # this stage touches nothing in block i
+                continue
+            restricted.append(one)
+        kls.append(harness.measure(restricted).metrics["kl_mean"] if restricted else 0.0)
+    whole = sum(kls)
+    for figure, kl in zip(diagnosis.blocks, kls, strict=True):
+        figure.kl_mean = kl
+        figure.share = kl / whole if whole > 0 else 0.0
+    diagnosis.attribution = True
+    diagnosis.kl_mean = total
+    if diagnosis.blocks:
+        diagnosis.most = max(range(len(kls)), key=lambda k: _order(kls[k]))
+    if whole > 0 and total > 0:
+        diagnosis.notes.append(f"(one block at a time: sum of kl_mean {whole:.4g} vs "
+                               f"{total:.4g} for all blocks together)")

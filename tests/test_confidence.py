@@ -1,0 +1,76 @@
+"""``confidence=0.95``: a check fails only when the one-sided upper bound exceeds the budget."""
+
+from __future__ import annotations
+
+import dataclasses
+from statistics import NormalDist
+
+import pytest
+
+from pytest_hemorrhage.harness import Harness
+from pytest_hemorrhage.loading import load_model
+from pytest_hemorrhage.tasks import DEFAULT_TASK
+
+TASK_METRICS = frozenset({"accuracy_drop", "flip_rate"})
+MODIFICATION = [("quant.rtn", {"bits": 3})]
+
+
+@pytest.fixture(scope="module")
+def task_harness(harness, tmp_path_factory):
+    """Like the shared harness, scored on the first 80 items of the cloze task (quicker, and
+    still some flips at 3 bits); its own copy of the model, since a harness tracks its model's
+    tensors to prove every restore."""
+    path = tmp_path_factory.mktemp("tasks") / "cloze80.jsonl"
+    path.write_text("".join(DEFAULT_TASK.read_text().splitlines(keepends=True)[:80]))
+    loaded = load_model("hemorrhage-tiny", device="cpu")
+    return Harness(loaded, dataclasses.replace(harness.settings, tasks=(path,)))
+
+
+def test_every_metric_has_a_paired_standard_error(task_harness):
+    r = task_harness.measure(MODIFICATION, TASK_METRICS)
+    missing = sorted(m for m in r.metrics if r.stderr.get(m) is None)
+    assert missing in ([], ["kl_max"])  # kl_max: see the xfail below
+    assert all(r.stderr[m] > 0 for m in r.metrics if m not in missing)
+    # paired: a model identical to the baseline has no spread to report, whatever the data
+    same = task_harness.measure([("prune.magnitude", {"sparsity": 0.0})], TASK_METRICS)
+    assert {m: same.stderr[m] for m in same.metrics if m not in missing} == {
+        m: 0.0 for m in same.metrics if m not in missing}
+
+
+@pytest.mark.xfail(strict=True, reason="metrics.summarize gives kl_max no standard error yet")
+def test_kl_max_has_a_standard_error(harness):
+    assert harness.measure(MODIFICATION).stderr["kl_max"] is not None
+
+
+def test_confidence_fails_only_on_the_upper_bound(task_harness, pytester):
+    """Budgets between the point estimate and its 95% upper bound: pass without confidence,
+    fail with it, and the failure line shows the bound."""
+    r = task_harness.measure(MODIFICATION, TASK_METRICS)
+    z = NormalDist().inv_cdf(0.95)
+    limits = {m: r.metrics[m] + 0.5 * z * r.stderr[m] for m in ("kl_mean", "flip_rate")}
+    assert all(r.stderr[m] > 0 for m in limits)
+    budget = ", ".join(f"{m}={v!r}" for m, v in limits.items())
+    pytester.makepyfile(
+        f"""
+        import pytest
+
+        @pytest.mark.hemorrhage({budget})
+        def test_point_estimate(hemorrhage):
+            hemorrhage.check(hemorrhage.measure("quant.rtn", bits=3))
+
+        @pytest.mark.hemorrhage({budget}, confidence=0.95)
+        def test_upper_bound(hemorrhage):
+            hemorrhage.check(hemorrhage.measure("quant.rtn", bits=3))
+        """
+    )
+    settings = task_harness.settings
+    result = pytester.runpytest("--hemorrhage-model=hemorrhage-tiny",
+                                f"--hemorrhage-tokens={settings.tokens}",
+                                f"--hemorrhage-tasks={settings.tasks[0]}",
+                                "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1)
+    for metric in limits:
+        value, bound = r.metrics[metric], r.metrics[metric] + z * r.stderr[metric]
+        result.stdout.fnmatch_lines([
+            f"*{metric}: {value:.4f} (upper 95% bound {bound:.4f}) > {limits[metric]:.4f} (*"])
+    result.stdout.fnmatch_lines(["*test_upper_bound*", "*hemorrhage begins at block *"])
