@@ -98,13 +98,21 @@ def register_modification(name: str, config: type[Modification]) -> Callable[[Ha
     """
 
     def decorate(handler: Handler) -> Handler:
-        if name in _REGISTRY and _REGISTRY[name][1] is not handler:
-            raise HemorrhageError(f"modification {name!r} is already registered")
+        existing = _REGISTRY.get(name, (None, handler))[1]
+        if _qualname(existing) != _qualname(handler):  # a re-imported module may re-register
+            raise HemorrhageError(
+                f"modification {name!r} is already registered by {_qualname(existing)}; "
+                "choose another name"
+            )
         config.name = name
         _REGISTRY[name] = (config, handler)
         return handler
 
     return decorate
+
+
+def _qualname(fn: Callable[..., Any]) -> str:
+    return f"{fn.__module__}.{fn.__qualname__}"
 
 
 def _load_builtins() -> None:
