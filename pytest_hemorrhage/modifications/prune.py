@@ -1,16 +1,36 @@
-"""Weight pruning."""
+"""Weight pruning: unstructured (magnitude, Wanda, gradient) and semi-structured N:M.
+
+Every mask is recomputed on each forward pass from the original weight and a little state
+(a threshold per layer or per output row, an input-norm vector), or, for the gradient scores
+that no small state can reproduce, from one bit per weight; no full-size mask or weight copy
+is kept. Structured pruning (heads, MLP channels, whole blocks) lives in ``structure.py``.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from ..errors import HemorrhageError
+from .calibration import input_stats
 from .registry import Modification, Patch, Target, register_modification
-from .validate import check_choice, check_number
+from .validate import check_choice, check_int, check_number
 
-__all__ = ["MagnitudePruning", "global_threshold"]
+if TYPE_CHECKING:
+    from ..harness import Context
+
+__all__ = [
+    "GradientPruning",
+    "MagnitudePruning",
+    "NMPruning",
+    "WandaPruning",
+    "global_threshold",
+    "row_thresholds",
+    "taylor_scores",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,11 +52,88 @@ class MagnitudePruning(Modification):
         check_choice(self, "scope", ("layer", "global"))
 
 
+@dataclass(frozen=True, kw_only=True)
+class _RowPruning(Modification):
+    """Zero the weights of lowest score within each output row.
+
+    Args:
+        sparsity: fraction of every output row's weights to zero, 0-1.
+    """
+
+    sparsity: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number(self, "sparsity", 0.0, 1.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class WandaPruning(_RowPruning):
+    """Wanda (Sun et al. 2023): zero the weights of smallest ``|W_ij| * ||X_j||_2`` per output row.
+
+    ``||X_j||_2`` is the norm of input channel j over the calibration windows, taken from the
+    model as it is when the stage runs (all layers at once, not re-collected layer by layer
+    after pruning the earlier ones as the reference implementation does).
+
+    Args:
+        sparsity: fraction of every output row's weights to zero, 0-1.
+    """
+
+
+@dataclass(frozen=True, kw_only=True)
+class GradientPruning(_RowPruning):
+    """Gradient-aware pruning: zero the weights of smallest first-order Taylor score per row.
+
+    The score of weight ij is ``sum over calibration windows w of |W_ij * dL_w/dW_ij|``, with
+    ``L_w`` the language-model loss of window w and the model in eval mode (no dropout).
+    Summing per window keeps weights whose gradients cancel across windows. Unlike magnitude,
+    the score does not change when a channel's activations are scaled up and the weights
+    reading them scaled down by the same factor.
+
+    The scores are computed once per session for each model state (memoized) and kept on the
+    CPU as within-row ranks, 2 bytes per weight; the pruned model holds 1 bit per weight.
+
+    Args:
+        sparsity: fraction of every output row's weights to zero, 0-1.
+    """
+
+
+@dataclass(frozen=True, kw_only=True)
+class NMPruning(Modification):
+    """Semi-structured N:M sparsity: keep the ``n`` largest of every ``m`` consecutive inputs.
+
+    Args:
+        n: weights kept in each group, 1-m (2 for 2:4).
+        m: group size along the input dimension; every target's in_features must divide by it.
+        score: ``"magnitude"`` ranks by ``|W|``; ``"wanda"`` by ``|W| * ||X||_2`` (calibration).
+    """
+
+    n: int = 2
+    m: int = 4
+    score: str = "magnitude"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int(self, "m", 1)
+        check_int(self, "n", 1, self.m)
+        check_choice(self, "score", ("magnitude", "wanda"))
+
+
 def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th smallest element (1-based); -inf for k == 0 so that nothing is below it."""
     if k == 0:
         return values.new_tensor(float("-inf"))
     return values.flatten().kthvalue(k).values
+
+
+def row_thresholds(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row of ``scores`` (out, in), its k-th smallest score (-inf for k == 0), shape (out, 1).
+
+    Keeping ``scores > threshold`` zeroes exactly k weights per row unless scores tie.
+    """
+    if k == 0:
+        return scores.new_full((scores.shape[0], 1), float("-inf"))
+    return scores.kthvalue(k, dim=1, keepdim=True).values
 
 
 def global_threshold(weights: list[torch.Tensor], sparsity: float) -> torch.Tensor:
@@ -63,7 +160,9 @@ def _mask_below(threshold: torch.Tensor):
 
 
 @register_modification("prune.magnitude", MagnitudePruning)
-def apply_magnitude(config: MagnitudePruning, model: nn.Module, patch: Patch, context: object) -> None:
+def apply_magnitude(
+    config: MagnitudePruning, model: nn.Module, patch: Patch, context: object
+) -> None:
     targets: list[Target] = config.targets(model)
     with torch.no_grad():
         if config.scope == "global":
@@ -74,5 +173,213 @@ def apply_magnitude(config: MagnitudePruning, model: nn.Module, patch: Patch, co
                 kth_smallest(x.weight.detach().abs(), round(config.sparsity * x.weight.numel()))
                 for x in targets
             ]
-    for target, threshold in zip(targets, thresholds):
+    for target, threshold in zip(targets, thresholds, strict=True):
         patch.parametrize(target, _mask_below(threshold))
+
+
+# --- Wanda -------------------------------------------------------------------------------------
+
+
+def _input_norms(model: nn.Module, context: Context, target: Target, what: str) -> torch.Tensor:
+    stats = input_stats(model, context).get(target.name)
+    if stats is None:  # the layer never ran on the calibration windows
+        raise HemorrhageError(
+            f"{what}: layer {target.name!r} saw no calibration input, so it has no activation "
+            "norms; exclude it with exclude=(...) or use a magnitude score"
+        )
+    return stats.l2
+
+
+def _wanda_mask(l2: torch.Tensor, threshold: torch.Tensor):
+    def mask(w: torch.Tensor) -> torch.Tensor:
+        # same expression, dtype and device as when the thresholds were taken: same bits
+        score = w.abs() * l2.to(w.device, w.dtype)
+        return torch.where(score > threshold.to(w.device, w.dtype), w, 0)
+
+    return mask
+
+
+@register_modification("prune.wanda", WandaPruning)
+def apply_wanda(config: WandaPruning, model: nn.Module, patch: Patch, context: Context) -> None:
+    targets = config.targets(model)
+    state = []
+    with torch.no_grad():
+        for target in targets:
+            w = target.weight.detach()
+            l2 = _input_norms(model, context, target, config.name)
+            k = round(config.sparsity * w.shape[1])
+            state.append((l2, row_thresholds(w.abs() * l2.to(w.device, w.dtype), k)))
+    for target, (l2, threshold) in zip(targets, state, strict=True):
+        patch.parametrize(target, _wanda_mask(l2, threshold))
+
+
+# --- gradient (first-order Taylor) -------------------------------------------------------------
+
+
+def taylor_scores(
+    model: nn.Module, context: Context, targets: list[Target], windows: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """``sum_w |W ⊙ dL_w/dW|`` over the calibration windows w, per target, float32 (out, in).
+
+    ``windows`` (token ids, one window per row) replaces the calibration windows if given.
+
+    ``W`` is each target's effective weight (after any earlier stage) and ``L_w`` the mean
+    next-token loss of window w, in eval mode. ``dL_w/dW`` is assembled from each layer's input
+    and output gradient (``g^T x``), which needs no ``.grad`` on any parameter: gradients are
+    taken with ``torch.autograd.grad`` with respect to the layer outputs, so nothing accumulates
+    into ``.grad`` and no ``requires_grad`` flag changes. The sums are kept in host memory
+    (float32, 4 bytes per weight); the device holds one layer's gradient at a time.
+    """
+    captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor):
+            # a model whose parameters are frozen records no graph: start one at this output
+            out = output if output.requires_grad else output.detach().requires_grad_()
+            captured.setdefault(name, []).append((args[0].detach(), out))
+            return out
+
+        return record
+
+    sums = {t.name: torch.zeros(t.weight.shape, dtype=torch.float32) for t in targets}
+    handles = [t.module.register_forward_hook(hook(t.name)) for t in targets]
+    was_training = model.training
+    model.eval()
+    try:
+        if windows is None:
+            windows = context.calibration_windows()
+        for batch in windows.split(8):
+            captured.clear()
+            with torch.enable_grad():
+                logits = context.logits(batch)[:, :-1].float()
+                nll = nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
+                )
+                # summing the per-window means keeps each window's gradient separate
+                loss = nll.view(len(batch), -1).mean(1).sum()
+                calls = [(name, x, out) for name, seen in captured.items() for x, out in seen]
+                grads = torch.autograd.grad(loss, [out for _, _, out in calls], allow_unused=True)
+            del logits, nll, loss
+            _accumulate(sums, calls, grads, len(batch))
+            del calls, grads
+    finally:
+        for h in handles:
+            h.remove()
+        captured.clear()
+        model.train(was_training)
+    with torch.no_grad():
+        return {t.name: sums[t.name].mul_(t.weight.detach().float().abs().cpu()) for t in targets}
+
+
+def _accumulate(sums: dict[str, torch.Tensor], calls: list, grads: tuple, windows: int) -> None:
+    """Add each window's ``|dL_w/dW|`` (summed over a module's calls first) to ``sums``."""
+    by_name: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for (name, x, _), g in zip(calls, grads, strict=True):
+        if g is not None:
+            by_name.setdefault(name, []).append((x, g))
+    with torch.no_grad():
+        for name, pairs in by_name.items():
+            per_window = [(g.reshape(windows, -1, g.shape[-1]), x.reshape(windows, -1, x.shape[-1]))
+                          for x, g in pairs]
+            # a few windows at a time: (chunk, out, in) stays under ~64 MB of float32
+            chunk = max(1, (1 << 24) // sums[name].numel())
+            for b in range(0, windows, chunk):
+                grad_w = sum(torch.bmm(g[b: b + chunk].float().transpose(1, 2),
+                                       x[b: b + chunk].float()) for g, x in per_window)
+                sums[name] += grad_w.abs_().sum(0).cpu()
+
+
+def _row_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """Rank of every score within its row (0 = smallest, ties by position).
+
+    Ranks reproduce the float32 ordering exactly for every sparsity in half the memory.
+    """
+    dtype = torch.int16 if scores.shape[1] <= torch.iinfo(torch.int16).max else torch.int32
+    order = scores.argsort(dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
+    return ranks.to(dtype)
+
+
+def _gradient_ranks(
+    model: nn.Module, context: Context, targets: list[Target]
+) -> dict[str, torch.Tensor]:
+    def compute() -> dict[str, torch.Tensor]:
+        scores = taylor_scores(model, context, targets)
+        return {name: _row_ranks(scores.pop(name)) for name in list(scores)}  # one at a time
+
+    key = ("prune.gradient", context.applied, tuple(t.name for t in targets))
+    return context.memo(key, compute)
+
+
+_BITS = 8
+
+
+def pack_bits(keep: torch.Tensor) -> torch.Tensor:
+    """A bool (out, in) mask as uint8 (out, ceil(in / 8)): one bit per weight."""
+    pad = -keep.shape[1] % _BITS
+    bits = nn.functional.pad(keep, (0, pad)).view(keep.shape[0], -1, _BITS).to(torch.uint8)
+    shifts = torch.arange(_BITS, dtype=torch.uint8, device=keep.device)
+    return (bits << shifts).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, columns: int) -> torch.Tensor:
+    """Inverse of ``pack_bits``: the bool (out, columns) mask."""
+    shifts = torch.arange(_BITS, dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(-1) >> shifts) & 1).bool().view(packed.shape[0], -1)[:, :columns]
+
+
+def _bit_mask(packed: torch.Tensor):
+    def mask(w: torch.Tensor) -> torch.Tensor:
+        return torch.where(unpack_bits(packed.to(w.device), w.shape[1]), w, 0)
+
+    return mask
+
+
+@register_modification("prune.gradient", GradientPruning)
+def apply_gradient(
+    config: GradientPruning, model: nn.Module, patch: Patch, context: Context
+) -> None:
+    targets = config.targets(model)
+    ranks = _gradient_ranks(model, context, targets)
+    for target in targets:
+        w = target.weight
+        k = round(config.sparsity * w.shape[1])
+        keep = ranks[target.name].to(w.device) >= k
+        patch.parametrize(target, _bit_mask(pack_bits(keep)))
+
+
+# --- N:M ---------------------------------------------------------------------------------------
+
+
+def nm_keep(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Bool mask keeping the ``n`` highest of every ``m`` consecutive scores in each row."""
+    out_features, in_features = scores.shape
+    groups = scores.reshape(out_features, in_features // m, m)
+    keep = torch.zeros(groups.shape, dtype=torch.bool, device=scores.device)
+    keep.scatter_(-1, groups.topk(n, dim=-1).indices, True)
+    return keep.view(out_features, in_features)
+
+
+def _nm_mask(n: int, m: int, l2: torch.Tensor | None):
+    def mask(w: torch.Tensor) -> torch.Tensor:
+        score = w.abs() if l2 is None else w.abs() * l2.to(w.device, w.dtype)
+        return torch.where(nm_keep(score, n, m), w, 0)
+
+    return mask
+
+
+@register_modification("prune.nm", NMPruning)
+def apply_nm(config: NMPruning, model: nn.Module, patch: Patch, context: Context) -> None:
+    targets = config.targets(model)
+    for target in targets:
+        columns = target.weight.shape[1]
+        if columns % config.m:
+            raise HemorrhageError(
+                f"{config.name}: layer {target.name!r} has {columns} inputs, not a multiple of "
+                f"m={config.m}; choose an m that divides it or exclude the layer with exclude=(...)"
+            )
+    norms = [_input_norms(model, context, t, config.name) if config.score == "wanda" else None
+             for t in targets]
+    for target, l2 in zip(targets, norms, strict=True):
+        patch.parametrize(target, _nm_mask(config.n, config.m, l2))

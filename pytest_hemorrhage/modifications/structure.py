@@ -1,0 +1,575 @@
+"""Structured pruning: attention heads, MLP channels and whole transformer blocks.
+
+Heads and channels are zeroed, not cut out: a head whose output-projection columns are zero,
+or an MLP neuron whose down-projection column is zero, adds nothing to the residual stream
+whatever its biases, so the outputs equal those of the smaller model with the unit removed.
+The producing rows (q/k/v, gate/up, c_fc) are zeroed as well, so weight counts match the
+removal. Blocks are really removed: the block list is swapped for a shorter one.
+
+Recognized layouts: Llama-style attention (``q_proj``/``k_proj``/``v_proj`` with ``o_proj``,
+``out_proj`` or ``dense``; grouped-query attention included), GPT-2 (fused ``c_attn`` Conv1D
+with ``c_proj``), and MLPs with ``gate_proj``/``up_proj``/``down_proj`` (SwiGLU),
+``up_proj``/``down_proj``, ``c_fc``/``c_proj``, ``fc1``/``fc2`` or
+``dense_h_to_4h``/``dense_4h_to_h``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..errors import HemorrhageError
+from .prune import _input_norms
+from .registry import (
+    Modification,
+    Patch,
+    Target,
+    _is_conv1d,
+    _is_linear,
+    blocks,
+    register_modification,
+)
+from .validate import check_choice, check_int, check_number
+
+if TYPE_CHECKING:
+    from ..harness import Context
+
+__all__ = [
+    "Attention",
+    "ChannelPruning",
+    "HeadPruning",
+    "LayerPruning",
+    "MLP",
+    "attention_layouts",
+    "block_similarity",
+    "mlp_layouts",
+]
+
+
+# --- configs -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeadPruning(Modification):
+    """Zero whole attention heads.
+
+    With grouped-query attention, pruning a query head zeroes its q rows and o_proj columns;
+    a key/value head shared by a group is kept until every query head of its group is pruned,
+    then its k and v rows are zeroed too.
+
+    Args:
+        fraction: share of the query heads to prune, 0-1 (default 0.25 unless ``heads`` is given).
+        heads: explicit ``(layer, head)`` pairs to prune instead, e.g. ``((0, 1), (3, 0))``;
+            layer indexes the transformer blocks, head the query heads.
+        importance: how ``fraction`` picks heads: ``"activation"`` ranks by the norm of the
+            head's contribution to o_proj's output on the calibration windows
+            (``sqrt(sum_j ||W_o[:, j]||^2 ||X_j||^2)``); ``"weight"`` by
+            ``||W_o[:, head]|| * ||W_v[head]||``.
+        scope: ``"layer"`` prunes ``fraction`` of each block's heads; ``"global"`` ranks all
+            heads together.
+    """
+
+    fraction: float | None = None
+    heads: tuple[tuple[int, int], ...] = ()
+    importance: str = "activation"
+    scope: str = "layer"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _pairs(self, "heads")
+        _fraction_or(self, "heads")
+        check_choice(self, "importance", ("activation", "weight"))
+        check_choice(self, "scope", ("layer", "global"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChannelPruning(Modification):
+    """Zero whole MLP neurons (intermediate channels).
+
+    Args:
+        fraction: share of the intermediate neurons to prune, 0-1.
+        importance: ``"activation"`` ranks neuron k by ``||W_down[:, k]|| * ||X_k||_2`` over the
+            calibration windows; ``"weight"`` by the product of its rows' and column's norms.
+        scope: ``"layer"`` prunes ``fraction`` of each block's neurons; ``"global"`` ranks all
+            neurons together.
+    """
+
+    fraction: float = 0.25
+    importance: str = "activation"
+    scope: str = "layer"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number(self, "fraction", 0.0, 1.0)
+        check_choice(self, "importance", ("activation", "weight"))
+        check_choice(self, "scope", ("layer", "global"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerPruning(Modification):
+    """Remove whole transformer blocks (ShortGPT / SLEB-style depth pruning).
+
+    ``include``/``exclude`` patterns here match block names such as ``model.layers.3``
+    (``"*.layers.0.*"`` works too) and limit which blocks may be removed.
+
+    Args:
+        count: how many blocks to remove (default 1 unless ``indices`` is given).
+        indices: explicit block indices to remove instead, e.g. ``(2, 3)``.
+        selection: how ``count`` picks blocks: ``"importance"`` removes the blocks whose output
+            is most similar (mean cosine) to their input on the calibration windows, i.e. that
+            change the residual stream least; ``"last"`` removes the last ones.
+    """
+
+    count: int | None = None
+    indices: tuple[int, ...] = ()
+    selection: str = "importance"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.indices, int) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.indices
+        ):
+            raise HemorrhageError(
+                f"{self.name}: indices={self.indices!r} must be block indices >= 0, "
+                "e.g. indices=(2, 3)"
+            )
+        object.__setattr__(self, "indices", tuple(sorted(set(self.indices))))
+        if self.indices and self.count is not None:
+            raise HemorrhageError(
+                f"{self.name}: count={self.count!r} and indices={self.indices!r} both given; "
+                "pass one of them"
+            )
+        if not self.indices:
+            object.__setattr__(self, "count", 1 if self.count is None else self.count)
+            check_int(self, "count", 0)
+        check_choice(self, "selection", ("importance", "last"))
+
+
+def _pairs(config: Any, field: str) -> None:
+    value = getattr(config, field)
+    try:
+        pairs = tuple((int(a), int(b)) for a, b in value
+                      if not isinstance(a, bool) and not isinstance(b, bool)
+                      and a == int(a) and b == int(b) and a >= 0 and b >= 0)
+    except (TypeError, ValueError):
+        pairs = None
+    if isinstance(value, str) or pairs is None or len(pairs) != len(value):
+        raise HemorrhageError(
+            f"{config.name}: {field}={value!r} must be (layer, head) pairs of indices >= 0, "
+            f"e.g. {field}=((0, 1), (3, 0))"
+        )
+    object.__setattr__(config, field, tuple(sorted(set(pairs))))
+
+
+def _fraction_or(config: Any, field: str) -> None:
+    if getattr(config, field) and config.fraction is not None:
+        raise HemorrhageError(
+            f"{config.name}: fraction={config.fraction!r} and {field}=... both given; "
+            "pass one of them"
+        )
+    if not getattr(config, field):
+        object.__setattr__(config, "fraction", 0.25 if config.fraction is None else config.fraction)
+        check_number(config, "fraction", 0.0, 1.0)
+
+
+# --- architecture layouts ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Attention:
+    """One block's attention projections; q/k/v are (target, first row) in (out, in) terms."""
+
+    block: int
+    q: tuple[Target, int]
+    k: tuple[Target, int]
+    v: tuple[Target, int]
+    o: Target
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class MLP:
+    """One block's MLP: neuron k is row k of every producer and column k of the consumer."""
+
+    block: int
+    producers: tuple[Target, ...]
+    consumer: Target
+    width: int
+
+
+_SEPARATE_QKV = ("q_proj", "k_proj", "v_proj")
+_OUT_NAMES = ("o_proj", "out_proj", "dense", "c_proj")
+_MLP_NAMES = (("gate_proj", "up_proj", "down_proj"), ("up_proj", "down_proj"), ("c_fc", "c_proj"),
+              ("fc1", "fc2"), ("dense_h_to_4h", "dense_4h_to_h"))
+
+
+def _target(name: str, module: nn.Module) -> Target:
+    return Target(name, module, _is_conv1d(module))
+
+
+def _children(module: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in module.named_children() if _is_linear(m)}
+
+
+def _unsupported(model: nn.Module, what: str, block: str, expected: str) -> HemorrhageError:
+    return HemorrhageError(
+        f"{what}: {type(model).__name__} has no {expected} this modification recognizes in block "
+        f"{block!r}; supported: Llama-style (q/k/v/o_proj, gate/up/down_proj) and GPT-2-style "
+        "(c_attn, c_proj, c_fc) layers; use an unstructured pruning (prune.magnitude) instead"
+    )
+
+
+def _head_geometry(model: nn.Module, attention: nn.Module) -> tuple[int, int, int] | None:
+    config = getattr(model, "config", None)
+    heads = getattr(config, "num_attention_heads", None) or getattr(attention, "num_heads", None)
+    if not heads:
+        return None
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = (getattr(attention, "head_dim", None) or getattr(config, "head_dim", None)
+                or getattr(config, "hidden_size", 0) // heads)
+    return heads, kv_heads, head_dim
+
+
+_SKIP = object()  # a finder's answer for "not this submodule, look further"
+
+
+def _layouts(model: nn.Module, what: str, expected: str, find: Any) -> list[tuple[str, Any]]:
+    """Per transformer block, (block name, ``find``'s layout of the first submodule it claims).
+
+    ``find(index, submodule, name prefix, its linear children)`` returns a layout, ``_SKIP``,
+    or None when the submodule is the one but its shapes are not understood.
+    """
+    prefix, layers = blocks(model)
+    found = []
+    for index, block in enumerate(layers):
+        block_name = f"{prefix}.{index}"
+        layout = None
+        for sub_name, sub in block.named_modules():
+            base = f"{block_name}.{sub_name}." if sub_name else f"{block_name}."
+            layout = find(index, sub, base, _children(sub))
+            if layout is not _SKIP:
+                break
+        if layout is None or layout is _SKIP:
+            raise _unsupported(model, what, block_name, expected)
+        found.append((block_name, layout))
+    return found
+
+
+def attention_layouts(model: nn.Module, what: str = "") -> list[tuple[str, Attention]]:
+    """Per transformer block, (block name, its attention projections); raises if unrecognized."""
+
+    def find(index: int, sub: nn.Module, base: str, linear: dict[str, nn.Module]) -> Any:
+        out = next((n for n in _OUT_NAMES if n in linear), None)
+        if out is None or not ({*_SEPARATE_QKV} <= linear.keys() or "c_attn" in linear):
+            return _SKIP
+        geometry = _head_geometry(model, sub)
+        if geometry is None:
+            return None
+        heads, kv_heads, head_dim = geometry
+        o = _target(base + out, linear[out])
+        if "c_attn" in linear:
+            fused = _target(base + "c_attn", linear["c_attn"])
+            width = heads * head_dim
+            qkv = ((fused, 0), (fused, width), (fused, 2 * width))
+            shapes_ok = fused.weight.shape[0] == 3 * width and kv_heads == heads
+        else:
+            qkv = tuple((_target(base + n, linear[n]), 0) for n in _SEPARATE_QKV)
+            shapes_ok = (qkv[0][0].weight.shape[0] == heads * head_dim
+                         and qkv[1][0].weight.shape[0] == kv_heads * head_dim
+                         and qkv[2][0].weight.shape[0] == kv_heads * head_dim)
+        if shapes_ok and o.weight.shape[1] == heads * head_dim and heads % kv_heads == 0:
+            return Attention(index, *qkv, o, heads, kv_heads, head_dim)
+        return None
+
+    return _layouts(model, what, "attention projections", find)
+
+
+def mlp_layouts(model: nn.Module, what: str = "") -> list[tuple[str, MLP]]:
+    """Per transformer block, (block name, its MLP projections); raises if unrecognized."""
+
+    def find(index: int, sub: nn.Module, base: str, linear: dict[str, nn.Module]) -> Any:
+        if "c_attn" in linear or "q_proj" in linear:  # GPT-2's attention has a c_proj too
+            return _SKIP
+        names = next((ns for ns in _MLP_NAMES if set(ns) <= linear.keys()), None)
+        if names is None:
+            return _SKIP
+        producers = tuple(_target(base + n, linear[n]) for n in names[:-1])
+        consumer = _target(base + names[-1], linear[names[-1]])
+        width = consumer.weight.shape[1]
+        if all(p.weight.shape[0] == width for p in producers):
+            return MLP(index, producers, consumer, width)
+        return None
+
+    return _layouts(model, what, "MLP projections", find)
+
+
+# --- zeroing rows and columns ------------------------------------------------------------------
+
+
+class _Zeroing:
+    """Rows and columns to zero per module, applied as one parametrization each."""
+
+    def __init__(self) -> None:
+        self.plans: dict[str, tuple[Target, torch.Tensor, torch.Tensor]] = {}
+
+    def _plan(self, target: Target) -> tuple[Target, torch.Tensor, torch.Tensor]:
+        if target.name not in self.plans:
+            out_features, in_features = target.weight.shape
+            self.plans[target.name] = (target, torch.ones(out_features, dtype=torch.bool),
+                                       torch.ones(in_features, dtype=torch.bool))
+        return self.plans[target.name]
+
+    def rows(self, target: Target, start: int, stop: int) -> None:
+        self._plan(target)[1][start:stop] = False
+
+    def columns(self, target: Target, start: int, stop: int) -> None:
+        self._plan(target)[2][start:stop] = False
+
+    def apply(self, patch: Patch) -> None:
+        for target, rows, columns in self.plans.values():
+            patch.parametrize(target, _zero(rows, columns))
+
+
+def _zero(rows: torch.Tensor, columns: torch.Tensor):
+    rows, columns = rows.unsqueeze(1), columns.unsqueeze(0)
+
+    def mask(w: torch.Tensor) -> torch.Tensor:
+        keep = rows.to(w.device) & columns.to(w.device)
+        return torch.where(keep, w, 0)
+
+    return mask
+
+
+def _eligible(config: Modification, model: nn.Module, names: list[str]) -> set[str]:
+    """Of ``names`` (linear layers), those the config's include/exclude patterns select."""
+    chosen = {t.name for t in config.targets(model)}
+    return {n for n in names if n in chosen}
+
+
+def _lowest(scores: list[tuple[float, Any]], fraction: float, scope: str) -> list[Any]:
+    """Keys of the lowest-scoring ``fraction`` of units, per group (``layer``) or over all."""
+    if scope == "global":
+        ranked = sorted(scores, key=lambda s: s[0])
+        return [key for _, key in ranked[: round(fraction * len(ranked))]]
+    by_group: dict[Any, list[tuple[float, Any]]] = {}
+    for score, key in scores:
+        by_group.setdefault(key[0], []).append((score, key))
+    chosen = []
+    for group in by_group.values():
+        ranked = sorted(group, key=lambda s: s[0])
+        chosen += [key for _, key in ranked[: round(fraction * len(ranked))]]
+    return chosen
+
+
+def _column_norms(target: Target) -> torch.Tensor:
+    return target.weight.detach().float().norm(dim=0)
+
+
+def _row_norms(target: Target) -> torch.Tensor:
+    return target.weight.detach().float().norm(dim=1)
+
+
+# --- heads -------------------------------------------------------------------------------------
+
+
+def _head_scores(config: HeadPruning, model: nn.Module, context: Context,
+                 layouts: list[Attention]) -> list[tuple[float, tuple[int, int]]]:
+    scores = []
+    with torch.no_grad():
+        for a in layouts:
+            d, group = a.head_dim, a.heads // a.kv_heads
+            o_norms = _column_norms(a.o)
+            if config.importance == "activation":
+                l2 = _input_norms(model, context, a.o, config.name).to(o_norms.device)
+                contribution = (o_norms * l2).square()
+                per_head = contribution.view(a.heads, d).sum(1).sqrt()
+            else:
+                v, start = a.v
+                v_norms = _row_norms(v)[start: start + a.kv_heads * d].view(a.kv_heads, d)
+                v_per_head = v_norms.square().sum(1).sqrt().repeat_interleave(group)
+                per_head = o_norms.view(a.heads, d).square().sum(1).sqrt() * v_per_head
+            scores += [(float(s), (a.block, h)) for h, s in enumerate(per_head.tolist())]
+    return scores
+
+
+@register_modification("prune.heads", HeadPruning)
+def apply_heads(config: HeadPruning, model: nn.Module, patch: Patch, context: Context) -> None:
+    named = attention_layouts(model, config.name)
+    eligible = _eligible(config, model, [a.o.name for _, a in named])
+    layouts = [a for _, a in named if a.o.name in eligible]
+    if config.heads:
+        by_block = {a.block: a for _, a in named}
+        for layer, head in config.heads:
+            if layer not in by_block or head >= by_block[layer].heads:
+                raise HemorrhageError(
+                    f"{config.name}: heads contains ({layer}, {head}) but the model has "
+                    f"{len(named)} blocks of {named[0][1].heads} query heads; use layer < "
+                    f"{len(named)} and head < {named[0][1].heads}"
+                )
+        chosen = list(config.heads)
+    else:
+        scores = _head_scores(config, model, context, layouts)
+        chosen = _lowest(scores, config.fraction, config.scope)
+    zeroing = _Zeroing()
+    by_block = {a.block: a for _, a in named}
+    pruned: dict[int, set[int]] = {}
+    for layer, head in chosen:
+        a, d = by_block[layer], by_block[layer].head_dim
+        q, start = a.q
+        zeroing.rows(q, start + head * d, start + (head + 1) * d)
+        zeroing.columns(a.o, head * d, (head + 1) * d)
+        pruned.setdefault(layer, set()).add(head)
+    for layer, heads in pruned.items():
+        a = by_block[layer]
+        group = a.heads // a.kv_heads
+        for kv in range(a.kv_heads):
+            if set(range(kv * group, (kv + 1) * group)) <= heads:  # no query head reads it now
+                for target, start in (a.k, a.v):
+                    zeroing.rows(target, start + kv * a.head_dim, start + (kv + 1) * a.head_dim)
+    zeroing.apply(patch)
+
+
+# --- MLP channels ------------------------------------------------------------------------------
+
+
+def _channel_scores(config: ChannelPruning, model: nn.Module, context: Context,
+                    layouts: list[MLP]) -> list[tuple[float, tuple[int, int]]]:
+    scores = []
+    with torch.no_grad():
+        for mlp in layouts:
+            importance = _column_norms(mlp.consumer)
+            if config.importance == "activation":
+                l2 = _input_norms(model, context, mlp.consumer, config.name)
+                importance = importance * l2.to(importance.device)
+            else:
+                for producer in mlp.producers:
+                    importance = importance * _row_norms(producer)
+            scores += [(float(s), (mlp.block, k)) for k, s in enumerate(importance.tolist())]
+    return scores
+
+
+@register_modification("prune.channels", ChannelPruning)
+def apply_channels(
+    config: ChannelPruning, model: nn.Module, patch: Patch, context: Context
+) -> None:
+    named = mlp_layouts(model, config.name)
+    eligible = _eligible(config, model, [m.consumer.name for _, m in named])
+    layouts = [m for _, m in named if m.consumer.name in eligible]
+    scores = _channel_scores(config, model, context, layouts)
+    chosen = _lowest(scores, config.fraction, config.scope)
+    by_block = {m.block: m for m in layouts}
+    zeroing = _Zeroing()
+    for layer, k in chosen:
+        mlp = by_block[layer]
+        for producer in mlp.producers:
+            zeroing.rows(producer, k, k + 1)
+        zeroing.columns(mlp.consumer, k, k + 1)
+    zeroing.apply(patch)
+
+
+# --- whole blocks ------------------------------------------------------------------------------
+
+
+def block_similarity(model: nn.Module, context: Context) -> list[float]:
+    """Per block, the mean cosine similarity of its output and input hidden states over the
+    calibration windows (1 = the block leaves the residual stream unchanged). Memoized."""
+    return context.memo(("block_similarity", context.applied), lambda: _similarity(model, context))
+
+
+def _similarity(model: nn.Module, context: Context) -> list[float]:
+    _, layers = blocks(model)
+    inputs: dict[int, torch.Tensor] = {}
+    totals = [0.0] * len(layers)
+    count = [0]
+
+    def before(index: int):
+        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            inputs[index] = args[0] if args else kwargs["hidden_states"]
+
+        return record
+
+    def after(index: int):
+        def record(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            cos = nn.functional.cosine_similarity(inputs.pop(index).float(), out.float(), dim=-1)
+            totals[index] += float(cos.sum())
+            if index == 0:
+                count[0] += cos.numel()
+
+        return record
+
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(before(i), with_kwargs=True))
+        handles.append(layer.register_forward_hook(after(i), with_kwargs=True))
+    try:
+        with torch.inference_mode():
+            for batch in context.calibration_windows().split(8):
+                context.logits(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return [t / max(count[0], 1) for t in totals]
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name + ".", p) for p in patterns)
+
+
+@register_modification("prune.layers", LayerPruning)
+def apply_layers(config: LayerPruning, model: nn.Module, patch: Patch, context: Context) -> None:
+    prefix, layers = blocks(model)
+    total = len(layers)
+    names = [f"{prefix}.{i}" for i in range(total)]
+    eligible = [i for i, n in enumerate(names)
+                if (not config.include or _matches(n, config.include))
+                and not _matches(n, config.exclude)]
+    if config.indices:
+        bad = [i for i in config.indices if i >= total]
+        if bad:
+            raise HemorrhageError(
+                f"{config.name}: indices={config.indices!r} names block {bad[0]} but the model "
+                f"has {total} blocks; use indices in 0..{total - 1}"
+            )
+        dropped = list(config.indices)
+    else:
+        if config.count > len(eligible) or config.count >= total:
+            raise HemorrhageError(
+                f"{config.name}: count={config.count} but {len(eligible)} of the model's {total} "
+                f"blocks may be removed and at least one must stay; use count <= "
+                f"{min(len(eligible), total - 1)}"
+            )
+        if config.selection == "last":
+            dropped = eligible[len(eligible) - config.count:] if config.count else []
+        else:
+            similarity = block_similarity(model, context)
+            dropped = sorted(eligible, key=lambda i: -similarity[i])[: config.count]
+    if len(set(dropped)) >= total:
+        raise HemorrhageError(
+            f"{config.name}: removing blocks {sorted(dropped)} leaves none of the {total}; "
+            "keep at least one"
+        )
+    kept = [i for i in range(total) if i not in set(dropped)]
+    if len(kept) == total:
+        return
+    # like expand.layers, keep layer_idx == position: a KV cache sized for the shorter model
+    # then has one slot per block
+    for position, old in enumerate(kept):
+        for module in layers[old].modules():
+            index = getattr(module, "layer_idx", None)
+            if isinstance(index, int) and index != position:
+                patch.setattr(module, "layer_idx", position)
+    patch.swap_module(prefix, nn.ModuleList([layers[i] for i in kept]))
+    cfg: Any = getattr(model, "config", None)
+    if cfg is not None and isinstance(getattr(cfg, "num_hidden_layers", None), int):
+        # transformers runs layers[:num_hidden_layers] and sizes its KV caches from the config
+        patch.setattr(cfg, "num_hidden_layers", cfg.num_hidden_layers - (total - len(kept)))
+        layer_types = getattr(cfg, "layer_types", None)
+        if isinstance(layer_types, (list, tuple)) and len(layer_types) == total:
+            patch.setattr(cfg, "layer_types", type(layer_types)(layer_types[i] for i in kept))
