@@ -13,7 +13,7 @@ import torch
 from .data import make_windows, read_text
 from .errors import HemorrhageError
 from .metrics import EXTRA_METRICS, Result, TokenStats, summarize, token_stats
-from .modifications.registry import Modification, Patch, apply, iter_configs
+from .modifications.registry import LogitsProcessor, Modification, Patch, apply, iter_configs
 from .reference import EXACT_VOCAB, Reference, cache_key, load_or_compute
 
 if TYPE_CHECKING:
@@ -138,13 +138,17 @@ class Harness:
             )
         return Reference.cat(parts)
 
-    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(logits, targets) per batch, flattened over scored positions."""
+    def _batches(
+        self, processors: Sequence[LogitsProcessor] = ()
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(logits, targets) per batch, flattened over scored positions, after ``processors``."""
         windows = self.windows.eval
         for i in range(0, len(windows), self.batch_size):
             ids = windows[i : i + self.batch_size].to(self.device)
             with torch.inference_mode():
                 logits = model_logits(self.model, ids)[:, :-1]
+                for process in processors:
+                    logits = process(ids[:, :-1], logits)
             yield logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
 
     @contextmanager
@@ -208,9 +212,7 @@ class Harness:
 
     def _evaluate(self, patch: Patch, configs: list[Modification], reference: Reference) -> Result:
         parts, row = [], 0
-        for logits, _ in self._batches():
-            for process in patch.logits_processors:
-                logits = process(logits)
+        for logits, _ in self._batches(patch.logits_processors):
             parts.append(token_stats(logits, reference.rows(row, row + len(logits))))
             row += len(logits)
         stats = TokenStats.cat(parts)

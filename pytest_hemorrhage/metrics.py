@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from .budget import Budget
     from .reference import Reference
 
-__all__ = ["METRICS", "Result", "TokenStats", "summarize", "token_stats"]
+__all__ = ["METRICS", "SKEW", "Result", "TokenStats", "summarize", "token_stats"]
 
 METRICS: dict[str, str] = {
     "ppl_increase": "perplexity ratio minus 1: ppl_modified / ppl_baseline - 1",
@@ -27,6 +27,12 @@ METRICS: dict[str, str] = {
     "top1_disagreement": "share of tokens whose most likely next token changed",
     "delta_p_mean": "mean drop of the probability given to the correct token",
 }
+# Baseline mass mixed into a modified distribution that gives zero probability to tokens the
+# baseline can emit (decoding truncation): KL(p || (1 - SKEW) q + SKEW p) is the skew divergence
+# (Lee 1999). It is at most ln(1/SKEW) = 13.8 nats per token, charges about that much per unit
+# of baseline mass cut, and leaves the kept tokens' terms within O(SKEW). Rows without cut
+# mass use q itself.
+SKEW = 1e-6
 # Computed only when a budget names them or an option asks (they cost extra passes):
 # metric name -> module under pytest_hemorrhage that registers its provider.
 EXTRA_METRICS: dict[str, str] = {
@@ -60,19 +66,35 @@ class TokenStats:
 
 
 def token_stats(logits: torch.Tensor, ref: Reference) -> TokenStats:
-    """Compare modified ``logits`` (tokens, vocab) with the reference rows for those tokens."""
+    """Compare modified ``logits`` (tokens, vocab) with the reference rows for those tokens.
+
+    A ``-inf`` logit is a token the modified decoding cannot emit (top-k, top-p); on the rows
+    where that removes mass the baseline gives, every measure uses the skew-smoothed
+    distribution ``(1 - SKEW) q + SKEW p`` (see ``SKEW``). NaN or ``+inf`` logits, or a row
+    with no finite logit, count as non-finite outputs.
+    """
     import torch
 
     logits = logits.float()
-    finite = torch.isfinite(logits).all(-1)
+    finite = ~(logits.isnan() | logits.isposinf()).any(-1) & logits.isfinite().any(-1)
     logq = torch.log_softmax(logits, -1)
     target_logq = logq.gather(-1, ref.targets[:, None]).squeeze(-1)
     if ref.logp is not None:
         lp = ref.logp.to(logq.device)
         p = lp.exp()
-        kl = torch.where(p > 0, p * (lp - logq), 0).sum(-1)
+        cut = (logq.isneginf() & (p > 0)).any(-1)
+        lq = _skew(logq, lp, cut[:, None])
+        kl = torch.where(p > 0, p * (lp - lq), 0).sum(-1)
     else:
-        kl = _topk_kl(logq, ref.topk_logp.to(logq.device), ref.topk_idx.to(logq.device))
+        topk_logp = ref.topk_logp.to(logq.device)
+        lq = logq.gather(-1, ref.topk_idx.to(logq.device))
+        q_tail = (1 - lq.double().exp().sum(-1)).clamp_min(0)
+        p_tail = (1 - topk_logp.double().exp().sum(-1)).clamp_min(0)
+        cut = lq.isneginf().any(-1) | target_logq.isneginf() | ((q_tail <= 0) & (p_tail > 1e-6))
+        lq = _skew(lq, topk_logp, cut[:, None])
+        q_tail = torch.where(cut, (1 - SKEW) * q_tail + SKEW * p_tail, q_tail)
+        kl = _topk_kl(lq, topk_logp, q_tail, p_tail)
+    target_logq = _skew(target_logq, ref.target_logp.to(logq.device), cut)
     return TokenStats(
         kl=kl.cpu(),
         nll=(-target_logq).cpu(),
@@ -82,19 +104,31 @@ def token_stats(logits: torch.Tensor, ref: Reference) -> TokenStats:
     )
 
 
-def _topk_kl(logq: torch.Tensor, topk_logp: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
+def _skew(logq: torch.Tensor, logp: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``log((1 - SKEW) q + SKEW p)`` where ``rows``, ``log q`` elsewhere."""
+    import torch
+
+    if not rows.any():  # the common case: nothing truncated, nothing to mix
+        return logq
+
+    mixed = torch.logaddexp(logq + math.log1p(-SKEW), logp + math.log(SKEW))
+    return torch.where(rows, mixed, logq)
+
+
+def _topk_kl(
+    lq: torch.Tensor, topk_logp: torch.Tensor, q_tail: torch.Tensor, p_tail: torch.Tensor
+) -> torch.Tensor:
     """KL over the baseline's top-K tokens plus one bucket for the rest of the vocabulary.
 
-    Grouping the tail into one outcome can only lower KL (log-sum inequality): the result is
-    exact when the tail is empty and otherwise short by p_tail * KL(tail-conditionals).
+    ``lq`` are the modified log-probs of the top-K tokens, ``q_tail``/``p_tail`` the mass of
+    the rest. Grouping the tail into one outcome can only lower KL (log-sum inequality): the
+    result is exact when the tail is empty and otherwise short by p_tail * KL(tail-conditionals).
     """
     import torch
 
     p = topk_logp.exp()
-    lq = logq.gather(-1, topk_idx)
     head = (p * (topk_logp - lq)).sum(-1)
-    p_tail = (1 - p.double().sum(-1)).clamp_min(0)
-    q_tail = (1 - lq.double().exp().sum(-1)).clamp_min(1e-300)
+    q_tail = q_tail.clamp_min(1e-300)
     tail = torch.where(p_tail > 0, p_tail * (p_tail.clamp_min(1e-300).log() - q_tail.log()), 0)
     return head + tail.float()
 

@@ -132,6 +132,17 @@ OPTIONS = [
         type=None,
     ),
     Option(
+        "gen-prompts",
+        "Prompts for the generation metrics, drawn evenly from the evaluation text. Default: 16.",
+        16,
+        _positive_int,
+        "N",
+    ),
+    Option(
+        "gen-prompt-tokens", "Tokens per generation prompt. Default: 32.", 32, _positive_int, "N"
+    ),
+    Option("gen-tokens", "Tokens generated per prompt. Default: 32.", 32, _positive_int, "N"),
+    Option(
         "tasks",
         "Multiple-choice task file(s) (.jsonl with context, choices, answer), "
         "comma-separated, each a named task. Default: none (the bundled cloze task when a "
@@ -174,6 +185,9 @@ class Settings:
     report: Path | None
     plot: Path | None
     generate: bool
+    gen_prompts: int
+    gen_prompt_tokens: int
+    gen_tokens: int
     tasks: tuple[Path, ...]
     cache_dir: Path | None
     trust_remote_code: bool

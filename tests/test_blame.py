@@ -24,7 +24,7 @@ class LogitShift(Modification):
 
 @register_modification("test.logit_shift", LogitShift)
 def _logit_shift(config, model, patch, context):
-    patch.logits_processors.append(lambda logits: logits * (1 + config.amount))
+    patch.logits_processors.append(lambda ids, logits: logits * (1 + config.amount))
 
 
 def test_identical_model_has_no_drift(harness):

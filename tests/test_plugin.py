@@ -100,7 +100,7 @@ def test_bad_budgets_are_errors_at_setup_naming_test_and_key(pytester, marker, m
     result = pytester.runpytest(*MODEL)
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(
-        ["*ERROR at setup of test_x*", f"HemorrhageError: test_budget.py::test_x: {message}*"]
+        ["*ERROR at setup of test_x*", f"HemorrhageError: test_user_budget.py::test_x: {message}*"]
     )
 
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from ..harness import Context
 
 __all__ = [
+    "LogitsProcessor",
     "Modification",
     "Patch",
     "Target",
@@ -79,6 +80,9 @@ class Modification:
 
 
 Handler = Callable[[Any, nn.Module, "Patch", "Context"], None]
+# processor(ids, logits) -> logits: ids (batch, L) the tokens seen, logits (batch, T, vocab) with
+# T <= L the logits at the last T positions (logits[:, j] follows ids[:, :L - T + j + 1]).
+LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _REGISTRY: dict[str, tuple[type[Modification], Handler]] = {}
 # family modules, each registering its modifications on import
 _BUILTINS = ("quant", "prune", "structure", "lowrank", "expand", "noise", "decode")
@@ -256,7 +260,7 @@ class Patch:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.logits_processors: list[Callable[[torch.Tensor], torch.Tensor]] = []
+        self.logits_processors: list[LogitsProcessor] = []  # decoding changes, in order
         # parametrize re-seats the original tensor on itself (set_), which bumps its version
         # counter without changing a bit; data_ptr -> version right after that bump
         self.reseated: dict[int, int] = {}
