@@ -78,7 +78,7 @@ def phase(which: str, what: str, cache: Path) -> dict:
     h.reference  # noqa: B018  (loads or computes)
     forwards_for_reference = len(calls)
     model_bytes = sum(p.numel() * p.element_size() for p in h.model.parameters())
-    h.measure(MODIFICATIONS[0]) if what != "forward" else list(h._batches())  # warm up
+    h.measure([MODIFICATIONS[0]]) if what != "forward" else list(h._batches())  # warm up
     start_rss = _rss_bytes()
     start = time.perf_counter()
     if what == "forward":

@@ -79,7 +79,9 @@ class Hemorrhage:
         :func:`pytest_hemorrhage.decoding.calibrate_decoding`."""
         from .decoding import calibrate_decoding
 
-        return calibrate_decoding(self, target, **options)
+        calibration = calibrate_decoding(self, target, **options)
+        self._session.record_exploration(self._node, "decoding_calibration", calibration.to_dict())
+        return calibration
 
     def check(self, result: Result, budget: Budget | None = None) -> None:
         """Fail the test with one line per metric of ``result`` over the budget, plus where
