@@ -1,0 +1,158 @@
+"""Low-rank approximation: every target weight replaced by its truncated SVD.
+
+Memory. Keeping the SVD factors of a layer (``k * (out + in)`` numbers) costs more than the
+weight itself at the ranks people use (80-95% kept), and recomputing the SVD on every forward
+is far too slow. Instead, the truncated weight is computed on each use as a projection of the
+original weight, ``W_k = P W`` (or ``W P``), onto the span of its top-``k`` singular vectors
+on the smaller side of ``W``; when fewer vectors are dropped than kept, ``W_k = W - P' W``
+with ``P'`` the projection onto the dropped ones. A ``j``-dimensional subspace of R^p is
+stored in graph coordinates, ``span([I; X])`` after a row permutation, so it costs
+``j * (p - j) <= p^2 / 4 <= out * in / 4`` numbers (plus p row indices): at most a quarter of
+the layer's own weight whatever the rank (float32; for 16-bit weights, 16-bit X where float32
+would not fit). The price is two thin matrix products per layer and use, plus one SVD per
+layer at apply time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .noise import check_float_weights
+from .registry import Modification, Patch, register_modification
+from .validate import check_number
+
+if TYPE_CHECKING:
+    from ..harness import Context
+
+__all__ = ["LowRank", "Subspace", "kept_rank", "rebuild", "truncate"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LowRank(Modification):
+    """Replace every target weight (out, in) by its best rank-``k`` approximation (truncated SVD).
+
+    Args:
+        rank_ratio: fraction of each layer's full rank ``min(out, in)`` that is KEPT,
+            in (0, 1]: ``k = max(1, round(rank_ratio * min(out, in)))``. 1.0 changes nothing;
+            0.8 is what the paper calls a 20% rank reduction. Damage grows as it shrinks.
+    """
+
+    rank_ratio: float = 0.8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number(self, "rank_ratio", 0.0, 1.0, lo_open=True)
+
+
+def kept_rank(rank_ratio: float, shape: tuple[int, ...]) -> int:
+    """Singular values kept for a weight of ``shape`` (out, in)."""
+    full = min(shape)
+    return min(full, max(1, round(rank_ratio * full)))
+
+
+class Subspace:
+    """A ``j``-dimensional subspace of R^p as ``span(B)``, ``B[rows] = I``, ``B[rest] = X``.
+
+    Stores ``X`` ((p - j) x j) and a permutation of the p rows: no orthonormal basis.
+
+    Args:
+        basis: orthonormal columns (p x j) spanning the subspace.
+        dtype: dtype to store ``X`` in.
+        kept: whether the subspace is the kept (True) or the dropped singular subspace.
+    """
+
+    def __init__(self, basis: torch.Tensor, dtype: torch.dtype, kept: bool) -> None:
+        p, j = basis.shape
+        # LU with partial pivoting picks j rows where the basis is well conditioned; then
+        # basis[perm] = [L1; L2] U spans the same space as [I; L2 L1^-1], with |L| <= 1
+        lu, pivots = torch.linalg.lu_factor(basis)
+        perm = list(range(p))
+        for i, swap in enumerate(pivots.tolist()):
+            perm[i], perm[swap - 1] = perm[swap - 1], perm[i]
+        lower = lu.tril(-1) + torch.eye(p, j, dtype=lu.dtype, device=lu.device)
+        x = torch.linalg.solve_triangular(lower[:j], lower[j:], upper=False, left=False,
+                                          unitriangular=True)
+        index = torch.tensor(perm, dtype=torch.int32, device=basis.device)
+        self.rows, self.rest = index[:j], index[j:]
+        self.x = x.to(dtype)
+        self.kept = kept
+
+    def project(self, w: torch.Tensor) -> torch.Tensor:
+        """The orthogonal projection of each column of ``w`` (p x n) onto the subspace."""
+        x = self.x.to(w.dtype)
+        # P = B (B^T B)^-1 B^T with B^T B = I + X^T X
+        gram = torch.eye(x.shape[1], dtype=w.dtype, device=w.device) + x.T @ x
+        coef = torch.cholesky_solve(w[self.rows] + x.T @ w[self.rest], torch.linalg.cholesky(gram))
+        out = torch.empty_like(w)
+        out[self.rows] = coef
+        out[self.rest] = x @ coef
+        return out
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.x, self.rows, self.rest))
+
+
+def truncate(w: torch.Tensor, rank: int) -> Subspace | None:
+    """What ``w`` (out, in) needs to be rebuilt at ``rank``; None when nothing is dropped.
+
+    The subspace lives on the smaller side of ``w`` and is the smaller of the kept and the
+    dropped singular subspaces (``Subspace.kept`` tells which).
+    """
+    out_features, in_features = w.shape
+    full = min(out_features, in_features)
+    if rank >= full:
+        return None
+    a = w.detach().to(_compute_dtype(w))
+    with _few_threads(a):
+        u, _, _ = torch.linalg.svd(a if out_features <= in_features else a.T, full_matrices=False)
+    keep = rank <= full - rank  # u's columns come in descending singular value order
+    basis = u[:, :rank] if keep else u[:, rank:]
+    j = basis.shape[1]
+    # float32 X whenever it stays within a quarter of the weight's bytes (always, for float32)
+    fits = j * (full - j) * a.element_size() <= w.numel() * w.element_size() / 4
+    return Subspace(basis, a.dtype if fits else w.dtype, keep)
+
+
+@contextmanager
+def _few_threads(a: torch.Tensor) -> Iterator[None]:
+    """One CPU thread for a small SVD: LAPACK's threads synchronize so often that on a busy
+    machine (CI runners) a 128 x 384 SVD was measured at 8-60 s with 2 threads, 10 ms with 1."""
+    threads = torch.get_num_threads()
+    small = a.device.type == "cpu" and a.numel() < 1 << 20 and threads > 1
+    if small:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if small:
+            torch.set_num_threads(threads)
+
+
+def _compute_dtype(w: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(w.dtype, torch.float32)
+
+
+def rebuild(w: torch.Tensor, space: Subspace) -> torch.Tensor:
+    """The rank-truncated ``w`` (out, in) from the subspace :func:`truncate` returned."""
+    transposed = w.shape[0] > w.shape[1]
+    a = (w.T if transposed else w).to(_compute_dtype(w))
+    projected = space.project(a)
+    a = projected if space.kept else a - projected
+    return (a.T if transposed else a).to(w.dtype)
+
+
+@register_modification("lowrank.svd", LowRank)
+def apply_svd(config: LowRank, model: nn.Module, patch: Patch, context: Context) -> None:
+    targets = config.targets(model)
+    check_float_weights(config, targets)
+    for target in targets:
+        with torch.no_grad():
+            space = truncate(target.weight, kept_rank(config.rank_ratio, target.weight.shape))
+        if space is not None:
+            patch.parametrize(target, lambda w, space=space: rebuild(w, space))
