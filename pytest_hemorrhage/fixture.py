@@ -35,6 +35,9 @@ class Hemorrhage:
         self._node = node
         self._session = session
 
+    def __repr__(self) -> str:
+        return f"<hemorrhage {self._node.nodeid} budget={self.budget.to_dict()}>"
+
     @property
     def model(self) -> Any:
         """The baseline model (restored after every modification)."""
@@ -89,8 +92,10 @@ class Hemorrhage:
         lines = (budget or self.budget).violations(result)
         if lines:
             from .blame import explain
+            from .explore import reporting_example
 
-            lines += explain(self.harness, result)
+            if reporting_example():  # not on every example hypothesis tries while shrinking
+                lines += explain(self.harness, result)
             where = f"{result.modification} {_format_params(result.params)}".strip()
             pytest.fail(
                 f"hemorrhage over budget for {where}:\n  " + "\n  ".join(lines), pytrace=False

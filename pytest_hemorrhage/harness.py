@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import cached_property
@@ -107,7 +108,8 @@ class Harness:
         self.topk = settings.topk or (self.vocab if self.vocab <= EXACT_VOCAB else 256)
         self.context = Context(self)
         self.reference_cached = False
-        self._pristine = _snapshot(self.model)
+        # shared by every harness of this model, so that one harness's restore is the others'
+        self._pristine = _PRISTINE.setdefault(self.model, _snapshot(self.model))
 
     @cached_property
     def data_fingerprint(self) -> str:
@@ -254,6 +256,11 @@ class Harness:
                 f"the baseline model was changed in place ({names}); change it only inside "
                 "hemorrhage.modified(...) so that it can be restored for the next test"
             )
+
+
+_PRISTINE: weakref.WeakKeyDictionary[Any, dict[str, tuple[Any, ...]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _snapshot(model: Any) -> dict[str, tuple[Any, ...]]:

@@ -54,7 +54,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+@pytest.hookimpl(tryfirst=True)  # before hypothesis loads --hypothesis-profile
 def pytest_configure(config: pytest.Config) -> None:
+    from . import explore
+
     config.addinivalue_line(
         "markers",
         "hemorrhage(**budget): maximum tolerated degradation per metric, e.g. "
@@ -66,9 +69,14 @@ def pytest_configure(config: pytest.Config) -> None:
             from .loading import check_spec
 
             check_spec(settings.model)
+        if settings.plot:
+            from .plots import require_matplotlib
+
+            require_matplotlib()
     except HemorrhageError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[session_key] = HemorrhageSession(settings, hook=config.hook)
+    explore.configure(config)
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(XdistHooks(config), "hemorrhage-xdist")
 
@@ -95,6 +103,14 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         item.config.stash[session_key].budget_for(item)  # bad budgets fail at setup
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)  # outside hypothesis' own wrapper
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    from .explore import hypothesis_call
+
+    with hypothesis_call(item, item.config.stash[session_key]):
+        return (yield)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
@@ -114,17 +130,18 @@ def pytest_runtest_makereport(
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     session = config.stash[session_key]
-    if session.records and not hasattr(config, "workerinput"):
+    if hasattr(config, "workerinput") or not (session.records or session.explorations):
+        return
+    width, color = config.get_terminal_writer().fullwidth, terminalreporter.hasmarkup
+    terminalreporter.write_line("")
+    if session.records:
         from .report import render_table
 
-        terminalreporter.write_line("")
-        terminalreporter.write(
-            render_table(
-                session.records,
-                width=config.get_terminal_writer().fullwidth,
-                color=terminalreporter.hasmarkup,
-            )
-        )
+        terminalreporter.write(render_table(session.records, width=width, color=color))
+    if session.explorations:
+        from .explore import render_explorations
+
+        terminalreporter.write(render_explorations(session.explorations, width=width, color=color))
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -132,8 +149,12 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     state = config.stash[session_key]
     if hasattr(config, "workerinput"):
         config.workeroutput["hemorrhage"] = state.worker_output()
-    else:
-        state.write_report()
+        return
+    state.write_report()
+    if state.settings.plot and state.explorations:
+        from .plots import write_plots
+
+        write_plots(state.explorations, state.settings.plot)
 
 
 class XdistHooks:

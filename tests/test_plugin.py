@@ -89,7 +89,7 @@ def test_ini_budget_applies_and_the_marker_overrides_it_per_key(pytester):
 )
 def test_bad_budgets_are_errors_at_setup_naming_test_and_key(pytester, marker, message):
     pytester.makepyfile(
-        test_budget=f"""
+        test_user_budget=f"""
         import pytest
 
         @pytest.mark.hemorrhage({marker})
@@ -298,11 +298,14 @@ def test_xdist_workers_share_one_reference_and_report_to_the_controller(pytester
     assert sorted(flags.values()) == ["False", "True"]  # one worker computed, the other waited
 
 
-def test_help_lists_options_without_importing_torch():
+def test_help_lists_options_without_importing_torch(tmp_path):
     code = (
         "import sys, pytest; rc = pytest.main(['--help', '-p', 'no:cacheprovider']); "
         "print('TORCH', 'torch' in sys.modules)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+    # outside the repository: its own conftest.py imports torch
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path
+    ).stdout
     assert "--hemorrhage-model=SPEC" in out and "--hemorrhage-no-cache" in out
     assert "TORCH False" in out

@@ -1,0 +1,214 @@
+"""Exploration cost on the bundled model, measured side by side in one run.
+
+1. N hypothesis examples of a ``hemorrhage`` test vs N bare forward passes over the same
+   evaluation windows (target: <= 1.3x). Run through pytest with the plugin, the baseline
+   reference already cached (as in CI after the first run). Forward calls are counted with a
+   forward hook on the model. For time, every example is paired with a bare forward pass (and
+   a direct ``harness.measure()``) timed right before it, so that the machine's load affects
+   both sides alike; neither is counted in the example's time or forward calls.
+   Three runs: a property that holds (generation only); one that breaks (generation and
+   shrinking), where a failed ``check()`` runs its blame diagnostics on every failing example;
+   and the same with blame kept for the example hypothesis reports (the wiring proposed with
+   ``explore.reporting_example``).
+2. Bisection: measures needed to reach tol 0.01 on [0, 1] (target: <= 8).
+
+Usage: python benchmarks/bench_explore.py [--tokens 8192] [--examples 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+CONFTEST = '''
+import json, os, time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pytest_hemorrhage import explore
+from pytest_hemorrhage.harness import model_logits
+from pytest_hemorrhage.plugin import session_key
+
+STATS = {"forward": 0, "examples": 0, "seconds": 0.0, "bare": 0.0, "measure": 0.0}
+COUNTING = [True]
+
+if os.environ.get("BENCH_QUIET_SHRINKING"):  # the wiring proposed for fixture.check()
+    import pytest_hemorrhage.blame as blame
+
+    _explain = blame.explain
+    blame.explain = lambda h, r: _explain(h, r) if explore.reporting_example() else []
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    explore.configure(config)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def count_forwards(hemorrhage_model):
+    def count(*args):
+        STATS["forward"] += COUNTING[0]
+
+    handle = hemorrhage_model.model.register_forward_hook(count)
+    yield
+    handle.remove()
+
+
+def paired(harness):
+    """Time one bare pass and one direct measure (not counted), right before an example."""
+    COUNTING[0] = False
+    try:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            windows = harness.windows.eval
+            for i in range(0, len(windows), harness.batch_size):
+                model_logits(harness.model, windows[i: i + harness.batch_size])
+        middle = time.perf_counter()
+        harness.measure([("prune.magnitude", {"sparsity": 0.3})], frozenset({"ppl_increase"}))
+        end = time.perf_counter()
+    finally:
+        COUNTING[0] = True
+    return middle - start, end - middle
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_call(item):
+    harness = item.config.stash[session_key].harness()
+    inner = item.obj.hypothesis.inner_test
+    spent = [0.0]
+
+    def timed(*args, **kwargs):
+        bare, measure = paired(harness)
+        STATS["bare"] += bare
+        STATS["measure"] += measure
+        spent[0] += bare + measure
+        STATS["examples"] += 1
+        return inner(*args, **kwargs)
+
+    item.obj.hypothesis.inner_test = timed
+    start = time.perf_counter()
+    try:
+        with explore.hypothesis_call(item, item.config.stash[session_key]):
+            return (yield)
+    finally:
+        STATS["seconds"] += time.perf_counter() - start - spent[0]
+        item.obj.hypothesis.inner_test = inner
+
+
+def pytest_sessionfinish(session):
+    Path(os.environ["BENCH_OUT"]).write_text(json.dumps(STATS))
+'''
+
+TESTS = '''
+import pytest
+from hypothesis import given, settings
+from pytest_hemorrhage import strategies as hst
+
+@pytest.mark.hemorrhage(ppl_increase={budget})
+@settings(max_examples={examples}, database=None)
+@given(sparsity=hst.sparsities(max_value={max_sparsity}))
+def test_property(hemorrhage, sparsity):
+    hemorrhage.check(hemorrhage.measure("prune.magnitude", sparsity=sparsity))
+'''
+
+
+def run_pytest(directory: Path, tokens: int, *, budget: float, max_sparsity: float,
+               examples: int, quiet_shrinking: bool = False) -> dict[str, float]:
+    """One in-process pytest run of the property; its counters."""
+    import pytest
+
+    (directory / "conftest.py").write_text(CONFTEST)
+    (directory / "test_bench.py").write_text(textwrap.dedent(TESTS.format(
+        budget=budget, examples=examples, max_sparsity=max_sparsity)))
+    out = directory / "stats.json"
+    os.environ["BENCH_OUT"] = str(out)
+    os.environ.pop("BENCH_QUIET_SHRINKING", None)
+    if quiet_shrinking:
+        os.environ["BENCH_QUIET_SHRINKING"] = "1"
+    cwd = os.getcwd()
+    os.chdir(directory)
+    try:
+        for name in ("conftest", "test_bench"):
+            sys.modules.pop(name, None)
+        pytest.main(["-q", "-p", "no:cacheprovider", "--no-header", "-o", "addopts=",
+                     "--hemorrhage-model=hemorrhage-tiny", f"--hemorrhage-tokens={tokens}",
+                     f"--hemorrhage-cache-dir={directory / 'cache'}", "-W", "ignore",
+                     "--tb=no", "--no-summary", "test_bench.py"])
+    finally:
+        os.chdir(cwd)
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--examples", type=int, default=20)
+    args = parser.parse_args()
+
+    import torch
+
+    from pytest_hemorrhage.budget import Budget
+    from pytest_hemorrhage.fixture import Hemorrhage
+    from pytest_hemorrhage.harness import Harness
+    from pytest_hemorrhage.loading import load_model
+    from pytest_hemorrhage.session import HemorrhageSession
+    from pytest_hemorrhage.settings import Settings
+
+    loaded = load_model("hemorrhage-tiny", device="cpu")
+    harness = Harness(loaded, Settings.defaults(model="hemorrhage-tiny", tokens=args.tokens))
+    windows = harness.windows.eval
+    batches = -(-len(windows) // harness.batch_size)
+    print(f"bundled model, {len(windows)} windows x {windows.shape[1]} tokens, "
+          f"{batches} forward call(s) per pass, torch threads {torch.get_num_threads()}, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        # fill the reference cache first, so the runs below measure the steady state
+        run_pytest(directory, args.tokens, budget=10.0, max_sparsity=0.1, examples=1)
+        runs = [
+            ("property holds (generation only)",
+             dict(budget=10.0, max_sparsity=0.3, examples=args.examples)),
+            ("property breaks (generation + shrinking), blame on every failing example",
+             dict(budget=0.10, max_sparsity=0.9, examples=args.examples)),
+            ("property breaks, blame only on the reported example (proposed wiring)",
+             dict(budget=0.10, max_sparsity=0.9, examples=args.examples,
+                  quiet_shrinking=True)),
+        ]
+        for label, options in runs:
+            stats = run_pytest(directory, args.tokens, **options)
+            n = stats["examples"]
+            print(f"\n{label}: {n} examples")
+            print(f"  forward calls: {stats['forward']} vs {n * batches} for {n} bare passes "
+                  f"-> ratio {stats['forward'] / (n * batches):.2f} (target <= 1.3)")
+            print(f"  time: {stats['seconds']:.1f} s vs {stats['bare']:.1f} s for {n} paired "
+                  f"bare passes -> ratio {stats['seconds'] / stats['bare']:.2f} (target <= 1.3)")
+            print(f"  of which harness.measure() itself: {stats['measure'] / stats['bare']:.2f}x "
+                  f"a bare pass; hypothesis + pytest + check() on top: "
+                  f"{stats['seconds'] / stats['measure']:.2f}x")
+
+    node = SimpleNamespace(nodeid="bench::bisection", user_properties=[], config=None)
+    for name in ("prune.magnitude", "prune.wanda"):
+        session = HemorrhageSession(harness.settings)
+        fixture = Hemorrhage(harness, Budget({"ppl_increase": 0.10}), node, session)
+        start = time.perf_counter()
+        threshold = fixture.find_threshold(name, "sparsity", lo=0.0, hi=1.0, tol=0.01)
+        seconds = time.perf_counter() - start
+        passing, failing = threshold.bracket
+        width = (failing - passing) if None not in (passing, failing) else float("nan")
+        print(f"\nbisection {name} sparsity, ppl_increase <= 0.10, tol 0.01 on [0, 1]: "
+              f"{threshold.evaluations} measures (target <= 8), threshold {threshold.value:.4f}, "
+              f"bracket width {width:.4f}, {seconds:.1f} s, monotone={threshold.monotone}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""``--hemorrhage-plot DIR``: one PNG per explored curve (metric vs parameter, budget, PTP).
+
+matplotlib is an optional extra (``pip install pytest-hemorrhage[plot]``), imported only here
+and only when plots are asked for. Figures are drawn on their own canvas (no pyplot), so the
+user's matplotlib backend and global state are left alone.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import HemorrhageError
+
+__all__ = ["plot_curve", "require_matplotlib", "write_plots"]
+
+INSTALL = "pip install pytest-hemorrhage[plot]"
+
+
+def require_matplotlib() -> None:
+    """Raise a HemorrhageError naming the install command when matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise HemorrhageError(f"--hemorrhage-plot needs matplotlib, which is not installed; "
+                              f"run `{INSTALL}` or drop the option") from None
+
+
+def write_plots(explorations: Sequence[Mapping[str, Any]], directory: Path | str) -> list[Path]:
+    """Write one PNG per recorded threshold search or sweep into ``directory``.
+
+    Args:
+        explorations: the session's exploration records (as in the JSON report).
+        directory: where the files go (created if missing).
+
+    Returns:
+        The paths written, in record order.
+    """
+    require_matplotlib()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    used: set[str] = set()
+    for record in explorations:
+        stem = _stem(record)
+        name, n = stem, 1
+        while name in used:
+            n += 1
+            name = f"{stem}-{n}"
+        used.add(name)
+        path = directory / f"{name}.png"
+        plot_curve(path, record, record.get("budget"))
+        paths.append(path)
+    return paths
+
+
+def _stem(record: Mapping[str, Any]) -> str:
+    test = record.get("nodeid", "explore").rpartition("::")[2] or "explore"
+    raw = f"{test}-{record['kind']}-{record['modification']}-{record['param']}"
+    return re.sub(r"_?-_?", "-", re.sub(r"[^A-Za-z0-9_.-]+", "_", raw)).strip("_")[:150]
+
+
+def plot_curve(path: Path | str, record: Mapping[str, Any],
+               budget: Mapping[str, float] | None = None) -> Path:
+    """Draw one exploration record: its metric vs the parameter, the budget, and the
+    phase-transition point (sweep) or threshold and bracket (threshold search).
+
+    Args:
+        path: the PNG to write.
+        record: a ``"sweep"`` or ``"threshold"`` exploration record (JSON-ready dict).
+        budget: ``{metric: maximum}``; a horizontal line is drawn at the record's metric's.
+
+    Returns:
+        ``path``.
+    """
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    metric, param = record["metric"], record["param"]
+    fig = Figure(figsize=(6.4, 4.2), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if record["kind"] == "sweep":
+        xs = [p["value"] for p in record["points"]]
+        ys = [_y(p["metrics"].get(metric)) for p in record["points"]]
+        broke = [p["broke"] for p in record["points"]]
+        increasing = _increasing(record["points"])
+        ax.plot(xs, ys, color="0.6", lw=1, zorder=1)
+        _fit_line(ax, record, increasing)
+        s0 = record.get("s0")
+        if s0 is not None:
+            se = record.get("s0_stderr") or 0.0
+            ax.axvspan(s0 - se, s0 + se, color="tab:orange", alpha=0.2, lw=0)
+            ax.axvline(s0, color="tab:orange", ls="--",
+                       label=f"PTP {param}={s0:.3g}" + (f" ± {se:.2g}" if se else ""))
+        title = f"{record['modification']} sweep" + ("" if s0 is not None else
+                                                      " (no phase transition)")
+    else:
+        points = record["measurements"]
+        xs, ys, broke = ([p["x"] for p in points], [_y(p["metric"]) for p in points],
+                         [p["broke"] for p in points])
+        increasing = record.get("increasing", True)
+        passing, value = record["bracket"]
+        if value is not None:
+            ax.axvline(value, color="tab:red", ls="--", label=f"breaks at {param}={value:g}")
+            if passing is not None:
+                ax.axvspan(min(passing, value), max(passing, value), color="tab:red",
+                           alpha=0.12, lw=0, label=f"bracket ({passing:g}, {value:g}]")
+        title = f"{record['modification']} threshold ({record.get('method', '')})"
+        order = sorted(range(len(xs)), key=lambda i: xs[i])
+        ax.plot([xs[i] for i in order], [ys[i] for i in order], color="0.8", lw=1, zorder=1)
+    ax.scatter([x for x, b in zip(xs, broke, strict=True) if not b],
+               [y for y, b in zip(ys, broke, strict=True) if not b],
+               color="tab:green", zorder=3, label="within budget")
+    ax.scatter([x for x, b in zip(xs, broke, strict=True) if b],
+               [y for y, b in zip(ys, broke, strict=True) if b],
+               color="tab:red", marker="x", zorder=3, label="over budget")
+    limit = (budget or {}).get(metric)
+    if limit is not None:
+        ax.axhline(limit, color="black", lw=1, ls=":", label=f"budget {metric} ≤ {limit:g}")
+    finite = [y for y in ys if math.isfinite(y)]
+    if finite and max(finite) > 0 and max(finite) > 50 * max(min(abs(y) for y in finite), 1e-9):
+        ax.set_yscale("symlog", linthresh=limit or 0.01)  # damage explodes past the PTP
+        ax.set_ylim(bottom=min(0.0, min(finite)))
+    if not increasing:
+        ax.invert_xaxis()  # damage grows to the right
+    ax.set_xlabel(param)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{title}\n{record.get('nodeid', '')}", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    return path
+
+
+def _y(value: float | None) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _increasing(points: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether the parameter grows with compression (sweep points carry both)."""
+    a, b = points[0], points[-1]
+    return (b["x"] - a["x"]) * (b["value"] - a["value"]) >= 0
+
+
+def _fit_line(ax: Any, record: Mapping[str, Any], increasing: bool) -> None:
+    """The fitted piecewise curve, drawn on the parameter axis."""
+    fit = record.get("fit") or {}
+    if record.get("s0") is None or fit.get("a") is None:
+        return
+    import numpy as np
+
+    from .thresholds import PhaseTransition
+
+    transition = PhaseTransition(**fit)
+    xs = [p["x"] for p in record["points"] if p["x"] > 0]
+    if not xs:
+        return
+    grid = np.linspace(min(xs), max(xs), 200)
+    first = record["points"][0]
+    origin = first["value"] - first["x"] if increasing else first["value"] + first["x"]
+    values = origin + grid if increasing else origin - grid
+    ax.plot(values, transition.predict(grid), color="tab:blue", lw=1.5, zorder=2,
+            label="power law → exponential fit")

@@ -1,0 +1,158 @@
+"""Strategies shrink toward the gentlest modification and draw only valid configs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import Phase, find, given, settings
+
+from pytest_hemorrhage import strategies as hst
+from pytest_hemorrhage.errors import HemorrhageError
+from pytest_hemorrhage.modifications import Modification, make, names, register_modification
+
+QUIET = settings(database=None, max_examples=200)
+
+
+def test_all_is_complete():
+    public = {n for n, v in vars(hst).items() if not n.startswith("_") and callable(v)
+              and getattr(v, "__module__", "") == hst.__name__}
+    assert public <= set(hst.__all__)
+    assert all(hasattr(hst, n) for n in hst.__all__)
+
+
+def test_bit_widths_shrink_toward_more_bits():
+    assert find(hst.bit_widths(), lambda b: True, settings=QUIET) == 8
+    assert find(hst.bit_widths(), lambda b: b <= 3, settings=QUIET) == 3  # the breaking point
+    assert find(hst.bit_widths(min_value=2, max_value=6), lambda b: True, settings=QUIET) == 6
+    assert find(hst.bit_widths(choices=[1, 2, 3, 4, 8]), lambda b: b < 8, settings=QUIET) == 4
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.05, 0.313, 0.62, 0.9])
+def test_sparsities_shrink_to_the_smallest_failing_grid_value(threshold):
+    found = find(hst.sparsities(max_value=0.9), lambda s: s >= threshold, settings=QUIET)
+    assert threshold <= found < threshold + 0.01 + 1e-12
+
+
+def test_sparsities_stay_on_their_grid_and_bounds():
+    @settings(database=None, max_examples=50, phases=[Phase.generate])
+    @given(hst.sparsities(min_value=0.2, max_value=0.5, resolution=0.05))
+    def check(s):
+        assert 0.2 <= s <= 0.5
+        assert abs(s / 0.05 - round(s / 0.05)) < 1e-9
+
+    check()
+    with pytest.raises(HemorrhageError, match="fraction in \\[0, 1\\]"):
+        hst.sparsities(max_value=1.5)
+
+
+def test_group_sizes_shrink_toward_the_smallest_group():
+    assert find(hst.group_sizes(), lambda g: True, settings=QUIET) == 16
+    assert find(hst.group_sizes(per_row=True), lambda g: g == 0 or g >= 64,
+                settings=QUIET) == 64
+    assert find(hst.group_sizes(per_row=True), lambda g: g == 0, settings=QUIET) == 0
+
+
+def test_nm_patterns_shrink_toward_low_sparsity_then_larger_groups():
+    assert find(hst.nm_patterns(), lambda nm: True, settings=QUIET) == (7, 8)
+    # the gentlest 50% pattern is 4:8, not 2:4
+    assert find(hst.nm_patterns(), lambda nm: 1 - nm[0] / nm[1] >= 0.5,
+                settings=QUIET) == (4, 8)
+    for n, m in [(2, 4), (1, 4), (3, 8)]:
+        make("prune.nm", {"n": n, "m": m})  # the patterns mean what prune.nm means
+
+
+@pytest.mark.parametrize("name", names())
+def test_every_drawn_config_is_valid(name):
+    config_cls, _ = __import__("pytest_hemorrhage.modifications", fromlist=["get"]).get(name)
+    try:
+        strategy = hst.modifications(names=[name])
+    except HemorrhageError as exc:  # only a model-dependent parameter may need the user
+        assert "pass params=" in str(exc)
+        return
+
+    @settings(database=None, max_examples=15, phases=[Phase.generate])
+    @given(strategy)
+    def check(config):
+        assert isinstance(config, config_cls)
+        assert make(name, config.params()) == config  # round-trips through validation
+
+    check()
+
+
+def test_modifications_shrink_to_the_gentlest_setting():
+    config = find(hst.modifications(names=["quant.rtn"]), lambda c: True, settings=QUIET)
+    assert (config.bits, config.group_size, config.symmetric) == (8, 16, True)
+    config = find(hst.modifications(names=["prune.magnitude"]), lambda c: c.sparsity >= 0.4,
+                  settings=QUIET)
+    assert (config.sparsity, config.scope) == (0.4, "layer")
+    hqq = find(hst.quant_configs(names=["quant.hqq"], max_bits=6), lambda c: True,
+               settings=QUIET)
+    assert hqq.bits == 6
+    pruned = find(hst.prune_configs(max_sparsity=0.5), lambda c: True, settings=QUIET)
+    assert pruned.name.startswith("prune.")
+
+
+def test_fixed_parameters_and_custom_strategies():
+    from hypothesis import strategies as st
+
+    config = find(hst.modifications(names=["quant.rtn"], group_size=32,
+                                    params={"quant.rtn": {"bits": st.just(3)}}),
+                  lambda c: True, settings=QUIET)
+    assert (config.bits, config.group_size) == (3, 32)
+
+
+def test_unknown_names_and_parameters_are_clear_errors():
+    with pytest.raises(HemorrhageError, match="unknown modification 'prune.nope'.*registered"):
+        hst.modifications(names=["prune.nope"])
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Needs(Modification):
+        strength: float  # required, and no known domain
+
+    register_modification("test.strategies_needs", Needs)(lambda *a: None)
+    with pytest.raises(HemorrhageError, match="strength.*params=\\{'test.strategies_needs'"):
+        hst.modifications(names=["test.strategies_needs"])
+    hst.modifications()  # left out by default instead of failing the whole strategy
+    with pytest.raises(HemorrhageError, match="depends on the model; pass hi="):
+        hst.near_threshold("prune.layers", "count")
+
+
+def test_near_threshold_concentrates_and_still_covers_the_range():
+    drawn: list[float] = []
+
+    @settings(database=None, max_examples=40, phases=[Phase.generate])
+    @given(hst.near_threshold("prune.wanda", "sparsity", estimate=0.4))
+    def collect(x):
+        drawn.append(x)
+
+    collect()
+    near = sum(abs(x - 0.4) <= 0.05 + 1e-9 for x in drawn)
+    assert near >= 0.3 * len(drawn)  # uniform draws would put ~10% there
+    assert any(x < 0.3 for x in drawn) and any(x > 0.5 for x in drawn)
+    found = find(hst.near_threshold("prune.wanda", "sparsity", estimate=0.4),
+                 lambda x: x >= 0.37, settings=QUIET)
+    assert found == 0.37  # shrinking still lands on the breaking point
+
+
+def test_near_threshold_draws_only_values_the_config_accepts():
+    drawn: set[int] = set()
+
+    @settings(database=None, max_examples=60, phases=[Phase.generate])
+    @given(hst.near_threshold("quant.hqq", "bits", estimate=7))
+    def collect(bits):
+        drawn.add(bits)
+
+    collect()
+    assert 7 not in drawn and drawn <= {1, 2, 3, 4, 5, 6, 8}
+    assert find(hst.near_threshold("quant.hqq", "bits"), lambda b: b <= 5, settings=QUIET) == 5
+
+
+def test_profiles_are_registered_with_the_database_on():
+    ci = settings.get_profile("hemorrhage-ci")
+    explore = settings.get_profile("hemorrhage-explore")
+    assert ci.max_examples < explore.max_examples
+    for profile in (ci, explore):
+        assert profile.deadline is None
+        assert profile.database is not None
+        assert not profile.derandomize
