@@ -710,6 +710,13 @@ def render_explorations(explorations: Sequence[Mapping[str, Any]], *, width: int
     table.add_column("found", overflow="fold", ratio=2)
     for record in explorations:
         test = record["nodeid"].rpartition("::")[2]
+        if record["kind"] == "decoding_calibration":
+            before, after = record["kl_mean"]
+            top_p = f", top_p {record['top_p']:g}" if record["top_p"] is not None else ""
+            table.add_row(escape(test), "decoding calibration",
+                          f"temperature {record['temperature']:.3g}{top_p}: "
+                          f"kl_mean {before:.4f} → {after:.4f}")
+            continue
         fixed = ", ".join(f"{k}={v}" for k, v in record.get("fixed", {}).items())
         what = f"{record['modification']}({fixed}) {record['param']}" if fixed else (
             f"{record['modification']} {record['param']}")

@@ -45,6 +45,8 @@ def write_plots(explorations: Sequence[Mapping[str, Any]], directory: Path | str
     paths: list[Path] = []
     used: set[str] = set()
     for record in explorations:
+        if record["kind"] not in ("threshold", "sweep"):
+            continue  # no curve to draw (e.g. a decoding calibration)
         stem = _stem(record)
         name, n = stem, 1
         while name in used:
