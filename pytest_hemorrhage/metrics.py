@@ -149,6 +149,16 @@ def _quantile_se(x: torch.Tensor, q: float) -> tuple[float, float]:
     return s.quantile(q).item(), (s[hi] - s[lo]).item() / 2
 
 
+def _max_se(x: torch.Tensor, resamples: int = 200) -> tuple[float, float]:
+    """Maximum and its bootstrap standard error (seeded: the same tokens give the same SE)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    maxima = torch.stack([x[torch.randint(0, x.numel(), (x.numel(),), generator=g)].max()
+                          for _ in range(resamples)])  # one resample at a time: O(tokens) memory
+    return x.max().item(), maxima.double().std().item()
+
+
 def summarize(
     stats: TokenStats, ref: Reference
 ) -> tuple[dict[str, float], dict[str, float | None]]:
@@ -161,7 +171,7 @@ def summarize(
         "nll_increase": (nll_increase, nll_se),
         "kl_mean": _mean_se(stats.kl),
         "kl_p99": _quantile_se(stats.kl, 0.99),
-        "kl_max": (stats.kl.max().item(), None),
+        "kl_max": _max_se(stats.kl),
         "top1_disagreement": _mean_se(stats.disagree),
         "delta_p_mean": _mean_se(ref.target_logp.exp().double() - stats.p_target.double()),
     }

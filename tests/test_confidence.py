@@ -29,7 +29,7 @@ def task_harness(harness, tmp_path_factory):
 def test_every_metric_has_a_paired_standard_error(task_harness):
     r = task_harness.measure(MODIFICATION, TASK_METRICS)
     missing = sorted(m for m in r.metrics if r.stderr.get(m) is None)
-    assert missing in ([], ["kl_max"])  # kl_max: see the xfail below
+    assert missing == []
     assert all(r.stderr[m] > 0 for m in r.metrics if m not in missing)
     # paired: a model identical to the baseline has no spread to report, whatever the data
     same = task_harness.measure([("prune.magnitude", {"sparsity": 0.0})], TASK_METRICS)
@@ -37,9 +37,10 @@ def test_every_metric_has_a_paired_standard_error(task_harness):
         m: 0.0 for m in same.metrics if m not in missing}
 
 
-@pytest.mark.xfail(strict=True, reason="metrics.summarize gives kl_max no standard error yet")
-def test_kl_max_has_a_standard_error(harness):
-    assert harness.measure(MODIFICATION).stderr["kl_max"] is not None
+def test_kl_max_has_a_bootstrap_standard_error(harness):
+    first, again = harness.measure(MODIFICATION), harness.measure(MODIFICATION)
+    assert first.stderr["kl_max"] > 0
+    assert first.stderr["kl_max"] == again.stderr["kl_max"]  # seeded: reproducible
 
 
 def test_confidence_fails_only_on_the_upper_bound(task_harness, pytester):
