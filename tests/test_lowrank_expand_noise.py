@@ -4,27 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from bit_identity import assert_restored, snapshot
 
-# imported explicitly so the tests do not depend on the registry's list of built-in families
-import pytest_hemorrhage.modifications.expand
-import pytest_hemorrhage.modifications.lowrank
-import pytest_hemorrhage.modifications.noise  # noqa: F401
 from pytest_hemorrhage.errors import HemorrhageError
 from pytest_hemorrhage.modifications import make
 from pytest_hemorrhage.modifications.lowrank import kept_rank, rebuild, truncate
 
 ZERO = {"kl_mean": 0.0, "kl_max": 0.0, "top1_disagreement": 0.0, "ppl_increase": 0.0}
-
-
-def _state(model):
-    return {k: (v.clone(), v.data_ptr()) for k, v in model.state_dict().items()}
-
-
-def _assert_bit_identical(model, before):
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    for key, (tensor, ptr) in before.items():
-        assert torch.equal(after[key], tensor) and after[key].data_ptr() == ptr, key
 
 
 def _kl(harness, name, **params):
@@ -48,10 +34,18 @@ def gpt2(tiny):
     from pytest_hemorrhage.settings import Settings
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=512, n_positions=128, n_embd=64, n_layer=3, n_head=4,
-                        bos_token_id=0, eos_token_id=0)
-    loaded = LoadedModel(model=GPT2LMHeadModel(config).eval(), tokenizer=tiny.tokenizer,
-                         spec="random-gpt2")
+    config = GPT2Config(
+        vocab_size=512,
+        n_positions=128,
+        n_embd=64,
+        n_layer=3,
+        n_head=4,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    loaded = LoadedModel(
+        model=GPT2LMHeadModel(config).eval(), tokenizer=tiny.tokenizer, spec="random-gpt2"
+    )
     return Harness(loaded, Settings.defaults(model="random-gpt2", tokens=512))
 
 
@@ -76,10 +70,10 @@ def test_lowrank_equals_the_truncated_svd_and_stores_at_most_a_quarter(shape, ra
 
 
 def test_lowrank_rank_ratio_one_changes_nothing(harness):
-    before = _state(harness.model)
+    before = snapshot(harness.model)
     result = harness.measure([("lowrank.svd", {"rank_ratio": 1.0})])
     assert {k: result.metrics[k] for k in ZERO} == ZERO
-    _assert_bit_identical(harness.model, before)
+    assert_restored(harness.model, before)
 
 
 def test_lowrank_damage_grows_as_the_kept_rank_shrinks(harness):
@@ -88,8 +82,14 @@ def test_lowrank_damage_grows_as_the_kept_rank_shrinks(harness):
 
 
 def test_lowrank_targets_only_the_selected_layers(harness):
-    with harness.modified([("lowrank.svd", {"rank_ratio": 0.25, "include": ("*.mlp.*",),
-                                            "exclude": ("*.layers.0.*",)})]):
+    with harness.modified(
+        [
+            (
+                "lowrank.svd",
+                {"rank_ratio": 0.25, "include": ("*.mlp.*",), "exclude": ("*.layers.0.*",)},
+            )
+        ]
+    ):
         for name, module in harness.model.named_modules():
             if isinstance(module, torch.nn.Linear):
                 chosen = ".mlp." in name and ".layers.0." not in name and "lm_head" not in name
@@ -104,7 +104,7 @@ def test_lowrank_targets_only_the_selected_layers(harness):
 def test_expand_inserts_copies_after_their_originals_sharing_weights(harness):
     model = harness.model
     layers = model.model.layers
-    before = _state(model)
+    before = snapshot(model)
     with harness.modified([("expand.layers", {"positions": (1, -1, 1)})]):
         grown = model.model.layers
         assert len(grown) == len(layers) + 3 == model.config.num_hidden_layers
@@ -113,10 +113,11 @@ def test_expand_inserts_copies_after_their_originals_sharing_weights(harness):
             assert block.mlp.down_proj.weight is layers[source].mlp.down_proj.weight
         assert [b.self_attn.layer_idx for b in grown] == list(range(7))
         assert {t.data_ptr() for t in model.state_dict().values()} == {
-            ptr for _, ptr in before.values()}  # the copies hold no tensor of their own
+            ptr for _, ptr in before.values()
+        }  # the copies hold no tensor of their own
     assert model.model.layers is layers and model.config.num_hidden_layers == len(layers)
     assert [b.self_attn.layer_idx for b in layers] == list(range(len(layers)))
-    _assert_bit_identical(model, before)
+    assert_restored(model, before)
 
 
 def test_expand_damages_the_bundled_model(harness):
@@ -128,8 +129,9 @@ def test_expanded_model_generates_with_the_kv_cache_as_without_it(harness, posit
     ids = harness.windows.eval[:2, :10]
     with harness.modified([("expand.layers", {"positions": positions})]) as _, torch.no_grad():
         model = harness.model
-        generated = model.generate(ids, max_new_tokens=6, do_sample=False,
-                                   attention_mask=torch.ones_like(ids))
+        generated = model.generate(
+            ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids)
+        )
         assert torch.equal(generated, _greedy_without_cache(model, ids, 6))
 
 
@@ -144,8 +146,11 @@ def test_expand_filters_positions_with_include_and_exclude(harness):
 
 
 def test_noise_grows_with_sigma_and_zero_changes_nothing(harness):
-    assert {k: v for k, v in harness.measure([("noise.gaussian", {"sigma": 0.0})]).metrics.items()
-            if k in ZERO} == ZERO
+    assert {
+        k: v
+        for k, v in harness.measure([("noise.gaussian", {"sigma": 0.0})]).metrics.items()
+        if k in ZERO
+    } == ZERO
     kl = [_kl(harness, "noise.gaussian", sigma=s) for s in (0.02, 0.1, 0.5)]
     assert 0 < kl[0] < kl[1] < kl[2]
 
@@ -154,7 +159,9 @@ def test_noise_is_reproducible_per_seed_and_regenerated_identically(harness):
     first = harness.measure([("noise.gaussian", {"sigma": 0.2})]).metrics
     assert harness.measure([("noise.gaussian", {"sigma": 0.2})]).metrics == first
     assert harness.measure([("noise.gaussian", {"sigma": 0.2, "seed": 7})]).metrics != first
-    with harness.modified([("noise.gaussian", {"sigma": 0.2, "include": ("*.layers.0.mlp.up_proj",)})]):
+    with harness.modified(
+        [("noise.gaussian", {"sigma": 0.2, "include": ("*.layers.0.mlp.up_proj",)})]
+    ):
         module = harness.model.model.layers[0].mlp.up_proj
         original = module.parametrizations.weight.original
         once, again = module.weight, module.weight
@@ -191,8 +198,11 @@ def test_bitflip_zero_is_a_no_op_and_many_flips_damage(harness):
 def test_bitflip_is_reproducible_per_seed(harness):
     def flipped(seed):
         with harness.modified([("fault.bitflip", {"count": 50, "seed": seed})]):
-            return {n: m.weight.clone() for n, m in harness.model.named_modules()
-                    if hasattr(m, "parametrizations")}
+            return {
+                n: m.weight.clone()
+                for n, m in harness.model.named_modules()
+                if hasattr(m, "parametrizations")
+            }
 
     a, b, c = flipped(3), flipped(3), flipped(4)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -202,16 +212,19 @@ def test_bitflip_is_reproducible_per_seed(harness):
 # ---------------------------------------------------------------- GPT-2 (Conv1D) and errors
 
 
-@pytest.mark.parametrize("name, params", [
-    ("lowrank.svd", {"rank_ratio": 0.5}),
-    ("expand.layers", {"positions": (0, 2)}),
-    ("noise.gaussian", {"sigma": 0.3}),
-    ("fault.bitflip", {"count": 20}),
-])
+@pytest.mark.parametrize(
+    "name, params",
+    [
+        ("lowrank.svd", {"rank_ratio": 0.5}),
+        ("expand.layers", {"positions": (0, 2)}),
+        ("noise.gaussian", {"sigma": 0.3}),
+        ("fault.bitflip", {"count": 20}),
+    ],
+)
 def test_gpt2_conv1d_layers_are_modified_and_restored(gpt2, name, params):
-    before = _state(gpt2.model)
+    before = snapshot(gpt2.model)
     assert gpt2.measure([(name, params)]).metrics["kl_mean"] > 0
-    _assert_bit_identical(gpt2.model, before)
+    assert_restored(gpt2.model, before)
 
 
 def test_gpt2_lowrank_truncates_the_out_in_weight_and_expand_generates(gpt2):
@@ -222,37 +235,67 @@ def test_gpt2_lowrank_truncates_the_out_in_weight_and_expand_generates(gpt2):
     with gpt2.modified([("expand.layers", {"positions": (1,)})]), torch.no_grad():
         model = gpt2.model
         assert model.config.n_layer == 4
-        generated = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0,
-                                   attention_mask=torch.ones_like(ids))
+        generated = model.generate(
+            ids,
+            max_new_tokens=5,
+            do_sample=False,
+            pad_token_id=0,
+            attention_mask=torch.ones_like(ids),
+        )
         assert torch.equal(generated, _greedy_without_cache(model, ids, 5))
     assert gpt2.model.config.n_layer == 3
 
 
-@pytest.mark.parametrize("name, params, message", [
-    ("lowrank.svd", {"rank_ratio": 0}, "rank_ratio=0 is out of range; use a number in (0.0, 1.0]"),
-    ("lowrank.svd", {"rank_ratio": 1.5}, "rank_ratio=1.5 is out of range"),
-    ("expand.layers", {"positions": ()}, "positions=() must be block indices, e.g. positions=(2, 3)"),
-    ("expand.layers", {"positions": ("2",)}, "positions=('2',) must be block indices"),
-    ("noise.gaussian", {"sigma": -0.1}, "sigma=-0.1 is out of range; use a number in [0.0, inf)"),
-    ("noise.gaussian", {"seed": "x"}, "seed='x' is not valid; use an integer"),
-    ("fault.bitflip", {"count": -1}, "count=-1 is out of range; use an integer >= 0"),
-    ("fault.bitflip", {"count": 2.5}, "count=2.5 is out of range"),
-])
+@pytest.mark.parametrize(
+    "name, params, message",
+    [
+        (
+            "lowrank.svd",
+            {"rank_ratio": 0},
+            "rank_ratio=0 is out of range; use a number in (0.0, 1.0]",
+        ),
+        ("lowrank.svd", {"rank_ratio": 1.5}, "rank_ratio=1.5 is out of range"),
+        (
+            "expand.layers",
+            {"positions": ()},
+            "positions=() must be block indices, e.g. positions=(2, 3)",
+        ),
+        ("expand.layers", {"positions": ("2",)}, "positions=('2',) must be block indices"),
+        (
+            "noise.gaussian",
+            {"sigma": -0.1},
+            "sigma=-0.1 is out of range; use a number in [0.0, inf)",
+        ),
+        ("noise.gaussian", {"seed": "x"}, "seed='x' is not valid; use an integer"),
+        ("fault.bitflip", {"count": -1}, "count=-1 is out of range; use an integer >= 0"),
+        ("fault.bitflip", {"count": 2.5}, "count=2.5 is out of range"),
+    ],
+)
 def test_bad_parameters_name_the_value_and_the_fix(name, params, message):
     with pytest.raises(HemorrhageError) as info:
         make(name, params)
     assert message in str(info.value)
 
 
-@pytest.mark.parametrize("name, params, message", [
-    ("expand.layers", {"positions": (4,)}, "positions [4] out of range for 4 blocks (model.layers); "
-                                           "use indices in [-4, 3]"),
-    ("fault.bitflip", {"count": 10**12}, "count=1000000000000 exceeds the"),
-    ("noise.gaussian", {"include": ("nothing*",)}, "no linear layer matches include=('nothing*',)"),
-])
+@pytest.mark.parametrize(
+    "name, params, message",
+    [
+        (
+            "expand.layers",
+            {"positions": (4,)},
+            "positions [4] out of range for 4 blocks (model.layers); use indices in [-4, 3]",
+        ),
+        ("fault.bitflip", {"count": 10**12}, "count=1000000000000 exceeds the"),
+        (
+            "noise.gaussian",
+            {"include": ("nothing*",)},
+            "no linear layer matches include=('nothing*',)",
+        ),
+    ],
+)
 def test_model_dependent_errors_name_the_limit(harness, name, params, message):
-    before = _state(harness.model)
+    before = snapshot(harness.model)
     with pytest.raises(HemorrhageError) as info:
         harness.measure([(name, params)])
     assert message in str(info.value)
-    _assert_bit_identical(harness.model, before)
+    assert_restored(harness.model, before)

@@ -4,23 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from bit_identity import assert_restored, snapshot
 
 from pytest_hemorrhage.errors import HemorrhageError
 from pytest_hemorrhage.modifications import make, names
 from pytest_hemorrhage.modifications.prune import global_threshold
 from pytest_hemorrhage.modifications.quant import rtn_quantize
-
-
-def _state(model):
-    return {k: (v.clone(), v.data_ptr()) for k, v in model.state_dict().items()}
-
-
-def _assert_bit_identical(model, before):
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    for key, (tensor, ptr) in before.items():
-        assert torch.equal(after[key], tensor), key
-        assert after[key].data_ptr() == ptr, key
 
 
 def test_rtn_matches_round_to_nearest_by_hand():
@@ -66,11 +55,11 @@ def test_global_threshold_equals_the_kth_magnitude_of_all_weights():
 
 
 def test_measure_restores_the_model_bit_for_bit(harness):
-    before = _state(harness.model)
+    before = snapshot(harness.model)
     harness.measure(
         [("prune.magnitude", {"sparsity": 0.5, "scope": "global"}), ("quant.rtn", {"bits": 3})]
     )
-    _assert_bit_identical(harness.model, before)
+    assert_restored(harness.model, before)
 
 
 def test_restore_after_a_handler_that_raises_halfway(harness, monkeypatch):
@@ -89,10 +78,10 @@ def test_restore_after_a_handler_that_raises_halfway(harness, monkeypatch):
         patch.swap_module(targets[1].name, torch.nn.Identity())
         raise RuntimeError("halfway")
 
-    before = _state(harness.model)
+    before = snapshot(harness.model)
     with pytest.raises(RuntimeError, match="halfway"):
         harness.measure("test.broken")
-    _assert_bit_identical(harness.model, before)
+    assert_restored(harness.model, before)
 
 
 def test_default_targets_skip_embeddings_and_head_and_patterns_select(harness):

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from bit_identity import assert_restored, snapshot
 
 from pytest_hemorrhage.errors import HemorrhageError
 from pytest_hemorrhage.modifications import Patch, apply, make
@@ -35,20 +36,32 @@ def gpt2(tiny):
     from pytest_hemorrhage.loading import LoadedModel
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tiny.tokenizer), n_positions=128, n_embd=64, n_layer=2,
-                        n_head=4, bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        vocab_size=len(tiny.tokenizer),
+        n_positions=128,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     model = GPT2LMHeadModel(config).eval()
     with torch.no_grad():  # random init leaves biases at zero; give them values to matter
         for name, param in model.named_parameters():
             if name.endswith(".bias"):
                 param.normal_(0.0, 0.1)
-    return _harness(LoadedModel(model=model, tokenizer=tiny.tokenizer, spec="gpt2-random"),
-                    tokens=512, calibration_windows=4)
+    return _harness(
+        LoadedModel(model=model, tokenizer=tiny.tokenizer, spec="gpt2-random"),
+        tokens=512,
+        calibration_windows=4,
+    )
 
 
 OUTLIER_SCALE = 30.0
-_READERS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-            "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
+_READERS = {
+    "input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj"),
+}
 
 
 def rescale_channels(model, channels, alpha=OUTLIER_SCALE):
@@ -84,20 +97,9 @@ def outliers(tiny, outlier_channels):
     from pytest_hemorrhage.loading import LoadedModel
 
     model = rescale_channels(copy.deepcopy(tiny.model), outlier_channels)
-    return _harness(LoadedModel(model=model, tokenizer=tiny.tokenizer, spec="tiny-outliers"),
-                    tokens=2048)
-
-
-def _state(model):
-    return {k: (v.clone(), v.data_ptr()) for k, v in model.state_dict().items()}
-
-
-def _assert_bit_identical(model, before):
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    for key, (tensor, ptr) in before.items():
-        assert torch.equal(after[key], tensor), key
-        assert after[key].data_ptr() == ptr, key
+    return _harness(
+        LoadedModel(model=model, tokenizer=tiny.tokenizer, spec="tiny-outliers"), tokens=2048
+    )
 
 
 def _ppl_increase(harness, name, **params):
@@ -198,8 +200,9 @@ def test_gradient_scores_need_no_trainable_parameters(gpt2):
         torch.testing.assert_close(frozen[name], scores)
 
 
-@pytest.mark.parametrize(("n", "m", "score"), [(2, 4, "magnitude"), (4, 8, "magnitude"),
-                                               (1, 4, "wanda")])
+@pytest.mark.parametrize(
+    ("n", "m", "score"), [(2, 4, "magnitude"), (4, 8, "magnitude"), (1, 4, "wanda")]
+)
 def test_nm_keeps_the_n_largest_of_every_m_consecutive_inputs(harness, n, m, score):
     w = _weight(harness, LAYER).clone()
     scores = w.abs() * (_calibration_input_norms(harness, LAYER) if score == "wanda" else 1)
@@ -266,8 +269,9 @@ def test_zeroed_heads_and_channels_equal_their_removal_despite_biases(gpt2):
         with gpt2.modified([]) as patch:
             for i, columns in dead.items():
                 module = model.get_submodule(f"transformer.h.{i}.{consumer}")
-                patch.parametrize(Target(f"c{i}", module, True),
-                                  lambda w, c=columns: torch.where(c, 0, w))
+                patch.parametrize(
+                    Target(f"c{i}", module, True), lambda w, c=columns: torch.where(c, 0, w)
+                )
             only_columns = gpt2.context.logits(ids)
         torch.testing.assert_close(pruned, only_columns, rtol=1e-5, atol=1e-5)
 
@@ -291,8 +295,9 @@ def test_layers_drop_blocks_and_renumber_the_rest(harness):
     assert [b.self_attn.layer_idx for b in blocks] == [0, 1, 2, 3]
     with harness.modified([("prune.layers", {"count": 2, "selection": "last"})]):
         assert list(model.model.layers) == blocks[:2]
-    with harness.modified([("prune.layers", {"count": 1, "exclude": ("*.layers.3.*",),
-                                             "selection": "last"})]):
+    with harness.modified(
+        [("prune.layers", {"count": 1, "exclude": ("*.layers.3.*",), "selection": "last"})]
+    ):
         assert list(model.model.layers) == blocks[:2] + blocks[3:]
 
 
@@ -310,11 +315,16 @@ def test_dropping_a_block_equals_running_without_it(gpt2):
 
 # --- restore and errors ------------------------------------------------------------------------
 
-ALL = [("prune.wanda", {"sparsity": 0.5}), ("prune.gradient", {"sparsity": 0.5}),
-       ("prune.nm", {"n": 2, "m": 4, "score": "wanda"}), ("prune.heads", {"fraction": 0.5}),
-       ("prune.channels", {"fraction": 0.5}), ("prune.layers", {"count": 1}),
-       ("prune.heads", {"fraction": 0.3, "scope": "global", "importance": "weight"}),
-       ("prune.channels", {"fraction": 0.3, "scope": "global", "importance": "weight"})]
+ALL = [
+    ("prune.wanda", {"sparsity": 0.5}),
+    ("prune.gradient", {"sparsity": 0.5}),
+    ("prune.nm", {"n": 2, "m": 4, "score": "wanda"}),
+    ("prune.heads", {"fraction": 0.5}),
+    ("prune.channels", {"fraction": 0.5}),
+    ("prune.layers", {"count": 1}),
+    ("prune.heads", {"fraction": 0.3, "scope": "global", "importance": "weight"}),
+    ("prune.channels", {"fraction": 0.3, "scope": "global", "importance": "weight"}),
+]
 
 
 @pytest.mark.parametrize("which", ["llama", "gpt2"])
@@ -323,44 +333,54 @@ def test_every_pruning_restores_the_model_bit_for_bit(which, harness, gpt2):
     ids = h.windows.eval[:1]
     with torch.no_grad():
         baseline = h.context.logits(ids)
-    before = _state(h.model)
+    before = snapshot(h.model)
     stages = [[stage] for stage in ALL]
     # composed, each stage scored on the output of the ones before
     stages.append([ALL[0], ALL[2], ALL[1], ALL[3]])
     for stage in stages:
         with h.modified(stage), torch.no_grad():
             assert not torch.equal(h.context.logits(ids), baseline), stage  # it changed something
-        _assert_bit_identical(h.model, before)
+        assert_restored(h.model, before)
 
 
-@pytest.mark.parametrize(("name", "params", "match"), [
-    ("prune.wanda", {"sparsity": 1.5}, r"sparsity=1\.5 .*use a number in \[0\.0, 1\.0\]"),
-    ("prune.gradient", {"sparsity": -0.1}, r"sparsity=-0\.1 .*use a number"),
-    ("prune.nm", {"n": 5, "m": 4}, r"n=5 .*use an integer in \[1, 4\]"),
-    ("prune.nm", {"score": "taylor"}, r"score='taylor' .*choose one of 'magnitude', 'wanda'"),
-    ("prune.heads", {"fraction": 0.5, "heads": [(0, 1)]}, r"fraction=0\.5 and heads.*pass one"),
-    ("prune.heads", {"heads": [(0, -1)]}, r"heads=.*\(layer, head\) pairs"),
-    ("prune.heads", {"fraction": 2}, r"fraction=2 .*use a number"),
-    ("prune.channels", {"importance": "random"}, r"importance='random' .*'activation', 'weight'"),
-    ("prune.layers", {"count": 1, "indices": [2]}, r"count=1 and indices=\(2,\).*pass one"),
-    ("prune.layers", {"selection": "first"}, r"selection='first' .*'importance', 'last'"),
-])
+@pytest.mark.parametrize(
+    ("name", "params", "match"),
+    [
+        ("prune.wanda", {"sparsity": 1.5}, r"sparsity=1\.5 .*use a number in \[0\.0, 1\.0\]"),
+        ("prune.gradient", {"sparsity": -0.1}, r"sparsity=-0\.1 .*use a number"),
+        ("prune.nm", {"n": 5, "m": 4}, r"n=5 .*use an integer in \[1, 4\]"),
+        ("prune.nm", {"score": "taylor"}, r"score='taylor' .*choose one of 'magnitude', 'wanda'"),
+        ("prune.heads", {"fraction": 0.5, "heads": [(0, 1)]}, r"fraction=0\.5 and heads.*pass one"),
+        ("prune.heads", {"heads": [(0, -1)]}, r"heads=.*\(layer, head\) pairs"),
+        ("prune.heads", {"fraction": 2}, r"fraction=2 .*use a number"),
+        (
+            "prune.channels",
+            {"importance": "random"},
+            r"importance='random' .*'activation', 'weight'",
+        ),
+        ("prune.layers", {"count": 1, "indices": [2]}, r"count=1 and indices=\(2,\).*pass one"),
+        ("prune.layers", {"selection": "first"}, r"selection='first' .*'importance', 'last'"),
+    ],
+)
 def test_bad_parameters_name_the_value_and_the_fix(name, params, match):
     with pytest.raises(HemorrhageError, match=match):
         make(name, params)
 
 
-@pytest.mark.parametrize(("name", "params", "match"), [
-    ("prune.layers", {"count": 4}, r"count=4 .*use count <= 3"),
-    ("prune.layers", {"indices": [7]}, r"indices=\(7,\) names block 7 .*0\.\.3"),
-    ("prune.heads", {"heads": [(0, 9)]}, r"\(0, 9\) .*head < 4"),
-    ("prune.nm", {"n": 1, "m": 3}, r"has 128 inputs, not a multiple of m=3"),
-])
+@pytest.mark.parametrize(
+    ("name", "params", "match"),
+    [
+        ("prune.layers", {"count": 4}, r"count=4 .*use count <= 3"),
+        ("prune.layers", {"indices": [7]}, r"indices=\(7,\) names block 7 .*0\.\.3"),
+        ("prune.heads", {"heads": [(0, 9)]}, r"\(0, 9\) .*head < 4"),
+        ("prune.nm", {"n": 1, "m": 3}, r"has 128 inputs, not a multiple of m=3"),
+    ],
+)
 def test_parameters_that_do_not_fit_the_model_are_refused(harness, name, params, match):
-    before = _state(harness.model)
+    before = snapshot(harness.model)
     with pytest.raises(HemorrhageError, match=match):
         harness.measure([(name, params)])
-    _assert_bit_identical(harness.model, before)
+    assert_restored(harness.model, before)
 
 
 @pytest.mark.parametrize("name", ["prune.heads", "prune.channels"])
@@ -418,8 +438,10 @@ def test_wanda_and_gradient_survive_outlier_channels_that_break_magnitude(outlie
 def test_gradient_scores_are_invariant_to_the_rescaling(harness, outliers, outlier_channels):
     """W' = W / a and dL/dW' = a dL/dW on the rescaled columns: |W' ⊙ dL/dW'| is unchanged."""
     names = [f"model.layers.{i}.{p}" for i in (0, 3) for p in ("self_attn.q_proj", "mlp.up_proj")]
-    targets = {h: make("prune.gradient", {"include": tuple(names)}).targets(h.model)
-               for h in (harness, outliers)}
+    targets = {
+        h: make("prune.gradient", {"include": tuple(names)}).targets(h.model)
+        for h in (harness, outliers)
+    }
     windows = harness.context.calibration_windows(4)
     plain = taylor_scores(harness.model, harness.context, targets[harness], windows)
     rescaled = taylor_scores(outliers.model, outliers.context, targets[outliers], windows)

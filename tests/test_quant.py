@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from bit_identity import snapshot
 from torch import nn
 
 from pytest_hemorrhage.errors import HemorrhageError
@@ -43,10 +44,6 @@ SETTINGS = {
 
 
 # --- helpers and fixtures ---------------------------------------------------------------------
-
-
-def _state(model):
-    return {k: (v.clone(), v.data_ptr()) for k, v in model.state_dict().items()}
 
 
 def _differences(model, before) -> list[str]:
@@ -112,7 +109,7 @@ def measured(harness):
     """Every setting measured once on the bundled model, with whether it restored exactly."""
     out = {}
     for key, (name, params) in SETTINGS.items():
-        before = _state(harness.model)
+        before = snapshot(harness.model)
         result = harness.measure([(name, params)])
         out[key] = (result, _differences(harness.model, before))
     return out
@@ -408,7 +405,7 @@ def test_measure_restores_the_model_bit_for_bit(measured, key):
 @pytest.mark.parametrize("key", ["int8", "nf4", "hqq4", "fp8-e4m3", "float16", "w8a8-smooth"])
 def test_gpt2_conv1d_layers_quantize_and_restore(gpt2, key):
     name, params = SETTINGS[key]
-    before = _state(gpt2.model)
+    before = snapshot(gpt2.model)
     result = gpt2.measure([(name, params)])
     assert not _differences(gpt2.model, before)
     assert result.nonfinite == 0
@@ -416,7 +413,7 @@ def test_gpt2_conv1d_layers_quantize_and_restore(gpt2, key):
 
 
 def test_a_composition_failing_halfway_restores_every_stage(harness):
-    before = _state(harness.model)
+    before = snapshot(harness.model)
     stages = [("quant.bnb_4bit", {"include": ("*.mlp.*",)}),
               ("quant.w8a8", {"include": ("*.o_proj",), "smooth": False}),
               ("quant.hqq", {"include": ("*.k_proj",), "group_size": 16384})]
@@ -464,7 +461,7 @@ def test_library_kernels_on_cuda(measured):
     from pytest_hemorrhage.loading import load_model
 
     gpu = _harness(load_model("hemorrhage-tiny", device="cuda"), tokens=2048)
-    before = _state(gpu.model)
+    before = snapshot(gpu.model)
     for key in ("int8", "nf4", "hqq4", "w8a8-smooth"):
         name, params = SETTINGS[key]
         result = gpu.measure([(name, params)])

@@ -9,13 +9,10 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from bit_identity import assert_restored, snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-# imported explicitly so the tests do not depend on the registry's list of built-in families
-import pytest_hemorrhage.modifications.expand
-import pytest_hemorrhage.modifications.lowrank
-import pytest_hemorrhage.modifications.noise  # noqa: F401
 from pytest_hemorrhage import strategies as hst
 from pytest_hemorrhage.errors import HemorrhageError
 from pytest_hemorrhage.modifications import (
@@ -58,16 +55,7 @@ def registered(name, config, handler):
         registry._REGISTRY.update(saved)
 
 
-def _state(model):
-    return {k: (v.clone(), v.data_ptr()) for k, v in model.state_dict().items()}
 
-
-def _assert_bit_identical(model, before):
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    for key, (tensor, ptr) in before.items():
-        assert after[key].data_ptr() == ptr, key
-        assert torch.equal(after[key], tensor), key
 
 
 def _configs(model) -> st.SearchStrategy[Modification]:
@@ -86,7 +74,7 @@ def _configs(model) -> st.SearchStrategy[Modification]:
 
 def test_any_sequence_with_any_failure_restores_the_baseline_bit_for_bit(harness):
     model = harness.model
-    before = _state(model)
+    before = snapshot(model)
     configs = _configs(model)
     ids = harness.windows.eval[:2]
     crashes: dict[str, list[str]] = {}
@@ -121,7 +109,7 @@ def test_any_sequence_with_any_failure_restores_the_baseline_bit_for_bit(harness
             # the same; HemorrhageError is a refusal (e.g. more layers than the model has)
             crashes.setdefault(f"{type(raised).__name__}: {raised}"[:160],
                                [c.name for c in stages])
-        _assert_bit_identical(model, before)
+        assert_restored(model, before)
         harness.check_pristine()
 
     with registered("test.fails_halfway", FailsHalfway, fails_halfway):
