@@ -123,6 +123,11 @@ def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th smallest element (1-based); -inf for k == 0 so that nothing is below it."""
     if k == 0:
         return values.new_tensor(float("-inf"))
+    if values.device.type == "cpu":  # numpy's introselect is ~10x faster than kthvalue on CPU
+        import numpy as np
+
+        flat = values.detach().flatten().float().numpy()  # exact for half precisions
+        return torch.as_tensor(np.partition(flat, k - 1)[k - 1])
     return values.flatten().kthvalue(k).values
 
 
@@ -133,6 +138,11 @@ def row_thresholds(scores: torch.Tensor, k: int) -> torch.Tensor:
     """
     if k == 0:
         return scores.new_full((scores.shape[0], 1), float("-inf"))
+    if scores.device.type == "cpu":
+        import numpy as np
+
+        part = np.partition(scores.detach().float().numpy(), k - 1, axis=1)[:, k - 1 : k]
+        return torch.from_numpy(part)
     return scores.kthvalue(k, dim=1, keepdim=True).values
 
 
