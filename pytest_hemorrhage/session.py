@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -160,4 +161,15 @@ class HemorrhageSession:
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.report(), indent=2, default=str) + "\n")
+        path.write_text(json.dumps(_strict(self.report()), indent=2, default=str) + "\n")
+
+
+def _strict(value: Any) -> Any:
+    """JSON has no NaN or infinity: a non-finite metric (a collapsed model) becomes null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value

@@ -20,3 +20,9 @@ def harness(tiny):
     from pytest_hemorrhage.settings import Settings
 
     return Harness(tiny, Settings.defaults(model="hemorrhage-tiny", tokens=2048))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _import_model_code_before_pytester(tiny):
+    """pytester's in-process runs drop the modules they imported; torch then refuses to register
+    its operator libraries a second time. Loading the model once up front keeps them loaded."""
