@@ -44,7 +44,7 @@ import torch
 from .errors import HemorrhageError
 from .harness import model_logits
 from .metrics import Result
-from .modifications.registry import _is_linear, blocks
+from .modifications.registry import blocks, is_linear
 
 if TYPE_CHECKING:
     from .harness import Harness, Stages
@@ -324,7 +324,7 @@ def _capture(model: Any, ids: torch.Tensor, patch: Patch,
     for i, block in enumerate(layers):
         handles.append(block.register_forward_hook(keep(str(i))))
         for name, module in block.named_modules():
-            if name and (_is_linear(module) or name in sublayers):
+            if name and (is_linear(module) or name in sublayers):
                 handles.append(module.register_forward_hook(keep(f"{i}:{name}")))
             elif name and attention:
                 handles.append(module.register_forward_hook(weights(i)))

@@ -12,7 +12,7 @@ from bit_identity import assert_restored, snapshot
 from pytest_hemorrhage.errors import HemorrhageError
 from pytest_hemorrhage.modifications import Patch, apply, make
 from pytest_hemorrhage.modifications.prune import pack_bits, taylor_scores, unpack_bits
-from pytest_hemorrhage.modifications.registry import Target, _is_conv1d
+from pytest_hemorrhage.modifications.registry import Target, is_conv1d
 from pytest_hemorrhage.modifications.structure import block_similarity
 
 LAYER = "model.layers.1.mlp.down_proj"  # a layer whose rows are long enough to rank (384 inputs)
@@ -110,7 +110,7 @@ def _weight(harness, name):
     """(out, in) effective weight of a linear layer."""
     module = harness.model.get_submodule(name)
     w = module.weight.detach()
-    return w.t() if _is_conv1d(module) else w
+    return w.t() if is_conv1d(module) else w
 
 
 def _pruned_by_hand(scores, sparsity):
@@ -141,7 +141,7 @@ def _taylor_by_hand(harness, name):
     """sum_w |W ⊙ dL_w/dW| by autograd on the weight parameter, one window at a time."""
     module = harness.model.get_submodule(name)
     weight = module.weight
-    transposed = _is_conv1d(module)
+    transposed = is_conv1d(module)
     total = torch.zeros_like(weight)
     for window in harness.context.calibration_windows():
         ids = window[None]

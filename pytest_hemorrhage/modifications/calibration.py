@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .registry import _is_linear
+from ..errors import HemorrhageError
+from .registry import Target, is_linear
 
 if TYPE_CHECKING:
     from ..harness import Context
 
-__all__ = ["InputStats", "input_stats"]
+__all__ = ["InputStats", "input_norms", "input_stats"]
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ def _collect(model: nn.Module, context: Context) -> dict[str, InputStats]:
         return record
 
     handles = [
-        m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if _is_linear(m)
+        m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if is_linear(m)
     ]
     try:
         windows = context.calibration_windows()
@@ -63,3 +64,14 @@ def _collect(model: nn.Module, context: Context) -> dict[str, InputStats]:
         for h in handles:
             h.remove()
     return {n: InputStats(sums[n].sqrt().cpu(), maxes[n].cpu(), counts[n]) for n in sums}
+
+
+def input_norms(model: nn.Module, context: Context, target: Target, what: str) -> torch.Tensor:
+    """Wanda's ||X_j||_2 per input channel of ``target``; ``what`` names the caller in errors."""
+    stats = input_stats(model, context).get(target.name)
+    if stats is None:  # the layer never ran on the calibration windows
+        raise HemorrhageError(
+            f"{what}: layer {target.name!r} saw no calibration input, so it has no activation "
+            "norms; exclude it with exclude=(...) or use a magnitude score"
+        )
+    return stats.l2

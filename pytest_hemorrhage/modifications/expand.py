@@ -18,12 +18,12 @@ import copy
 import fnmatch
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from ..errors import HemorrhageError
-from .registry import Modification, Patch, blocks, register_modification
+from .registry import Modification, Patch, blocks, register_modification, replace_blocks
 
 if TYPE_CHECKING:
     from ..harness import Context
@@ -109,18 +109,4 @@ def apply_expand(config: LayerExpansion, model: nn.Module, patch: Patch, context
         for copy_number in range(1 + copies[i]):
             expanded.append(block if copy_number == 0 else _clone(block, len(expanded)))
             sources.append(_index(block, i))
-    # like the other block edits, keep layer_idx == position: a KV cache sized for the longer
-    # model then has one slot per block, and a later stage can renumber again
-    for position, block in enumerate(expanded):
-        for module in block.modules():
-            if isinstance(getattr(module, "layer_idx", None), int) and module.layer_idx != position:
-                patch.setattr(module, "layer_idx", position)
-    patch.swap_module(prefix, nn.ModuleList(expanded))
-    cfg: Any = getattr(model, "config", None)
-    added = len(expanded) - n
-    if cfg is not None and isinstance(getattr(cfg, "num_hidden_layers", None), int):
-        # transformers runs layers[:num_hidden_layers] and sizes its KV caches from the config
-        patch.setattr(cfg, "num_hidden_layers", cfg.num_hidden_layers + added)
-        layer_types = getattr(cfg, "layer_types", None)
-        if isinstance(layer_types, (list, tuple)) and all(s < len(layer_types) for s in sources):
-            patch.setattr(cfg, "layer_types", type(layer_types)(layer_types[s] for s in sources))
+    replace_blocks(patch, prefix, expanded, sources)

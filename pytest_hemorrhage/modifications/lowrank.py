@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .noise import check_float_weights
 from .registry import Modification, Patch, register_modification
 from .validate import check_number
 
@@ -150,7 +149,6 @@ def rebuild(w: torch.Tensor, space: Subspace) -> torch.Tensor:
 @register_modification("lowrank.svd", LowRank)
 def apply_svd(config: LowRank, model: nn.Module, patch: Patch, context: Context) -> None:
     targets = config.targets(model)
-    check_float_weights(config, targets)
     for target in targets:
         with torch.no_grad():
             space = truncate(target.weight, kept_rank(config.rank_ratio, target.weight.shape))

@@ -17,13 +17,13 @@ import torch
 from torch import nn
 
 from ..errors import HemorrhageError
-from .registry import Modification, Patch, Target, register_modification
+from .registry import Modification, Patch, register_modification
 from .validate import check_int, check_number
 
 if TYPE_CHECKING:
     from ..harness import Context
 
-__all__ = ["BitFlip", "GaussianNoise", "check_float_weights", "layer_seed"]
+__all__ = ["BitFlip", "GaussianNoise", "layer_seed"]
 
 
 def _check_seed(config: Modification) -> None:
@@ -76,17 +76,6 @@ class BitFlip(Modification):
         _check_seed(self)
 
 
-def check_float_weights(config: Modification, targets: list[Target]) -> None:
-    """Raise unless every target stores float weights (not already packed by a quantizer)."""
-    for t in targets:
-        if not t.weight.is_floating_point():
-            raise HemorrhageError(
-                f"{config.name}: {t.name} stores {t.weight.dtype} weights (packed by an earlier "
-                "quantization stage?); apply it before quantizing, or exclude the layer with "
-                "exclude=(...)"
-            )
-
-
 def layer_seed(seed: int, *parts: object) -> int:
     """A 63-bit seed for one layer, stable across runs and platforms (unlike ``hash()``)."""
     text = "\x1f".join(map(str, (seed, *parts)))
@@ -113,7 +102,6 @@ def _noisy(scale: float, seed: int):
 @register_modification("noise.gaussian", GaussianNoise)
 def apply_gaussian(config: GaussianNoise, model: nn.Module, patch: Patch, context: Context) -> None:
     targets = config.targets(model)
-    check_float_weights(config, targets)
     if config.sigma == 0:
         return
     seed, stage = _stage_seed(config, context)
@@ -139,7 +127,6 @@ def _flipper(positions: torch.Tensor, masks: torch.Tensor):
 @register_modification("fault.bitflip", BitFlip)
 def apply_bitflip(config: BitFlip, model: nn.Module, patch: Patch, context: Context) -> None:
     targets = config.targets(model)
-    check_float_weights(config, targets)
     widths = [t.weight.element_size() * 8 for t in targets]
     sizes = [t.weight.numel() * bits for t, bits in zip(targets, widths, strict=True)]
     total = sum(sizes)

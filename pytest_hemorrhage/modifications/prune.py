@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import HemorrhageError
-from .calibration import input_stats
+from .calibration import input_norms
 from .registry import Modification, Patch, Target, register_modification
 from .validate import check_choice, check_int, check_number
 
@@ -190,16 +190,6 @@ def apply_magnitude(
 # --- Wanda -------------------------------------------------------------------------------------
 
 
-def _input_norms(model: nn.Module, context: Context, target: Target, what: str) -> torch.Tensor:
-    stats = input_stats(model, context).get(target.name)
-    if stats is None:  # the layer never ran on the calibration windows
-        raise HemorrhageError(
-            f"{what}: layer {target.name!r} saw no calibration input, so it has no activation "
-            "norms; exclude it with exclude=(...) or use a magnitude score"
-        )
-    return stats.l2
-
-
 def _wanda_mask(l2: torch.Tensor, threshold: torch.Tensor):
     def mask(w: torch.Tensor) -> torch.Tensor:
         # same expression, dtype and device as when the thresholds were taken: same bits
@@ -216,7 +206,7 @@ def apply_wanda(config: WandaPruning, model: nn.Module, patch: Patch, context: C
     with torch.no_grad():
         for target in targets:
             w = target.weight.detach()
-            l2 = _input_norms(model, context, target, config.name)
+            l2 = input_norms(model, context, target, config.name)
             k = round(config.sparsity * w.shape[1])
             state.append((l2, row_thresholds(w.abs() * l2.to(w.device, w.dtype), k)))
     for target, (l2, threshold) in zip(targets, state, strict=True):
@@ -389,7 +379,7 @@ def apply_nm(config: NMPruning, model: nn.Module, patch: Patch, context: Context
                 f"{config.name}: layer {target.name!r} has {columns} inputs, not a multiple of "
                 f"m={config.m}; choose an m that divides it or exclude the layer with exclude=(...)"
             )
-    norms = [_input_norms(model, context, t, config.name) if config.score == "wanda" else None
+    norms = [input_norms(model, context, t, config.name) if config.score == "wanda" else None
              for t in targets]
     for target, l2 in zip(targets, norms, strict=True):
         patch.parametrize(target, _nm_mask(config.n, config.m, l2))

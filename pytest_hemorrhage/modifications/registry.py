@@ -32,6 +32,7 @@ __all__ = [
     "make",
     "names",
     "register_modification",
+    "replace_blocks",
 ]
 
 
@@ -180,18 +181,18 @@ class Target:
         return w.t() if self.transposed else w
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
     # by name: transformers is not imported here, and parametrize subclasses the class
     return any(c.__name__ == "Conv1D" for c in type(module).__mro__)
 
 
-def _is_linear(module: nn.Module) -> bool:
+def is_linear(module: nn.Module) -> bool:
     """A dense float linear layer (nn.Linear or GPT-2's Conv1D), parametrized or not.
 
     Kernel-quantized layers that subclass nn.Linear (bitsandbytes) hold integer weights and
     are not targets of a later stage.
     """
-    if not (isinstance(module, nn.Linear) or _is_conv1d(module)):
+    if not (isinstance(module, nn.Linear) or is_conv1d(module)):
         return False
     if parametrize.is_parametrized(module, "weight"):
         weight = module.parametrizations.weight.original
@@ -211,6 +212,31 @@ def blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return max(lists, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))
 
 
+def replace_blocks(
+    patch: Patch, prefix: str, new: list[nn.Module], sources: list[int]
+) -> None:
+    """Swap the block list at ``prefix`` for ``new`` (blocks dropped, duplicated or reordered).
+
+    ``sources[i]`` is the index ``new[i]`` had before. Keeps transformers' conventions, through
+    ``patch`` so that undo restores them: every ``layer_idx`` equals its block's position (the
+    KV cache has one slot per block), and ``config.num_hidden_layers`` / ``layer_types`` match.
+    """
+    old = patch.model.get_submodule(prefix)
+    for position, block in enumerate(new):
+        for module in block.modules():
+            index = getattr(module, "layer_idx", None)
+            if isinstance(index, int) and index != position:
+                patch.setattr(module, "layer_idx", position)
+    patch.swap_module(prefix, nn.ModuleList(new))
+    cfg: Any = getattr(patch.model, "config", None)
+    if cfg is not None and isinstance(getattr(cfg, "num_hidden_layers", None), int):
+        # transformers runs layers[:num_hidden_layers] and sizes its KV caches from the config
+        patch.setattr(cfg, "num_hidden_layers", cfg.num_hidden_layers + len(new) - len(old))
+        layer_types = getattr(cfg, "layer_types", None)
+        if isinstance(layer_types, (list, tuple)) and all(i < len(layer_types) for i in sources):
+            patch.setattr(cfg, "layer_types", type(layer_types)(layer_types[i] for i in sources))
+
+
 def select_targets(
     model: nn.Module, include: tuple[str, ...], exclude: tuple[str, ...], what: str = ""
 ) -> list[Target]:
@@ -219,20 +245,20 @@ def select_targets(
         candidates = [
             (n, m)
             for n, m in model.named_modules()
-            if _is_linear(m) and any(fnmatch.fnmatchcase(n, p) for p in include)
+            if is_linear(m) and any(fnmatch.fnmatchcase(n, p) for p in include)
         ]
     else:
         prefix, _ = blocks(model)
         candidates = [
-            (n, m) for n, m in model.named_modules() if _is_linear(m) and n.startswith(prefix + ".")
+            (n, m) for n, m in model.named_modules() if is_linear(m) and n.startswith(prefix + ".")
         ]
     chosen = [
-        Target(n, m, _is_conv1d(m))
+        Target(n, m, is_conv1d(m))
         for n, m in candidates
         if not any(fnmatch.fnmatchcase(n, p) for p in exclude)
     ]
     if not chosen:
-        example = next((n for n, m in model.named_modules() if _is_linear(m)), "?")
+        example = next((n for n, m in model.named_modules() if is_linear(m)), "?")
         raise HemorrhageError(
             f"{what}: no linear layer matches include={include!r} exclude={exclude!r}; "
             f"layer names look like {example!r}"

@@ -23,15 +23,16 @@ import torch
 from torch import nn
 
 from ..errors import HemorrhageError
-from .prune import _input_norms
+from .calibration import input_norms
 from .registry import (
     Modification,
     Patch,
     Target,
-    _is_conv1d,
-    _is_linear,
     blocks,
+    is_conv1d,
+    is_linear,
     register_modification,
+    replace_blocks,
 )
 from .validate import check_choice, check_int, check_number
 
@@ -210,11 +211,11 @@ _MLP_NAMES = (("gate_proj", "up_proj", "down_proj"), ("up_proj", "down_proj"), (
 
 
 def _target(name: str, module: nn.Module) -> Target:
-    return Target(name, module, _is_conv1d(module))
+    return Target(name, module, is_conv1d(module))
 
 
 def _children(module: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in module.named_children() if _is_linear(m)}
+    return {n: m for n, m in module.named_children() if is_linear(m)}
 
 
 def _unsupported(model: nn.Module, what: str, block: str, expected: str) -> HemorrhageError:
@@ -386,7 +387,7 @@ def _head_scores(config: HeadPruning, model: nn.Module, context: Context,
             d, group = a.head_dim, a.heads // a.kv_heads
             o_norms = _column_norms(a.o)
             if config.importance == "activation":
-                l2 = _input_norms(model, context, a.o, config.name).to(o_norms.device)
+                l2 = input_norms(model, context, a.o, config.name).to(o_norms.device)
                 contribution = (o_norms * l2).square()
                 per_head = contribution.view(a.heads, d).sum(1).sqrt()
             else:
@@ -445,7 +446,7 @@ def _channel_scores(config: ChannelPruning, model: nn.Module, context: Context,
         for mlp in layouts:
             importance = _column_norms(mlp.consumer)
             if config.importance == "activation":
-                l2 = _input_norms(model, context, mlp.consumer, config.name)
+                l2 = input_norms(model, context, mlp.consumer, config.name)
                 importance = importance * l2.to(importance.device)
             else:
                 for producer in mlp.producers:
@@ -558,18 +559,4 @@ def apply_layers(config: LayerPruning, model: nn.Module, patch: Patch, context: 
     kept = [i for i in range(total) if i not in set(dropped)]
     if len(kept) == total:
         return
-    # like expand.layers, keep layer_idx == position: a KV cache sized for the shorter model
-    # then has one slot per block
-    for position, old in enumerate(kept):
-        for module in layers[old].modules():
-            index = getattr(module, "layer_idx", None)
-            if isinstance(index, int) and index != position:
-                patch.setattr(module, "layer_idx", position)
-    patch.swap_module(prefix, nn.ModuleList([layers[i] for i in kept]))
-    cfg: Any = getattr(model, "config", None)
-    if cfg is not None and isinstance(getattr(cfg, "num_hidden_layers", None), int):
-        # transformers runs layers[:num_hidden_layers] and sizes its KV caches from the config
-        patch.setattr(cfg, "num_hidden_layers", cfg.num_hidden_layers - (total - len(kept)))
-        layer_types = getattr(cfg, "layer_types", None)
-        if isinstance(layer_types, (list, tuple)) and len(layer_types) == total:
-            patch.setattr(cfg, "layer_types", type(layer_types)(layer_types[i] for i in kept))
+    replace_blocks(patch, prefix, [layers[i] for i in kept], kept)
