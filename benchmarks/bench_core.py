@@ -5,8 +5,11 @@ For the bundled model and a ~50M-parameter random-init model of the same archite
     the same windows with the same batching                      target <= 1.15x
   * baseline forward passes run by a second session with a warm cache   target 0
   * extra peak memory of measure() over a bare forward pass, / model bytes   target <= 0.25x
-Peak memory is read from ru_maxrss in a fresh process per phase, so one phase's allocator
-state cannot hide another's peak.
+Times come from one process: each round runs the forward and every measure back to back, and the
+ratio is the median over rounds of measure / forward in the same round, so machine noise hits
+both sides alike. Peak memory is read from ru_maxrss in a fresh process per phase,
+with glibc told to mmap every allocation over 64 KiB (MALLOC_MMAP_THRESHOLD_): freed memory then
+leaves the process at once, so the peak counts live tensors, not the heap's fragmentation.
 
 Run: python benchmarks/bench_core.py
 """
@@ -15,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,7 +73,13 @@ def _rss_bytes() -> int:
 
 
 def phase(which: str, what: str, cache: Path) -> dict:
-    """Run one phase in this (fresh) process and report its time and peak memory growth."""
+    """Run one phase in this (fresh) process.
+
+    ``time``: forward and every measure, back to back in each round; per round each one's time
+    over the forward's, median over rounds (machine noise hits neighbours alike).
+    ``forward`` or a modification's index: peak memory growth of that one operation after a
+    warm-up.
+    """
     import torch
 
     torch.set_num_threads(1)  # steadier side-by-side ratios on a shared 2-core machine
@@ -77,24 +88,32 @@ def phase(which: str, what: str, cache: Path) -> dict:
     h.model.register_forward_hook(lambda *a: calls.append(1))
     h.reference  # noqa: B018  (loads or computes)
     forwards_for_reference = len(calls)
-    model_bytes = sum(p.numel() * p.element_size() for p in h.model.parameters())
-    h.measure([MODIFICATIONS[0]]) if what != "forward" else list(h._batches())  # warm up
-    start_rss = _rss_bytes()
-    start = time.perf_counter()
-    if what == "forward":
-        for _ in h._batches():
-            pass
-    else:
-        h.measure([MODIFICATIONS[int(what)]])
-    seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {
-        "seconds": seconds,
-        "peak_growth": max(0, peak - start_rss),
-        "model_bytes": model_bytes,
+    out = {
+        "model_bytes": sum(p.numel() * p.element_size() for p in h.model.parameters()),
         "reference_forwards": forwards_for_reference,
         "cached": h.reference_cached,
     }
+    runs = {"forward": lambda: list(h._batches())} | {
+        str(i): (lambda m=m: h.measure([m])) for i, m in enumerate(MODIFICATIONS)
+    }
+    if what == "time":
+        rounds = []
+        for _ in range(ROUNDS[which]):
+            seconds = {}
+            for key, run in runs.items():
+                start = time.perf_counter()
+                run()
+                seconds[key] = time.perf_counter() - start
+            rounds.append({k: v / seconds["forward"] for k, v in seconds.items()})
+        return out | {"ratio": {k: statistics.median(r[k] for r in rounds) for k in runs}}
+    runs[what]()  # warm up: allocator pools, lazy imports
+    start_rss = _rss_bytes()
+    runs[what]()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return out | {"peak_growth": max(0, peak - start_rss)}
+
+
+ROUNDS = {"tiny": 15, "50m": 5}
 
 
 def _run(which: str, what: str, cache: Path) -> dict:
@@ -103,6 +122,7 @@ def _run(which: str, what: str, cache: Path) -> dict:
         capture_output=True,
         text=True,
         check=True,
+        env=os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536"},
     ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -122,18 +142,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for which in ("tiny", "50m"):
             cache = Path(tmp) / which
-            cold = _run(which, "forward", cache)
-            forward = min(cold["seconds"], _run(which, "forward", cache)["seconds"])
-            base_peak = cold["peak_growth"]
+            _run(which, "forward", cache)  # computes and stores the reference
+            timing = _run(which, "time", cache)  # a second session: the cache is warm
+            warm = timing["reference_forwards"] if timing["cached"] else "not cached!"
+            ratio = timing["ratio"]
+            base_peak = min(_run(which, "forward", cache)["peak_growth"] for _ in range(2))
             for i, (name, _params) in enumerate(MODIFICATIONS):
-                runs = [_run(which, str(i), cache) for _ in range(2)]
-                seconds = min(r["seconds"] for r in runs)
-                extra = max(0, min(r["peak_growth"] for r in runs) - base_peak)
-                warm = runs[0]["reference_forwards"] if runs[0]["cached"] else "not cached!"
-                print(
-                    f"{which:10} {name:16} {seconds / forward:12.2f}x "
-                    f"{extra / runs[0]['model_bytes']:16.2f}x {warm!s:>29}"
-                )
+                peak = min(_run(which, str(i), cache)["peak_growth"] for _ in range(2))
+                extra = max(0, peak - base_peak) / timing["model_bytes"]
+                print(f"{which:10} {name:16} {ratio[str(i)]:12.2f}x {extra:16.2f}x {warm!s:>29}")
 
 
 if __name__ == "__main__":

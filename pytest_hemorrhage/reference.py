@@ -4,11 +4,11 @@ Cached on disk under a content hash of everything that determines them (weights,
 windows, dtype, batching, storage form), so a changed model or data never reuses a stale entry.
 A file lock makes concurrent pytest-xdist workers compute it once.
 
-Storage: for vocabularies up to ``EXACT_VOCAB`` tokens every log-probability is kept and all
-metrics are exact. Above it, the ``topk`` largest log-probs per token are kept with the exact
-target-token log-prob and the baseline's argmax; KL then treats the rest of the vocabulary as
-one outcome, which underestimates it by p_tail * KL(tail-conditionals) (see ``metrics._topk_kl``);
-every other metric stays exact.
+Storage: for vocabularies up to ``EXACT_VOCAB`` tokens every probability is kept, with each
+token's negative entropy sum(p log p), and all metrics are exact. Above it, the ``topk``
+largest log-probs per token are kept with the exact target-token log-prob and the baseline's
+argmax; KL then treats the rest of the vocabulary as one outcome, which underestimates it by
+p_tail * KL(tail-conditionals) (see ``metrics._topk_kl``); every other metric stays exact.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 __all__ = ["EXACT_VOCAB", "FORMAT", "Reference", "cache_key", "load_or_compute"]
 
 EXACT_VOCAB = 8192
-FORMAT = 1  # bump when the stored fields change
+FORMAT = 2  # bump when the stored fields change
 
 
 @dataclass
@@ -39,13 +39,19 @@ class Reference:
     targets: torch.Tensor  # (N,) int64: the true next token
     target_logp: torch.Tensor  # (N,) float32: baseline log-prob of the true next token
     top1: torch.Tensor  # (N,) int64: baseline argmax
-    logp: torch.Tensor | None = None  # (N, V) float32, exact storage
+    p: torch.Tensor | None = None  # (N, V) float32, exact storage: probabilities
+    neg_entropy: torch.Tensor | None = None  # (N,) float32, exact storage: sum(p log p)
     topk_logp: torch.Tensor | None = None  # (N, K) float32, top-K storage
     topk_idx: torch.Tensor | None = None  # (N, K) int64
 
     @property
     def targets_nll(self) -> torch.Tensor:
         return -self.target_logp
+
+    @property
+    def logp(self) -> torch.Tensor | None:
+        """(N, V) log-probabilities, exact storage only."""
+        return None if self.p is None else self.p.log()
 
     @property
     def nll(self) -> float:
@@ -70,7 +76,14 @@ class Reference:
         target_logp = logp.gather(-1, targets[:, None]).squeeze(-1)
         top1 = logp.argmax(-1)
         if topk >= logp.shape[-1]:
-            return Reference(targets, target_logp, top1, logp=logp)
+            import torch
+
+            p = logp.exp()
+            # the same reduction token_stats applies to the modified log-probs: an unmodified
+            # model's KL is exactly 0
+            return Reference(
+                targets, target_logp, top1, p=p, neg_entropy=torch.linalg.vecdot(p, logp)
+            )
         values, idx = logp.topk(topk, dim=-1)
         return Reference(targets, target_logp, top1, topk_logp=values, topk_idx=idx)
 

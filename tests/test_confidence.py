@@ -40,7 +40,7 @@ def test_every_metric_has_a_paired_standard_error(task_harness):
 def test_kl_max_has_a_bootstrap_standard_error(harness):
     first, again = harness.measure(MODIFICATION), harness.measure(MODIFICATION)
     assert first.stderr["kl_max"] > 0
-    assert first.stderr["kl_max"] == again.stderr["kl_max"]  # seeded: reproducible
+    assert first.stderr["kl_max"] == again.stderr["kl_max"]  # closed form: reproducible
 
 
 def test_confidence_fails_only_on_the_upper_bound(task_harness, pytester):

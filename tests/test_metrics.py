@@ -101,3 +101,33 @@ def test_token_stats_concatenate_in_order(logits):
         [token_stats(mod[:200], ref.rows(0, 200)), token_stats(mod[200:], ref.rows(200, 500))]
     )
     assert torch.equal(whole.kl, parts.kl) and torch.equal(whole.nll, parts.nll)
+
+
+def test_kl_max_standard_error_is_the_bootstrap_one_in_closed_form():
+    from pytest_hemorrhage.metrics import _max_se
+
+    g = torch.Generator().manual_seed(1)
+    for x in (torch.rand(4000, generator=g) ** 4, torch.randn(60, generator=g)):
+        maxima = torch.stack(
+            [x[torch.randint(0, len(x), (len(x),), generator=g)].max() for _ in range(3000)]
+        )
+        value, se = _max_se(x)
+        assert value == x.max().item()
+        assert se == pytest.approx(maxima.double().std().item(), rel=0.1)
+    assert _max_se(torch.ones(10)) == (1.0, 0.0)  # no spread, no error
+
+
+@pytest.mark.parametrize("topk", [50, 8])
+def test_row_chunks_give_the_same_bits_as_one_pass(logits, monkeypatch, topk):
+    import pytest_hemorrhage.metrics as metrics
+
+    base, mod, targets = logits
+    mod = mod.clone()
+    mod[[5, 300], :10] = float("-inf")  # truncated rows take the skew path inside a chunk
+    ref = _reference(base, targets, topk=topk)
+    whole = token_stats(mod, ref)
+    monkeypatch.setattr(metrics, "_CHUNK", 1)  # 64-row chunks
+    chunked = token_stats(mod, ref)
+    for field in ("kl", "nll", "disagree", "p_target", "finite"):
+        assert torch.equal(getattr(whole, field), getattr(chunked, field)), field
+    assert whole.kl[[5, 300]].isfinite().all() and (whole.kl[[5, 300]] > 0).all()
