@@ -93,7 +93,7 @@ def phase(which: str, what: str, cache: Path) -> dict:
         "reference_forwards": forwards_for_reference,
         "cached": h.reference_cached,
     }
-    runs = {"forward": lambda: list(h._batches())} | {
+    runs = {"forward": lambda: list(h.batches())} | {
         str(i): (lambda m=m: h.measure([m])) for i, m in enumerate(MODIFICATIONS)
     }
     if what == "time":

@@ -71,7 +71,7 @@ def _seconds(fn: Callable[[], Any], repeat: int) -> float:
 
 
 def _forward(harness: Any) -> None:
-    for _ in harness._batches():  # the measure's own batching, without the metrics
+    for _ in harness.batches():  # the measure's own batching, without the metrics
         pass
 
 

@@ -159,7 +159,6 @@ def _calibration_data(
 ) -> tuple[Any, torch.Tensor]:
     """The baseline's reference and the modified model's processed logits on the calibration
     windows (positions capped so that the logits stay under ``_LOGITS_BYTES``)."""
-    from .harness import model_logits
     from .reference import Reference
 
     ids = harness.context.calibration_windows(windows)
@@ -168,15 +167,7 @@ def _calibration_data(
     ids = ids[:rows]
 
     def forward(processors: Sequence[Any] = ()) -> torch.Tensor:
-        parts = []
-        with torch.inference_mode():
-            for i in range(0, len(ids), harness.batch_size):
-                batch = ids[i : i + harness.batch_size]
-                logits = model_logits(harness.model, batch)[:, :-1].float()
-                for process in processors:
-                    logits = process(batch[:, :-1], logits)
-                parts.append(logits.reshape(-1, logits.shape[-1]))
-        return torch.cat(parts)
+        return torch.cat([logits.float() for logits, _ in harness.batches(processors, ids)])
 
     def reference() -> Reference:
         logp = torch.log_softmax(forward(), -1)

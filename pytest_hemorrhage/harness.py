@@ -132,7 +132,7 @@ class Harness:
 
     def _compute_reference(self) -> Reference:
         parts = []
-        for logits, targets in self._batches():
+        for logits, targets in self.batches():
             parts.append(
                 Reference.from_logprobs(
                     torch.log_softmax(logits.float(), -1).cpu(), targets.cpu(), self.topk
@@ -140,11 +140,12 @@ class Harness:
             )
         return Reference.cat(parts)
 
-    def _batches(
-        self, processors: Sequence[LogitsProcessor] = ()
+    def batches(
+        self, processors: Sequence[LogitsProcessor] = (), windows: torch.Tensor | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(logits, targets) per batch, flattened over scored positions, after ``processors``."""
-        windows = self.windows.eval
+        """(logits, targets) per batch of ``windows`` (default: the evaluation windows),
+        flattened over the scored positions, after ``processors``."""
+        windows = self.windows.eval if windows is None else windows
         for i in range(0, len(windows), self.batch_size):
             ids = windows[i : i + self.batch_size].to(self.device)
             with torch.inference_mode():
@@ -214,7 +215,7 @@ class Harness:
 
     def _evaluate(self, patch: Patch, configs: list[Modification], reference: Reference) -> Result:
         parts, row = [], 0
-        for logits, _ in self._batches(patch.logits_processors):
+        for logits, _ in self.batches(patch.logits_processors):
             parts.append(token_stats(logits, reference.rows(row, row + len(logits))))
             row += len(logits)
         stats = TokenStats.cat(parts)

@@ -24,7 +24,7 @@ METRICS: dict[str, str] = {
     "kl_mean": "mean KL(baseline || modified) of the next-token distribution, per token (nats)",
     "kl_p99": "99th percentile of the per-token KL",
     "kl_max": "largest per-token KL",
-    "top1_disagreement": "share of tokens where the baseline's most likely next token lost first place",
+    "top1_disagreement": "share of tokens whose baseline top-1 token lost first place",
     "delta_p_mean": "mean drop of the probability given to the correct token",
 }
 # Baseline mass mixed into a modified distribution that gives zero probability to tokens the
