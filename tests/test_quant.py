@@ -317,6 +317,26 @@ def test_w8a8_smoothing_moves_range_from_inputs_to_weights():
     assert torch.equal(smooth_scales(x.abs().amax(0), w, 0.0), 1 / w.abs().amax(0))
 
 
+def test_int8_kernels_in_token_chunks_compute_each_token_as_in_one_call():
+    """Chunking bounds the kernels' temporaries; per-token quantization makes it invisible."""
+    g = torch.Generator().manual_seed(5)
+    layer = nn.Linear(24, 40)
+    x = torch.randn(2, 37, 24, generator=g)
+    whole, chunked = W8A8Linear(layer.weight, layer.bias), W8A8Linear(layer.weight, layer.bias,
+                                                                     rows=8)
+    assert torch.equal(chunked(x), whole(x)) and chunked(x).shape == (2, 37, 40)
+    int8 = make("quant.bnb_int8", {"threshold": 0.0, "include": ("0",)})  # per token only
+    model = nn.Sequential(nn.Linear(24, 40))
+    outputs = []
+    for rows in (1 << 20, 8):
+        patch = Patch(model)
+        apply(int8, model, patch, None)
+        model[0].rows = rows
+        outputs.append(model(x))
+        patch.undo()
+    assert torch.equal(outputs[0], outputs[1])
+
+
 def _input_abs_max(harness, name: str) -> torch.Tensor:
     """max |x_j| per input channel of layer ``name`` over the calibration windows."""
     module = harness.model.get_submodule(name)

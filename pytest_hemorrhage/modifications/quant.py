@@ -23,6 +23,8 @@ from .registry import Modification, Patch, Target, register_modification
 from .validate import check_choice, check_int, check_number
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ..harness import Context
 
 __all__ = [
@@ -38,6 +40,8 @@ __all__ = [
     "Hqq",
     "W8A8",
     "W8A8Linear",
+    "by_token_chunks",
+    "chunk_rows",
     "fp8_quantize",
     "int8_per_row",
     "rtn_quantize",
@@ -177,18 +181,47 @@ def _bitsandbytes() -> ModuleType:
 
 
 class ComputeIn(nn.Module):
-    """Runs ``layer`` on inputs cast to ``dtype`` and returns the caller's dtype.
+    """Runs ``layer`` on inputs cast to ``dtype``, ``rows`` tokens at a time, and returns the
+    caller's dtype.
 
     LLM.int8() is defined on float16 activations (bitsandbytes casts to it and warns on every
     call otherwise); this keeps a float32 or bfloat16 model's other layers in their own dtype.
     """
 
-    def __init__(self, layer: nn.Module, dtype: torch.dtype) -> None:
+    def __init__(self, layer: nn.Module, dtype: torch.dtype, rows: int) -> None:
         super().__init__()
-        self.layer, self.dtype = layer, dtype
+        self.layer, self.dtype, self.rows = layer, dtype, rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x.to(self.dtype)).to(x.dtype)
+        return by_token_chunks(lambda h: self.layer(h.to(self.dtype)), x, self.rows, x.dtype)
+
+
+def by_token_chunks(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rows: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """``fn`` applied to at most ``rows`` tokens of ``x`` at a time, gathered in ``dtype``.
+
+    Integer kernels make several activation-sized temporaries (the int8 input, int32 products,
+    rescaled copies): chunking bounds them by ``rows`` instead of the batch. Each token is
+    computed as in one call, except LLM.int8's outlier columns, chosen per call (as per batch
+    when serving).
+    """
+    flat = x.reshape(-1, x.shape[-1])
+    out = None
+    for i in range(0, len(flat), rows):
+        y = fn(flat[i : i + rows])
+        if out is None:
+            out = torch.empty(len(flat), y.shape[-1], dtype=dtype, device=y.device)
+        out[i : i + rows] = y
+    return out.reshape(*x.shape[:-1], -1)
+
+
+def chunk_rows(model: nn.Module, targets: list[Target]) -> int:
+    """Tokens per kernel call: one activation-sized temporary of the widest target stays
+    under 1/128 of the model's bytes (at least 64 tokens, for efficient matmuls)."""
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    widest = max(max(t.weight.shape) for t in targets)
+    return max(64, model_bytes // (128 * 4 * widest))
 
 
 def _bias(target: Target, dtype: torch.dtype | None = None) -> nn.Parameter | None:
@@ -218,7 +251,7 @@ class BnbInt8(Modification):
         check_number(self, "threshold", 0.0, float("inf"))
 
 
-def _int8_layer(target: Target, threshold: float) -> nn.Module:
+def _int8_layer(target: Target, threshold: float, rows: int) -> nn.Module:
     bnb = _bitsandbytes()
     weight = target.weight.detach()
     out_features, in_features = weight.shape
@@ -230,13 +263,15 @@ def _int8_layer(target: Target, threshold: float) -> nn.Module:
     layer.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False,
                                      CB=cb, SCB=scb)
     layer.bias = bias
-    return ComputeIn(layer.eval(), torch.float16)
+    return ComputeIn(layer.eval(), torch.float16, rows)
 
 
 @register_modification("quant.bnb_int8", BnbInt8)
 def apply_bnb_int8(config: BnbInt8, model: nn.Module, patch: Patch, context: object) -> None:
-    for target in config.targets(model):
-        patch.swap_module(target.name, _int8_layer(target, config.threshold))
+    targets = config.targets(model)
+    rows = chunk_rows(model, targets) if targets else 0
+    for target in targets:
+        patch.swap_module(target.name, _int8_layer(target, config.threshold, rows))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -417,7 +452,7 @@ class W8A8(Modification):
 def int8_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 quantization of each row (last dim): integers (as float) and scales."""
     scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-5) / 127
-    return (x / scale).round().clamp(-127, 127), scale
+    return (x / scale).round_().clamp_(-127, 127), scale
 
 
 def smooth_scales(act_max: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -438,11 +473,12 @@ class W8A8Linear(nn.Module):
 
     Holds the int8 weight and its per-row scales only (computed once, from ``W diag(s)``).
     The integer products are summed in float32, exact while ``in_features * 127**2 < 2**24``
-    and within float32 rounding beyond.
+    and within float32 rounding beyond. Tokens go through ``rows`` at a time (see
+    ``by_token_chunks``); each is quantized on its own, so chunking changes no result.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
-                 smooth: torch.Tensor | None = None) -> None:
+                 smooth: torch.Tensor | None = None, rows: int = 4096) -> None:
         super().__init__()
         w = weight.detach().float()
         if smooth is not None:
@@ -452,16 +488,20 @@ class W8A8Linear(nn.Module):
         self.register_buffer("weight_scale", scale.reshape(-1))
         self.register_buffer("smooth", smooth)
         self.bias = bias
+        self.rows = rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        if self.smooth is not None:
-            h = h / self.smooth
-        q, x_scale = int8_per_row(h)
-        out = nn.functional.linear(q, self.qweight.float()) * x_scale * self.weight_scale
-        if self.bias is not None:
-            out = out + self.bias.float()
-        return out.to(x.dtype)
+        weight = self.qweight.float()  # this layer's only, for this call only
+
+        def product(h: torch.Tensor) -> torch.Tensor:
+            h = h.float()
+            if self.smooth is not None:
+                h = h / self.smooth
+            q, x_scale = int8_per_row(h)
+            out = nn.functional.linear(q, weight).mul_(x_scale).mul_(self.weight_scale)
+            return out if self.bias is None else out.add_(self.bias.float())
+
+        return by_token_chunks(product, x, self.rows, x.dtype)
 
 
 @register_modification("quant.w8a8", W8A8)
@@ -478,9 +518,10 @@ def apply_w8a8(config: W8A8, model: nn.Module, patch: Patch, context: Context) -
                 f"{config.name}: no calibration activations reached {missing[0]}; exclude it "
                 "or use smooth=False"
             )
+    rows = chunk_rows(model, targets) if targets else 0
     for target in targets:
         weight = target.weight.detach()
         smooth = (smooth_scales(stats[target.name].abs_max, weight, config.alpha)
                   if config.smooth else None)
         bias = getattr(target.module, "bias", None)
-        patch.swap_module(target.name, W8A8Linear(weight, bias, smooth))
+        patch.swap_module(target.name, W8A8Linear(weight, bias, smooth, rows))
