@@ -167,7 +167,9 @@ def _calibration_data(
     ids = ids[:rows]
 
     def forward(processors: Sequence[Any] = ()) -> torch.Tensor:
-        return torch.cat([logits.float() for logits, _ in harness.batches(processors, ids)])
+        return torch.cat(
+            [logits.float().flatten(0, -2) for logits, _ in harness.batches(processors, ids)]
+        )
 
     def reference() -> Reference:
         logp = torch.log_softmax(forward(), -1)

@@ -133,18 +133,16 @@ class Harness:
     def _compute_reference(self) -> Reference:
         parts = []
         for logits, targets in self.batches():
-            parts.append(
-                Reference.from_logprobs(
-                    torch.log_softmax(logits.float(), -1).cpu(), targets.cpu(), self.topk
-                )
-            )
+            logp = torch.log_softmax(logits.float(), -1).flatten(0, -2)
+            parts.append(Reference.from_logprobs(logp.cpu(), targets.cpu(), self.topk))
         return Reference.cat(parts)
 
     def batches(
         self, processors: Sequence[LogitsProcessor] = (), windows: torch.Tensor | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(logits, targets) per batch of ``windows`` (default: the evaluation windows),
-        flattened over the scored positions, after ``processors``."""
+        """Per batch of ``windows`` (default: the evaluation windows), after ``processors``:
+        the logits of the scored positions, (windows, positions, vocab), a view of the model's
+        output (not copied to flatten it), and their targets, flattened."""
         windows = self.windows.eval if windows is None else windows
         for i in range(0, len(windows), self.batch_size):
             ids = windows[i : i + self.batch_size].to(self.device)
@@ -152,7 +150,7 @@ class Harness:
                 logits = model_logits(self.model, ids)[:, :-1]
                 for process in processors:
                     logits = process(ids[:, :-1], logits)
-            yield logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+            yield logits, ids[:, 1:].reshape(-1)
 
     @contextmanager
     def modified(self, stages: Stages) -> Iterator[Patch]:
@@ -215,9 +213,9 @@ class Harness:
 
     def _evaluate(self, patch: Patch, configs: list[Modification], reference: Reference) -> Result:
         parts, row = [], 0
-        for logits, _ in self.batches(patch.logits_processors):
-            parts.append(token_stats(logits, reference.rows(row, row + len(logits))))
-            row += len(logits)
+        for logits, targets in self.batches(patch.logits_processors):
+            parts.append(token_stats(logits, reference.rows(row, row + len(targets))))
+            row += len(targets)
         stats = TokenStats.cat(parts)
         metrics, stderr = summarize(stats, reference)
         return Result(

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import torch
 
     from .budget import Budget
@@ -66,7 +68,8 @@ class TokenStats:
 
 
 def token_stats(logits: torch.Tensor, ref: Reference) -> TokenStats:
-    """Compare modified ``logits`` (tokens, vocab) with the reference rows for those tokens.
+    """Compare modified ``logits`` (..., vocab) with the reference rows for those tokens
+    (in row-major order; a strided view such as ``logits[:, :-1]`` is read without a copy).
 
     A ``-inf`` logit is a token the modified decoding cannot emit (top-k, top-p); on the rows
     where that removes mass the baseline gives, every measure uses the skew-smoothed
@@ -84,12 +87,14 @@ def token_stats(logits: torch.Tensor, ref: Reference) -> TokenStats:
     rows = max(64, _CHUNK // logits.shape[-1])
     picks = torch.stack([ref.targets, ref.top1], -1).to(device)
     against = ref.p if exact else ref.topk_idx
-    picked, best, versus = [], [], []
-    for i in range(0, len(logits), rows):
-        logq = torch.log_softmax(logits[i : i + rows].float(), -1)
-        picked.append(logq.gather(-1, picks[i : i + rows]))
+    picked, best, versus, start = [], [], [], 0
+    for block in _row_blocks(logits, rows):
+        span = slice(start, start + len(block))
+        start += len(block)
+        logq = torch.log_softmax(block.float(), -1)
+        picked.append(logq.gather(-1, picks[span]))
         best.append(logq.amax(-1))
-        chunk = against[i : i + rows].to(device)
+        chunk = against[span].to(device)
         versus.append(torch.linalg.vecdot(chunk, logq) if exact else logq.gather(-1, chunk))
     target_logq, top1_logq = torch.cat(picked).unbind(-1)
     finite = ~target_logq.isnan()  # NaN, +inf, or no finite logit poison the whole row
@@ -99,7 +104,8 @@ def token_stats(logits: torch.Tensor, ref: Reference) -> TokenStats:
         cut = finite & ~kl.isfinite()  # a -inf logit where the baseline has mass
         if cut.any():  # rare (decoding truncation): redo those rows with q skew-smoothed
             p = ref.p[cut].to(device)
-            lp, logq = p.log(), torch.log_softmax(logits[cut].float(), -1)
+            lp = p.log()
+            logq = torch.log_softmax(logits.flatten(0, -2)[cut].float(), -1)
             kl[cut] = torch.linalg.vecdot(p, lp - _mix(logq, lp))
     else:
         topk_logp = ref.topk_logp.to(device)
@@ -121,6 +127,16 @@ def token_stats(logits: torch.Tensor, ref: Reference) -> TokenStats:
 
 
 _CHUNK = 1 << 16  # elements per chunk of logits
+
+
+def _row_blocks(logits: torch.Tensor, rows: int) -> Iterator[torch.Tensor]:
+    """Blocks of at most ``rows`` rows of (..., vocab) ``logits``, in order, as views."""
+    if logits.dim() > 2:
+        for part in logits:
+            yield from _row_blocks(part, rows)
+        return
+    for i in range(0, len(logits), rows):
+        yield logits[i : i + rows]
 
 
 def _mix(logq: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
