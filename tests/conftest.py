@@ -1,4 +1,5 @@
-"""Shared fixtures: the bundled model loaded once, and a harness over a few windows."""
+"""Shared fixtures: the bundled model loaded once, a harness over a few windows, and a small
+GPT-2 for the Conv1D / fused-qkv architecture."""
 
 from __future__ import annotations
 
@@ -20,6 +21,30 @@ def harness(tiny):
     from pytest_hemorrhage.settings import Settings
 
     return Harness(tiny, Settings.defaults(model="hemorrhage-tiny", tokens=2048))
+
+
+@pytest.fixture(scope="session")
+def gpt2(tiny):
+    """A Harness on a random-init two-block GPT-2 (fused c_attn Conv1D, (in, out) weights,
+    biases) with the bundled tokenizer."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pytest_hemorrhage.harness import Harness
+    from pytest_hemorrhage.loading import LoadedModel
+    from pytest_hemorrhage.settings import Settings
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tiny.tokenizer), n_positions=128, n_embd=64, n_layer=2,
+                        n_head=4, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # random init leaves biases at zero; give them values to matter
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, 0.1)
+    loaded = LoadedModel(model=model, tokenizer=tiny.tokenizer, spec="gpt2-random")
+    settings = Settings.defaults(model=loaded.spec, tokens=512, calibration_windows=4)
+    return Harness(loaded, settings)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -24,31 +24,6 @@ def _greedy_without_cache(model, ids, steps):
     return ids
 
 
-@pytest.fixture(scope="module")
-def gpt2(tiny):
-    """A random-init GPT-2 (Conv1D layers, (in, out) weights) with the bundled tokenizer."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from pytest_hemorrhage.harness import Harness
-    from pytest_hemorrhage.loading import LoadedModel
-    from pytest_hemorrhage.settings import Settings
-
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=512,
-        n_positions=128,
-        n_embd=64,
-        n_layer=3,
-        n_head=4,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    loaded = LoadedModel(
-        model=GPT2LMHeadModel(config).eval(), tokenizer=tiny.tokenizer, spec="random-gpt2"
-    )
-    return Harness(loaded, Settings.defaults(model="random-gpt2", tokens=512))
-
-
 # ---------------------------------------------------------------- lowrank.svd
 
 
@@ -216,14 +191,16 @@ def test_bitflip_is_reproducible_per_seed(harness):
     "name, params",
     [
         ("lowrank.svd", {"rank_ratio": 0.5}),
-        ("expand.layers", {"positions": (0, 2)}),
+        ("expand.layers", {"positions": (0, 1)}),
         ("noise.gaussian", {"sigma": 0.3}),
         ("fault.bitflip", {"count": 20}),
     ],
 )
 def test_gpt2_conv1d_layers_are_modified_and_restored(gpt2, name, params):
     before = snapshot(gpt2.model)
-    assert gpt2.measure([(name, params)]).metrics["kl_mean"] > 0
+    result = gpt2.measure([(name, params)])
+    # changed: a flipped exponent bit may even make outputs non-finite
+    assert result.metrics["kl_mean"] > 0 or result.nonfinite > 0
     assert_restored(gpt2.model, before)
 
 
@@ -234,7 +211,7 @@ def test_gpt2_lowrank_truncates_the_out_in_weight_and_expand_generates(gpt2):
     ids = gpt2.windows.eval[:1, :8]
     with gpt2.modified([("expand.layers", {"positions": (1,)})]), torch.no_grad():
         model = gpt2.model
-        assert model.config.n_layer == 4
+        assert model.config.n_layer == 3
         generated = model.generate(
             ids,
             max_new_tokens=5,
@@ -243,7 +220,7 @@ def test_gpt2_lowrank_truncates_the_out_in_weight_and_expand_generates(gpt2):
             attention_mask=torch.ones_like(ids),
         )
         assert torch.equal(generated, _greedy_without_cache(model, ids, 5))
-    assert gpt2.model.config.n_layer == 3
+    assert gpt2.model.config.n_layer == 2
 
 
 @pytest.mark.parametrize(

@@ -28,35 +28,6 @@ def _harness(loaded, **settings):
     return Harness(loaded, Settings.defaults(model=loaded.spec, **settings))
 
 
-@pytest.fixture(scope="module")
-def gpt2(tiny):
-    """A random-init two-block GPT-2 (fused c_attn Conv1D, biases) on the bundled tokenizer."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from pytest_hemorrhage.loading import LoadedModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=len(tiny.tokenizer),
-        n_positions=128,
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    model = GPT2LMHeadModel(config).eval()
-    with torch.no_grad():  # random init leaves biases at zero; give them values to matter
-        for name, param in model.named_parameters():
-            if name.endswith(".bias"):
-                param.normal_(0.0, 0.1)
-    return _harness(
-        LoadedModel(model=model, tokenizer=tiny.tokenizer, spec="gpt2-random"),
-        tokens=512,
-        calibration_windows=4,
-    )
-
-
 OUTLIER_SCALE = 30.0
 _READERS = {
     "input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),

@@ -143,25 +143,6 @@ def outliers(tiny):
                     tokens=2048)
 
 
-@pytest.fixture(scope="module")
-def gpt2(tiny):
-    """A random two-block GPT-2 (Conv1D layers with biases) on the bundled tokenizer."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from pytest_hemorrhage.loading import LoadedModel
-
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny.tokenizer), n_positions=128,
-                                       n_embd=64, n_layer=2, n_head=4, bos_token_id=0,
-                                       eos_token_id=0)).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(".bias"):
-                param.normal_(0.0, 0.1)
-    return _harness(LoadedModel(model=model, tokenizer=tiny.tokenizer, spec="gpt2-random"),
-                    tokens=512, calibration_windows=4)
-
-
 # --- (a) against the definitions --------------------------------------------------------------
 
 

@@ -227,7 +227,7 @@ def chunk_rows(model: nn.Module, targets: list[Target]) -> int:
     forward pass's own activations).
     """
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    widest = max(max(t.weight.shape) for t in targets)
+    widest = max((max(t.weight.shape) for t in targets), default=1)
     return max(1024, model_bytes // (128 * 4 * widest))
 
 
@@ -276,7 +276,7 @@ def _int8_layer(target: Target, threshold: float, rows: int) -> nn.Module:
 @register_modification("quant.bnb_int8", BnbInt8)
 def apply_bnb_int8(config: BnbInt8, model: nn.Module, patch: Patch, context: object) -> None:
     targets = config.targets(model)
-    rows = chunk_rows(model, targets) if targets else 0
+    rows = chunk_rows(model, targets)
     for target in targets:
         patch.swap_module(target.name, _int8_layer(target, config.threshold, rows))
 
@@ -525,7 +525,7 @@ def apply_w8a8(config: W8A8, model: nn.Module, patch: Patch, context: Context) -
                 f"{config.name}: no calibration activations reached {missing[0]}; exclude it "
                 "or use smooth=False"
             )
-    rows = chunk_rows(model, targets) if targets else 0
+    rows = chunk_rows(model, targets)
     for target in targets:
         weight = target.weight.detach()
         smooth = (smooth_scales(stats[target.name].abs_max, weight, config.alpha)
