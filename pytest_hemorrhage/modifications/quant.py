@@ -43,6 +43,7 @@ __all__ = [
     "by_token_chunks",
     "chunk_rows",
     "fp8_quantize",
+    "int8_matmul",
     "int8_per_row",
     "rtn_quantize",
     "smooth_scales",
@@ -475,13 +476,34 @@ def smooth_scales(act_max: torch.Tensor, weight: torch.Tensor, alpha: float) -> 
     return (a_max.pow(alpha) / w_max.pow(1 - alpha)).clamp_min(1e-5)
 
 
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T`` for int8 ``a`` (m, k) and ``b`` (n, k) on torch's int8 GEMM, in int32.
+
+    Every product and sum is an integer: the result is the exact dot product while it fits int32
+    (k * 127**2 < 2**31, i.e. k < 133,000 for operands in [-127, 127]). ``torch._int_mm`` takes
+    any shape on CPU; its CUDA kernel wants m > 16 and k, n multiples of 8, so there the
+    operands are zero-padded (zeros add nothing to a dot product) and the result cut back.
+    """
+    m, k = a.shape
+    n = b.shape[0]
+    if a.device.type != "cuda":
+        return torch._int_mm(a, b.t())
+    pad_m, pad_k, pad_n = max(0, 17 - m), -k % 8, -n % 8
+    if pad_m or pad_k:
+        a = nn.functional.pad(a, (0, pad_k, 0, pad_m))
+    if pad_k or pad_n:
+        b = nn.functional.pad(b, (0, pad_k, 0, pad_n))
+    return torch._int_mm(a, b.t())[:m, :n]
+
+
 class W8A8Linear(nn.Module):
-    """A linear layer computed as int8 x int8 with float32 accumulation and rescaling.
+    """A linear layer computed as int8 x int8 on an int8 GEMM (``int8_matmul``), then rescaled.
 
     Holds the int8 weight and its per-row scales only (computed once, from ``W diag(s)``).
-    The integer products are summed in float32, exact while ``in_features * 127**2 < 2**24``
-    and within float32 rounding beyond. Tokens go through ``rows`` at a time (see
-    ``by_token_chunks``); each is quantized on its own, so chunking changes no result.
+    The integer products are accumulated exactly in int32 at any layer width; the
+    accumulator is then converted to float32 and multiplied by the token's and the output
+    row's scales. Tokens go through ``rows`` at a time (see ``by_token_chunks``); each is
+    quantized on its own, so chunking changes no result.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -498,17 +520,17 @@ class W8A8Linear(nn.Module):
         self.rows = rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.qweight.float()  # this layer's only, for this call only
-
         def product(h: torch.Tensor) -> torch.Tensor:
-            h = h.float()
+            h = h.reshape(-1, h.shape[-1]).float()
             if self.smooth is not None:
                 h = h / self.smooth
             q, x_scale = int8_per_row(h)
-            out = nn.functional.linear(q, weight).mul_(x_scale).mul_(self.weight_scale)
+            acc = int8_matmul(q.to(torch.int8), self.qweight)
+            out = acc.float().mul_(x_scale).mul_(self.weight_scale)
             return out if self.bias is None else out.add_(self.bias.float())
 
-        return by_token_chunks(product, x, self.rows, x.dtype)
+        shape = x.shape[:-1]
+        return by_token_chunks(product, x, self.rows, x.dtype).reshape(*shape, -1)
 
 
 @register_modification("quant.w8a8", W8A8)
