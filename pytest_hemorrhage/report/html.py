@@ -1,0 +1,698 @@
+"""``--hemorrhage-html PATH``: the release report, one self-contained HTML page.
+
+A release reviewer's single page: the model and data fingerprints, every result against its
+budget, the explored curves (budget, threshold and phase transition marked) and the per-block
+blame of failed checks. The page carries its CSS inline and its curves as base64 PNG data URIs;
+it has no script, and its Content-Security-Policy forbids any fetch, so it reads the same
+offline, attached to a CI run or mailed around. Without matplotlib the page keeps its tables
+and says why the curves are missing.
+
+The input is the JSON report's dict (``HemorrhageSession.report()``), before or after the
+JSON round trip: a non-finite metric may be a float (``nan``, ``inf``) or ``None``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from statistics import NormalDist
+from typing import Any
+
+__all__ = ["render_html", "write_html"]
+
+DEFAULT_METRICS = ("ppl_increase", "kl_mean")  # shown for results measured without a budget
+OUTCOME_CLASS = {
+    "passed": "ok",
+    "xfailed": "warn",
+    "xpassed": "warn",
+    "failed": "bad",
+    "error": "bad",
+    "skipped": "muted",
+}
+KNOWN_KEYS = {
+    "schema_version",
+    "plugin_version",
+    "model",
+    "data",
+    "baseline",
+    "results",
+    "explorations",
+}
+INSTALL = "pip install pytest-hemorrhage[plot]"
+
+# Nothing outside the page may load: no network, no script; images only from data: URIs.
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+CSS = """
+:root{--ok:#1a7f37;--ok-bg:#dafbe1;--bad:#cf222e;--bad-bg:#ffebe9;--warn:#9a6700;
+--warn-bg:#fff8c5;--muted:#57606a;--line:#d0d7de;--bg:#f6f8fa;--accent:#0969da}
+*{box-sizing:border-box}
+body{margin:0;background:var(--bg);color:#1f2328;font:14px/1.5 system-ui,-apple-system,
+"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif}
+main{max-width:1180px;margin:0 auto;padding:24px 20px 48px}
+header.top{background:#fff;border-bottom:1px solid var(--line);padding:20px 0 16px}
+header.top>div{max-width:1180px;margin:0 auto;padding:0 20px}
+h1{font-size:22px;margin:0 0 4px}
+h2{font-size:17px;margin:32px 0 10px;padding-bottom:6px;border-bottom:1px solid var(--line)}
+main>h2:first-child{margin-top:4px}
+h3{font-size:14px;margin:0 0 6px;word-break:break-word}
+.sub{color:var(--muted);margin:0}
+code,.mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12.5px}
+.banner{margin:14px 0 0;padding:10px 14px;border-radius:6px;font-weight:600}
+.banner.ok{background:var(--ok-bg);color:var(--ok)}
+.banner.bad{background:var(--bad-bg);color:var(--bad)}
+.banner ul{margin:6px 0 0;padding-left:20px;font-weight:400}
+.banner a{color:inherit}
+.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(300px,1fr));gap:14px}
+.card{background:#fff;border:1px solid var(--line);border-radius:8px;padding:14px 16px;
+margin:0 0 14px}
+.grid .card{margin:0}
+dl{display:grid;grid-template-columns:max-content 1fr;gap:2px 14px;margin:0}
+dt{color:var(--muted)}
+dd{margin:0;word-break:break-all}
+table{border-collapse:collapse;width:100%;background:#fff}
+th,td{padding:4px 8px;text-align:left;vertical-align:top}
+th{font-weight:600;color:var(--muted);font-size:12px;border-bottom:1px solid var(--line);
+white-space:nowrap}
+td.n,th.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+table.results{border:1px solid var(--line);border-radius:8px}
+table.results tbody{border-top:1px solid var(--line)}
+table.results tbody:nth-of-type(even){background:#fbfcfd}
+td.test{max-width:330px;word-break:break-word}
+td.what{max-width:300px;word-break:break-word}
+.badge{display:inline-block;padding:0 7px;border-radius:10px;font-size:12px;font-weight:600;
+white-space:nowrap}
+.badge.ok{background:var(--ok-bg);color:var(--ok)}
+.badge.bad{background:var(--bad-bg);color:var(--bad)}
+.badge.warn{background:var(--warn-bg);color:var(--warn)}
+.badge.muted{background:#eaeef2;color:var(--muted)}
+tr.violation td{color:var(--bad);font-size:12.5px;padding-top:0}
+details{margin-top:4px;font-size:12.5px}
+summary{color:var(--accent);cursor:pointer}
+.note{color:var(--muted);font-style:italic}
+.warnline{color:var(--warn)}
+.curve{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
+.curve img{max-width:100%;width:640px;height:auto;border:1px solid var(--line);border-radius:4px}
+.curve table{width:auto;min-width:220px}
+.finding{margin:0 0 10px}
+.bar{position:relative;width:220px;height:12px;background:#eaeef2;border-radius:2px}
+.bar span{position:absolute;left:0;top:0;bottom:0;background:#8c959f;border-radius:2px}
+.bar span.hot{background:var(--bad)}
+.bar i{position:absolute;top:-2px;bottom:-2px;border-left:2px dashed #1f2328}
+tr.begins td{background:var(--bad-bg)}
+tr.most td:first-child{font-weight:700}
+a{color:var(--accent)}
+@media print{body{background:#fff}.card{break-inside:avoid}}
+"""
+
+
+def render_html(report: Mapping[str, Any]) -> str:
+    """The report as one self-contained HTML page.
+
+    Args:
+        report: the JSON report's dict (``HemorrhageSession.report()``).
+
+    Returns:
+        The page's text (UTF-8 when written).
+    """
+    results = list(report.get("results") or [])
+    explorations = list(report.get("explorations") or [])
+    model = report.get("model") or {}
+    title = f"hemorrhage report: {model.get('spec', 'no model')}"
+    body = [
+        _top(report, results),
+        "<main>",
+        _fingerprints(report),
+        _results(results),
+        _curves(explorations),
+        _blame(results),
+        "</main>",
+    ]
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_e(title)}</title><style>{CSS}</style></head><body>\n"
+        + "\n".join(part for part in body if part)
+        + "\n</body></html>\n"
+    )
+
+
+def write_html(report: Mapping[str, Any], path: Path | str) -> Path | None:
+    """Write :func:`render_html`'s page to ``path`` (parent directories created).
+
+    A path that cannot be written costs the page, not the run: one warning naming the path
+    and the reason, and None; the verdicts are left as they are.
+
+    Returns:
+        The path written, or None when it could not be.
+    """
+    path = Path(path)
+    page = render_html(report)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(page, encoding="utf-8")
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else ""
+        warnings.warn(
+            f"hemorrhage: could not write the HTML report to {path}: {reason}{where}; "
+            "the test verdicts are unchanged",
+            stacklevel=2,
+        )
+        return None
+    return path
+
+
+# -- formatting ------------------------------------------------------------------------------
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _num(value: Any) -> str:
+    """A metric for reading: 4 decimals in the usual range, 3 significant digits outside."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return _e(value)
+    if not math.isfinite(value):
+        return str(value)
+    if value == 0:
+        return "0"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.4f}" if 0.001 <= abs(value) < 1000 else f"{value:.3g}"
+
+
+def _signed(value: float | None) -> str:
+    if value is None or not math.isfinite(value):
+        return ""
+    return ("+" if value >= 0 else "−") + _num(abs(value))
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _params(params: Mapping[str, Any]) -> str:
+    if "stages" in params and isinstance(params["stages"], list):
+        return " → ".join(
+            _call(s.get("name", "?"), {k: v for k, v in s.items() if k != "name"})
+            for s in params["stages"]
+        )
+    return ", ".join(f"{k}={v}" for k, v in params.items())
+
+
+def _call(name: str, params: Mapping[str, Any]) -> str:
+    if "stages" in params:
+        return _params(params)
+    return f"{name}({_params(params)})"
+
+
+def _badge(outcome: str | None) -> str:
+    if not outcome:
+        return '<span class="badge muted">not run</span>'
+    return f'<span class="badge {OUTCOME_CLASS.get(outcome, "muted")}">{_e(outcome)}</span>'
+
+
+# -- header and fingerprints -----------------------------------------------------------------
+
+
+def _top(report: Mapping[str, Any], results: Sequence[Mapping[str, Any]]) -> str:
+    model = report.get("model") or {}
+    outcomes: dict[str, str | None] = {}
+    for record in results:
+        outcomes[record.get("nodeid", "")] = record.get("outcome")
+    counts: dict[str, int] = {}
+    for outcome in outcomes.values():
+        counts[outcome or "not run"] = counts.get(outcome or "not run", 0) + 1
+    over = [(i, r) for i, r in enumerate(results) if r.get("violations")]
+    tally = ", ".join(f"{n} {o}" for o, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    sub = (
+        f"plugin {_e(report.get('plugin_version', '?'))} · report schema "
+        f"{_e(report.get('schema_version', '?'))} · {len(results)} measure"
+        f"{'' if len(results) == 1 else 's'} in {len(outcomes)} test"
+        f"{'' if len(outcomes) == 1 else 's'}" + (f" ({_e(tally)})" if tally else "")
+    )
+    if not results:
+        banner = '<div class="banner ok">no measures were recorded</div>'
+    elif not over:
+        banner = (
+            f'<div class="banner ok">every measure within its budget '
+            f"({len(results)} of {len(results)})</div>"
+        )
+    else:
+        items = "".join(
+            f'<li><a href="#r{i}">{_e(r.get("nodeid", ""))}</a>: '
+            f"{_e(_call(r.get('modification', '?'), r.get('params') or {}))}</li>"
+            for i, r in over[:20]
+        )
+        more = f"<li>… and {len(over) - 20} more</li>" if len(over) > 20 else ""
+        banner = (
+            f'<div class="banner bad">{len(over)} of {len(results)} measures over budget'
+            f"<ul>{items}{more}</ul></div>"
+        )
+    return (
+        f'<header class="top"><div><h1>Hemorrhage release report: '
+        f"<code>{_e(model.get('spec', 'no model'))}</code></h1>"
+        f'<p class="sub">{sub}</p>{banner}</div></header>'
+    )
+
+
+def _fingerprints(report: Mapping[str, Any]) -> str:
+    cards = []
+    for key, title in (("model", "Model"), ("data", "Evaluation data"), ("baseline", "Baseline")):
+        if isinstance(report.get(key), Mapping):
+            cards.append(_card_dl(title, report[key]))
+    for key, value in report.items():  # sections later versions add (e.g. settings)
+        if key not in KNOWN_KEYS and isinstance(value, Mapping):
+            cards.append(_card_dl(key.replace("_", " ").capitalize(), value))
+    if not cards:
+        return (
+            '<h2 id="fingerprints">Model and data</h2>'
+            '<p class="note">no model was loaded in this run</p>'
+        )
+    return f'<h2 id="fingerprints">Model and data</h2><div class="grid">{"".join(cards)}</div>'
+
+
+def _card_dl(title: str, values: Mapping[str, Any]) -> str:
+    rows = []
+    for key, value in values.items():
+        shown = _e(value) if isinstance(value, (str, Mapping, list)) else _num(value)
+        if "fingerprint" in key or key == "spec":
+            shown = f"<code>{shown}</code>"
+        rows.append(f"<dt>{_e(key)}</dt><dd>{shown}</dd>")
+    return f'<section class="card"><h3>{_e(title)}</h3><dl>{"".join(rows)}</dl></section>'
+
+
+# -- results ---------------------------------------------------------------------------------
+
+
+def _results(results: Sequence[Mapping[str, Any]]) -> str:
+    head = '<h2 id="results">Results against their budgets</h2>'
+    if not results:
+        return head + '<p class="note">no measures were recorded</p>'
+    blamed = {i for i, r in enumerate(results) if (r.get("details") or {}).get("blame")}
+    rows = [_result_rows(i, r, i in blamed) for i, r in enumerate(results)]
+    return (
+        head + '<table class="results"><thead><tr><th>test</th><th>modification</th>'
+        '<th>metric</th><th class="n">value</th><th class="n">± stderr</th>'
+        '<th class="n">budget</th><th class="n">margin</th><th>verdict</th></tr></thead>'
+        + "".join(rows)
+        + "</table>"
+    )
+
+
+def _result_rows(index: int, record: Mapping[str, Any], blamed: bool) -> str:
+    budget = dict(record.get("budget") or {})
+    confidence = budget.pop("confidence", None)
+    metrics = record.get("metrics") or {}
+    stderr = record.get("stderr") or {}
+    violations = list(record.get("violations") or [])
+    names = list(budget) or [m for m in DEFAULT_METRICS if m in metrics] or list(metrics)[:2]
+    lines = []
+    for metric in names:
+        value, limit, se = metrics.get(metric), budget.get(metric), stderr.get(metric)
+        compared = value
+        if confidence and _finite(value) and _finite(se):
+            compared = value + NormalDist().inv_cdf(confidence) * se
+        margin = limit - compared if _finite(limit) and _finite(compared) else None
+        verdict = ""
+        if limit is not None:
+            over = any(v.startswith(f"{metric}:") for v in violations)
+            verdict = (
+                '<span class="badge bad">over</span>'
+                if over
+                else '<span class="badge ok">ok</span>'
+            )
+        bound = (
+            f' <span class="note">(upper {confidence:.0%} bound {_num(compared)})</span>'
+            if compared is not value and compared is not None
+            else ""
+        )
+        lines.append(
+
+                f'<td>{_e(metric)}</td><td class="n">{_num(value)}{bound}</td>'
+                f'<td class="n">{"" if se is None else "± " + _num(se)}</td>'
+                f'<td class="n">{"" if limit is None else "≤ " + _num(limit)}</td>'
+                f'<td class="n">{_signed(margin)}</td><td>{verdict}</td>'
+
+        )
+    if record.get("nonfinite_tokens"):
+        lines.append(
+            f'<td>non-finite tokens</td><td class="n">{_num(record["nonfinite_tokens"])}'
+            '</td><td></td><td class="n">≤ 0</td><td></td>'
+            '<td><span class="badge bad">over</span></td>'
+        )
+    if not lines:
+        lines.append('<td colspan="6" class="note">no metrics</td>')
+    nodeid = record.get("nodeid", "")
+    test = (
+        f'<td class="test" rowspan="{len(lines)}"><span class="mono">{_e(nodeid)}</span> '
+        f"{_badge(record.get('outcome'))}"
+        + (f' <a href="#b{index}">blame ↓</a>' if blamed else "")
+        + "</td>"
+    )
+    what = (
+        f'<td class="what" rowspan="{len(lines)}"><code>'
+        f"{_e(_call(record.get('modification', '?'), record.get('params') or {}))}</code>"
+        f"{_more(record)}</td>"
+    )
+    out = [f'<tbody id="r{index}"><tr>{test}{what}{lines[0]}</tr>']
+    out += [f"<tr>{line}</tr>" for line in lines[1:]]
+    shown = {f"{m}:" for m in names}
+    for violation in violations:  # lines the budget rows do not already show
+        if not any(violation.startswith(s) for s in shown):
+            out.append(
+                f'<tr class="violation"><td></td><td></td><td colspan="6">{_e(violation)}</td></tr>'
+            )
+    out.append("</tbody>")
+    return "".join(out)
+
+
+def _more(record: Mapping[str, Any]) -> str:
+    """Every metric, the perplexities and the composition's stages, folded away."""
+    metrics = record.get("metrics") or {}
+    stderr = record.get("stderr") or {}
+    rows = [
+        f'<tr><td>{_e(k)}</td><td class="n">{_num(v)}</td><td class="n">'
+        f"{'' if stderr.get(k) is None else '± ' + _num(stderr[k])}</td></tr>"
+        for k, v in metrics.items()
+    ]
+    facts = [
+        f"{label} {_num(record[key])}"
+        for key, label in (
+            ("baseline_ppl", "baseline ppl"),
+            ("modified_ppl", "modified ppl"),
+            ("tokens", "tokens"),
+        )
+        if key in record
+    ]
+    stages = ""
+    if record.get("stages"):
+        items = "".join(
+            f"<li><code>{_e(_call(s.get('modification', '?'), s.get('params') or {}))}</code>: "
+            + ", ".join(
+                f"{_e(k)} {_num(v)}"
+                for k, v in (s.get("metrics") or {}).items()
+                if k in DEFAULT_METRICS
+            )
+            + "</li>"
+            for s in record["stages"]
+        )
+        stages = f"<p>after each earlier stage:</p><ul>{items}</ul>"
+    if not rows and not facts and not stages:
+        return ""
+    return (
+        f"<details><summary>all {len(metrics)} metrics</summary>"
+        f"<p>{_e(' · '.join(facts))}</p><table>{''.join(rows)}</table>{stages}</details>"
+    )
+
+
+# -- curves ----------------------------------------------------------------------------------
+
+
+def _curves(explorations: Sequence[Mapping[str, Any]]) -> str:
+    curves = [r for r in explorations if r.get("kind") in ("threshold", "sweep")]
+    calibrations = [r for r in explorations if r.get("kind") == "decoding_calibration"]
+    if not curves and not calibrations:
+        return ""
+    out = ['<h2 id="curves">Where it breaks: thresholds and sweeps</h2>']
+    plotting = _can_plot()
+    if curves and not plotting:
+        out.append(
+            f'<p class="note">curves not drawn: matplotlib is not installed '
+            f"(<code>{_e(INSTALL)}</code>); the measured points are listed below.</p>"
+        )
+    for record in curves:
+        out.append(_curve_card(record, plotting))
+    if calibrations:
+        out.append(_calibrations(calibrations))
+    return "".join(out)
+
+
+def _curve_card(record: Mapping[str, Any], plotting: bool) -> str:
+    param = record.get("param", "?")
+    fixed = record.get("fixed") or {}
+    what = (
+        _call(record.get("modification", "?"), fixed) if fixed else record.get("modification", "?")
+    )
+    kind = (
+        "sweep" if record["kind"] == "sweep" else (f"threshold ({record.get('method', 'search')})")
+    )
+    image = ""
+    if plotting:
+        try:
+            image = (
+                f'<img alt="{_e(what)} {_e(param)} {_e(kind)}" '
+                f'src="data:image/png;base64,{_png(record)}">'
+            )
+        except Exception as exc:  # a figure that cannot be drawn must not cost the page
+            image = f'<p class="note">(no curve: {_e(type(exc).__name__)}: {_e(exc)})</p>'
+    return (
+        f'<section class="card"><h3><span class="mono">{_e(record.get("nodeid", ""))}</span>'
+        f" · {_e(what)} {_e(param)} {_e(kind)}</h3>"
+        f'<p class="finding">{_finding(record)}</p>'
+        f'<div class="curve">{image}{_points(record)}</div></section>'
+    )
+
+
+def _finding(record: Mapping[str, Any]) -> str:
+    """What the curve says, in one sentence (HTML)."""
+    param = _e(record.get("param", "?"))
+    metric = record.get("metric", "")
+    if record["kind"] == "sweep":
+        n = len(record.get("points") or [])
+        fit = record.get("fit") or {}
+        if record.get("s0") is None:
+            return (
+                f'<span class="warnline">no phase transition</span> ({n} points): '
+                f"{_e(fit.get('reason', ''))}"
+            )
+        se = record.get("s0_stderr")
+        r2 = fit.get("r2")
+        return (
+            f"<b>phase transition at {param} = {_num(record['s0'])}</b>"
+            + (f" ± {_num(se)}" if _finite(se) else "")
+            + (f" (fit R² {r2:.2f}" if _finite(r2) else " (")
+            + f", {n} points, {_e(metric)})"
+        )
+    limit = (record.get("budget") or {}).get(metric)
+    over = f" ({_e(metric)} &gt; {_num(limit)})" if limit is not None else ""
+    passing, _ = (list(record.get("bracket") or [None, None]) + [None, None])[:2]
+    how = {"bisection": "bisection", "shrinking": "hypothesis shrinking"}.get(
+        record.get("method", ""), _e(record.get("method", ""))
+    )
+    evaluations = record.get("evaluations", len(record.get("measurements") or []))
+    if record.get("value") is None:
+        text = (
+            f"<b>no break</b>: passes up to {param} = {_num(passing)}; "
+            f"{evaluations} measures by {how}"
+        )
+    else:
+        text = (
+            f"<b>breaks at {param} = {_num(record['value'])}</b>{over}; "
+            + (
+                f"passes at {param} = {_num(passing)}"
+                if passing is not None
+                else "breaks at every value measured"
+            )
+            + f"; {evaluations} measures by {how}"
+        )
+    if record.get("monotone") is False:
+        text += f'<br><span class="warnline">non-monotone: {_e(record.get("note", ""))}</span>'
+    return text
+
+
+def _points(record: Mapping[str, Any]) -> str:
+    metric = record.get("metric", "")
+    if record["kind"] == "sweep":
+        points = [
+            (p.get("value"), (p.get("metrics") or {}).get(metric), p.get("broke"))
+            for p in record.get("points") or []
+        ]
+    else:
+        points = sorted(
+            (
+                (p.get("x"), p.get("metric"), p.get("broke"))
+                for p in record.get("measurements") or []
+            ),
+            key=lambda p: p[0] if _finite(p[0]) else math.inf,
+        )
+    rows = "".join(
+        f'<tr><td class="n">{_num(x)}</td><td class="n">{_num(y)}</td><td>'
+        + ('<span class="badge bad">over</span>' if broke else '<span class="badge ok">ok</span>')
+        + "</td></tr>"
+        for x, y, broke in points
+    )
+    return (
+        f'<table><thead><tr><th class="n">{_e(record.get("param", ""))}</th>'
+        f'<th class="n">{_e(metric)}</th><th>budget</th></tr></thead>'
+        f"<tbody>{rows}</tbody></table>"
+    )
+
+
+def _calibrations(records: Sequence[Mapping[str, Any]]) -> str:
+    rows = []
+    for r in records:
+        before, after = (list(r.get("kl_mean") or [None, None]) + [None, None])[:2]
+        stages = " → ".join(
+            _call(s.get("name", "?"), {k: v for k, v in s.items() if k != "name"})
+            for s in r.get("modification") or []
+        )
+        rows.append(
+            f'<tr><td class="mono">{_e(r.get("nodeid", ""))}</td>'
+            f"<td><code>{_e(stages)}</code></td>"
+            f'<td class="n">{_num(r.get("temperature"))}</td>'
+            f'<td class="n">{_num(r.get("top_p"))}</td>'
+            f'<td class="n">{_num(before)} → {_num(after)}</td></tr>'
+        )
+    return (
+        '<section class="card"><h3>Decoding calibrations</h3><table><thead><tr>'
+        '<th>test</th><th>calibrated modification</th><th class="n">temperature</th>'
+        '<th class="n">top_p</th><th class="n">kl_mean before → after</th></tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table></section>"
+    )
+
+
+def _can_plot() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _png(record: Mapping[str, Any]) -> str:
+    """The record's curve as base64 PNG, drawn by the plot code into memory."""
+    from .plots import plot_curve
+
+    buffer = io.BytesIO()
+    try:
+        plot_curve(buffer, record, record.get("budget"))
+    except TypeError:  # a plot_curve that wraps its target in Path(): go through a file
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "curve.png"
+            plot_curve(path, record, record.get("budget"))
+            return base64.b64encode(path.read_bytes()).decode("ascii")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# -- blame -----------------------------------------------------------------------------------
+
+
+def _blame(results: Sequence[Mapping[str, Any]]) -> str:
+    cards = [
+        _blame_card(i, r, r["details"]["blame"])
+        for i, r in enumerate(results)
+        if isinstance((r.get("details") or {}).get("blame"), Mapping)
+    ]
+    if not cards:
+        return ""
+    return (
+        '<h2 id="blame">Where the hemorrhage starts: per-block blame</h2>'
+        '<p class="sub">relative L2 drift of the residual stream after each block, '
+        "modified vs baseline; the dashed mark is the level at which a block counts as "
+        "bleeding; attention entropy in nats (negative: sharper attention).</p>" + "".join(cards)
+    )
+
+
+def _blame_card(index: int, record: Mapping[str, Any], blame: Mapping[str, Any]) -> str:
+    blocks = list(blame.get("blocks") or [])
+    threshold = blame.get("threshold")
+    begins, most = blame.get("begins"), blame.get("most")
+    label = [f"{b.get('index')}'" if b.get("added") else str(b.get("index")) for b in blocks]
+    summary = []
+    if blocks and begins is None:
+        summary.append(
+            "no block's hidden states drift: the change acts after the blocks "
+            "(lm_head, logits or decoding)"
+        )
+    elif begins is not None and begins < len(blocks):
+        summary.append(
+            f"<b>hemorrhage begins at block {_e(label[begins])}</b> "
+            f"(drift {_num(blocks[begins].get('drift_l2'))} &gt; {_num(threshold)})"
+        )
+    if most is not None and most < len(blocks):
+        worst = blocks[most]
+        if blame.get("attribution") and worst.get("share") is not None:
+            summary.append(
+                f"block {_e(label[most])} has the largest share "
+                f"({worst['share']:.0%}) of the summed one-block kl_mean"
+            )
+        else:
+            before = blocks[most - 1].get("drift_l2") if most else 0.0
+            added = (
+                worst.get("drift_l2") - before
+                if _finite(worst.get("drift_l2")) and (_finite(before))
+                else None
+            )
+            summary.append(f"block {_e(label[most])} adds the most drift ({_signed(added)})")
+    drifts = [b.get("drift_l2") for b in blocks]
+    top = max([d for d in drifts if _finite(d)] + [threshold if _finite(threshold) else 0.0, 1e-12])
+    entropy = any(b.get("attn_entropy_shift") is not None for b in blocks)
+    attribution = any(b.get("kl_mean") is not None for b in blocks)
+    head = (
+        '<tr><th>block</th><th>drift</th><th class="n">rel. L2</th>'
+        '<th class="n">1 − cos</th><th>sublayer drifting most</th>'
+        + (
+            '<th class="n">attn entropy change</th><th class="n">mean |change|</th>'
+            if entropy
+            else ""
+        )
+        + ('<th class="n">one-block kl_mean</th><th class="n">share</th>' if attribution else "")
+        + "</tr>"
+    )
+    rows = []
+    for i, b in enumerate(blocks):
+        drift = b.get("drift_l2")
+        width = min(100.0, 100.0 * drift / top) if _finite(drift) else 100.0
+        hot = not _finite(drift) or (_finite(threshold) and drift > threshold)
+        mark = (
+            f'<i style="left:{min(100.0, 100.0 * threshold / top):.1f}%"></i>'
+            if _finite(threshold)
+            else ""
+        )
+        sub = max(
+            ((k, v) for k, v in (b.get("sublayers") or {}).items()),
+            key=lambda kv: kv[1] if _finite(kv[1]) else math.inf,
+            default=None,
+        )
+        classes = " ".join(c for c, on in (("begins", i == begins), ("most", i == most)) if on)
+        rows.append(
+            f'<tr class="{classes}"><td>{_e(label[i])} <span class="note">{_e(b.get("name", ""))}'
+            f'</span></td><td><div class="bar"><span class="{"hot" if hot else ""}" '
+            f'style="width:{width:.1f}%"></span>{mark}</div></td>'
+            f'<td class="n">{_num(drift)}</td><td class="n">{_num(b.get("drift_cos"))}</td>'
+            f"<td>{'' if sub is None else f'<code>{_e(sub[0])}</code> {_num(sub[1])}'}</td>"
+            + (
+                f'<td class="n">{_signed(b.get("attn_entropy_change"))}</td>'
+                f'<td class="n">{_num(b.get("attn_entropy_shift"))}</td>'
+                if entropy
+                else ""
+            )
+            + (
+                f'<td class="n">{_num(b.get("kl_mean"))}</td><td class="n">'
+                f"{'' if b.get('share') is None else format(b['share'], '.0%')}</td>"
+                if attribution
+                else ""
+            )
+            + "</tr>"
+        )
+    notes = "".join(f'<p class="note">{_e(n)}</p>' for n in blame.get("notes") or [])
+    what = _call(record.get("modification", "?"), record.get("params") or {})
+    return (
+        f'<section class="card" id="b{index}"><h3><a href="#r{index}" class="mono">'
+        f"{_e(record.get('nodeid', ''))}</a> · <code>{_e(what)}</code></h3>"
+        f'<p class="finding">{"; ".join(summary)}</p>'
+        f"<table><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>{notes}"
+        f'<p class="sub">{_num(blame.get("tokens"))} tokens</p></section>'
+    )
