@@ -159,8 +159,11 @@ def write_html(report: Mapping[str, Any], path: Path | str) -> Path | None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(page, encoding="utf-8")
     except OSError as exc:
-        reason = exc.strerror or str(exc)
-        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else ""
+        if isinstance(exc, (FileExistsError, NotADirectoryError)):
+            reason, where = f"{_file_in_the_way(path)} is not a directory", ""
+        else:
+            reason = exc.strerror or str(exc)
+            where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else ""
         warnings.warn(
             f"hemorrhage: could not write the HTML report to {path}: {reason}{where}; "
             "the test verdicts are unchanged",
@@ -168,6 +171,14 @@ def write_html(report: Mapping[str, Any], path: Path | str) -> Path | None:
         )
         return None
     return path
+
+
+def _file_in_the_way(path: Path) -> Path:
+    """The ancestor of ``path`` that exists but is not a directory."""
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            return parent
+    return path.parent
 
 
 # -- formatting ------------------------------------------------------------------------------
@@ -327,7 +338,8 @@ def _result_rows(index: int, record: Mapping[str, Any], blamed: bool) -> str:
         margin = limit - compared if _finite(limit) and _finite(compared) else None
         verdict = ""
         if limit is not None:
-            over = any(v.startswith(f"{metric}:") for v in violations)
+            # the plugin's verdict (its violation lines); a non-finite value is never ok
+            over = not _finite(value) or any(v.startswith(f"{metric}:") for v in violations)
             verdict = (
                 '<span class="badge bad">over</span>'
                 if over
@@ -339,12 +351,10 @@ def _result_rows(index: int, record: Mapping[str, Any], blamed: bool) -> str:
             else ""
         )
         lines.append(
-
-                f'<td>{_e(metric)}</td><td class="n">{_num(value)}{bound}</td>'
-                f'<td class="n">{"" if se is None else "± " + _num(se)}</td>'
-                f'<td class="n">{"" if limit is None else "≤ " + _num(limit)}</td>'
-                f'<td class="n">{_signed(margin)}</td><td>{verdict}</td>'
-
+            f'<td>{_e(metric)}</td><td class="n">{_num(value)}{bound}</td>'
+            f'<td class="n">{"" if se is None else "± " + _num(se)}</td>'
+            f'<td class="n">{"" if limit is None else "≤ " + _num(limit)}</td>'
+            f'<td class="n">{_signed(margin)}</td><td>{verdict}</td>'
         )
     if record.get("nonfinite_tokens"):
         lines.append(
