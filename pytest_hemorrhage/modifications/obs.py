@@ -1,0 +1,678 @@
+"""Optimal Brain Surgeon family: GPTQ quantization and SparseGPT pruning.
+
+Both methods (Frantar et al. 2022; Frantar & Alistarh 2023) share one machinery, kept here:
+  * the per-layer Hessian ``H = 2 X^T X / tokens`` of the squared reconstruction error, from the
+    layer's inputs on the calibration windows;
+  * dampening (``damp`` times the mean of diag(H) added to the diagonal; inputs that never fire
+    get H_jj = 1 and a zero weight column), then the upper Cholesky factor of H^-1;
+  * column-by-column rounding or pruning, each column's error spread over the columns not yet
+    processed through that factor, with lazy updates in blocks of 128 columns;
+  * sequential calibration, block by block as in the papers: the Hessians of block i come from
+    the inputs that blocks < i produce *after* their own quantization or pruning. While it runs,
+    solved layers are swapped for dense stand-ins on a private ``Patch`` that is always undone;
+    the caller's patch only receives the final parametrizations once every layer is solved, so
+    an error (a singular Hessian, too little calibration data) leaves the model untouched.
+
+The results are small states the parametrizations rebuild the weight from on every use: GPTQ's
+integer codes bit-packed (``bits`` per weight) with a scale and zero point per group; SparseGPT's
+surviving weights (they change too: that is the error compensation) with a one-bit mask. They are
+computed once per model, calibration data, earlier stages and config: kept in the session memo
+(the last few configs) and on disk under a content hash when the context has a ``cache_dir``.
+Block 0's Hessians do not depend on the config, so every GPTQ or SparseGPT config of a session
+(a sweep over ``sparsity`` or ``bits``) reuses them.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..errors import HemorrhageError, first_line
+from ..reference import cache_key
+from .prune import pack_bits, unpack_bits
+from .registry import Modification, Patch, Target, blocks, register_modification
+from .validate import check_choice, check_int, check_number
+
+if TYPE_CHECKING:
+    from ..harness import Context
+
+__all__ = [
+    "FORMAT",
+    "GPTQ",
+    "SparseGPT",
+    "gptq_quantize",
+    "gptq_weight",
+    "inverse_hessian_factor",
+    "load_or_solve",
+    "quant_grid",
+    "sequential_hessians",
+    "sparsegpt_prune",
+    "sparsegpt_weight",
+]
+
+FORMAT = 1  # bump when the stored per-layer state changes
+_COLUMNS = 128  # columns per lazy batch update (both papers' block size)
+_BATCH = 8  # calibration windows per forward call
+_RECENT = 4  # configs whose results the session memo keeps (a sweep's neighbours)
+
+LayerState = dict[str, torch.Tensor]
+
+
+# --- configs -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class GPTQ(Modification):
+    """GPTQ (Frantar et al. 2022): weights rounded one input column at a time, each column's
+    rounding error compensated on the columns not yet rounded through the inverse Hessian.
+
+    The grid is ``quant.rtn``'s (same ``bits``, ``group_size``, ``symmetric``), so the two differ
+    only by the error compensation.
+
+    Args:
+        bits: bits per weight, 2-8.
+        group_size: input columns sharing a scale (and zero point); 0 means one per output row.
+        act_order: process columns by decreasing Hessian diagonal (largest inputs first); with
+            dynamic groups a group is then ``group_size`` consecutive columns in that order.
+        damp: added to the Hessian's diagonal, as a fraction of its mean (0.01 as in the paper).
+        symmetric: absmax grid around zero; otherwise min/max with a zero point.
+        static_groups: compute every group's grid from the weights before any compensation
+            (llm-compressor's behaviour; groups by original column also under act_order)
+            instead of when the algorithm reaches the group (the reference implementation's).
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    act_order: bool = False
+    damp: float = 0.01
+    symmetric: bool = True
+    static_groups: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int(self, "bits", 2, 8)
+        check_int(self, "group_size", 0)
+        check_choice(self, "act_order", (True, False))
+        check_number(self, "damp", 0.0, 1e6)
+        check_choice(self, "symmetric", (True, False))
+        check_choice(self, "static_groups", (True, False))
+
+
+@dataclass(frozen=True, kw_only=True)
+class SparseGPT(Modification):
+    """SparseGPT (Frantar & Alistarh 2023): weights pruned one column at a time by the OBS score
+    ``w^2 / [H^-1]_jj^2``, the survivors updated to compensate the pruned ones.
+
+    Unstructured masks are chosen per block of 128 columns (``sparsity`` of each block, ranked
+    over all its rows: the paper's adaptive mask selection) from the weights as compensated so
+    far. With ``n``/``m``, each group of ``m`` consecutive inputs keeps its ``n`` best weights
+    (as ``prune.nm``: 2:4 keeps 2 of every 4).
+
+    Args:
+        sparsity: fraction of weights to zero, 0-1 (default 0.5 unless ``n``/``m`` are given).
+        n: weights kept in each group of ``m`` (semi-structured N:M sparsity).
+        m: group size along the input dimension; every target's in_features must divide by it.
+        damp: added to the Hessian's diagonal, as a fraction of its mean (0.01 as in the paper).
+    """
+
+    sparsity: float | None = None
+    n: int | None = None
+    m: int | None = None
+    damp: float = 0.01
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.n is None) != (self.m is None):
+            raise HemorrhageError(
+                f"{self.name}: n={self.n!r}, m={self.m!r}: N:M sparsity needs both, e.g. n=2, m=4"
+            )
+        if self.n is not None:
+            if self.sparsity is not None:
+                raise HemorrhageError(
+                    f"{self.name}: sparsity={self.sparsity!r} and n:m={self.n}:{self.m} both "
+                    "given; pass one of them"
+                )
+            check_int(self, "m", 1)
+            check_int(self, "n", 1, self.m)
+        else:
+            object.__setattr__(self, "sparsity", 0.5 if self.sparsity is None else self.sparsity)
+            check_number(self, "sparsity", 0.0, 1.0)
+        check_number(self, "damp", 0.0, 1e6)
+
+
+# --- the shared solve ----------------------------------------------------------------------------
+
+
+def inverse_hessian_factor(
+    hessian: torch.Tensor, weight: torch.Tensor, damp: float, name: str, what: str
+) -> torch.Tensor:
+    """The upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``.
+
+    ``hessian`` (in, in) and ``weight`` (out, in) are modified in place: inputs that never fire
+    (H_jj == 0) get H_jj = 1 and a zero weight column, as in both papers.
+
+    Raises:
+        HemorrhageError: H is not positive definite even after dampening.
+    """
+    if not torch.isfinite(hessian).all():
+        raise HemorrhageError(
+            f"{what}: layer {name!r} saw non-finite calibration activations, so its Hessian "
+            "is undefined; exclude it with exclude=(...) or fix the model's overflow first"
+        )
+    diag = torch.arange(len(hessian), device=hessian.device)
+    dead = hessian[diag, diag] == 0
+    hessian[diag[dead], diag[dead]] = 1
+    weight[:, dead] = 0
+    hessian[diag, diag] += damp * hessian[diag, diag].mean()
+    lower, info = torch.linalg.cholesky_ex(hessian)
+    if not info:
+        upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+    if info or not torch.isfinite(upper).all():
+        raise HemorrhageError(
+            f"{what}: the Hessian of layer {name!r} is singular even after dampening "
+            f"(damp={damp:g}); use a larger damp, e.g. damp={max(10 * damp, 0.01):g}, or more "
+            "calibration windows"
+        )
+    return upper
+
+
+def quant_grid(
+    group: torch.Tensor, bits: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """``quant.rtn``'s grid for each row of ``group`` (rows, columns): scale, zero point (rows,)
+    and the integer range [lo, hi]; a weight becomes ``(clamp(round(w / s) + z, lo, hi) - z) * s``.
+    """
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        scale = group.abs().amax(-1).clamp_min(1e-12) / qmax
+        return scale, torch.zeros_like(scale), -qmax - 1, qmax
+    levels = 2**bits - 1
+    lo, hi = group.amin(-1), group.amax(-1)
+    scale = (hi - lo).clamp_min(1e-12) / levels
+    return scale, (-lo / scale).round(), 0, levels
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    config: GPTQ,
+    name: str = "",
+) -> LayerState:
+    """GPTQ on one layer: ``weight`` (out, in) with its Hessian (in, in); neither is modified.
+
+    Returns:
+        ``codes`` (out, in) uint8 (integer minus the grid's lowest), ``scale`` and ``zero``
+        (out, groups) float32, ``g_idx`` (in,) int32: the group of each input column.
+    """
+    w = weight.detach().to(torch.float32, copy=True)
+    h = hessian.to(w.device, torch.float32, copy=True)
+    rows, columns = w.shape
+    size = config.group_size or columns
+    groups = math.ceil(columns / size)
+    scale = w.new_zeros(rows, groups)
+    zero = w.new_zeros(rows, groups)
+    g_idx = torch.arange(columns, device=w.device) // size  # by original column
+    if config.static_groups:  # every grid from the weights as they are (llm-compressor's order)
+        for g in range(groups):
+            scale[:, g], zero[:, g], lo, hi = quant_grid(
+                w[:, g * size : (g + 1) * size], config.bits, config.symmetric
+            )
+    perm = None
+    if config.act_order:
+        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        w, h = w[:, perm], h[perm][:, perm]
+        if not config.static_groups:  # groups are consecutive columns in processing order
+            g_idx = g_idx.clone()
+            g_idx[perm] = torch.arange(columns, device=w.device) // size
+    position_group = g_idx if perm is None else g_idx[perm]
+    upper = inverse_hessian_factor(h, w, config.damp, name, config.name)
+    del h
+    lo, hi = quant_grid(w[:, :1], config.bits, config.symmetric)[2:]
+    codes = torch.empty(rows, columns, dtype=torch.uint8, device=w.device)
+    for i1 in range(0, columns, _COLUMNS):
+        i2 = min(i1 + _COLUMNS, columns)
+        block, errors = w[:, i1:i2].clone(), w.new_zeros(rows, i2 - i1)
+        local = upper[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            g = int(position_group[j])
+            if not config.static_groups and j % size == 0:
+                # from ``w``, as the reference code: columns past the current one in this block
+                # have not received this block's updates yet
+                scale[:, g], zero[:, g] = quant_grid(
+                    w[:, j : j + size], config.bits, config.symmetric
+                )[:2]
+            column, s, z = block[:, i], scale[:, g], zero[:, g]
+            integer = ((column / s).round() + z).clamp(lo, hi)
+            codes[:, j] = (integer - lo).to(torch.uint8)
+            error = (column - (integer - z) * s) / local[i, i]
+            block[:, i:] -= error[:, None] * local[i, i:][None, :]
+            errors[:, i] = error
+        w[:, i2:] -= errors @ upper[i1:i2, i2:]
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    return {"codes": codes, "scale": scale, "zero": zero, "g_idx": g_idx.to(torch.int32)}
+
+
+def gptq_weight(state: LayerState, bits: int, symmetric: bool) -> torch.Tensor:
+    """The float32 (out, in) weight of a GPTQ state (packed or not), bit-identical to the one
+    the solver compensated against."""
+    scale, zero, g_idx = state["scale"], state["zero"], state["g_idx"]
+    codes, columns = state["codes"], len(g_idx)
+    if codes.shape[1] != columns:  # packed: (out, ceil(in * bits / 8)), ``bits`` bits per weight
+        bits_of = unpack_bits(codes, columns * bits).view(len(codes), columns, bits)
+        shifts = torch.arange(bits, device=codes.device, dtype=torch.uint8)
+        codes = (bits_of.to(torch.uint8) << shifts).sum(-1, dtype=torch.uint8)
+    lo = -(2 ** (bits - 1)) if symmetric else 0
+    return (codes.float() + lo - zero[:, g_idx]) * scale[:, g_idx]
+
+
+def _pack_codes(state: LayerState, bits: int) -> LayerState:
+    codes = state["codes"]
+    shifts = torch.arange(bits, device=codes.device, dtype=torch.uint8)
+    bits_of = ((codes.unsqueeze(-1) >> shifts) & 1).bool().view(len(codes), -1)
+    return {**state, "codes": pack_bits(bits_of)}  # 8 bits: the same bytes
+
+
+def sparsegpt_prune(
+    weight: torch.Tensor, hessian: torch.Tensor, config: SparseGPT, name: str = ""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT on one layer: ``weight`` (out, in) with its Hessian (in, in); neither modified.
+
+    Returns:
+        The compensated float32 weight (zero where pruned) and the bool keep mask, (out, in).
+    """
+    w = weight.detach().to(torch.float32, copy=True)
+    h = hessian.to(w.device, torch.float32, copy=True)
+    rows, columns = w.shape
+    upper = inverse_hessian_factor(h, w, config.damp, name, config.name)
+    del h
+    m = config.m
+    step = _COLUMNS if m is None else max(m, _COLUMNS // m * m)  # N:M groups never straddle
+    pruned = torch.zeros(rows, columns, dtype=torch.bool, device=w.device)
+    for i1 in range(0, columns, step):
+        i2 = min(i1 + step, columns)
+        block, errors = w[:, i1:i2].clone(), w.new_zeros(rows, i2 - i1)
+        local = upper[i1:i2, i1:i2]
+        inv_diag = torch.diagonal(local)
+        mask = torch.zeros_like(block, dtype=torch.bool)
+        if m is None:  # the block's lowest OBS scores, ranked over all its rows
+            k = round(config.sparsity * block.numel())
+            if k:
+                score = (block.square() / inv_diag.square()).flatten()
+                mask.view(-1)[score.topk(k, largest=False).indices] = True
+        for i in range(i2 - i1):
+            if m is not None and i % m == 0:
+                score = block[:, i : i + m].square() / inv_diag[i : i + m].square()
+                mask.scatter_(1, i + score.topk(m - config.n, dim=1, largest=False).indices, True)
+            column = block[:, i]
+            error = torch.where(mask[:, i], column, 0) / local[i, i]
+            block[:, i:] -= error[:, None] * local[i, i:][None, :]
+            block[:, i] = torch.where(mask[:, i], 0, block[:, i])
+            errors[:, i] = error
+        w[:, i1:i2] = block
+        w[:, i2:] -= errors @ upper[i1:i2, i2:]
+        pruned[:, i1:i2] = mask
+    return w, ~pruned
+
+
+def sparsegpt_weight(state: LayerState, dtype: torch.dtype) -> torch.Tensor:
+    """The (out, in) weight of a SparseGPT state: its surviving values, zeros elsewhere."""
+    values = state["values"]
+    keep = unpack_bits(state["keep"], int(state["columns"]))
+    return torch.zeros(keep.shape, dtype=dtype, device=values.device).masked_scatter_(
+        keep, values.to(dtype)
+    )
+
+
+# --- sequential calibration ----------------------------------------------------------------------
+
+
+class _Captured(Exception):
+    """Stops the forward pass at the first block, carrying that block's inputs."""
+
+
+@dataclass
+class _Batch:
+    """One batch of calibration windows at a block's input."""
+
+    hidden: torch.Tensor
+    args: tuple[Any, ...]  # the block's other positional arguments (the same for every block)
+    kwargs: dict[str, Any]  # masks, position embeddings, ... (the same for every block)
+    positional: bool  # whether the hidden states came positionally
+
+    def run(self, block: nn.Module) -> torch.Tensor:
+        if self.positional:
+            out = block(self.hidden, *self.args, **self.kwargs)
+        else:
+            out = block(hidden_states=self.hidden, **self.kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def _first_block_inputs(
+    model: nn.Module, context: Context, first: nn.Module, windows: torch.Tensor
+) -> list[_Batch]:
+    """The first block's inputs for each batch of ``windows`` (only the embeddings run)."""
+
+    def grab(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if args:
+            raise _Captured(_Batch(args[0], args[1:], dict(kwargs), True))
+        kwargs = dict(kwargs)
+        raise _Captured(_Batch(kwargs.pop("hidden_states"), (), kwargs, False))
+
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    batches = []
+    try:
+        for ids in windows.split(_BATCH):
+            try:
+                context.logits(ids)
+            except _Captured as captured:
+                batches.append(captured.args[0])
+            else:
+                raise HemorrhageError(
+                    f"{type(model).__name__}: its forward pass never reached the first block, "
+                    "so GPTQ/SparseGPT cannot calibrate it; pass include=(...) patterns naming "
+                    "the layers to modify"
+                )
+    finally:
+        handle.remove()
+    return batches
+
+
+def _accumulate_hessians(
+    modules: dict[str, nn.Module], run: Callable[[], None]
+) -> dict[str, torch.Tensor]:
+    """``2 X^T X / tokens`` of each module's input over the calls ``run`` makes.
+
+    Modules fed the same tensor in one call (q/k/v; gate/up) share one Hessian object.
+    """
+    sums: dict[str, torch.Tensor] = {}
+    tokens: dict[int, int] = {}
+    fed: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) -> (input kept alive, first reader)
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0]
+            if id(x) in fed and fed[id(x)][0] is x:  # another reader of the same input
+                sums.setdefault(name, sums[fed[id(x)][1]])
+                return
+            fed[id(x)] = (x, name)
+            flat = x.detach().reshape(-1, x.shape[-1]).float()
+            total = sums.setdefault(name, flat.new_zeros(flat.shape[1], flat.shape[1]))
+            total.addmm_(flat.t(), flat)
+            tokens[id(total)] = tokens.get(id(total), 0) + len(flat)
+
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+        fed.clear()
+    for total in {id(t): t for t in sums.values()}.values():
+        total.mul_(2 / tokens[id(total)])
+    return sums
+
+
+def _run_all(block: nn.Module, batches: list[_Batch]) -> None:
+    for batch in batches:
+        batch.run(block)
+
+
+def _run_model(context: Context, windows: torch.Tensor) -> None:
+    for ids in windows.split(_BATCH):
+        context.logits(ids)
+
+
+class _Dense(nn.Module):
+    """A solved layer during calibration: its new (out, in) weight and the original bias."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight, self.bias = weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+def sequential_hessians(
+    model: nn.Module,
+    context: Context,
+    targets: list[Target],
+    solve: Callable[[Target, torch.Tensor], torch.Tensor],
+) -> None:
+    """Calibrate ``targets`` block by block: collect each block's Hessians from the outputs of
+    the blocks before it as already solved, call ``solve(target, hessian)`` for each of its
+    targets (it returns the new (out, in) weight), then run the block again with those weights
+    to produce the next block's inputs. Targets outside the blocks are solved last, from one
+    pass of the whole model with every block solved. The model is unchanged on return.
+    """
+    windows = context.calibration_windows()  # too little data fails here, before any work
+    prefix, layers = blocks(model)
+    by_block: dict[int, list[Target]] = {}
+    rest = []
+    for t in targets:
+        head, _, tail = t.name.partition(prefix + ".")
+        index = tail.split(".", 1)[0]
+        if head == "" and tail and index.isdigit():
+            by_block.setdefault(int(index), []).append(t)
+        else:
+            rest.append(t)
+    last = len(layers) - 1 if rest else max(by_block, default=-1)
+    swaps = Patch(model)  # private: always undone, so the caller's model is never left changed
+
+    def solve_all(chosen: list[Target], hessians: dict[str, torch.Tensor]) -> None:
+        for t in chosen:
+            new = solve(t, hessians.pop(t.name))
+            swaps.swap_module(t.name, _Dense(new.to(t.weight.dtype), t.module.bias))
+
+    try:
+        with torch.no_grad():
+            batches = _first_block_inputs(model, context, layers[0], windows) if last >= 0 else []
+            for i in range(last + 1):
+                block, chosen = layers[i], by_block.get(i, [])
+                if chosen:
+                    modules = {t.name: t.module for t in chosen}
+                    collect = functools.partial(_run_all, block, batches)
+                    if i == 0:  # independent of the config: shared by every config
+                        key = ("obs.hessians", context.applied, tuple(modules), windows.shape)
+                        hessians = context.memo(
+                            key, functools.partial(_accumulate_hessians, modules, collect)
+                        )
+                        solve_all(chosen, dict(hessians))
+                    else:
+                        solve_all(chosen, _accumulate_hessians(modules, collect))
+                if i < last:
+                    for batch in batches:
+                        batch.hidden = batch.run(block)
+            del batches
+            if rest:
+                whole = functools.partial(_run_model, context, windows)
+                solve_all(rest, _accumulate_hessians({t.name: t.module for t in rest}, whole))
+    finally:
+        swaps.undo()
+
+
+# --- caching -------------------------------------------------------------------------------------
+
+
+def load_or_solve(
+    key: str, cache_dir: Path | None, compute: Callable[[], dict[str, LayerState]]
+) -> tuple[dict[str, LayerState], bool]:
+    """The per-layer states stored under ``key`` in ``cache_dir``, else ``compute()`` and store.
+
+    Returns the states and whether they came from disk. As the reference cache: a file lock
+    makes concurrent workers calibrate once; a damaged entry is recomputed and an unwritable
+    directory bypassed, each with a warning.
+    """
+    if cache_dir is None:
+        return compute(), False
+    path = Path(cache_dir) / f"obs-{key}.pt"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        from filelock import FileLock
+
+        lock = FileLock(str(path.with_suffix(".lock")))
+        lock.acquire(timeout=3600)
+    except OSError as exc:
+        warnings.warn(
+            f"hemorrhage cache {cache_dir} is not writable ({first_line(exc)}); calibrating "
+            "without it",
+            stacklevel=2,
+        )
+        return compute(), False
+    try:
+        if path.exists():
+            try:
+                stored = torch.load(path, map_location="cpu", weights_only=True)
+                if stored.get("format") == FORMAT:
+                    return stored["layers"], True
+                raise ValueError("old format")
+            except Exception as exc:  # any damage: recompute rather than trust it
+                warnings.warn(
+                    f"hemorrhage cache entry {path} is unreadable ({first_line(exc)}); "
+                    "recomputing it",
+                    stacklevel=2,
+                )
+        states = compute()
+        tmp = path.with_suffix(".tmp")
+        try:
+            torch.save({"format": FORMAT, "layers": states}, tmp)
+            tmp.replace(path)  # atomic: readers never see half a file
+        except OSError as exc:
+            warnings.warn(
+                f"cannot write hemorrhage cache entry {path} ({first_line(exc)}); continuing "
+                "without it",
+                stacklevel=2,
+            )
+            tmp.unlink(missing_ok=True)
+        return states, False
+    finally:
+        lock.release()
+
+
+def _states(
+    config: Modification,
+    model: nn.Module,
+    context: Context,
+    targets: list[Target],
+    compute: Callable[[], dict[str, LayerState]],
+) -> dict[str, LayerState]:
+    """The per-layer states for ``config``: session memo, else disk cache, else ``compute()``."""
+    windows = context.calibration_windows()
+    weight = targets[0].weight
+    fingerprint = getattr(context, "fingerprint", None) or context.memo(
+        ("obs.fingerprint",), lambda: _fingerprint(model, context)
+    )
+    key = cache_key(
+        "obs",
+        FORMAT,
+        config.to_dict(),
+        [c.to_dict() for c in context.applied],
+        context.seed,
+        fingerprint,
+        tuple(windows.shape),
+        windows.cpu().numpy().tobytes(),
+        str(weight.dtype),
+        weight.device.type,
+    )
+    recent: OrderedDict[str, dict[str, LayerState]] = context.memo(("obs.recent",), OrderedDict)
+    if key not in recent:
+        recent[key] = load_or_solve(key, getattr(context, "cache_dir", None), compute)[0]
+        while len(recent) > _RECENT:
+            recent.popitem(last=False)
+    recent.move_to_end(key)
+    return recent[key]
+
+
+def _fingerprint(model: nn.Module, context: Context) -> str:
+    from ..loading import fingerprint
+
+    return fingerprint(model, context.tokenizer)
+
+
+# --- handlers ------------------------------------------------------------------------------------
+
+
+def _gptq_fn(state: LayerState, config: GPTQ) -> Callable[[torch.Tensor], torch.Tensor]:
+    def weight(w: torch.Tensor) -> torch.Tensor:
+        return gptq_weight(state, config.bits, config.symmetric).to(w.dtype)
+
+    return weight
+
+
+@register_modification("quant.gptq", GPTQ)
+def apply_gptq(config: GPTQ, model: nn.Module, patch: Patch, context: Context) -> None:
+    targets = config.targets(model)
+
+    def compute() -> dict[str, LayerState]:
+        states: dict[str, LayerState] = {}
+
+        def solve(target: Target, hessian: torch.Tensor) -> torch.Tensor:
+            state = gptq_quantize(target.weight, hessian, config, target.name)
+            states[target.name] = _pack_codes(state, config.bits)
+            return gptq_weight(state, config.bits, config.symmetric)
+
+        sequential_hessians(model, context, targets, solve)
+        return states
+
+    states = _states(config, model, context, targets, compute)
+    for target in targets:
+        device = target.weight.device
+        state = {k: v.to(device) for k, v in states[target.name].items()}
+        patch.parametrize(target, _gptq_fn(state, config))
+
+
+def _sparsegpt_fn(state: LayerState) -> Callable[[torch.Tensor], torch.Tensor]:
+    def weight(w: torch.Tensor) -> torch.Tensor:
+        return sparsegpt_weight(state, w.dtype)
+
+    return weight
+
+
+@register_modification("prune.sparsegpt", SparseGPT)
+def apply_sparsegpt(config: SparseGPT, model: nn.Module, patch: Patch, context: Context) -> None:
+    targets = config.targets(model)
+    if config.m is not None:
+        for target in targets:
+            columns = target.weight.shape[1]
+            if columns % config.m:
+                raise HemorrhageError(
+                    f"{config.name}: layer {target.name!r} has {columns} inputs, not a multiple "
+                    f"of m={config.m}; choose an m that divides it or exclude the layer with "
+                    "exclude=(...)"
+                )
+
+    def compute() -> dict[str, LayerState]:
+        states: dict[str, LayerState] = {}
+
+        def solve(target: Target, hessian: torch.Tensor) -> torch.Tensor:
+            new, keep = sparsegpt_prune(target.weight, hessian, config, target.name)
+            new = new.to(target.weight.dtype)
+            states[target.name] = {
+                "values": new[keep],
+                "keep": pack_bits(keep),
+                "columns": torch.tensor(keep.shape[1]),
+            }
+            return new
+
+        sequential_hessians(model, context, targets, solve)
+        return states
+
+    states = _states(config, model, context, targets, compute)
+    for target in targets:
+        device = target.weight.device
+        patch.parametrize(
+            target, _sparsegpt_fn({k: v.to(device) for k, v in states[target.name].items()})
+        )
