@@ -1,7 +1,7 @@
 """Calibration statistics for data-aware modifications (Wanda, SmoothQuant, ...).
 
 One pass of the model over the calibration windows records, for every linear layer, the
-per-input-channel L2 norm and maximum magnitude of its inputs, with the windows kept disjoint
+per-input-channel L2 norm, mean and maximum magnitude of its inputs, with the windows kept disjoint
 from the evaluation ones. The statistics describe the model as it is when the modification is
 applied (the baseline, or the output of the earlier stages of a composition) and are computed
 once per session for each such state.
@@ -30,6 +30,7 @@ class InputStats:
 
     l2: torch.Tensor  # (in_features,) float32: sqrt(sum of x_j^2), Wanda's ||X_j||_2
     abs_max: torch.Tensor  # (in_features,) float32: max |x_j|, SmoothQuant's activation range
+    abs_mean: torch.Tensor  # (in_features,) float32: mean |x_j|, AWQ's and ASVD's channel scale
     tokens: int
 
 
@@ -41,12 +42,14 @@ def input_stats(model: nn.Module, context: Context) -> dict[str, InputStats]:
 def _collect(model: nn.Module, context: Context) -> dict[str, InputStats]:
     sums: dict[str, torch.Tensor] = {}
     maxes: dict[str, torch.Tensor] = {}
+    abs_sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
     def hook(name: str):
         def record(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])
             sums[name] = sums.get(name, 0) + x.square().sum(0)
+            abs_sums[name] = abs_sums.get(name, 0) + x.abs().sum(0)
             maxes[name] = torch.maximum(maxes.get(name, x.new_zeros(x.shape[1])), x.abs().amax(0))
             counts[name] = counts.get(name, 0) + x.shape[0]
 
@@ -63,7 +66,12 @@ def _collect(model: nn.Module, context: Context) -> dict[str, InputStats]:
     finally:
         for h in handles:
             h.remove()
-    return {n: InputStats(sums[n].sqrt().cpu(), maxes[n].cpu(), counts[n]) for n in sums}
+    return {
+        n: InputStats(
+            sums[n].sqrt().cpu(), maxes[n].cpu(), (abs_sums[n] / counts[n]).cpu(), counts[n]
+        )
+        for n in sums
+    }
 
 
 def input_norms(model: nn.Module, context: Context, target: Target, what: str) -> torch.Tensor:

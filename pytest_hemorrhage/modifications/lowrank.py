@@ -1,5 +1,10 @@
 """Low-rank approximation: every target weight replaced by its truncated SVD.
 
+``lowrank.svd`` truncates ``W`` itself; ``lowrank.asvd`` (Yuan et al. 2023) truncates
+``W diag(s)`` with ``s`` the inputs' mean magnitude per channel to the power ``alpha``, then
+folds ``diag(1/s)`` back: the error is then weighted towards the channels that carry large
+activations, which is what the layer's output error depends on.
+
 Memory. Keeping the SVD factors of a layer (``k * (out + in)`` numbers) costs more than the
 weight itself at the ranks people use (80-95% kept), and recomputing the SVD on every forward
 is far too slow. Instead, the truncated weight is computed on each use as a projection of the
@@ -23,13 +28,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .registry import Modification, Patch, register_modification
+from ..errors import HemorrhageError
+from .calibration import input_stats
+from .registry import Modification, Patch, Target, register_modification
 from .validate import check_number
 
 if TYPE_CHECKING:
     from ..harness import Context
 
-__all__ = ["LowRank", "Subspace", "kept_rank", "rebuild", "truncate"]
+__all__ = ["ASVD", "LowRank", "Subspace", "asvd_scale", "kept_rank", "rebuild", "truncate"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,6 +54,27 @@ class LowRank(Modification):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_number(self, "rank_ratio", 0.0, 1.0, lo_open=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ASVD(LowRank):
+    """Activation-aware SVD (Yuan et al. 2023): truncate ``W diag(s)``, fold ``diag(1/s)`` back.
+
+    ``s_j = mean|x_j| ** alpha`` over the calibration tokens of the layer's input channel j
+    (ASVD's "absmean" scaling). Every layer keeps the same share of its rank (ASVD's
+    sensitivity-based rank allocation is not done), so ``lowrank.asvd`` against
+    ``lowrank.svd`` at one ``rank_ratio`` isolates the scaling.
+
+    Args:
+        rank_ratio: fraction of each layer's full rank ``min(out, in)`` that is KEPT, in (0, 1].
+        alpha: strength of the activation scaling, 0-1: 0 is plain SVD; ASVD's default 0.5.
+    """
+
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_number(self, "alpha", 0.0, 1.0)
 
 
 def kept_rank(rank_ratio: float, shape: tuple[int, ...]) -> int:
@@ -146,11 +174,55 @@ def rebuild(w: torch.Tensor, space: Subspace) -> torch.Tensor:
     return (a.T if transposed else a).to(w.dtype)
 
 
-@register_modification("lowrank.svd", LowRank)
-def apply_svd(config: LowRank, model: nn.Module, patch: Patch, context: Context) -> None:
-    targets = config.targets(model)
-    for target in targets:
+def _truncated(rank_ratio: float, target: Target, scale: torch.Tensor | None, patch: Patch) -> None:
+    """Parametrize ``target`` as its truncated SVD, of ``W diag(scale)`` unscaled if given."""
+    w = target.weight.detach()
+    rank = kept_rank(rank_ratio, w.shape)
+    if scale is None:
         with torch.no_grad():
-            space = truncate(target.weight, kept_rank(config.rank_ratio, target.weight.shape))
+            space = truncate(w, rank)
         if space is not None:
             patch.parametrize(target, lambda w, space=space: rebuild(w, space))
+        return
+    with torch.no_grad():
+        s = scale.to(w.device, _compute_dtype(w))
+        space = truncate(w.to(s.dtype) * s, rank)
+    if space is None:
+        return
+
+    def scaled(w: torch.Tensor, space: Subspace = space, s: torch.Tensor = s) -> torch.Tensor:
+        s = s.to(w.device)
+        return (rebuild(w.to(s.dtype) * s, space) / s).to(w.dtype)
+
+    patch.parametrize(target, scaled)
+
+
+@register_modification("lowrank.svd", LowRank)
+def apply_svd(config: LowRank, model: nn.Module, patch: Patch, context: Context) -> None:
+    for target in config.targets(model):
+        _truncated(config.rank_ratio, target, None, patch)
+
+
+def asvd_scale(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
+    """ASVD's per-input-channel scale ``mean|x| ** alpha``, kept away from zero.
+
+    A channel that never fires would get a zero scale and an undefined ``1/s``; the floor
+    (1e-6 of the largest scale) leaves such a channel to plain-SVD treatment in effect.
+    """
+    s = mean_abs.float().pow(alpha)
+    return s.clamp_min(1e-6 * float(s.max().clamp_min(1e-30)))
+
+
+@register_modification("lowrank.asvd", ASVD)
+def apply_asvd(config: ASVD, model: nn.Module, patch: Patch, context: Context) -> None:
+    targets = config.targets(model)
+    stats = input_stats(model, context)
+    missing = [t.name for t in targets if t.name not in stats]
+    if missing:
+        raise HemorrhageError(
+            f"{config.name}: layer {missing[0]!r} saw no calibration input, so it has no "
+            "activation scale; exclude it with exclude=(...) or use lowrank.svd"
+        )
+    for target in targets:
+        scale = asvd_scale(stats[target.name].abs_mean, config.alpha)
+        _truncated(config.rank_ratio, target, scale, patch)
