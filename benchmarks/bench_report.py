@@ -1,0 +1,188 @@
+"""Time of the HTML release report for 500 results (issue 14's target: < 1 s), side by side with
+the JSON report of the same run, and the cost of one curve image (images are drawn per
+exploration, never per result).
+
+The 500 results are shaped like a real run's: every metric with its stderr, a two-metric budget,
+one in ten over budget with its violation lines and per-block blame of a 24-block model.
+
+Run: python benchmarks/bench_report.py [--results N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+
+METRICS = (
+    "ppl_increase",
+    "nll_increase",
+    "kl_mean",
+    "kl_p99",
+    "kl_max",
+    "top1_disagreement",
+    "delta_p_mean",
+)
+
+
+def _blame(blocks: int) -> dict:
+    sublayers = (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    )
+    return {
+        "modification": "quant.rtn",
+        "tokens": 256,
+        "threshold": 0.05,
+        "begins": 3,
+        "most": 7,
+        "attribution": False,
+        "kl_mean": None,
+        "notes": [],
+        "levels": {"begin_level": 0.05, "begin_share": 0.1},
+        "blocks": [
+            {
+                "index": i,
+                "name": f"model.layers.{i}",
+                "drift_l2": 0.02 * i,
+                "drift_cos": 0.001 * i,
+                "sublayers": {s: 0.01 * (i + k) for k, s in enumerate(sublayers)},
+                "attn_entropy_shift": 0.01 * i,
+                "attn_entropy_change": -0.005 * i,
+                "kl_mean": None,
+                "share": None,
+                "added": False,
+            }
+            for i in range(blocks)
+        ],
+    }
+
+
+def _report(n: int) -> dict:
+    results = []
+    for i in range(n):
+        over = i % 10 == 0
+        scale = 50.0 if over else 1.0
+        metrics = {m: scale * 1e-3 * (k + 1) * (1 + i % 7) for k, m in enumerate(METRICS)}
+        results.append(
+            {
+                "nodeid": f"tests/test_release.py::test_bits[{i}]",
+                "outcome": "failed" if over else "passed",
+                "modification": "quant.rtn",
+                "params": {"bits": 8 - i % 6, "group_size": 64, "symmetric": True},
+                "metrics": metrics,
+                "stderr": {m: v / 20 for m, v in metrics.items()},
+                "baseline_ppl": 14.08,
+                "modified_ppl": 14.08 * (1 + metrics["ppl_increase"]),
+                "tokens": 8128,
+                "nonfinite_tokens": 0,
+                "stages": [],
+                "budget": {"ppl_increase": 0.05, "kl_mean": 0.02},
+                "violations": [
+                    f"ppl_increase: {metrics['ppl_increase']:.4f} > 0.0500 (...)",
+                    f"kl_mean: {metrics['kl_mean']:.4f} > 0.0200 (...)",
+                ]
+                if over
+                else [],
+                "details": {"blame": _blame(24)} if over else {},
+            }
+        )
+    return {
+        "schema_version": 1,
+        "plugin_version": "0.1.0",
+        "model": {
+            "spec": "hemorrhage-tiny",
+            "fingerprint": "0dd0f93f1e0d2930",
+            "class": "LlamaForCausalLM",
+            "parameters": 918656,
+            "dtype": "float32",
+            "device": "cpu",
+        },
+        "data": {
+            "source": "bundled corpus",
+            "fingerprint": "0d359cd05462fda550699108",
+            "seq_len": 128,
+            "windows": 64,
+            "topk": 512,
+        },
+        "baseline": {"ppl": 14.08},
+        "results": results,
+        "explorations": [],
+    }
+
+
+SWEEP = {
+    "nodeid": "tests/test_curves.py::test_magnitude",
+    "kind": "sweep",
+    "modification": "prune.magnitude",
+    "param": "sparsity",
+    "fixed": {},
+    "metric": "ppl_increase",
+    "budget": {"ppl_increase": 0.1},
+    "points": [
+        {"value": v, "x": v, "broke": m > 0.1, "metrics": {"ppl_increase": m}}
+        for v, m in [(0.1, 0.0003), (0.3, 0.016), (0.5, 0.12), (0.7, 1.24), (0.9, 10.2)]
+    ],
+    "fit": {"s0": None, "reason": "too few points", "r2": None},
+    "s0": None,
+    "s0_stderr": None,
+}
+
+
+def _best(fn, repeat: int = 5) -> tuple[float, float]:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times), statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=int, default=500)
+    args = parser.parse_args()
+
+    from pytest_hemorrhage.report.html import render_html
+
+    report = _report(args.results)
+    page = render_html(report)  # warm: imports, first-call costs
+    html_best, html_median = _best(lambda: render_html(report))
+    json_best, json_median = _best(lambda: json.dumps(report, indent=2))
+    print(
+        f"{args.results} results ({sum(bool(r['violations']) for r in report['results'])} over "
+        f"budget, with blame): page {len(page) / 1e6:.2f} MB"
+    )
+    print(
+        f"  html render   best {html_best:.3f} s, median {html_median:.3f} s   "
+        f"(target < 1 s: {'ok' if html_median < 1 else 'MISSED'})"
+    )
+    print(
+        f"  json.dumps    best {json_best:.3f} s, median {json_median:.3f} s   "
+        f"html / json = {html_median / json_median:.1f}x"
+    )
+
+    with_curve = copy.deepcopy(report)
+    with_curve["explorations"] = [SWEEP]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("  one curve image: n/a (matplotlib is not installed)")
+        return
+    render_html(with_curve)  # warm matplotlib
+    curve_best, curve_median = _best(lambda: render_html(with_curve), repeat=3)
+    print(
+        f"  one curve image adds {curve_median - html_median:.3f} s "
+        f"(per exploration, not per result)"
+    )
+
+
+if __name__ == "__main__":
+    main()
