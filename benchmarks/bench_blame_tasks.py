@@ -24,10 +24,10 @@ from typing import Any
 import torch
 
 from pytest_hemorrhage.blame import diagnose
-from pytest_hemorrhage.harness import Harness, model_logits
-from pytest_hemorrhage.loading import load_model
+from pytest_hemorrhage.extras.tasks import DEFAULT_TASK, encode_task, load_task, score_task
+from pytest_hemorrhage.harness import Harness
+from pytest_hemorrhage.loading import load_model, model_logits
 from pytest_hemorrhage.settings import Settings
-from pytest_hemorrhage.tasks import DEFAULT_TASK, encode_task, load_task, score_task
 
 STAGES = [("quant.rtn", {"bits": 3})]
 

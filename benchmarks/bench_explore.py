@@ -8,7 +8,7 @@
    both sides alike; neither is counted in the example's time or forward calls.
    Two runs: a property that holds (generation only), and one that breaks (generation and
    shrinking; a failed ``check()`` runs its blame diagnostics only on the example hypothesis
-   reports, see ``explore.reporting_example``).
+   reports, see ``explore.hypothesis.reporting_example``).
 2. Bisection: measures needed to reach tol 0.01 on [0, 1] (target: <= 8).
 
 Usage: python benchmarks/bench_explore.py [--tokens 8192] [--examples 20]
@@ -33,8 +33,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pytest_hemorrhage import explore
-from pytest_hemorrhage.harness import model_logits
+from pytest_hemorrhage.explore import hypothesis
+from pytest_hemorrhage.loading import model_logits
 from pytest_hemorrhage.plugin import session_key
 
 STATS = {"forward": 0, "examples": 0, "seconds": 0.0, "bare": 0.0, "measure": 0.0}
@@ -42,7 +42,7 @@ COUNTING = [True]
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
-    explore.configure(config)
+    hypothesis.configure(config)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -89,7 +89,7 @@ def pytest_runtest_call(item):
     item.obj.hypothesis.inner_test = timed
     start = time.perf_counter()
     try:
-        with explore.hypothesis_call(item, item.config.stash[session_key]):
+        with hypothesis.hypothesis_call(item, item.config.stash[session_key]):
             return (yield)
     finally:
         STATS["seconds"] += time.perf_counter() - start - spent[0]

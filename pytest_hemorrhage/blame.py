@@ -32,17 +32,14 @@ baseline block ``k``, the one it follows; attribution then does not apply.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import HemorrhageError
-from .harness import model_logits
+from .loading import model_logits
 from .metrics import Result
 from .modifications.registry import blocks, is_linear
 
@@ -57,7 +54,6 @@ __all__ = [
     "Diagnosis",
     "diagnose",
     "explain",
-    "plot_blame",
 ]
 
 BEGIN_LEVEL = 0.05  # relative L2 drift at which a block counts as bleeding...
@@ -195,7 +191,7 @@ def explain(harness: Harness, result: Result) -> list[str]:
     """Lines for a failed ``check()``: where the drift begins and which block bleeds most.
 
     Reuses ``result.details["blame"]`` when ``diagnose(..., attribution=True)`` already ran;
-    with ``--hemorrhage-plot=DIR`` also draws the figures into DIR.
+    the figures stay there for the report (and ``--hemorrhage-plot``'s bar chart).
     """
     if not result.configs:
         return []
@@ -205,48 +201,7 @@ def explain(harness: Harness, result: Result) -> list[str]:
     except Exception as exc:  # a diagnostic must never hide the failure it explains
         return [f"(no blame figures: {type(exc).__name__}: {exc})"]
     lines = diagnosis.lines()
-    if harness.settings.plot:
-        digest = hashlib.blake2b(repr(result.params).encode(), digest_size=4).hexdigest()
-        name = re.sub(r"[^\w.+-]", "_", result.modification)
-        path = Path(harness.settings.plot) / f"blame-{name}-{digest}.png"
-        try:
-            plot_blame(path, diagnosis)
-            lines.append(f"blame plot: {path}")
-        except ImportError:
-            lines.append("(blame plot skipped: matplotlib is not installed)")
     return lines
-
-
-def plot_blame(path: str | Path, diagnosis: Diagnosis) -> Path:
-    """Bar chart of the drift per block (and the attribution shares, when measured)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    x = range(len(diagnosis.blocks))
-    panels = 2 if diagnosis.attribution else 1
-    fig, axes = plt.subplots(panels, 1, figsize=(max(4, 0.4 * len(x) + 2), 2.6 * panels),
-                             squeeze=False)
-    ax = axes[0][0]
-    ax.bar(x, [b.drift_l2 for b in diagnosis.blocks], color="tab:red")
-    ax.axhline(diagnosis.threshold, color="gray", linestyle="--", linewidth=1,
-               label=f"bleeding above {diagnosis.threshold:.3g}")
-    ax.set_ylabel("relative L2 drift")
-    ax.set_title(f"{diagnosis.modification}: where the hemorrhage starts")
-    ax.legend(loc="lower right", fontsize="small", framealpha=0.9)
-    if diagnosis.attribution:
-        axes[1][0].bar(x, [b.share or 0.0 for b in diagnosis.blocks], color="tab:blue")
-        axes[1][0].set_ylabel("share of kl_mean")
-    for row in axes:
-        row[0].set_xticks(list(x), [b.label for b in diagnosis.blocks])
-    axes[-1][0].set_xlabel("block")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 # -- capture -------------------------------------------------------------------------------

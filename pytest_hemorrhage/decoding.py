@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import HemorrhageError
+from .metrics import Result, token_stats
+from .modifications.registry import Modification, iter_configs, make
+from .reference import Reference
 
 if TYPE_CHECKING:
     from .fixture import Hemorrhage
     from .harness import Harness
-    from .metrics import Result
-    from .modifications.registry import Modification
 
 __all__ = ["TOP_P_GRID", "DecodingCalibration", "calibrate_decoding"]
 
@@ -118,16 +119,11 @@ def calibrate_decoding(
 
 
 def _make(name: str, params: dict[str, Any]) -> Modification:
-    from .modifications.registry import make
-
     return make(name, params)
 
 
 def _stages(target: Any) -> tuple[list[Modification], Result | None]:
     """The target's configs, and its measurement when it is a Result."""
-    from .metrics import Result
-    from .modifications.registry import Modification, iter_configs
-
     if isinstance(target, Result):
         if not target.configs:
             raise HemorrhageError(
@@ -159,8 +155,6 @@ def _calibration_data(
 ) -> tuple[Any, torch.Tensor]:
     """The baseline's reference and the modified model's processed logits on the calibration
     windows (positions capped so that the logits stay under ``_LOGITS_BYTES``)."""
-    from .reference import Reference
-
     ids = harness.context.calibration_windows(windows)
     positions = max(1, _LOGITS_BYTES // (4 * harness.vocab))
     rows = max(1, min(len(ids), positions // (ids.shape[1] - 1)))
@@ -182,8 +176,6 @@ def _calibration_data(
 
 
 def _kl(baseline: Any, logits: torch.Tensor) -> float:
-    from .metrics import token_stats
-
     return token_stats(logits, baseline).kl.double().mean().item()
 
 

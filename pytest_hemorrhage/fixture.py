@@ -39,6 +39,11 @@ class Hemorrhage:
         return f"<hemorrhage {self._node.nodeid} budget={self.budget.to_dict()}>"
 
     @property
+    def node(self) -> pytest.Item:
+        """The running test item."""
+        return self._node
+
+    @property
     def model(self) -> Any:
         """The baseline model (restored after every modification)."""
         return self.harness.model
@@ -83,8 +88,13 @@ class Hemorrhage:
         from .decoding import calibrate_decoding
 
         calibration = calibrate_decoding(self, target, **options)
-        self._session.record_exploration(self._node, "decoding_calibration", calibration.to_dict())
+        self.record_exploration("decoding_calibration", calibration.to_dict())
         return calibration
+
+    def record_exploration(self, kind: str, data: dict[str, Any]) -> None:
+        """Keep a threshold search, sweep or calibration (``data`` JSON-ready) for the summary
+        and the report."""
+        self._session.record_exploration(self._node, kind, data)
 
     def check(self, result: Result, budget: Budget | None = None) -> None:
         """Fail the test with one line per metric of ``result`` over the budget, plus where

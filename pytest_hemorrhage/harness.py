@@ -13,7 +13,9 @@ import torch
 
 from .data import make_windows, read_text
 from .errors import HemorrhageError
-from .metrics import EXTRA_METRICS, Result, TokenStats, summarize, token_stats
+from .extras import providers
+from .loading import model_logits
+from .metrics import Result, TokenStats, summarize, token_stats
 from .modifications.registry import LogitsProcessor, Modification, Patch, apply, iter_configs
 from .reference import EXACT_VOCAB, Reference, cache_key, load_or_compute
 
@@ -21,45 +23,10 @@ if TYPE_CHECKING:
     from .loading import LoadedModel
     from .settings import Settings
 
-__all__ = ["Context", "Harness", "Stages", "model_logits", "register_extra"]
+__all__ = ["Context", "Harness", "Stages"]
 
 # What measure()/modified() accept: a name, a config, or a sequence of (name, params) / configs.
 Stages = str | Modification | Sequence[Any]
-
-# Extra metric providers: fn(harness, patch) -> (metrics, stderr, details), run on the
-# modified model; each may have a baseline(harness) hook that runs first, on the unmodified
-# model, and memoizes what the provider compares against. Registered by the modules that
-# EXTRA_METRICS names, imported on demand.
-Extra = Callable[["Harness", Patch], tuple[dict[str, float], dict[str, Any], dict[str, Any]]]
-Baseline = Callable[["Harness"], Any]
-_EXTRAS: dict[str, tuple[Extra, Baseline | None]] = {}
-
-
-def register_extra(*metrics: str, baseline: Baseline | None = None) -> Callable[[Extra], Extra]:
-    """Register ``fn(harness, patch)`` as the provider of ``metrics``.
-
-    Args:
-        metrics: the metric names it computes.
-        baseline: ``baseline(harness)``, run on the unmodified model before each measure that
-            needs the provider; it should memoize (``harness.memo``).
-    """
-
-    def decorate(fn: Extra) -> Extra:
-        for name in metrics:
-            _EXTRAS[name] = (fn, baseline)
-        return fn
-
-    return decorate
-
-
-def model_logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
-    """Logits (batch, seq, vocab) from a transformers model or a plain module returning them."""
-    if hasattr(model, "config"):
-        out = model(input_ids=ids, use_cache=False)
-    else:
-        out = model(ids)
-    return out.logits if hasattr(out, "logits") else out
-
 
 class Context:
     """What a modification handler may use besides the model: data, seeds, a memo."""
@@ -173,38 +140,26 @@ class Harness:
 
         A composition is measured after every stage; ``Result.stages`` holds the cumulative
         measurements before the last stage, the result itself is the total. ``want`` names extra
-        metrics (see ``EXTRA_METRICS``) to compute on the total too.
+        metrics (see ``metrics.EXTRA_METRICS``) to compute on the total too.
         """
         configs = list(iter_configs(_as_list(stages)))
         reference = self.reference
-        extras = self._extras(want)
-        for _, baseline in extras:
-            if baseline is not None:
-                baseline(self)
+        extras = providers(want)
+        for extra in extras:
+            extra.baseline(self)
         results = []
         with self.modified([]) as patch:
             for i, config in enumerate(configs):
                 self._apply(config, patch)
                 results.append(self._evaluate(patch, configs[: i + 1], reference))
-            for provider, _ in extras:
-                metrics, stderr, details = provider(self, patch)
+            for extra in extras:
+                metrics, stderr, details = extra.compute(self, patch)
                 results[-1].metrics.update(metrics)
                 results[-1].stderr.update(stderr)
                 results[-1].details.update(details)
         total = results[-1]
         total.stages = results[:-1]
         return total
-
-    def _extras(self, want: frozenset[str]) -> list[tuple[Extra, Baseline | None]]:
-        """The providers of the extra metrics in ``want``, each once."""
-        import importlib
-
-        providers: dict[Extra, Baseline | None] = {}
-        for name in sorted(want & EXTRA_METRICS.keys()):
-            importlib.import_module(f"{__package__}.{EXTRA_METRICS[name]}")
-            provider, baseline = _EXTRAS[name]
-            providers[provider] = baseline
-        return list(providers.items())
 
     def _apply(self, config: Modification, patch: Patch) -> None:
         torch.manual_seed(self.settings.seed)  # handlers that draw (noise, faults) reproduce

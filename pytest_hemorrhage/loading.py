@@ -14,7 +14,14 @@ from typing import Any
 
 from .errors import HemorrhageError, first_line
 
-__all__ = ["BUNDLED_MODEL", "BUNDLED_NAME", "LoadedModel", "check_spec", "load_model"]
+__all__ = [
+    "BUNDLED_MODEL",
+    "BUNDLED_NAME",
+    "LoadedModel",
+    "check_spec",
+    "load_model",
+    "model_logits",
+]
 
 BUNDLED_NAME = "hemorrhage-tiny"
 BUNDLED_MODEL = Path(__file__).parent / "assets" / "tiny-llama"
@@ -212,3 +219,12 @@ def fingerprint(model: Any, tokenizer: Any) -> str:
         ).encode()
     )
     return h.hexdigest()
+
+
+def model_logits(model: Any, ids: Any) -> Any:
+    """Logits (batch, seq, vocab) from a transformers model or a plain module returning them."""
+    if hasattr(model, "config"):
+        out = model(input_ids=ids, use_cache=False)
+    else:
+        out = model(ids)
+    return out.logits if hasattr(out, "logits") else out

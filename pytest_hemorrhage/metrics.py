@@ -18,7 +18,17 @@ if TYPE_CHECKING:
     from .budget import Budget
     from .reference import Reference
 
-__all__ = ["METRICS", "SKEW", "Result", "TokenStats", "summarize", "token_stats"]
+__all__ = [
+    "EXTRA_METRICS",
+    "METRICS",
+    "SKEW",
+    "Result",
+    "TokenStats",
+    "jsonable",
+    "mean_se",
+    "summarize",
+    "token_stats",
+]
 
 METRICS: dict[str, str] = {
     "ppl_increase": "perplexity ratio minus 1: ppl_modified / ppl_baseline - 1",
@@ -35,13 +45,13 @@ METRICS: dict[str, str] = {
 # of baseline mass cut, and leaves the kept tokens' terms within O(SKEW). Rows without cut
 # mass use q itself.
 SKEW = 1e-6
-# Computed only when a budget names them or an option asks (they cost extra passes):
-# metric name -> module under pytest_hemorrhage that registers its provider.
+# Computed only when a budget names them or an option asks (they cost passes of their own; see
+# pytest_hemorrhage.extras).
 EXTRA_METRICS: dict[str, str] = {
-    "gen_mismatch": "generation",
-    "gen_first_divergence": "generation",
-    "accuracy_drop": "tasks",
-    "flip_rate": "tasks",
+    "gen_mismatch": "share of generated tokens that differ from the baseline's continuation",
+    "gen_first_divergence": "mean of 1 - (first differing generated position) / length",
+    "accuracy_drop": "drop of multiple-choice accuracy on the task items",
+    "flip_rate": "share of task items whose correctness changed, either way",
 }
 
 
@@ -164,7 +174,8 @@ def _topk_kl(
     return head + tail.float()
 
 
-def _mean_se(x: torch.Tensor) -> tuple[float, float]:
+def mean_se(x: torch.Tensor) -> tuple[float, float]:
+    """Mean and its standard error, treating the values as independent draws."""
     x = x.double()
     n = x.numel()
     return x.mean().item(), (x.std().item() / math.sqrt(n)) if n > 1 else 0.0
@@ -202,16 +213,16 @@ def summarize(
 ) -> tuple[dict[str, float], dict[str, float | None]]:
     """Aggregate per-token measures into the metrics and their standard errors."""
     d = stats.nll.double() - ref.targets_nll.double()
-    nll_increase, nll_se = _mean_se(d)
+    nll_increase, nll_se = mean_se(d)
     ratio = math.exp(nll_increase)
     values = {
         "ppl_increase": (ratio - 1, ratio * nll_se),
         "nll_increase": (nll_increase, nll_se),
-        "kl_mean": _mean_se(stats.kl),
+        "kl_mean": mean_se(stats.kl),
         "kl_p99": _quantile_se(stats.kl, 0.99),
         "kl_max": _max_se(stats.kl),
-        "top1_disagreement": _mean_se(stats.disagree),
-        "delta_p_mean": _mean_se(ref.target_logp.exp().double() - stats.p_target.double()),
+        "top1_disagreement": mean_se(stats.disagree),
+        "delta_p_mean": mean_se(ref.target_logp.exp().double() - stats.p_target.double()),
     }
     return {k: v for k, (v, _) in values.items()}, {k: se for k, (_, se) in values.items()}
 
@@ -235,12 +246,8 @@ class Result:
     details: dict[str, Any] = field(default_factory=dict)
     configs: list[Any] = field(default_factory=list, repr=False)  # to re-apply (diagnostics)
 
-    def violations(self, budget: Budget | dict[str, float]) -> list[str]:
+    def violations(self, budget: Budget) -> list[str]:
         """One line per metric over ``budget``; empty when within it."""
-        from .budget import Budget
-
-        if not isinstance(budget, Budget):
-            budget = Budget.parse(budget, where="violations()")
         return budget.violations(self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -256,3 +263,15 @@ class Result:
             "stages": [s.to_dict() for s in self.stages],
             "details": self.details,
         }
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None (JSON has no NaN or infinity: a
+    collapsed model's metric becomes null), recursively through dicts, lists and tuples."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value

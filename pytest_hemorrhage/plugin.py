@@ -56,7 +56,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.hookimpl(tryfirst=True)  # before hypothesis loads --hypothesis-profile
 def pytest_configure(config: pytest.Config) -> None:
-    from . import explore
+    from .explore import hypothesis
 
     config.addinivalue_line(
         "markers",
@@ -70,13 +70,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
             check_spec(settings.model)
         if settings.plot:
-            from .plots import require_matplotlib
+            from .report.plots import require_matplotlib
 
             require_matplotlib()
+        config.stash[session_key] = HemorrhageSession(settings, hook=config.hook)
     except HemorrhageError as exc:
         raise pytest.UsageError(str(exc)) from None
-    config.stash[session_key] = HemorrhageSession(settings, hook=config.hook)
-    explore.configure(config)
+    hypothesis.configure(config)
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(XdistHooks(config), "hemorrhage-xdist")
 
@@ -105,7 +105,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)  # outside hypothesis' own wrapper
 def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
-    from .explore import hypothesis_call
+    from .explore.hypothesis import hypothesis_call
 
     with hypothesis_call(item, item.config.stash[session_key]):
         return (yield)
@@ -135,11 +135,11 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     width, color = config.get_terminal_writer().fullwidth, terminalreporter.hasmarkup
     terminalreporter.write_line("")
     if session.records:
-        from .report import render_table
+        from .report.terminal import render_table
 
         terminalreporter.write(render_table(session.records, width=width, color=color))
     if session.explorations:
-        from .explore import render_explorations
+        from .report.terminal import render_explorations
 
         terminalreporter.write(render_explorations(session.explorations, width=width, color=color))
 
@@ -151,10 +151,10 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         config.workeroutput["hemorrhage"] = state.worker_output()
         return
     state.write_report()
-    if state.settings.plot and state.explorations:
-        from .plots import write_plots
+    if state.settings.plot and (state.explorations or state.records):
+        from .report.plots import write_plots
 
-        write_plots(state.explorations, state.settings.plot)
+        write_plots(state.explorations, state.settings.plot, state.records)
 
 
 class XdistHooks:

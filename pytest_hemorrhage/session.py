@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .budget import Budget
+from .budget import Budget, parse_ini
 from .errors import HemorrhageError
 
 if TYPE_CHECKING:
@@ -37,8 +35,12 @@ class HemorrhageSession:
     records: list[dict[str, Any]] = field(default_factory=list)
     explorations: list[dict[str, Any]] = field(default_factory=list)  # thresholds, sweeps
     header: dict[str, Any] = field(default_factory=dict)
+    default_budget: Budget = field(init=False)
     _loaded: LoadedModel | HemorrhageError | None = None
     _harness: Harness | None = None
+
+    def __post_init__(self) -> None:
+        self.default_budget = parse_ini(self.settings.budget)  # a bad ini budget: at startup
 
     def loaded(self) -> LoadedModel:
         """The baseline model, loaded on first use; a load error is raised for every test."""
@@ -95,7 +97,7 @@ class HemorrhageSession:
 
     def budget_for(self, item: pytest.Item) -> Budget:
         """The ini budget with the item's ``hemorrhage`` marker keys on top."""
-        budget = self.settings.budget
+        budget = self.default_budget
         for marker in reversed(list(item.iter_markers("hemorrhage"))):
             if marker.args:
                 raise HemorrhageError(
@@ -157,19 +159,7 @@ class HemorrhageSession:
         }
 
     def write_report(self) -> None:
-        path = self.settings.report
-        if path is None:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(_strict(self.report()), indent=2, default=str) + "\n")
+        if self.settings.report is not None:
+            from .report.json_report import write_json
 
-
-def _strict(value: Any) -> Any:
-    """JSON has no NaN or infinity: a non-finite metric (a collapsed model) becomes null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
-    return value
+            write_json(self.report(), self.settings.report)

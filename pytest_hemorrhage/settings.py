@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .budget import Budget, parse_ini
 from .errors import HemorrhageError
 
 __all__ = ["OPTIONS", "Option", "Settings"]
@@ -192,14 +191,14 @@ class Settings:
     cache_dir: Path | None
     trust_remote_code: bool
     allow_pickle: bool
-    budget: Budget
+    budget: str  # the ini default budget, e.g. "ppl_increase=0.05 kl_mean=0.02"
 
     @classmethod
     def defaults(cls, **overrides: Any) -> Settings:
         """The command-line defaults with ``overrides``, for use outside pytest."""
         values = {o.name.replace("-", "_"): (False if o.flag else o.default) for o in OPTIONS}
         values.pop("no_cache")
-        values.update(tasks=(), budget=Budget(), cache_dir=None)
+        values.update(tasks=(), budget="", cache_dir=None)
         return cls(**{**values, **overrides})
 
     @classmethod
@@ -238,7 +237,7 @@ class Settings:
                 **values,
                 "model": model,
                 "cache_dir": cache_dir and Path(cache_dir),
-                "budget": parse_ini(config.getini("hemorrhage_budget") or ""),
+                "budget": config.getini("hemorrhage_budget") or "",
             }
         )
 

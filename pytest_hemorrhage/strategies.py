@@ -18,13 +18,23 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
 
 from .errors import HemorrhageError
+from .explore.domains import (
+    CHOICES,
+    DOMAINS,
+    MODIFICATION_DOMAINS,
+    MODIFICATION_PARAMS,
+    Domain,
+    accepts,
+    domain_for,
+    valid_range,
+)
+from .explore.hypothesis import cached_estimate, register_profiles
 from .modifications import registry
 
 if TYPE_CHECKING:
@@ -48,94 +58,6 @@ __all__ = [
     "sparsities",
     "valid_range",
 ]
-
-
-@dataclass(frozen=True)
-class Domain:
-    """The values a numeric modification parameter takes and which way damage grows.
-
-    Args:
-        lo: smallest value.
-        hi: largest value; None when it depends on the model (e.g. layers dropped: the
-            number of blocks minus one).
-        integer: the parameter takes whole values only.
-        increasing: damage grows with the value (sparsity); False when it grows as the
-            value shrinks (bits).
-        resolution: grid step for a continuous parameter (strategies and search tolerance).
-        origin: the value that means "no compression", for the phase-transition fit's
-            compression axis: ``value - origin`` if increasing, else ``origin - value``
-            (bits: 16, so 4 bits is 12 bits removed from a 16-bit baseline).
-    """
-
-    lo: float
-    hi: float | None
-    integer: bool = False
-    increasing: bool = True
-    resolution: float = 0.01
-    origin: float = 0.0
-
-    def gentle(self, lo: float, hi: float) -> float:
-        return lo if self.increasing else hi
-
-    def compression(self, value: float) -> float:
-        """Distance from no compression, growing with damage (the x of the PTP fit)."""
-        return value - self.origin if self.increasing else self.origin - value
-
-
-# Numeric parameters by name, across modifications. A parameter missing here is searched as a
-# fraction in [0, 1] whose damage grows with it, unless the caller says otherwise.
-DOMAINS: dict[str, Domain] = {
-    "sparsity": Domain(0.0, 1.0),
-    "fraction": Domain(0.0, 1.0),
-    "sigma": Domain(0.0, 1.0),
-    "bits": Domain(1, 8, integer=True, increasing=False, resolution=1, origin=16),
-    "group_size": Domain(16, 256, integer=True, resolution=1),
-}
-# Where one modification's parameter means something else than the name says elsewhere.
-MODIFICATION_DOMAINS: dict[tuple[str, str], Domain] = {
-    # rank KEPT: damage grows as it shrinks; 1 - rank_ratio is the paper's rank reduction
-    ("lowrank.svd", "rank_ratio"): Domain(0.0, 1.0, increasing=False, origin=1.0),
-    ("prune.layers", "count"): Domain(0, None, integer=True, resolution=1),  # hi: blocks - 1
-    ("fault.bitflip", "count"): Domain(0, 1000, integer=True, resolution=1),
-    ("decode.top_p", "p"): Domain(0.0, 1.0, increasing=False, origin=1.0),
-}
-
-# Non-numeric parameters by name: the values explored, gentlest first (shrinking goes there).
-CHOICES: dict[str, tuple[Any, ...]] = {
-    "scope": ("layer", "global"),
-    "symmetric": (True, False),
-    "quant_type": ("nf4", "fp4"),
-    "double_quant": (False, True),
-    "format": ("e4m3", "e5m2"),
-    "dtype": ("bfloat16", "float16"),
-    "score": ("wanda", "magnitude"),
-    "selection": ("importance", "last"),
-    "smooth": (True, False),
-}
-
-# Which parameters modifications() explores per registered name (the others keep their
-# defaults); a registered name missing here explores every field that DOMAINS/CHOICES knows.
-# ("n", "m") is drawn jointly by nm_patterns().
-MODIFICATION_PARAMS: dict[str, tuple[str | tuple[str, str], ...]] = {
-    "quant.rtn": ("bits", "group_size", "symmetric"),
-    "quant.hqq": ("bits", "group_size"),
-    "quant.bnb_4bit": ("quant_type", "double_quant"),
-    "quant.fp8": ("format",),
-    "quant.dtype": ("dtype",),
-    "prune.magnitude": ("sparsity", "scope"),
-    "prune.wanda": ("sparsity",),
-    "prune.gradient": ("sparsity",),
-    "prune.nm": (("n", "m"),),
-    "prune.heads": ("fraction",),
-    "prune.channels": ("fraction",),
-    "prune.layers": ("count",),
-    "noise.gaussian": ("sigma",),
-}
-
-
-def domain_for(name: str, param: str) -> Domain | None:
-    """The known domain of modification ``name``'s parameter ``param``, or None."""
-    return MODIFICATION_DOMAINS.get((name, param)) or DOMAINS.get(param)
 
 
 def _grid(lo: float, hi: float, resolution: float, *, toward: str) -> SearchStrategy[float]:
@@ -249,43 +171,6 @@ def _param_strategy(name: str, param: str) -> SearchStrategy[Any] | None:
         return strategy.map((lambda i: int(lo) + i) if domain.increasing else
                             (lambda i: int(hi) - i))
     return _grid(lo, hi, domain.resolution, toward="lo" if domain.increasing else "hi")
-
-
-def accepts(name: str, params: Mapping[str, Any]) -> bool:
-    """Whether modification ``name``'s config accepts ``params`` (its own validation)."""
-    try:
-        registry.make(name, dict(params))
-    except HemorrhageError:
-        return False
-    return True
-
-
-def valid_range(name: str, param: str, domain: Domain, lo: float | None = None,
-                hi: float | None = None, *, fixed: Mapping[str, Any] | None = None
-                ) -> tuple[float, float]:
-    """[lo, hi] (the domain's by default), moved in by one grid step at an end that the
-    config of ``name`` rejects, e.g. a sparsity that must stay below 1."""
-    lo = domain.lo if lo is None else lo
-    hi = domain.hi if hi is None else hi
-    if hi is None:
-        raise HemorrhageError(f"{name}: the range of {param!r} depends on the model; "
-                              "pass hi=..., e.g. hi=3")
-    if lo > hi:
-        raise HemorrhageError(f"{name}: need lo <= hi for {param!r}, got lo={lo}, hi={hi}")
-    registry.get(name)  # unknown name: the registry's error, which lists the valid ones
-    fixed = dict(fixed or {})
-    step = domain.resolution
-    if not accepts(name, {**fixed, param: lo}) and accepts(name, {**fixed, param: lo + step}):
-        lo = round(lo + step, 12)
-    if not accepts(name, {**fixed, param: hi}) and accepts(name, {**fixed, param: hi - step}):
-        hi = round(hi - step, 12)
-    for end in (lo, hi):
-        try:
-            registry.make(name, {**fixed, param: end})
-        except HemorrhageError as exc:
-            raise HemorrhageError(f"{exc} (exploring {param} in [{lo}, {hi}]; pass lo=/hi= "
-                                  "inside the valid range)") from None
-    return lo, hi
 
 
 def _explored(name: str) -> list[str | tuple[str, str]]:
@@ -507,8 +392,6 @@ def near_threshold(name: str, param: str, *, lo: float | None = None, hi: float 
     def draw_near(draw: Callable[[SearchStrategy[Any]], Any]) -> Any:
         center = estimate
         if center is None:
-            from .explore import cached_estimate
-
             center = cached_estimate(name, param, fixed)
         if center is not None and draw(st.booleans()):
             c = index(center)
@@ -518,10 +401,4 @@ def near_threshold(name: str, param: str, *, lo: float | None = None, hi: float 
     return draw_near()
 
 
-def _register_profiles() -> None:
-    from .explore import register_profiles
-
-    register_profiles()
-
-
-_register_profiles()  # so that settings.load_profile("hemorrhage-ci") works after this import
+register_profiles()  # so that settings.load_profile("hemorrhage-ci") works after this import

@@ -107,13 +107,13 @@ def test_failed_check_shows_blame_lines_report_and_plot(pytester):
         "*kl_mean: * > 0.0001 *",
         "*hemorrhage begins at block 1 (*drift *); block 1 adds the most drift (+*)",
         "*drift by block (relative L2 of the residual stream): 0:0.00 1:*",
-        "*blame plot: plots*blame-quant.rtn-*.png",
     ])
     report = json.loads((pytester.path / "r.json").read_text())
     blame = report["results"][0]["details"]["blame"]
     assert [b["drift_l2"] > 0 for b in blame["blocks"]] == [False, True, True, True]
     assert blame["begins"] == 1 and blame["levels"]["begin_level"] == 0.05
-    assert len(list((pytester.path / "plots").glob("blame-*.png"))) == 1
+    [plot] = (pytester.path / "plots").glob("blame-quant.rtn-*.png")
+    assert plot.stat().st_size > 5000  # a drawn chart, not an empty file
 
 
 def test_failing_example_shows_blame_lines(pytester):

@@ -7,9 +7,9 @@ from statistics import NormalDist
 
 import pytest
 
+from pytest_hemorrhage.extras.tasks import DEFAULT_TASK
 from pytest_hemorrhage.harness import Harness
 from pytest_hemorrhage.loading import load_model
-from pytest_hemorrhage.tasks import DEFAULT_TASK
 
 TASK_METRICS = frozenset({"accuracy_drop", "flip_rate"})
 MODIFICATION = [("quant.rtn", {"bits": 3})]

@@ -79,7 +79,7 @@ def test_repetition_penalty_one_step_equals_transformers(harness, ids, logits):
 
 def test_measure_penalizes_the_tokens_each_position_has_seen_in_its_window(harness):
     """Through measure(): the harness hands every processor the window's tokens."""
-    from pytest_hemorrhage.harness import model_logits
+    from pytest_hemorrhage.loading import model_logits
 
     r = harness.measure([("decode.repetition_penalty", {"value": 1.5})])
     ids = harness.windows.eval

@@ -13,12 +13,14 @@ from hypothesis import strategies as st
 
 # imported here, before the pytester runs: in-process runs drop the modules they imported
 # first, and a second run would then mix two copies of hypothesis
-from pytest_hemorrhage import explore, plots, strategies  # noqa: F401
+from pytest_hemorrhage import explore, strategies  # noqa: F401
 from pytest_hemorrhage.budget import Budget
 from pytest_hemorrhage.errors import HemorrhageError
+from pytest_hemorrhage.explore import hypothesis  # noqa: F401
 from pytest_hemorrhage.fixture import Hemorrhage
 from pytest_hemorrhage.modifications import Modification, register_modification
 from pytest_hemorrhage.modifications.quant import rtn_quantize
+from pytest_hemorrhage.report import plots, terminal
 from pytest_hemorrhage.session import HemorrhageSession
 
 MODEL = ("--hemorrhage-model=hemorrhage-tiny", "--hemorrhage-tokens=1024", "-p",
@@ -86,7 +88,7 @@ def test_bisection_reaches_tol_in_eight_measures(small, request):
     assert all("kl_mean" in p["metrics"] or "ppl_increase" in p["metrics"]
                for p in record["measurements"])
     json.dumps(record, allow_nan=False)
-    text = explore.render_explorations(h._session.explorations, width=300)
+    text = terminal.render_explorations(h._session.explorations, width=300)
     assert f"breaks at sparsity={t.value:.4g}" in text
     assert f"{t.evaluations} measures by bisection" in text
 
@@ -116,7 +118,7 @@ def test_non_monotone_damage_is_reported_not_hidden(small, request):
     t = h.find_threshold("test.bump", "x")
     assert not t.monotone
     assert "non-monotone" in t.note
-    assert "non-monotone" in explore.render_explorations(h._session.explorations, width=300)
+    assert "non-monotone" in terminal.render_explorations(h._session.explorations, width=300)
 
 
 def test_bad_calls_are_clear_errors(small, request):
@@ -144,7 +146,7 @@ def test_sweep_reports_a_transition_or_says_why_not(small, request):
     [record] = h._session.explorations
     assert record["kind"] == "sweep" and len(record["points"]) == len(values)
     json.dumps(record, allow_nan=False)
-    assert "phase transition" in explore.render_explorations(h._session.explorations,
+    assert "phase transition" in terminal.render_explorations(h._session.explorations,
                                                              width=300)
 
 
@@ -156,7 +158,7 @@ def test_bits_are_fitted_on_the_bits_removed_axis(small, request):
 
 
 def test_collect_shrinking_reduces_examples_to_the_breaking_point():
-    session = HemorrhageSession(SimpleNamespace(cache_dir=None))
+    session = HemorrhageSession(SimpleNamespace(cache_dir=None, budget=""))
     item = SimpleNamespace(nodeid="t.py::test_x", user_properties=[])
     budget = {"ppl_increase": 0.1}
     # (sparsity, ppl_increase): non-monotone at 0.55 (passes above a break)
@@ -168,7 +170,7 @@ def test_collect_shrinking_reduces_examples_to_the_breaking_point():
                                 "violations": ["over"] if m > 0.1 else [], "outcome": None})
     session.records.append({"nodeid": "other", "modification": "x", "params": {},
                             "metrics": {}, "budget": {}, "violations": [], "outcome": None})
-    explore.collect_shrinking(item, session)
+    explore.hypothesis.collect_shrinking(item, session)
     [record] = session.explorations
     assert (record["value"], record["bracket"], record["evaluations"]) == (0.5, [0.45, 0.5], 6)
     assert record["method"] == "shrinking" and not record["monotone"]
@@ -177,18 +179,18 @@ def test_collect_shrinking_reduces_examples_to_the_breaking_point():
 
 
 def test_noise_around_zero_damage_is_not_called_non_monotone():
-    session = HemorrhageSession(SimpleNamespace(cache_dir=None))
+    session = HemorrhageSession(SimpleNamespace(cache_dir=None, budget=""))
     item = SimpleNamespace(nodeid="t.py::test_y", user_properties=[])
     for x, m in [(0.0, 0.0), (0.02, -6e-5), (0.1, 0.01), (0.2, 0.03)]:
         session.records.append({"nodeid": item.nodeid, "modification": "prune.wanda",
                                 "params": {"sparsity": x}, "metrics": {"ppl_increase": m},
                                 "budget": {"ppl_increase": 0.1}, "violations": [],
                                 "outcome": None})
-    explore.collect_shrinking(item, session)
+    explore.hypothesis.collect_shrinking(item, session)
     [record] = session.explorations
     assert record["value"] is None and record["bracket"] == [0.2, None]
     assert record["monotone"], record["note"]
-    assert "no break" in explore.render_explorations(session.explorations, width=300)
+    assert "no break" in terminal.render_explorations(session.explorations, width=300)
 
 
 def test_adapt_settings_keeps_a_deadline_the_user_chose():
@@ -202,7 +204,7 @@ def test_adapt_settings_keeps_a_deadline_the_user_chose():
         pass
 
     for test in (plain, own):
-        explore.adapt_settings(test)
+        explore.hypothesis.adapt_settings(test)
         used = test._hypothesis_internal_use_settings
         assert HealthCheck.function_scoped_fixture in used.suppress_health_check
     assert plain._hypothesis_internal_use_settings.deadline is None

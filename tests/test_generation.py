@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import pytest_hemorrhage.modifications.decode  # noqa: F401  # registers decode.*
-from pytest_hemorrhage.generation import generate, prompts
+from pytest_hemorrhage.extras.generation import generate, prompts
 from pytest_hemorrhage.modifications.decode import Decoding
 
 GEN = frozenset({"gen_mismatch", "gen_first_divergence"})

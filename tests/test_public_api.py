@@ -9,7 +9,7 @@ import sys
 import pytest
 
 PUBLIC_MODULES = ["pytest_hemorrhage", "pytest_hemorrhage.modifications",
-                  "pytest_hemorrhage.strategies", "pytest_hemorrhage.thresholds",
+                  "pytest_hemorrhage.strategies", "pytest_hemorrhage.explore.fit",
                   "pytest_hemorrhage.metrics", "pytest_hemorrhage.budget",
                   "pytest_hemorrhage.errors"]
 

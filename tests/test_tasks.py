@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pytest_hemorrhage.errors import HemorrhageError
-from pytest_hemorrhage.tasks import (
+from pytest_hemorrhage.extras.tasks import (
     DEFAULT_TASK,
     baseline_scores,
     encode_task,

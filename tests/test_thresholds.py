@@ -12,12 +12,12 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from pytest_hemorrhage.thresholds import (
+from pytest_hemorrhage.explore.fit import (
     PhaseTransition,
     Threshold,
-    _monotonicity,
     bisect_threshold,
     fit_phase_transition,
+    monotonicity,
 )
 
 # LLaMA-2-7B WikiText-2 perplexity from Ma et al. 2025 (dense 5.12).
@@ -158,12 +158,12 @@ def test_bisect_tolerates_small_noise_and_accuracy_direction() -> None:
     assert not res.monotone
 
 
-def test_monotonicity_flags_pass_on_harsh_side_of_fail() -> None:
-    ok, note = _monotonicity(
+def testmonotonicity_flags_pass_on_harsh_side_of_fail() -> None:
+    ok, note = monotonicity(
         [(0.2, 5.0, True), (0.5, 6.0, False)], increasing=True, higher_is_worse=True, rtol=0.02
     )
     assert not ok and "passes at x=0.5" in note
-    ok, _ = _monotonicity(
+    ok, _ = monotonicity(
         [(0.2, 5.0, False), (0.5, 6.0, True)], increasing=True, higher_is_worse=True, rtol=0.02
     )
     assert ok
@@ -322,5 +322,5 @@ def test_fit_slicegpt_is_exponential_throughout() -> None:
 
 
 def test_import_does_not_import_torch() -> None:
-    code = "import sys, pytest_hemorrhage.thresholds; assert 'torch' not in sys.modules"
+    code = "import sys, pytest_hemorrhage.explore.fit; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

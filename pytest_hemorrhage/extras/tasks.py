@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import HemorrhageError
-from .harness import model_logits, register_extra
-from .metrics import _mean_se
+from ..errors import HemorrhageError
+from ..loading import model_logits
+from ..metrics import mean_se
 
 if TYPE_CHECKING:
-    from .harness import Harness
-    from .modifications.registry import Patch
+    from ..harness import Harness
+    from ..modifications.registry import Patch
 
 __all__ = [
     "DEFAULT_TASK",
@@ -47,7 +47,7 @@ __all__ = [
     "task_metrics",
 ]
 
-DEFAULT_TASK = Path(__file__).parent / "assets" / "tasks" / "cloze.jsonl"
+DEFAULT_TASK = Path(__file__).parent.parent / "assets" / "tasks" / "cloze.jsonl"
 _FIELDS = 'each line needs "context" (string), "choices" (list of strings), "answer" (index)'
 
 
@@ -301,14 +301,13 @@ def baseline_scores(harness: Harness) -> dict[str, TaskScores]:
             for e in _tasks(harness)}
 
 
-@register_extra("accuracy_drop", "flip_rate", baseline=baseline_scores)
 def task_metrics(harness: Harness, patch: Patch) -> tuple[dict[str, float], dict[str, float],
                                                           dict[str, Any]]:
     """``accuracy_drop`` and ``flip_rate`` of the modified model, with per-task details."""
     keys = [("task-baseline", str(e.task.path)) for e in _tasks(harness)]
     if not all(k in harness.memo for k in keys):
         raise RuntimeError("task baselines must be scored before the model is modified "
-                           "(Harness.measure runs the register_extra baseline hook first)")
+                           "(Harness.measure runs the provider's baseline first)")
     drops, flips, details = [], [], {}
     for encoded, key in zip(_tasks(harness), keys, strict=True):
         base, now = harness.memo[key], _score(harness, encoded)
@@ -320,7 +319,7 @@ def task_metrics(harness: Harness, patch: Patch) -> tuple[dict[str, float], dict
             "acc": flip_table(base.acc, now.acc),
             "acc_norm": flip_table(base.acc_norm, now.acc_norm),
         }
-    drop, drop_se = _mean_se(torch.cat(drops))
-    flip, flip_se = _mean_se(torch.cat(flips))
+    drop, drop_se = mean_se(torch.cat(drops))
+    flip, flip_se = mean_se(torch.cat(flips))
     return ({"accuracy_drop": drop, "flip_rate": flip},
             {"accuracy_drop": drop_se, "flip_rate": flip_se}, {"tasks": details})

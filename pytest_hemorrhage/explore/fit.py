@@ -18,19 +18,15 @@ from typing import Any
 
 import numpy as np
 
+from ..metrics import jsonable
+
 __all__ = [
     "PhaseTransition",
     "Threshold",
     "bisect_threshold",
     "fit_phase_transition",
+    "monotonicity",
 ]
-
-
-def _json_float(v: float | None) -> float | None:
-    # JSON has no NaN/inf; a diverged metric is reported as null rather than an invalid file.
-    if v is None or not math.isfinite(v):
-        return None
-    return float(v)
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,14 +63,14 @@ class Threshold:
             "bracket": list(self.bracket),
             "evaluations": self.evaluations,
             "measurements": [
-                {"x": x, "metric": _json_float(m), "broke": b} for x, m, b in self.measurements
+                {"x": x, "metric": jsonable(m), "broke": b} for x, m, b in self.measurements
             ],
             "monotone": self.monotone,
             "note": self.note,
         }
 
 
-def _monotonicity(
+def monotonicity(
     measurements: Sequence[tuple[float, float, bool]],
     *,
     increasing: bool,
@@ -193,7 +189,7 @@ def bisect_threshold(
     def result(
         value: float | None, bracket: tuple[float | None, float | None], note: str
     ) -> Threshold:
-        monotone, warning = _monotonicity(
+        monotone, warning = monotonicity(
             measurements, increasing=increasing, higher_is_worse=higher_is_worse, rtol=rtol
         )
         return Threshold(
@@ -289,7 +285,7 @@ class PhaseTransition:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (non-finite numbers become None)."""
-        return {k: _json_float(v) if isinstance(v, float) else v for k, v in asdict(self).items()}
+        return {k: jsonable(v) if isinstance(v, float) else v for k, v in asdict(self).items()}
 
 
 def _lstsq_batch(design: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

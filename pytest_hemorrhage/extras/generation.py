@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .harness import model_logits, register_extra
-from .modifications.decode import Decoding, decoding_of
+from ..loading import model_logits
+from ..modifications.decode import Decoding, decoding_of
 
 if TYPE_CHECKING:
-    from .harness import Harness
-    from .modifications.registry import LogitsProcessor, Patch
+    from ..harness import Harness
+    from ..modifications.registry import LogitsProcessor, Patch
 
 __all__ = ["baseline_continuations", "generate", "generation_metrics", "prompts"]
 
@@ -163,7 +163,6 @@ def baseline_continuations(harness: Harness) -> None:
         )
 
 
-@register_extra("gen_mismatch", "gen_first_divergence", baseline=baseline_continuations)
 def generation_metrics(
     harness: Harness, patch: Patch
 ) -> tuple[dict[str, float], dict[str, float | None], dict[str, Any]]:
@@ -172,7 +171,7 @@ def generation_metrics(
     if key not in harness.memo:  # the model is modified now: too late to compute it
         raise RuntimeError(
             "the baseline continuations were not computed before the stages were "
-            "applied: Harness.measure must run the register_extra baseline hook"
+            "applied: Harness.measure must run the provider's baseline first"
         )
     ids, base = harness.memo[key]
     decoding = decoding_of(harness.context.applied, harness.settings.seed)

@@ -1,4 +1,5 @@
-"""``--hemorrhage-plot DIR``: one PNG per explored curve (metric vs parameter, budget, PTP).
+"""``--hemorrhage-plot DIR``: one PNG per explored curve (metric vs parameter, budget, PTP)
+and one per failed check's blame (drift per block).
 
 matplotlib is an optional extra (``pip install pytest-hemorrhage[plot]``), imported only here
 and only when plots are asked for. Figures are drawn on their own canvas (no pyplot), so the
@@ -7,15 +8,17 @@ user's matplotlib backend and global state are left alone.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import HemorrhageError
+from ..errors import HemorrhageError
+from ..explore.fit import PhaseTransition
 
-__all__ = ["plot_curve", "require_matplotlib", "write_plots"]
+__all__ = ["plot_blame", "plot_curve", "require_matplotlib", "write_plots"]
 
 INSTALL = "pip install pytest-hemorrhage[plot]"
 
@@ -29,12 +32,16 @@ def require_matplotlib() -> None:
                               f"run `{INSTALL}` or drop the option") from None
 
 
-def write_plots(explorations: Sequence[Mapping[str, Any]], directory: Path | str) -> list[Path]:
-    """Write one PNG per recorded threshold search or sweep into ``directory``.
+def write_plots(explorations: Sequence[Mapping[str, Any]], directory: Path | str,
+                results: Sequence[Mapping[str, Any]] = ()) -> list[Path]:
+    """Write one PNG per recorded threshold search or sweep, and one per result with blame
+    figures, into ``directory``.
 
     Args:
         explorations: the session's exploration records (as in the JSON report).
         directory: where the files go (created if missing).
+        results: the session's result records; those whose ``details`` hold ``blame`` get a
+            ``blame-<modification>-<digest>.png``.
 
     Returns:
         The paths written, in record order.
@@ -47,16 +54,29 @@ def write_plots(explorations: Sequence[Mapping[str, Any]], directory: Path | str
     for record in explorations:
         if record["kind"] not in ("threshold", "sweep"):
             continue  # no curve to draw (e.g. a decoding calibration)
-        stem = _stem(record)
-        name, n = stem, 1
-        while name in used:
-            n += 1
-            name = f"{stem}-{n}"
-        used.add(name)
-        path = directory / f"{name}.png"
+        path = directory / f"{_unique(_stem(record), used)}.png"
         plot_curve(path, record, record.get("budget"))
         paths.append(path)
+    for result in results:
+        blame = result.get("details", {}).get("blame")
+        if blame:
+            digest = hashlib.blake2b(repr(result["params"]).encode(), digest_size=4).hexdigest()
+            stem = _unique(f"blame-{_safe(result['modification'])}-{digest}", used)
+            paths.append(plot_blame(directory / f"{stem}.png", blame))
     return paths
+
+
+def _unique(stem: str, used: set[str]) -> str:
+    name, n = stem, 1
+    while name in used:
+        n += 1
+        name = f"{stem}-{n}"
+    used.add(name)
+    return name
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^\w.+-]", "_", text)
 
 
 def _stem(record: Mapping[str, Any]) -> str:
@@ -158,8 +178,6 @@ def _fit_line(ax: Any, record: Mapping[str, Any], increasing: bool) -> None:
         return
     import numpy as np
 
-    from .thresholds import PhaseTransition
-
     transition = PhaseTransition(**fit)
     xs = [p["x"] for p in record["points"] if p["x"] > 0]
     if not xs:
@@ -170,3 +188,45 @@ def _fit_line(ax: Any, record: Mapping[str, Any], increasing: bool) -> None:
     values = origin + grid if increasing else origin - grid
     ax.plot(values, transition.predict(grid), color="tab:blue", lw=1.5, zorder=2,
             label="power law → exponential fit")
+
+
+def plot_blame(path: Path | str, blame: Mapping[str, Any]) -> Path:
+    """Bar chart of the drift per block (and the attribution, when measured).
+
+    Args:
+        path: the PNG to write.
+        blame: a diagnosis as stored in ``result.details["blame"]``.
+
+    Returns:
+        ``path``.
+    """
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    blocks = blame["blocks"]
+    x = range(len(blocks))
+    attribution = bool(blame.get("attribution"))
+    panels = 2 if attribution else 1
+    fig = Figure(figsize=(max(4, 0.4 * len(x) + 2), 2.6 * panels), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(panels, 1, squeeze=False)
+    ax = axes[0][0]
+    ax.bar(x, [b["drift_l2"] for b in blocks], color="tab:red")
+    ax.axhline(blame["threshold"], color="gray", linestyle="--", linewidth=1,
+               label=f"bleeding above {blame['threshold']:.3g}")
+    ax.set_ylabel("relative L2 drift")
+    ax.set_title(f"{blame['modification']}: where the hemorrhage starts")
+    ax.legend(loc="lower right", fontsize="small", framealpha=0.9)
+    if attribution:
+        axes[1][0].bar(x, [b.get("share") or 0.0 for b in blocks], color="tab:blue")
+        axes[1][0].set_ylabel("one-block kl_mean share")
+    labels = [str(b["index"]) + ("'" if b.get("added") else "") for b in blocks]
+    for row in axes:
+        row[0].set_xticks(list(x), labels)
+    axes[-1][0].set_xlabel("block")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
