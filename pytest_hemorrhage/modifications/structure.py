@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import HemorrhageError
 from .calibration import input_norms
+from .prune import taylor_scores
 from .registry import (
     Modification,
     Patch,
@@ -53,6 +54,8 @@ __all__ = [
 
 # --- configs -----------------------------------------------------------------------------------
 
+_IMPORTANCE = ("activation", "weight", "taylor")
+
 
 @dataclass(frozen=True, kw_only=True)
 class HeadPruning(Modification):
@@ -69,7 +72,10 @@ class HeadPruning(Modification):
         importance: how ``fraction`` picks heads: ``"activation"`` ranks by the norm of the
             head's contribution to o_proj's output on the calibration windows
             (``sqrt(sum_j ||W_o[:, j]||^2 ||X_j||^2)``); ``"weight"`` by
-            ``||W_o[:, head]|| * ||W_v[head]||``.
+            ``||W_o[:, head]|| * ||W_v[head]||``; ``"taylor"`` by LLM-Pruner's first-order
+            group importance (Ma et al. 2023): ``|W ⊙ dL/dW|`` (``prune.gradient``'s scores,
+            from the calibration LM loss) summed over the head's q rows and o_proj columns,
+            plus its share (1/group size) of its key/value head's k and v rows.
         scope: ``"layer"`` prunes ``fraction`` of each block's heads; ``"global"`` ranks all
             heads together.
     """
@@ -83,7 +89,7 @@ class HeadPruning(Modification):
         super().__post_init__()
         _pairs(self, "heads")
         _fraction_or(self, "heads")
-        check_choice(self, "importance", ("activation", "weight"))
+        check_choice(self, "importance", _IMPORTANCE)
         check_choice(self, "scope", ("layer", "global"))
 
 
@@ -94,7 +100,10 @@ class ChannelPruning(Modification):
     Args:
         fraction: share of the intermediate neurons to prune, 0-1.
         importance: ``"activation"`` ranks neuron k by ``||W_down[:, k]|| * ||X_k||_2`` over the
-            calibration windows; ``"weight"`` by the product of its rows' and column's norms.
+            calibration windows; ``"weight"`` by the product of its rows' and column's norms;
+            ``"taylor"`` by LLM-Pruner's first-order group importance: ``|W ⊙ dL/dW|``
+            (``prune.gradient``'s scores, from the calibration LM loss) summed over the
+            neuron's producer rows and consumer column.
         scope: ``"layer"`` prunes ``fraction`` of each block's neurons; ``"global"`` ranks all
             neurons together.
     """
@@ -106,7 +115,7 @@ class ChannelPruning(Modification):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_number(self, "fraction", 0.0, 1.0)
-        check_choice(self, "importance", ("activation", "weight"))
+        check_choice(self, "importance", _IMPORTANCE)
         check_choice(self, "scope", ("layer", "global"))
 
 
@@ -368,6 +377,23 @@ def _lowest(scores: list[tuple[float, Any]], fraction: float, scope: str) -> lis
     return chosen
 
 
+def _taylor_sums(
+    model: nn.Module, context: Context, targets: list[Target]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per target, the row and column sums of ``|W ⊙ dL/dW|`` over the calibration windows.
+
+    The sums are all a group importance needs (a unit is rows of its producers and columns of
+    its consumer), so only they are kept, memoized per model state and target set.
+    """
+    unique = list({t.name: t for t in targets}.values())  # GPT-2's c_attn is q, k and v
+
+    def compute() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        scores = taylor_scores(model, context, unique)
+        return {name: (s.sum(1), s.sum(0)) for name, s in scores.items()}
+
+    return context.memo(("taylor_sums", context.applied, tuple(t.name for t in unique)), compute)
+
+
 def _column_norms(target: Target) -> torch.Tensor:
     return target.weight.detach().float().norm(dim=0)
 
@@ -382,11 +408,18 @@ def _row_norms(target: Target) -> torch.Tensor:
 def _head_scores(config: HeadPruning, model: nn.Module, context: Context,
                  layouts: list[Attention]) -> list[tuple[float, tuple[int, int]]]:
     scores = []
+    taylor = {}
+    if config.importance == "taylor":
+        taylor = _taylor_sums(
+            model, context, [t for a in layouts for t in (a.q[0], a.k[0], a.v[0], a.o)]
+        )
     with torch.no_grad():
         for a in layouts:
             d, group = a.head_dim, a.heads // a.kv_heads
             o_norms = _column_norms(a.o)
-            if config.importance == "activation":
+            if config.importance == "taylor":
+                per_head = _taylor_heads(a, taylor)
+            elif config.importance == "activation":
                 l2 = input_norms(model, context, a.o, config.name).to(o_norms.device)
                 contribution = (o_norms * l2).square()
                 per_head = contribution.view(a.heads, d).sum(1).sqrt()
@@ -397,6 +430,21 @@ def _head_scores(config: HeadPruning, model: nn.Module, context: Context,
                 per_head = o_norms.view(a.heads, d).square().sum(1).sqrt() * v_per_head
             scores += [(float(s), (a.block, h)) for h, s in enumerate(per_head.tolist())]
     return scores
+
+
+def _taylor_heads(
+    a: Attention, taylor: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> torch.Tensor:
+    """Per query head, its q rows' and o columns' Taylor sums plus its share of k/v rows'."""
+    d, group = a.head_dim, a.heads // a.kv_heads
+
+    def rows(proj: tuple[Target, int], count: int) -> torch.Tensor:
+        target, start = proj
+        return taylor[target.name][0][start : start + count * d].view(count, d).sum(1)
+
+    kv = (rows(a.k, a.kv_heads) + rows(a.v, a.kv_heads)) / group
+    o_columns = taylor[a.o.name][1].view(a.heads, d).sum(1)
+    return rows(a.q, a.heads) + o_columns + kv.repeat_interleave(group)
 
 
 @register_modification("prune.heads", HeadPruning)
@@ -442,10 +490,19 @@ def apply_heads(config: HeadPruning, model: nn.Module, patch: Patch, context: Co
 def _channel_scores(config: ChannelPruning, model: nn.Module, context: Context,
                     layouts: list[MLP]) -> list[tuple[float, tuple[int, int]]]:
     scores = []
+    taylor = {}
+    if config.importance == "taylor":
+        taylor = _taylor_sums(
+            model, context, [t for m in layouts for t in (*m.producers, m.consumer)]
+        )
     with torch.no_grad():
         for mlp in layouts:
             importance = _column_norms(mlp.consumer)
-            if config.importance == "activation":
+            if config.importance == "taylor":
+                importance = taylor[mlp.consumer.name][1] + sum(
+                    taylor[p.name][0] for p in mlp.producers
+                )
+            elif config.importance == "activation":
                 l2 = input_norms(model, context, mlp.consumer, config.name)
                 importance = importance * l2.to(importance.device)
             else:
