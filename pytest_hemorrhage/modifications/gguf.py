@@ -31,7 +31,6 @@ from torch import nn
 
 from ..errors import HemorrhageError
 from .registry import Modification, Patch, Target, blocks, register_modification
-from .validate import check_choice
 
 if TYPE_CHECKING:
     from ..harness import Context
@@ -45,6 +44,7 @@ __all__ = [
     "GgufWarning",
     "TensorPlan",
     "dequantize",
+    "fallback_summary",
     "fallback_type",
     "plan",
     "quantize",
@@ -139,8 +139,12 @@ class Gguf(Modification):
                 f"{self.name}: type={self.type!r} is not a GGUF type this supports; use one of "
                 f"{', '.join(GGUF_TYPES)}"
             )
-        check_choice(self, "pure", (True, False))
-        check_choice(self, "embeddings", (True, False))
+        for field in ("pure", "embeddings"):
+            if type(getattr(self, field)) is not bool:  # 1.0 == True would pass check_choice
+                raise HemorrhageError(
+                    f"{self.name}: {field}={getattr(self, field)!r} is not valid; choose one of "
+                    "True, False"
+                )
 
     @property
     def base_type(self) -> str:
@@ -673,6 +677,9 @@ def _tensors(config: Gguf, model: nn.Module) -> list[tuple[Target, list[Target]]
     extra = []
     if config.embeddings and isinstance(embed, nn.Embedding):
         extra.append(Target(names[embed], embed, False))
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if _tied(model) and not any(t.module is head for t in targets):
+            extra.append(Target(names[head], head, False))  # it computes with the same tensor
     for target in [*targets, *extra]:
         key = id(_original(target.module))
         if key in by_weight:
@@ -681,6 +688,14 @@ def _tensors(config: Gguf, model: nn.Module) -> list[tuple[Target, list[Target]]
         by_weight[key] = [target]
         groups.append((target, by_weight[key]))
     return groups
+
+
+def _tied(model: nn.Module) -> bool:
+    """The output head computes with the input embedding's tensor (llama.cpp: no output.weight)."""
+    if not (hasattr(model, "get_output_embeddings") and hasattr(model, "get_input_embeddings")):
+        return False
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and embed is not None and _original(head) is _original(embed)
 
 
 def _original(module: nn.Module) -> torch.Tensor:
@@ -702,9 +717,10 @@ def plan(config: Gguf, model: nn.Module) -> list[TensorPlan]:
     heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 1
     n_gqa = heads / (getattr(cfg, "num_key_value_heads", None) or heads)
     out = []
-    for target, sharing in _tensors(config, model):
-        categories = {_category(t.name, model, t.module) for t in sharing}
-        category = "output" if "output" in categories else categories.pop()
+    for target, _ in _tensors(config, model):
+        category = _category(target.name, model, target.module)
+        if category == "token_embd" and _tied(model):  # llama.cpp: the output's type
+            category = "output"
         rows, width = target.weight.shape
         match = re.match(re.escape(prefix) + r"\.(\d+)\.", target.name) if prefix else None
         layer = int(match.group(1)) if match else 0
@@ -739,15 +755,34 @@ def apply_gguf(config: Gguf, model: nn.Module, patch: Patch, context: Context | 
         fn = _Dequantized(blocks_, plans[target.name].type)
         for t in sharing:
             patch.parametrize(t, fn)
+        if len(sharing) > 1:
+            # each registration re-seats the shared tensor once more (a version bump, no bit
+            # changed); Patch keeps the version after the first, so record the last
+            original = _original(target.module)
+            patch.reseated[original.data_ptr()] = original._version
     fallen = [p for p in plans.values() if p.fell_back]
     if fallen:
-        by_type: dict[str, list[str]] = {}
-        for p in fallen:
-            by_type.setdefault(f"{p.asked} -> {p.type}", []).append(p.name)
-        summary = "; ".join(f"{k}: {', '.join(v)}" for k, v in by_type.items())
         warnings.warn(
-            f"{config.name} type={config.type}: {len(fallen)} tensor(s) have rows the block "
-            f"size does not divide and fell back as llama.cpp does ({summary})",
+            f"{config.name} type={config.type}: rows the block size does not divide fell back as "
+            f"llama.cpp does: {fallback_summary(fallen)}",
             GgufWarning,
             stacklevel=2,
         )
+
+
+def fallback_summary(plans: list[TensorPlan]) -> str:
+    """One line naming which layers fell back to which type, block indices grouped:
+    ``Q4_K -> Q5_0: model.layers.{0,1}.mlp.up_proj``."""
+    groups: dict[str, dict[str, list[str]]] = {}
+    for p in plans:
+        if not p.fell_back:
+            continue
+        index = re.search(r"\.(\d+)\.", p.name)
+        key = p.name if index is None else p.name.replace(index.group(0), ".{}.", 1)
+        names = groups.setdefault(f"{p.asked} -> {p.type}", {})
+        names.setdefault(key, []).append(index.group(1) if index else "")
+    return "; ".join(
+        f"{change}: "
+        + ", ".join(k.format("{" + ",".join(v) + "}") if "{}" in k else k for k, v in names.items())
+        for change, names in groups.items()
+    )
