@@ -357,6 +357,32 @@ def test_eight_bit_formats_are_nearly_lossless(measured):
     assert fp8["fp8-e4m3"] < fp8["fp8-e5m2"] < 0.02  # 3 mantissa bits beat 2
 
 
+
+# (parameter, {choice: SETTINGS key}): each choice measured on the bundled model.
+CHOICE_KEYS = {
+    "dtype": {"float16": "float16", "bfloat16": "bfloat16"},
+    "format": {"e4m3": "fp8-e4m3", "e5m2": "fp8-e5m2"},
+}
+
+
+@pytest.mark.parametrize("param", list(CHOICE_KEYS))
+def test_strategies_shrink_toward_the_choice_that_measures_gentlest(measured, param):
+    """CHOICES lists the gentlest first because shrinking goes there: the order must follow
+    what the choices measure (float16's 10 mantissa bits beat bfloat16's 7)."""
+    from hypothesis import find, settings
+
+    from pytest_hemorrhage import strategies as hst
+    from pytest_hemorrhage.explore.domains import CHOICES
+
+    kl = {choice: measured[key][0].metrics["kl_mean"] for choice, key in CHOICE_KEYS[param].items()}
+    assert set(CHOICES[param]) == set(kl)
+    gentlest = min(kl, key=kl.get)
+    assert CHOICES[param][0] == gentlest, kl
+    name = SETTINGS[CHOICE_KEYS[param][gentlest]][0]
+    shrunk = find(hst.modifications(names=[name]), lambda c: True,
+                  settings=settings(database=None, max_examples=50))
+    assert getattr(shrunk, param) == gentlest
+
 @pytest.mark.parametrize("family", ["rtn", "hqq"])
 def test_fewer_bits_more_damage(measured, family):
     ppl = {bits: _ppl(measured, f"{family}{bits}") for bits in (2, 3, 4, 8)}
