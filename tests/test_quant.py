@@ -429,12 +429,86 @@ def test_measure_restores_the_model_bit_for_bit(measured, key):
     assert result.nonfinite == 0 and math.isfinite(result.metrics["kl_mean"])
 
 
+# NF4's 16 code values (QLoRA, appendix E): a block's weights over its absmax are these.
+NF4_CODES = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+])
+
+
+def _on_grid(key: str, layer: nn.Module, w: torch.Tensor) -> None:
+    """Assert that ``layer`` (the module now in place of a Conv1D whose weight, transposed, is
+    the (out, in) ``w``) holds ``w`` rounded onto ``key``'s grid, laid out (out, in): rows of the
+    (out, in) weight share a scale, not columns."""
+    step = w.abs().amax(1, keepdim=True)  # per output row
+    if key == "int8":  # LLM.int8: int8 codes, one absmax per output row
+        cb, scb = layer.layer.weight.CB, layer.layer.weight.SCB
+        assert cb.shape == w.shape and cb.dtype == torch.int8
+        assert (cb.abs().amax(1) == 127).all()  # each row's absmax maps to 127
+        deq = cb.float() * scb.float()[:, None] / 127
+        assert ((deq - w).abs() <= step / 254 * 1.01 + step * 1e-3).all()  # half a step + fp16
+    elif key == "nf4":  # blocks of 64 consecutive weights, row-major over (out, in)
+        import bitsandbytes as bnb
+
+        deq = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        assert deq.shape == w.shape
+        blocks = deq.reshape(-1, 64)
+        ratio = blocks / blocks.abs().amax(1, keepdim=True)
+        assert (ratio[..., None] - NF4_CODES).abs().amin(-1).max() < 1e-3
+        absmax = w.reshape(-1, 64).abs().amax(1, keepdim=True)
+        assert ((blocks - w.reshape(-1, 64)).abs() <= 0.16 * absmax).all()  # half the widest gap
+    elif key == "hqq4":  # groups of 64 along a row of (out, in): at most 16 levels each
+        deq = layer.dequantize().float()
+        assert deq.shape == w.shape
+        groups, original = deq.reshape(-1, 64), w.reshape(-1, 64)
+        assert max(len(torch.unique(g)) for g in groups) <= 16
+        spread = original.amax(1, keepdim=True) - original.amin(1, keepdim=True)
+        assert ((groups - original).abs() <= spread / 15).all()  # one step, zero points moved
+    elif key == "fp8-e4m3":  # float8 values times one scale per output row
+        deq = layer.weight.detach().t()
+        scaled = deq / (deq.abs().amax(1, keepdim=True) / torch.finfo(torch.float8_e4m3fn).max)
+        assert torch.allclose(scaled, scaled.to(torch.float8_e4m3fn).float(), rtol=1e-5, atol=1e-4)
+        assert ((deq - w).abs() <= w.abs() / 16 + step * 2**-9 / 448 * 2).all()
+    elif key == "float16":
+        deq = layer.weight.detach().t()
+        assert torch.equal(deq, deq.half().float()) and torch.equal(deq, w.half().float())
+    elif key == "w8a8-smooth":  # int8 codes of W diag(s), one scale per output row
+        q, scale, smooth = layer.qweight, layer.weight_scale, layer.smooth
+        assert q.shape == w.shape and q.dtype == torch.int8 and smooth.shape == (w.shape[1],)
+        assert (q.abs().amax(1) == 127).all()
+        smoothed = w * smooth
+        half = smoothed.abs().amax(1, keepdim=True) / 254 * 1.01
+        assert ((q.float() * scale[:, None] - smoothed).abs() <= half).all()
+    else:
+        raise AssertionError(f"no grid check for {key}")
+
+
 @pytest.mark.parametrize("key", ["int8", "nf4", "hqq4", "fp8-e4m3", "float16", "w8a8-smooth"])
 def test_gpt2_conv1d_layers_quantize_and_restore(gpt2, key):
+    """Every Conv1D of GPT-2 ends up on the format's grid in the (out, in) layout, the logits
+    move, and the model comes back bit for bit."""
+    from transformers.pytorch_utils import Conv1D
+
     name, params = SETTINGS[key]
-    before = snapshot(gpt2.model)
+    model = gpt2.model
+    conv = {n: m.weight.detach().t().clone() for n, m in model.named_modules()
+            if isinstance(m, Conv1D) and n.startswith("transformer.h.")}
+    assert len(conv) == 8 and any(w.shape[0] != w.shape[1] for w in conv.values())
+    ids = gpt2.windows.eval[:2]
+    before = snapshot(model)
+    with torch.no_grad():
+        base = gpt2.context.logits(ids)
+        with gpt2.modified([(name, params)]):
+            for layer_name, w in conv.items():
+                _on_grid(key, model.get_submodule(layer_name), w)
+            moved = (gpt2.context.logits(ids) - base).abs().max().item()
+    # measurable damage: float16 rounding, the gentlest, moves logits of size ~0.5 by 2.4e-5
+    # (int8 1e-3, 4-bit 1e-2); float32 rounding alone would move them by ~1e-7
+    assert moved > 1e-5, moved
     result = gpt2.measure([(name, params)])
-    assert not _differences(gpt2.model, before)
+    assert not _differences(model, before)
     assert result.nonfinite == 0
     assert abs(result.metrics["kl_mean"]) < 0.05
 
