@@ -86,7 +86,18 @@ Handler = Callable[[Any, nn.Module, "Patch", "Context"], None]
 LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _REGISTRY: dict[str, tuple[type[Modification], Handler]] = {}
 # family modules, each registering its modifications on import
-_BUILTINS = ("quant", "obs", "gguf", "prune", "structure", "lowrank", "expand", "noise", "decode")
+_BUILTINS = (
+    "quant",
+    "obs",
+    "gguf",
+    "torchao",
+    "prune",
+    "structure",
+    "lowrank",
+    "expand",
+    "noise",
+    "decode",
+)
 
 
 def register_modification(name: str, config: type[Modification]) -> Callable[[Handler], Handler]:
