@@ -6,10 +6,17 @@ import dataclasses
 
 import pytest
 from hypothesis import Phase, find, given, settings
+from hypothesis import strategies as st
 
 from pytest_hemorrhage import strategies as hst
 from pytest_hemorrhage.errors import HemorrhageError
-from pytest_hemorrhage.modifications import Modification, make, names, register_modification
+from pytest_hemorrhage.modifications import (
+    Modification,
+    get,
+    make,
+    names,
+    register_modification,
+)
 
 QUIET = settings(database=None, max_examples=200)
 
@@ -62,22 +69,46 @@ def test_nm_patterns_shrink_toward_low_sparsity_then_larger_groups():
         make("prune.nm", {"n": n, "m": m})  # the patterns mean what prune.nm means
 
 
-@pytest.mark.parametrize("name", names())
+def _builtin_catalogue() -> list[str]:
+    """The modifications the package itself registers, sorted: names whose handler lives in
+    pytest_hemorrhage. Test files register their own (test.*, user.*) when imported; which of
+    those exist at collection depends on import order, so they are left out."""
+    return [n for n in names() if get(n)[1].__module__.startswith("pytest_hemorrhage.")]
+
+
+BUILTIN = _builtin_catalogue()
+# Parameters whose range depends on the model: the user must say (the strategy refuses).
+MODEL_DEPENDENT = {"prune.layers": {"count": st.integers(0, 3)}}  # the bundled model: 4 blocks
+
+
+def test_the_builtin_catalogue_is_the_package_s_own():
+    assert not any(n.startswith(("test.", "user.")) for n in BUILTIN)
+    assert {"quant.rtn", "quant.dtype", "prune.magnitude", "prune.layers", "decode.top_p"} <= set(
+        BUILTIN
+    )
+    assert set(MODEL_DEPENDENT) <= set(BUILTIN)
+
+
+@pytest.mark.parametrize("name", BUILTIN)
 def test_every_drawn_config_is_valid(name):
-    config_cls, _ = __import__("pytest_hemorrhage.modifications", fromlist=["get"]).get(name)
-    try:
-        strategy = hst.modifications(names=[name])
-    except HemorrhageError as exc:  # only a model-dependent parameter may need the user
-        assert "pass params=" in str(exc)
-        return
+    config_cls, _ = get(name)
+    params = MODEL_DEPENDENT.get(name)
+    if params is not None:  # without the user's range: a clear refusal naming what to pass
+        with pytest.raises(HemorrhageError, match=f"pass params=\\{{'{name}'"):
+            hst.modifications(names=[name])
+    strategy = hst.modifications(names=[name], params={name: params} if params else None)
+    drawn = []
 
     @settings(database=None, max_examples=15, phases=[Phase.generate])
     @given(strategy)
     def check(config):
         assert isinstance(config, config_cls)
         assert make(name, config.params()) == config  # round-trips through validation
+        drawn.append(config)
 
     check()
+    if params is not None:  # the user's strategy is the one drawn from
+        assert {c.count for c in drawn} <= {0, 1, 2, 3} and len({c.count for c in drawn}) > 1
 
 
 def test_modifications_shrink_to_the_gentlest_setting():
@@ -94,8 +125,6 @@ def test_modifications_shrink_to_the_gentlest_setting():
 
 
 def test_fixed_parameters_and_custom_strategies():
-    from hypothesis import strategies as st
-
     config = find(hst.modifications(names=["quant.rtn"], group_size=32,
                                     params={"quant.rtn": {"bits": st.just(3)}}),
                   lambda c: True, settings=QUIET)
