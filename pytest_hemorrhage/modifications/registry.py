@@ -88,11 +88,13 @@ _REGISTRY: dict[str, tuple[type[Modification], Handler]] = {}
 # family modules, each registering its modifications on import
 _BUILTINS = (
     "quant",
-    "obs",
+    "awq",
     "gguf",
     "torchao",
+    "obs",
     "prune",
     "structure",
+    "slicegpt",
     "lowrank",
     "expand",
     "noise",
