@@ -14,15 +14,29 @@ the baseline (run once per session and memoized):
   distribution at every query position. Attention weights exist only in eager attention, so
   both passes switch ``config._attn_implementation`` to ``"eager"`` for their duration
   (through the patch, undone after); models without that switch get no entropy figures.
-- **attribution** (only when asked: one full measurement per block): the modification applied to
-  one block alone (its other blocks added to each stage's ``exclude``), its ``kl_mean``, and
-  that block's share of the sum over blocks.
+- **attribution** (only when asked: about two kl_mean measurements per block). The
+  modification is applied once to the whole model and the edits it made are captured per module
+  from the patch (weight parametrizations, module swaps) together with its logits processors.
+  Re-runs then re-apply captured edits only, so a one-block re-run keeps the modification's
+  meaning: a global pruning threshold, the bits a fault drew, the calibration a sequential
+  quantizer ran through the earlier modified blocks, all stay those of the whole-model
+  application. Two figures per block:
 
-The hemorrhage **begins** at the first block whose relative L2 drift exceeds
-``min(BEGIN_LEVEL, BEGIN_SHARE * final block's drift)``: 0.05 absolute, or 10% of the final
-drift when the whole drift is small. The block that **contributes** most is the one with the
-largest attribution share when attribution ran, else the one that adds the most drift over the
-block before it.
+  - ``kl_added``: the **decomposition**. Block ``k``'s edits join those of blocks ``0..k-1``
+    (the order the model runs them) and ``kl_added`` is the rise in ``kl_mean``; what lies
+    outside the blocks (a changed ``lm_head``, logits processing such as ``decode.*`` stages)
+    comes last as its own part, ``Diagnosis.kl_outside``. The parts sum to the measured
+    ``kl_mean`` (telescoping), so ``share = kl_added / kl_mean`` is a real share; a part can be
+    negative when a block's edits cancel damage done before it. The order is a choice: a
+    block's interactions with the blocks before it are counted in its part. (A Shapley value
+    would average over every order: 2^n measurements; this costs n.)
+  - ``kl_mean``: the **one-block** kl_mean, this block's edits alone (no logits processing),
+    and ``kl_ratio``, its ratio to the whole modification's kl_mean. One-block figures do not
+    add up to the whole: blocks interact.
+
+  The replay of every captured edit must reproduce the measured ``kl_mean``; when it does not
+  (a modification that changes something besides weights and modules: attributes, hooks), the
+  diagnosis says that attribution does not apply to it instead of showing figures.
 
 When a modification removes or adds blocks (layer pruning, layer expansion), the blocks it kept
 are paired with the baseline's by module identity, and an added block ``k'`` is compared with
@@ -37,15 +51,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
+from torch.nn.utils import parametrize
 
 from .errors import HemorrhageError
 from .loading import model_logits
-from .metrics import Result
-from .modifications.registry import blocks, is_linear
+from .metrics import Result, TokenStats, summarize, token_stats
+from .modifications.registry import Target, blocks, is_linear
 
 if TYPE_CHECKING:
     from .harness import Harness, Stages
-    from .modifications.registry import Modification, Patch
+    from .modifications.registry import LogitsProcessor, Patch
 
 __all__ = [
     "BEGIN_LEVEL",
@@ -60,6 +76,9 @@ BEGIN_LEVEL = 0.05  # relative L2 drift at which a block counts as bleeding...
 BEGIN_SHARE = 0.10  # ...or this share of the final block's drift, whichever is lower
 SKETCH_DIM = 256
 DEFAULT_WINDOWS = 2
+# the replay of every captured edit must give the measured kl_mean to this relative precision
+# (bit-identical on CPU; GPU kernels may order their sums differently between two runs)
+REPLAY_TOLERANCE = 1e-6
 
 
 @dataclass
@@ -73,8 +92,10 @@ class BlockDrift:
     sublayers: dict[str, float] = field(default_factory=dict)  # linear -> relative L2 of output
     attn_entropy_shift: float | None = None  # mean |H' - H| over heads and queries (nats)
     attn_entropy_change: float | None = None  # mean H' - H (nats): < 0 sharper, > 0 flatter
-    kl_mean: float | None = None  # attribution: kl_mean with only this block modified
-    share: float | None = None  # attribution: kl_mean / sum over blocks
+    kl_mean: float | None = None  # attribution: one-block kl_mean (this block's edits alone)
+    kl_ratio: float | None = None  # attribution: one-block kl_mean / the whole kl_mean
+    kl_added: float | None = None  # attribution: this block's part of the whole kl_mean
+    share: float | None = None  # attribution: kl_added / the whole kl_mean (parts sum to 1)
     added: bool = False  # a block the modification added after baseline block ``index``
 
     @property
@@ -94,15 +115,19 @@ class Diagnosis:
     most: int | None  # position in ``blocks`` of the block that contributes most
     attribution: bool = False
     kl_mean: float | None = None  # the whole modification's kl_mean (attribution runs)
+    kl_outside: float | None = None  # its part from edits outside the blocks (last in order)
+    outside: list[str] = field(default_factory=list)  # those edits: modules, logits processing
     notes: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
-        """``hemorrhage begins at block 3 (mlp.down_proj drift 0.21); block 5 contributes
-        41% of kl_mean``, then the drift per block."""
+        """``hemorrhage begins at block 3 (mlp.down_proj drift 0.21); block 5 adds the most
+        to kl_mean (+0.81, 41% of 1.97)``, then the figures per block."""
         out = []
         if self.begins is None and self.blocks:
-            out.append("no block's hidden states drift: the change acts after the blocks "
-                       "(lm_head, logits or decoding)")
+            out.append(
+                "no block's hidden states drift: the change acts after the blocks "
+                "(lm_head, logits or decoding)"
+            )
         elif self.begins is not None:
             block = self.blocks[self.begins]
             sub = max(block.sublayers.items(), key=lambda kv: _order(kv[1]), default=None)
@@ -110,25 +135,57 @@ class Diagnosis:
             line = f"hemorrhage begins at block {block.label} ({what})"
             if self.most is not None:
                 worst = self.blocks[self.most]
-                if self.attribution and worst.share is not None:
-                    line += f"; block {worst.label} contributes {worst.share:.0%} of kl_mean"
+                if self.attribution and worst.kl_added is not None:
+                    line += (
+                        f"; block {worst.label} adds the most to kl_mean "
+                        f"({_signed(worst.kl_added)}, {_percent(worst.share)} of "
+                        f"{_fmt(self.kl_mean)})"
+                    )
+                    if self.kl_outside is not None and self.kl_outside > worst.kl_added:
+                        share = self.kl_outside / self.kl_mean if self.kl_mean else None
+                        line += (
+                            f", the edits outside the blocks more "
+                            f"({_signed(self.kl_outside)}, {_percent(share)})"
+                        )
                 else:
                     before = self.blocks[self.most - 1].drift_l2 if self.most else 0.0
-                    line += (f"; block {worst.label} adds the most drift "
-                             f"(+{_fmt(worst.drift_l2 - before)})")
+                    line += (
+                        f"; block {worst.label} adds the most drift "
+                        f"(+{_fmt(worst.drift_l2 - before)})"
+                    )
             out.append(line)
         if self.blocks:
-            out.append("drift by block (relative L2 of the residual stream): " +
-                       " ".join(f"{b.label}:{_fmt(b.drift_l2)}" for b in self.blocks))
+            out.append(
+                "drift by block (relative L2 of the residual stream): "
+                + " ".join(f"{b.label}:{_fmt(b.drift_l2)}" for b in self.blocks)
+            )
         shifts = [b.attn_entropy_shift for b in self.blocks]
         if any(s for s in shifts):
-            out.append("attention entropy shift by block (nats): " +
-                       " ".join(f"{b.label}:{_fmt(b.attn_entropy_shift)}" for b in self.blocks))
+            out.append(
+                "attention entropy shift by block (nats): "
+                + " ".join(f"{b.label}:{_fmt(b.attn_entropy_shift)}" for b in self.blocks)
+            )
+        if self.attribution:
+            outside = f" outside:{_signed(self.kl_outside)}" if self.kl_outside is not None else ""
+            out.append(
+                f"kl_mean {_fmt(self.kl_mean)} by block (each block's edits added to "
+                "those before it; the parts sum to kl_mean): "
+                + " ".join(f"{b.label}:{_signed(b.kl_added)}" for b in self.blocks)
+                + outside
+            )
+            out.append(
+                "one-block kl_mean (each block's edits alone; ratio to the whole): "
+                + " ".join(
+                    f"{b.label}:{_fmt(b.kl_mean)} ({_times(b.kl_ratio)})" for b in self.blocks
+                )
+            )
         return out + self.notes
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self),
-                "levels": {"begin_level": BEGIN_LEVEL, "begin_share": BEGIN_SHARE}}
+        return {
+            **dataclasses.asdict(self),
+            "levels": {"begin_level": BEGIN_LEVEL, "begin_share": BEGIN_SHARE},
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Diagnosis:
@@ -143,45 +200,70 @@ def _fmt(value: float | None) -> str:
         return "-"
     if not math.isfinite(value):
         return str(value)
-    return f"{value:.2f}" if value == 0 or abs(value) >= 0.01 else f"{value:.1e}"
+    return f"{value:.2f}" if value == 0 or 0.01 <= abs(value) < 1e4 else f"{value:.1e}"
+
+
+def _signed(value: float | None) -> str:
+    text = _fmt(value)
+    return text if value is None or text.startswith("-") else f"+{text}"
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.0%}"
+
+
+def _times(value: float | None) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.2f}x"
 
 
 def _order(value: float) -> float:
     return math.inf if math.isnan(value) else value
 
 
-def diagnose(harness: Any, target: Stages | Result, *, attribution: bool = False,
-             windows: int = DEFAULT_WINDOWS) -> Diagnosis:
+def diagnose(
+    harness: Any,
+    target: Stages | Result,
+    *,
+    attribution: bool = False,
+    windows: int = DEFAULT_WINDOWS,
+) -> Diagnosis:
     """Per-block drift (and, if asked, one-at-a-time attribution) of a modification.
 
     Args:
         harness: the session's Harness (or the ``hemorrhage`` fixture).
         target: what ``measure`` accepts, or a Result (its ``configs`` are re-applied and the
             figures are stored in ``result.details["blame"]`` for the JSON report).
-        attribution: also measure ``kl_mean`` with the modification on each block alone
-            (one full measurement per block).
+        attribution: also split ``kl_mean`` over the blocks (``kl_added``, ``share``) and
+            measure each block's edits alone (``kl_mean``, ``kl_ratio``): about two kl_mean
+            measurements per block, see the module's docstring.
         windows: evaluation windows the drift is computed on (one batch).
     """
     harness = getattr(harness, "harness", harness)
     result = target if isinstance(target, Result) else None
     stages = result.configs if result is not None else target
     if result is not None and not stages:
-        raise HemorrhageError(f"{result.modification}: the result has no configs to re-apply "
-                              "(it was not made by measure())")
+        raise HemorrhageError(
+            f"{result.modification}: the result has no configs to re-apply "
+            "(it was not made by measure())"
+        )
     ids = harness.windows.eval[:windows].to(harness.device)
     baseline = harness.context.memo(("blame-baseline", windows), lambda: _baseline(harness, ids))
     linears = frozenset(key.partition(":")[2] for key in baseline.outputs if ":" in key)
+    before = dict(harness.model.named_modules())
     with harness.modified(stages) as patch:
         configs = list(harness.context.applied)
+        edits = _edits(harness.model, before, patch) if attribution else None
         modified = _capture(harness.model, ids, patch, linears)
     diagnosis = _compare(baseline, modified, "+".join(c.name for c in configs), ids.numel())
-    if attribution and [b.index for b in diagnosis.blocks] != list(range(len(baseline.names))):
+    if edits is None:
+        pass
+    elif [b.index for b in diagnosis.blocks] != list(range(len(baseline.names))):
         diagnosis.notes.append("(no attribution: it needs the baseline's blocks, unchanged)")
-    elif attribution:
-        total = (result.metrics.get("kl_mean") if result is not None else None)
+    else:
+        total = result.metrics.get("kl_mean") if result is not None else None
         if total is None:
             total = harness.measure(configs).metrics["kl_mean"]
-        _attribute(harness, configs, diagnosis, total)
+        _attribute(harness, edits, diagnosis, total)
     if result is not None:
         result.details["blame"] = diagnosis.to_dict()  # the recorded report shares this dict
     return diagnosis
@@ -234,8 +316,9 @@ def _sketch(x: torch.Tensor) -> torch.Tensor:
         key = (d, str(x.device))
         if key not in _PROJECTIONS:
             g = torch.Generator().manual_seed(d)  # the same projection for both passes
-            _PROJECTIONS[key] = (torch.randn(d, SKETCH_DIM, generator=g) /
-                                 math.sqrt(SKETCH_DIM)).to(x.device)
+            _PROJECTIONS[key] = (
+                torch.randn(d, SKETCH_DIM, generator=g) / math.sqrt(SKETCH_DIM)
+            ).to(x.device)
         x = x @ _PROJECTIONS[key]
     return x.cpu()
 
@@ -251,8 +334,9 @@ def _eager(model: Any, patch: Patch) -> bool:
     return True
 
 
-def _capture(model: Any, ids: torch.Tensor, patch: Patch,
-             sublayers: frozenset[str] = frozenset()) -> _States:
+def _capture(
+    model: Any, ids: torch.Tensor, patch: Patch, sublayers: frozenset[str] = frozenset()
+) -> _States:
     """Outputs of every block and of its linear layers, or of modules named in ``sublayers``
     (the baseline's linears, possibly swapped for quantized modules), and attention entropy."""
     prefix, layers = blocks(model)
@@ -265,14 +349,20 @@ def _capture(model: Any, ids: torch.Tensor, patch: Patch,
         def hook(module: Any, args: Any, out: Any) -> None:
             x = out[0] if isinstance(out, tuple) else out
             outputs[key] = (x.shape[-1], _sketch(x))
+
         return hook
 
     def weights(index: int):
         def hook(module: Any, args: Any, out: Any) -> None:
             w = out[1] if isinstance(out, tuple) and len(out) > 1 else None
-            if (index not in entropy and isinstance(w, torch.Tensor) and w.dim() == 4
-                    and w.shape[-1] == w.shape[-2] == tokens):
+            if (
+                index not in entropy
+                and isinstance(w, torch.Tensor)
+                and w.dim() == 4
+                and w.shape[-1] == w.shape[-2] == tokens
+            ):
                 entropy[index] = torch.special.entr(w.float()).sum(-1).flatten().cpu()
+
         return hook
 
     handles = []
@@ -289,8 +379,13 @@ def _capture(model: Any, ids: torch.Tensor, patch: Patch,
     finally:
         for h in handles:
             h.remove()
-    return _States(prefix, [f"{prefix}.{i}" for i in range(len(layers))],
-                   [id(block) for block in layers], outputs, entropy)
+    return _States(
+        prefix,
+        [f"{prefix}.{i}" for i in range(len(layers))],
+        [id(block) for block in layers],
+        outputs,
+        entropy,
+    )
 
 
 # -- comparison ----------------------------------------------------------------------------
@@ -328,19 +423,27 @@ def _pairs(base: _States, now: _States) -> tuple[list[tuple[int, int, bool]], li
         elif last is not None:
             pairs.append((last, j, True))
     removed = sorted(set(range(len(base.ids))) - {i for i, _, added in pairs if not added})
-    note = (f"(the modification changed the number of blocks, {len(base.ids)} -> "
-            f"{len(now.ids)}: figures for the blocks it kept"
-            + (", and for each added block k' against baseline block k, which it follows"
-               if any(added for *_, added in pairs) else "")
-            + (f"; removed: {', '.join(map(str, removed))}" if removed else "") + ")")
+    note = (
+        f"(the modification changed the number of blocks, {len(base.ids)} -> "
+        f"{len(now.ids)}: figures for the blocks it kept"
+        + (
+            ", and for each added block k' against baseline block k, which it follows"
+            if any(added for *_, added in pairs)
+            else ""
+        )
+        + (f"; removed: {', '.join(map(str, removed))}" if removed else "")
+        + ")"
+    )
     return pairs, [note]
 
 
 def _compare(base: _States, now: _States, modification: str, tokens: int) -> Diagnosis:
     pairs, notes = _pairs(base, now)
     if any(base.outputs[str(i)][0] != now.outputs[str(j)][0] for i, j, _ in pairs):
-        notes.append("(the modification changed the width of the residual stream: per-block "
-                     "drift needs the same width, so none is shown)")
+        notes.append(
+            "(the modification changed the width of the residual stream: per-block "
+            "drift needs the same width, so none is shown)"
+        )
         pairs = []
     figures = []
     for i, j, added in pairs:
@@ -357,8 +460,9 @@ def _compare(base: _States, now: _States, modification: str, tokens: int) -> Dia
             delta = now.entropy[j].double() - base.entropy[i].double()
             shift, change = delta.abs().mean().item(), delta.mean().item()
         name = f"{now.prefix}.{j} (added)" if added else base.names[i]
-        figures.append(BlockDrift(i, name, _rel_l2(a, b), _cos_drift(a, b), sub, shift, change,
-                                  added=added))
+        figures.append(
+            BlockDrift(i, name, _rel_l2(a, b), _cos_drift(a, b), sub, shift, change, added=added)
+        )
     if base.entropy and not now.entropy:
         notes.append("(the modified model exposes no attention weights: no entropy figures)")
     final = figures[-1].drift_l2 if figures else 0.0
@@ -366,40 +470,141 @@ def _compare(base: _States, now: _States, modification: str, tokens: int) -> Dia
     begins = next((k for k, f in enumerate(figures) if not f.drift_l2 <= threshold), None)
     most = None
     if begins is not None:
-        steps = [f.drift_l2 - (figures[k - 1].drift_l2 if k else 0.0)
-                 for k, f in enumerate(figures)]
+        steps = [
+            f.drift_l2 - (figures[k - 1].drift_l2 if k else 0.0) for k, f in enumerate(figures)
+        ]
         most = max(range(len(steps)), key=lambda k: _order(steps[k]))
     return Diagnosis(modification, figures, tokens, threshold, begins, most, notes=notes)
 
 
-def _restrict(config: Modification, prefix: str, index: int, count: int) -> Modification:
-    """``config`` applied to block ``index`` only: the other blocks join its ``exclude``."""
-    others = tuple(f"{prefix}.{j}.*" for j in range(count) if j != index)
-    return dataclasses.replace(config, exclude=(*config.exclude, *others))
+# -- attribution ---------------------------------------------------------------------------
 
 
-def _attribute(harness: Harness, configs: list[Modification], diagnosis: Diagnosis,
-               total: float) -> None:
-    prefix, layers = blocks(harness.model)
-    kls = []
-    for i in range(len(layers)):
-        restricted = []
-        for config in configs:
-            one = _restrict(config, prefix, i, len(layers))
-            try:
-                one.targets(harness.model)
-            except HemorrhageError:  # this stage touches nothing in block i
-                continue
-            restricted.append(one)
-        kls.append(harness.measure(restricted).metrics["kl_mean"] if restricted else 0.0)
-    whole = sum(kls)
-    for figure, kl in zip(diagnosis.blocks, kls, strict=True):
-        figure.kl_mean = kl
-        figure.share = kl / whole if whole > 0 else 0.0
+@dataclass
+class _Change:
+    """One captured edit of the whole-model application: ``new`` swapped in at ``name``, or
+    the parametrizations ``edits`` (in order) on the weight of the baseline's ``module``."""
+
+    name: str
+    module: nn.Module
+    new: nn.Module | None = None
+    edits: tuple[nn.Module, ...] = ()
+
+
+@dataclass
+class _Edits:
+    """What the modification changed, per block, outside the blocks, and on the logits."""
+
+    blocks: list[list[_Change]]
+    outside: list[_Change]
+    processors: list[LogitsProcessor]
+
+
+def _edits(model: nn.Module, before: dict[str, nn.Module], patch: Patch) -> _Edits:
+    """The edits the applied ``patch`` made, read off the model while it is modified.
+
+    The modules that stand where the baseline's stood (swaps) and the weight parametrizations
+    are the edits themselves, not a recipe: re-applying them re-uses the thresholds, drawn
+    positions and calibration computed for the whole model. Changes of other kinds (attributes,
+    hooks) are not captured; ``_attribute`` detects them by replaying everything.
+    """
+    prefix, layers = blocks(model)
+    per_block: list[list[_Change]] = [[] for _ in layers]
+    outside: list[_Change] = []
+    swapped: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(s + ".") for s in swapped):
+            continue  # the root, or inside a module swapped in whole
+        original = before.get(name)
+        if original is None:
+            continue  # parametrization containers, or a module only a swap brought
+        if module is not original:
+            change = _Change(name, original, new=module)
+            swapped.append(name)
+        elif parametrize.is_parametrized(module, "weight"):
+            change = _Change(name, module, edits=tuple(module.parametrizations.weight))
+        else:
+            continue
+        head, _, rest = name.removeprefix(prefix + ".").partition(".")
+        if name.startswith(prefix + ".") and head.isdigit() and int(head) < len(layers):
+            per_block[int(head)].append(change)
+        else:
+            outside.append(change)
+    return _Edits(per_block, outside, list(patch.logits_processors))
+
+
+def _replay(
+    harness: Harness, changes: list[_Change], processors: list[LogitsProcessor] = ()
+) -> float:
+    """kl_mean of the baseline with only ``changes`` re-applied (and ``processors``)."""
+    if not changes and not processors:
+        return 0.0  # the baseline itself
+    with harness.modified([]) as patch:
+        for change in changes:
+            if change.new is not None:
+                patch.swap_module(change.name, change.new)
+            for edit in change.edits:  # a captured parametrization transposes by itself
+                patch.parametrize(Target(change.name, change.module, False), edit)
+        reference, parts, row = harness.reference, [], 0
+        for logits, targets in harness.batches(processors):
+            parts.append(token_stats(logits, reference.rows(row, row + len(targets))))
+            row += len(targets)
+        metrics, _ = summarize(TokenStats.cat(parts), reference)
+    return metrics["kl_mean"]
+
+
+def _same(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=REPLAY_TOLERANCE, abs_tol=1e-12) or (
+        math.isnan(a) and math.isnan(b)
+    )
+
+
+def _attribute(harness: Harness, edits: _Edits, diagnosis: Diagnosis, total: float) -> None:
+    """Fill the telescoping parts and the one-block figures, or say why they do not apply."""
+    every = [c for block in edits.blocks for c in block]
+    outside = [c.name for c in edits.outside]
+    if edits.processors:
+        steps = len(edits.processors)
+        outside.append("logits processing" + (f" ({steps} steps)" if steps > 1 else ""))
+    replayed = _replay(harness, every + edits.outside, edits.processors)
+    if not _same(replayed, total):
+        diagnosis.notes.append(
+            f"(no attribution for {diagnosis.modification}: re-applying the weight and module "
+            f"edits it made gives kl_mean {replayed:.4g}, not the measured {total:.4g}; it "
+            "changes something else (attributes, hooks), which a per-block re-run cannot "
+            "isolate)"
+        )
+        return
+    prefix, done = 0.0, []
+    for figure, block in zip(diagnosis.blocks, edits.blocks, strict=True):
+        earlier, done = bool(done), done + block
+        if not block:  # nothing edited in this block: nothing to re-run
+            now, alone = prefix, 0.0
+        else:
+            last = len(done) == len(every) and not edits.outside and not edits.processors
+            now = replayed if last else _replay(harness, done)
+            alone = _replay(harness, block) if earlier else now
+        figure.kl_added, figure.kl_mean, prefix = now - prefix, alone, now
+    diagnosis.kl_outside = replayed - prefix if outside else None
+    diagnosis.outside = outside
     diagnosis.attribution = True
     diagnosis.kl_mean = total
-    if diagnosis.blocks:
-        diagnosis.most = max(range(len(kls)), key=lambda k: _order(kls[k]))
-    if whole > 0 and total > 0:
-        diagnosis.notes.append(f"(one block at a time: sum of kl_mean {whole:.4g} vs "
-                               f"{total:.4g} for all blocks together)")
+    for figure in diagnosis.blocks:
+        figure.kl_ratio = figure.kl_mean / total if total else None
+        figure.share = figure.kl_added / total if total else None
+    top = max(
+        range(len(diagnosis.blocks)),
+        key=lambda k: _order(diagnosis.blocks[k].kl_added),
+        default=None,
+    )
+    if top is not None and not diagnosis.blocks[top].kl_added <= 0:
+        diagnosis.most = top  # else no block adds to kl_mean: the drift's choice stays
+    if outside:
+        diagnosis.notes.append(
+            f"(outside the blocks: {', '.join(outside)}; its part comes last, after every "
+            "block's, and the one-block figures leave it out)"
+        )
+    if replayed != total:
+        diagnosis.notes.append(
+            f"(the parts sum to the replayed kl_mean {replayed:.6g}; measured {total:.6g})"
+        )
