@@ -10,10 +10,12 @@ import importlib.util
 import pytest
 import torch
 from bit_identity import assert_restored, snapshot
+from hypothesis import given, settings
 from torch import nn
 
 from pytest_hemorrhage.errors import HemorrhageError
 from pytest_hemorrhage.modifications import make
+from pytest_hemorrhage.strategies import quant_configs
 
 needs_torchao = pytest.mark.skipif(
     importlib.util.find_spec("torchao") is None,
@@ -21,10 +23,10 @@ needs_torchao = pytest.mark.skipif(
 )
 
 CPU = {
+    "intx_weight_only": {"bits": 4, "group_size": 32},
     "int8_weight_only": {},
     "int8_dynamic_activation_int8_weight": {},
     "float8_weight_only": {},
-    "intx_weight_only": {"bits": 4, "group_size": 32},
     "int8_dynamic_activation_intx_weight": {"bits": 4},
 }
 
@@ -84,19 +86,20 @@ def test_torchao_quantizes_copies_with_its_own_subclasses_and_restores(request, 
 def test_torchao_damage_on_the_bundled_model(harness):
     """Measured kl_mean: int8_weight_only 1.2e-4, int8_dynamic_activation_int8_weight 8.9e-4
     (quant.w8a8 smooth=False, the same scheme computed here: 9.0e-4), float8_weight_only 1.9e-3,
-    intx_weight_only 4-bit 2.5e-2, 2-bit 0.82 (groups of 32)."""
+    intx_weight_only 8-bit (per row) 1.2e-4, 4-bit 2.5e-2, 2-bit 0.82 (groups of 32)."""
     kl = {}
     for key, params in [
         ("int8", {"config": "int8_weight_only"}),
         ("int8-dyn", {"config": "int8_dynamic_activation_int8_weight"}),
         ("fp8", {"config": "float8_weight_only"}),
+        ("intx8", {"bits": 8}),  # the default config
         ("int4", {"config": "intx_weight_only", "bits": 4, "group_size": 32}),
         ("int2", {"config": "intx_weight_only", "bits": 2, "group_size": 32}),
     ]:
         kl[key] = harness.measure([("quant.torchao", params)]).metrics["kl_mean"]
     assert 0 < kl["int8"] < kl["int8-dyn"] < 0.002, kl
     assert kl["fp8"] < 0.005, kl
-    assert kl["int8-dyn"] < kl["int4"] < kl["int2"], kl
+    assert kl["intx8"] < 0.002 and kl["int8-dyn"] < kl["int4"] < kl["int2"], kl
     w8a8 = harness.measure([("quant.w8a8", {"smooth": False})]).metrics["kl_mean"]
     assert kl["int8-dyn"] == pytest.approx(w8a8, rel=0.2)  # two implementations, one scheme
 
@@ -107,7 +110,7 @@ def test_cuda_only_configs_are_refused_on_cpu_and_nothing_is_lost(harness, confi
     with pytest.raises(
         HemorrhageError,
         match=rf"config='{config}' needs CUDA .* on cpu; on CPU "
-        r"use one of int8_weight_only, ",
+        r"use one of intx_weight_only, int8_weight_only, ",
     ):
         harness.measure([("quant.torchao", {"config": config})])
     assert_restored(harness.model, before)
@@ -145,9 +148,13 @@ def test_a_group_size_that_does_not_divide_a_layer_is_refused_before_any_swap(gp
         (
             {"config": "int3_magic"},
             r"config='int3_magic' is not valid; choose one of "
-            r"'int8_weight_only'",
+            r"'intx_weight_only', 'int8_weight_only'",
         ),
-        ({"bits": 4}, r"bits=4 applies to the intx configs only .* int8_weight_only has its own"),
+        (
+            {"config": "int8_weight_only", "bits": 4},
+            r"bits=4 does not fit config='int8_weight_only', which is 8-bit; for other widths "
+            r"use config='intx_weight_only'",
+        ),
         ({"config": "intx_weight_only", "bits": 9}, r"bits=9 is out of range"),
         (
             {"config": "float8_weight_only", "group_size": 32},
@@ -178,3 +185,12 @@ def test_int4_weight_only_runs_on_cuda():
     result = gpu.measure([("quant.torchao", {"config": "int4_weight_only", "group_size": 32})])
     assert_restored(gpu.model, before)
     assert result.nonfinite == 0 and 0 < result.metrics["kl_mean"] < 0.1
+
+
+@settings(max_examples=15, deadline=None, database=None)
+@given(config=quant_configs(names=["quant.torchao"], max_bits=4))
+def test_exploration_draws_valid_torchao_configs_over_bits(config):
+    """quant_configs() reads every quantizer's ``bits``: the default config takes them all."""
+    assert config.name == "quant.torchao" and config.config == "intx_weight_only"
+    assert 1 <= config.bits <= 4
+    assert make("quant.torchao", config.params()) == config

@@ -28,10 +28,10 @@ __all__ = ["CPU_CONFIGS", "CUDA_CONFIGS", "Torchao", "TorchaoLinear", "torchao_c
 
 # Configs torchao runs on CPU (torchao 0.18, torch 2.13), by torchao's own function-style names.
 CPU_CONFIGS = (
+    "intx_weight_only",
     "int8_weight_only",
     "int8_dynamic_activation_int8_weight",
     "float8_weight_only",
-    "intx_weight_only",
     "int8_dynamic_activation_intx_weight",
 )
 # Configs whose kernels torchao has on CUDA only, and why (said when a CPU run asks for one).
@@ -54,22 +54,24 @@ class Torchao(Modification):
     """A torchao quantization config applied with ``torchao.quantization.quantize_``.
 
     Args:
-        config: torchao's config, by its function-style name. On CPU:
-            ``int8_weight_only`` (int8 weights, float activations),
+        config: torchao's config, by its function-style name. On CPU: ``intx_weight_only``
+            (the default: ``bits``-bit weights, float activations; at 8 bits it is int8
+            weight-only on torchao's intx tensor), ``int8_weight_only`` (int8 weights),
             ``int8_dynamic_activation_int8_weight`` (int8 weights, per-token int8 activations),
-            ``float8_weight_only`` (float8 e4m3 weights), ``intx_weight_only`` and
-            ``int8_dynamic_activation_intx_weight`` (``bits``-bit weights, the latter with
-            per-token int8 activations). CUDA only: ``int4_weight_only``,
-            ``float8_dynamic_activation_float8_weight``.
-        bits: weight bits (1-8) of the ``intx`` configs; None means 8. The other configs'
-            width is in their name, and they refuse a value here.
+            ``float8_weight_only`` (float8 e4m3 weights), ``int8_dynamic_activation_intx_weight``
+            (``bits``-bit weights, per-token int8 activations). CUDA only:
+            ``int4_weight_only``, ``float8_dynamic_activation_float8_weight``.
+        bits: weight bits, 1-8, of the ``intx`` configs; None means 8. The default config
+            takes any width, so that sweeps and strategies over ``bits`` run as for the
+            other quantizers; the other configs' width is in their name (8; 4 for
+            ``int4_weight_only``) and they accept only that.
         group_size: input channels sharing a weight scale, for ``int8_weight_only``,
             the ``intx`` configs and ``int4_weight_only``; 0 means one scale per output row.
             None means torchao's default (per row; 32 for
             ``int8_dynamic_activation_intx_weight``, 128 for ``int4_weight_only``).
     """
 
-    config: str = "int8_weight_only"
+    config: str = "intx_weight_only"
     bits: int | None = None
     group_size: int | None = None
 
@@ -78,10 +80,12 @@ class Torchao(Modification):
         check_choice(self, "config", (*CPU_CONFIGS, *CUDA_CONFIGS))
         if self.bits is not None:
             check_int(self, "bits", 1, 8)
-            if self.config not in _INTX:
+            width = 4 if self.config == "int4_weight_only" else 8
+            if self.config not in _INTX and self.bits != width:
                 raise HemorrhageError(
-                    f"{self.name}: bits={self.bits} applies to the intx configs only "
-                    f"({', '.join(_INTX)}); {self.config} has its own width: leave bits unset"
+                    f"{self.name}: bits={self.bits} does not fit config={self.config!r}, which "
+                    f"is {width}-bit; for other widths use config='intx_weight_only' or "
+                    "'int8_dynamic_activation_intx_weight'"
                 )
         if self.group_size is not None:
             check_int(self, "group_size", 0)
