@@ -220,7 +220,7 @@ def plot_blame(path: Path | str, blame: Mapping[str, Any]) -> Path:
     ax.legend(loc="lower right", fontsize="small", framealpha=0.9)
     if attribution:
         axes[1][0].bar(x, [b.get("share") or 0.0 for b in blocks], color="tab:blue")
-        axes[1][0].set_ylabel("one-block kl_mean share")
+        axes[1][0].set_ylabel("share of kl_mean (in block order)")
     labels = [str(b["index"]) + ("'" if b.get("added") else "") for b in blocks]
     for row in axes:
         row[0].set_xticks(list(x), labels)
