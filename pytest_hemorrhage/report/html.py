@@ -24,9 +24,10 @@ from pathlib import Path
 from statistics import NormalDist
 from typing import Any
 
+from .describe import DEFAULT_METRICS, describe_modification
+
 __all__ = ["render_html", "write_html"]
 
-DEFAULT_METRICS = ("ppl_increase", "kl_mean")  # shown for results measured without a budget
 OUTCOME_CLASS = {
     "passed": "ok",
     "xfailed": "warn",
@@ -213,19 +214,9 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _params(params: Mapping[str, Any]) -> str:
-    if "stages" in params and isinstance(params["stages"], list):
-        return " → ".join(
-            _call(s.get("name", "?"), {k: v for k, v in s.items() if k != "name"})
-            for s in params["stages"]
-        )
-    return ", ".join(f"{k}={v}" for k, v in params.items())
-
-
-def _call(name: str, params: Mapping[str, Any]) -> str:
-    if "stages" in params:
-        return _params(params)
-    return f"{name}({_params(params)})"
+def _what(record: Mapping[str, Any]) -> str:
+    """A result's (or stage's) modification with its parameters."""
+    return describe_modification(record.get("modification", "?"), record.get("params") or {})
 
 
 def _badge(outcome: str | None) -> str:
@@ -262,8 +253,7 @@ def _top(report: Mapping[str, Any], results: Sequence[Mapping[str, Any]]) -> str
         )
     else:
         items = "".join(
-            f'<li><a href="#r{i}">{_e(r.get("nodeid", ""))}</a>: '
-            f"{_e(_call(r.get('modification', '?'), r.get('params') or {}))}</li>"
+            f'<li><a href="#r{i}">{_e(r.get("nodeid", ""))}</a>: {_e(_what(r))}</li>'
             for i, r in over[:20]
         )
         more = f"<li>… and {len(over) - 20} more</li>" if len(over) > 20 else ""
@@ -373,7 +363,7 @@ def _result_rows(index: int, record: Mapping[str, Any], blamed: bool) -> str:
     )
     what = (
         f'<td class="what" rowspan="{len(lines)}"><code>'
-        f"{_e(_call(record.get('modification', '?'), record.get('params') or {}))}</code>"
+        f"{_e(_what(record))}</code>"
         f"{_more(record)}</td>"
     )
     out = [f'<tbody id="r{index}"><tr>{test}{what}{lines[0]}</tr>']
@@ -409,7 +399,7 @@ def _more(record: Mapping[str, Any]) -> str:
     stages = ""
     if record.get("stages"):
         items = "".join(
-            f"<li><code>{_e(_call(s.get('modification', '?'), s.get('params') or {}))}</code>: "
+            f"<li><code>{_e(_what(s))}</code>: "
             + ", ".join(
                 f"{_e(k)} {_num(v)}"
                 for k, v in (s.get("metrics") or {}).items()
@@ -453,7 +443,9 @@ def _curve_card(record: Mapping[str, Any], plotting: bool) -> str:
     param = record.get("param", "?")
     fixed = record.get("fixed") or {}
     what = (
-        _call(record.get("modification", "?"), fixed) if fixed else record.get("modification", "?")
+        describe_modification(record.get("modification", "?"), fixed)
+        if fixed
+        else record.get("modification", "?")
     )
     kind = (
         "sweep" if record["kind"] == "sweep" else (f"threshold ({record.get('method', 'search')})")
@@ -555,7 +547,7 @@ def _calibrations(records: Sequence[Mapping[str, Any]]) -> str:
     for r in records:
         before, after = (list(r.get("kl_mean") or [None, None]) + [None, None])[:2]
         stages = " → ".join(
-            _call(s.get("name", "?"), {k: v for k, v in s.items() if k != "name"})
+            describe_modification(s.get("name", "?"), {k: v for k, v in s.items() if k != "name"})
             for s in r.get("modification") or []
         )
         rows.append(
@@ -698,7 +690,7 @@ def _blame_card(index: int, record: Mapping[str, Any], blame: Mapping[str, Any])
             + "</tr>"
         )
     notes = "".join(f'<p class="note">{_e(n)}</p>' for n in blame.get("notes") or [])
-    what = _call(record.get("modification", "?"), record.get("params") or {})
+    what = _what(record)
     return (
         f'<section class="card" id="b{index}"><h3><a href="#r{index}" class="mono">'
         f"{_e(record.get('nodeid', ''))}</a> · <code>{_e(what)}</code></h3>"

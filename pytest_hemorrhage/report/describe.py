@@ -1,0 +1,22 @@
+"""Plain-text descriptions every renderer shares (terminal, HTML): one wording per idea."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["DEFAULT_METRICS", "describe_modification"]
+
+DEFAULT_METRICS = ("ppl_increase", "kl_mean")  # shown for results measured without a budget
+
+
+def describe_modification(name: str, params: Mapping[str, Any]) -> str:
+    """``quant.rtn(bits=8, group_size=64)``; a composition (``params["stages"]``) as its
+    stages joined by arrows: ``prune.wanda(sparsity=0.5) → quant.rtn(bits=4)``."""
+    stages = params.get("stages")
+    if isinstance(stages, list):
+        return " → ".join(
+            describe_modification(s.get("name", "?"), {k: v for k, v in s.items() if k != "name"})
+            for s in stages
+        )
+    return f"{name}({', '.join(f'{k}={v}' for k, v in params.items())})"
