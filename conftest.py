@@ -1,4 +1,7 @@
-"""Repository-wide test setup: pytester for plugin tests, CUDA tests skipped without a GPU."""
+"""Repository-wide test setup: pytester for plugin tests, CUDA tests skipped without a GPU.
+
+Nothing here changes the process (threads, RNG): ``pytest examples`` runs as a user's would.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +9,6 @@ import pytest
 import torch
 
 pytest_plugins = ["pytester"]
-
-# One thread per process: CI runs two xdist workers on two cores, and oversubscribed torch
-# threads made the suite several times slower.
-torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

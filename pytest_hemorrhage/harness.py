@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -16,6 +17,7 @@ from .errors import HemorrhageError
 from .extras import providers
 from .loading import model_logits
 from .metrics import Result, TokenStats, summarize, token_stats
+from .modifications.noise import layer_seed
 from .modifications.registry import LogitsProcessor, Modification, Patch, apply, iter_configs
 from .reference import EXACT_VOCAB, Reference, cache_key, load_or_compute
 
@@ -23,10 +25,15 @@ if TYPE_CHECKING:
     from .loading import LoadedModel
     from .settings import Settings
 
-__all__ = ["Context", "Harness", "Stages"]
+__all__ = ["RESTORE_COPY_BYTES", "Context", "Harness", "Stages"]
+
+# Models up to this size keep a host copy of their weights to restore a write made outside
+# modified(); larger ones are reloaded from their spec instead (no host memory held).
+RESTORE_COPY_BYTES = 1 << 30
 
 # What measure()/modified() accept: a name, a config, or a sequence of (name, params) / configs.
 Stages = str | Modification | Sequence[Any]
+
 
 class Context:
     """What a modification handler may use besides the model: data, seeds, a memo."""
@@ -54,6 +61,19 @@ class Context:
         """The (possibly modified) model's logits for ``ids``."""
         return model_logits(self._harness.model, ids)
 
+    def generator(
+        self, *parts: object, device: torch.device | str | None = None
+    ) -> torch.Generator:
+        """A fresh generator seeded from ``--hemorrhage-seed``, the stage's position in the
+        composition and ``parts`` (e.g. a layer name), on the model's device by default.
+
+        Handlers draw from it instead of torch's global RNG: the same seed gives the same
+        draws, and the user's own random stream is left alone.
+        """
+        generator = torch.Generator(device=device or self.device)
+        generator.manual_seed(layer_seed(self.seed, len(self.applied), *parts))
+        return generator
+
 
 class Harness:
     """Measures modifications of one loaded baseline against its reference."""
@@ -76,7 +96,10 @@ class Harness:
         self.context = Context(self)
         self.reference_cached = False
         # shared by every harness of this model, so that one harness's restore is the others'
-        self._pristine = _PRISTINE.setdefault(self.model, _snapshot(self.model))
+        if self.model not in _BASELINES:
+            _BASELINES[self.model] = _Baseline(self.model)
+        self._baseline = _BASELINES[self.model]
+        self._pristine = self._baseline.versions
 
     @cached_property
     def data_fingerprint(self) -> str:
@@ -126,14 +149,16 @@ class Harness:
         patch = Patch(self.model)
         self.context.applied = ()
         try:
-            for config in configs:
-                self._apply(config, patch)
+            with self._own_rng():
+                for config in configs:
+                    self._apply(config, patch)
             yield patch
         finally:
-            patch.undo()
+            with self._own_rng():
+                patch.undo()
             self.model.eval()
             self._accept_reseated(patch.reseated)
-            self.check_pristine()
+            self._check_versions()
 
     def measure(self, stages: Stages, want: frozenset[str] = frozenset()) -> Result:
         """Measure ``stages`` against the baseline.
@@ -148,7 +173,8 @@ class Harness:
         for extra in extras:
             extra.baseline(self)
         results = []
-        with self.modified([]) as patch:
+        # nothing a measure runs (handlers, libraries, forwards) advances the caller's stream
+        with self._own_rng(), self.modified([]) as patch:
             for i, config in enumerate(configs):
                 self._apply(config, patch)
                 results.append(self._evaluate(patch, configs[: i + 1], reference))
@@ -161,8 +187,18 @@ class Harness:
         total.stages = results[:-1]
         return total
 
+    def _own_rng(self) -> contextlib.AbstractContextManager[None]:
+        """torch's global RNG (CPU, and the model's accelerator) as it was on entry, on exit.
+
+        Handlers draw from ``context.generator()``; this covers what they cannot control
+        (third-party code drawing from the global generator).
+        """
+        if self.device.type == "cpu":
+            return torch.random.fork_rng(devices=[])
+        index = self.device.index if self.device.index is not None else 0
+        return torch.random.fork_rng(devices=[index], device_type=self.device.type)
+
     def _apply(self, config: Modification, patch: Patch) -> None:
-        torch.manual_seed(self.settings.seed)  # handlers that draw (noise, faults) reproduce
         apply(config, self.model, patch, self.context)
         self.context.applied += (config,)
 
@@ -195,26 +231,161 @@ class Harness:
                 self._pristine[name] = (entry[0], t._version, *entry[2:])
 
     def check_pristine(self) -> None:
-        """Raise if the model's tensors or modules differ from the baseline's.
+        """Raise if the model's tensors or modules differ from the baseline's, after restoring
+        the baseline's weights so that later measurements still see it.
 
-        Cheap: compares storage, shape and version counter (bumped by any in-place write)
-        of every tensor, and the identity of every module; no weight is read.
+        Two checks: storage, shape and version counter of every tensor (bumped by any in-place
+        write through the tensor itself) and the identity of every module; then a checksum of
+        every tensor's bits, which also catches writes that leave the version counter alone
+        (through ``param.data`` or a ``.numpy()`` view). The checksum reads every weight once
+        (about a millisecond for the bundled model); :meth:`modified` runs only the first check,
+        the ``hemorrhage`` fixture runs both when its test ends.
         """
-        now = _snapshot(self.model)
-        if now != self._pristine:
-            changed = [
-                k for k in now.keys() | self._pristine.keys() if now.get(k) != self._pristine.get(k)
-            ][:3]
-            names = ", ".join(map(str, changed))
+        self._check_versions()
+        changed = self._baseline.changed(self.model)
+        if changed:
+            how = self._baseline.restore(self.model, self.settings)
+            self._pristine.update(_snapshot(self.model))  # the restore's own writes
             raise HemorrhageError(
-                f"the baseline model was changed in place ({names}); change it only inside "
-                "hemorrhage.modified(...) so that it can be restored for the next test"
+                f"the baseline model's weights were changed in place ({_names(changed)}) by a "
+                f"write that bypasses version counters (through .data or a numpy view); {how}. "
+                "Change the model only inside hemorrhage.modified(...)"
             )
 
+    def _check_versions(self) -> None:
+        """Cheap: storage, shape and version counter of every tensor, identity of every module;
+        no weight is read. A changed tensor is restored (see :meth:`check_pristine`)."""
+        now = _snapshot(self.model)
+        if now == self._pristine:
+            return
+        changed = [
+            k for k in now.keys() | self._pristine.keys() if now.get(k) != self._pristine.get(k)
+        ]
+        modules = [k for k in changed if k.startswith("module ")]
+        how = (
+            "the model can no longer be restored"
+            if modules
+            else self._baseline.restore(self.model, self.settings)
+        )
+        if not modules:
+            self._pristine.update(_snapshot(self.model))
+        raise HemorrhageError(
+            f"the baseline model was changed in place ({_names(changed)}); {how}. Change it only "
+            "inside hemorrhage.modified(...) so that it can be restored for the next test"
+        )
 
-_PRISTINE: weakref.WeakKeyDictionary[Any, dict[str, tuple[Any, ...]]] = (
-    weakref.WeakKeyDictionary()
-)
+
+def _names(changed: list[str]) -> str:
+    shown = ", ".join(map(str, sorted(changed)[:3]))
+    return shown + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+
+
+class _Baseline:
+    """What the baseline model looked like at load: per tensor its storage and version, and a
+    checksum of its bits; and how to put the bits back (a host copy, or a reload)."""
+
+    def __init__(self, model: Any) -> None:
+        self.versions = _snapshot(model)
+        tensors = _tensors(model)
+        self.sums = _checksums(tensors)
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        # a host copy costs the model's bytes of memory; above the limit, reload instead
+        self.copy = (
+            {k: t.detach().to("cpu", copy=True) for k, t in tensors.items()}
+            if size <= RESTORE_COPY_BYTES
+            else None
+        )
+
+    def changed(self, model: Any) -> list[str]:
+        """Names of the tensors whose bits no longer match their checksum."""
+        now = _checksums(_tensors(model))
+        return [k for k, s in self.sums.items() if s is not None and now.get(k) != s]
+
+    def restore(self, model: Any, settings: Settings) -> str:
+        """Write the baseline's bits back into the model's own tensors; say how it went."""
+        tensors = _tensors(model)
+        source: dict[str, torch.Tensor]
+        if self.copy is not None:
+            source, how = self.copy, "restored from the baseline's host copy"
+        else:
+            source, how = _reload(settings, tensors), f"reloaded from {settings.model}"
+        with torch.no_grad():
+            for name, t in tensors.items():
+                if name in source and source[name].shape == t.shape:
+                    t.copy_(source[name])
+        if self.changed(model):
+            return "restoring it failed: later measurements would be wrong; restart the run"
+        return how
+
+
+def _reload(settings: Settings, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights of a fresh load of ``settings.model`` on the host, in the model's dtype."""
+    from .loading import load_model
+
+    if settings.model is None:
+        return {}
+    dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
+    loaded = load_model(
+        settings.model,
+        device="cpu",
+        dtype=str(dtype).removeprefix("torch."),
+        trust_remote_code=settings.trust_remote_code,
+        allow_pickle=settings.allow_pickle,
+    )
+    return dict(loaded.model.state_dict())
+
+
+def _tensors(model: Any) -> dict[str, torch.Tensor]:
+    return dict(model.state_dict(keep_vars=True))
+
+
+def _checksums(tensors: dict[str, torch.Tensor]) -> dict[str, int | None]:
+    """Per tensor, the wrapping int64 sum of its bits read as 8-byte words (plus its last
+    bytes): any change of a value changes it, bar collisions and pure permutations.
+
+    One pass at memory speed (int64 is the width torch sums fastest), one sync per device.
+    """
+    sums: dict[str, torch.Tensor | None] = {}
+    seen: dict[int, str] = {}
+    for name, t in tensors.items():
+        if id(t) in seen:  # tied weights: read once
+            continue
+        seen[id(t)] = name
+        sums[name] = _bit_sum(t)
+    by_device: dict[torch.device, list[str]] = {}
+    for name, s in sums.items():
+        if s is not None:
+            by_device.setdefault(s.device, []).append(name)
+    out: dict[str, int | None] = {name: None for name in tensors}
+    for names in by_device.values():
+        values = torch.stack([sums[n] for n in names]).tolist()  # type: ignore[misc]
+        out.update(zip(names, values, strict=True))
+    for name, t in tensors.items():
+        if out[name] is None and id(t) in seen:
+            out[name] = out.get(seen[id(t)])
+    return out
+
+
+def _bit_sum(t: torch.Tensor) -> torch.Tensor | None:
+    """The int64 sum of ``t``'s bits as 8-byte words and its trailing bytes; None for tensors
+    without plain storage (meta, sparse, quantized, tensor subclasses)."""
+    try:
+        if t.is_meta or t.layout != torch.strided or t.is_quantized:
+            return None
+        data = t.detach()
+        if type(data) is not torch.Tensor:
+            return None
+        raw = data.reshape(-1).view(torch.uint8)
+        whole = raw.numel() // 8 * 8
+        words = raw[:whole]
+        if raw.storage_offset() % 8:
+            words = words.clone()
+        return words.view(torch.int64).sum() + raw[whole:].sum(dtype=torch.int64)
+    except (RuntimeError, TypeError):
+        return None
+
+
+_BASELINES: weakref.WeakKeyDictionary[Any, _Baseline] = weakref.WeakKeyDictionary()
 
 
 def _snapshot(model: Any) -> dict[str, tuple[Any, ...]]:

@@ -4,6 +4,12 @@ GPT-2 for the Conv1D / fused-qkv architecture."""
 from __future__ import annotations
 
 import pytest
+import torch
+
+# One thread per process for the test suite (not for ``pytest examples``, which runs as a
+# user's suite would): CI runs two xdist workers on two cores, and oversubscribed torch threads
+# made the suite several times slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

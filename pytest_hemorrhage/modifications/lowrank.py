@@ -20,9 +20,12 @@ layer at apply time.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import ctypes
+import functools
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -148,17 +151,35 @@ def truncate(w: torch.Tensor, rank: int) -> Subspace | None:
 
 @contextmanager
 def _few_threads(a: torch.Tensor) -> Iterator[None]:
-    """One CPU thread for a small SVD: LAPACK's threads synchronize so often that on a busy
-    machine (CI runners) a 128 x 384 SVD was measured at 8-60 s with 2 threads, 10 ms with 1."""
-    threads = torch.get_num_threads()
-    small = a.device.type == "cpu" and a.numel() < 1 << 20 and threads > 1
-    if small:
-        torch.set_num_threads(1)
+    """One LAPACK thread for a small SVD, in this thread only: LAPACK's threads synchronize so
+    often that on a busy machine (CI runners) a 128 x 384 SVD was measured at 8-60 s with 2
+    threads, 10 ms with 1. torch's own thread count is process-wide, so it is left alone; MKL
+    (torch's LAPACK on x86) has a thread-local setting, used where it is found."""
+    set_local = _mkl_threads_local() if a.device.type == "cpu" and a.numel() < 1 << 20 else None
+    if set_local is None:
+        yield
+        return
+    previous = set_local(1)
     try:
         yield
     finally:
-        if small:
-            torch.set_num_threads(threads)
+        set_local(previous)
+
+
+@functools.cache
+def _mkl_threads_local() -> Callable[[int], int] | None:
+    """MKL's ``mkl_set_num_threads_local`` (returns the previous thread-local value, 0 meaning
+    "the global setting"), from the MKL linked into torch; None without it."""
+    if not torch.backends.mkl.is_available():
+        return None
+    try:
+        lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        fn = lib.mkl_set_num_threads_local_  # the Fortran entry point: arguments by reference
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.POINTER(ctypes.c_int)]
+    return lambda n: fn(ctypes.byref(ctypes.c_int(n)))
 
 
 def _compute_dtype(w: torch.Tensor) -> torch.dtype:
