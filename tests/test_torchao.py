@@ -194,3 +194,25 @@ def test_exploration_draws_valid_torchao_configs_over_bits(config):
     assert config.name == "quant.torchao" and config.config == "intx_weight_only"
     assert 1 <= config.bits <= 4
     assert make("quant.torchao", config.params()) == config
+
+
+@needs_torchao
+@pytest.mark.parametrize("config", ["int8_dynamic_activation_int8_weight", "int8_weight_only"])
+def test_token_chunks_compute_each_token_as_in_one_call(config):
+    """Activations are quantized per token, so the chunks that bound memory change no bit of
+    the int8 x int8 product; a float GEMM (weight-only) may round differently per batch shape."""
+    from pytest_hemorrhage.modifications.registry import Target
+    from pytest_hemorrhage.modifications.torchao import _quantized, torchao_config
+
+    g = torch.Generator().manual_seed(4)
+    layer = nn.Linear(64, 48)
+    x = torch.randn(2, 37, 64, generator=g)
+    ao_config, dtype = torchao_config(make("quant.torchao", {"config": config}))
+    target = Target("proj", layer, transposed=False)
+    whole, chunked = (_quantized(target, ao_config, dtype, rows) for rows in (1 << 20, 8))
+    with torch.inference_mode():
+        assert chunked(x).shape == (2, 37, 48)
+        if config == "int8_weight_only":
+            torch.testing.assert_close(chunked(x), whole(x), rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(chunked(x), whole(x))
