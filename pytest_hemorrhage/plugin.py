@@ -135,9 +135,12 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     width, color = config.get_terminal_writer().fullwidth, terminalreporter.hasmarkup
     terminalreporter.write_line("")
     if session.records:
-        from .report.terminal import render_table
+        from .report.terminal import render_results
 
-        terminalreporter.write(render_table(session.records, width=width, color=color))
+        verbose = config.get_verbosity() > 0
+        terminalreporter.write(
+            render_results(session.records, width=width, color=color, verbose=verbose)
+        )
     if session.explorations:
         from .report.terminal import render_explorations
 
@@ -150,7 +153,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if hasattr(config, "workerinput"):
         config.workeroutput["hemorrhage"] = state.worker_output()
         return
-    state.write_report()
+    state.write_reports()
     if state.settings.plot and (state.explorations or state.records):
         from .report.plots import write_plots
 

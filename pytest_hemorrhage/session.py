@@ -158,8 +158,13 @@ class HemorrhageSession:
             "explorations": self.explorations,
         }
 
-    def write_report(self) -> None:
+    def write_reports(self) -> None:
+        """The JSON report and the HTML page, where asked for."""
         if self.settings.report is not None:
             from .report.json_report import write_json
 
             write_json(self.report(), self.settings.report)
+        if self.settings.html is not None:
+            from .report.html import write_html
+
+            write_html(self.report(), self.settings.html)  # unwritable: one warning, no failure

@@ -120,6 +120,11 @@ OPTIONS = [
     ),
     Option("report", "Write the JSON report to PATH. Default: no report.", metavar="PATH"),
     Option(
+        "html",
+        "Write the release report, one self-contained HTML page, to PATH. Default: none.",
+        metavar="PATH",
+    ),
+    Option(
         "plot",
         "Write one PNG per measured curve into DIR (needs matplotlib). Default: no plots.",
         metavar="DIR",
@@ -182,6 +187,7 @@ class Settings:
     calibration_windows: int
     seed: int
     report: Path | None
+    html: Path | None
     plot: Path | None
     generate: bool
     gen_prompts: int
@@ -220,7 +226,7 @@ class Settings:
                     value = option.default
             values[option.name.replace("-", "_")] = value
         paths_root = config.rootpath
-        for key in ("data", "report", "plot"):
+        for key in ("data", "report", "html", "plot"):
             if values[key]:
                 values[key] = Path(values[key])
         values["tasks"] = tuple(Path(p) for p in (values["tasks"] or "").split(",") if p)

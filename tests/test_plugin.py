@@ -39,8 +39,20 @@ def test_a_budget_that_holds_passes_and_one_that_breaks_fails_line_per_metric(py
         ]
     )
     assert "Traceback" not in result.stdout.str()
-    # the summary table: each budgeted metric with its value, budget, margin and verdict
+    # the summary: one row per test, the metric closest to its budget and the margin, in 80
+    # columns; with -v every budgeted metric of every measure
     result.stdout.re_match_lines(
+        [
+            r" verdict +test +modification +closest to budget +margin",
+            r" passed +test_int8.* +quant\.rtn.* top1_disagreement \d\.\d+ ≤ 0\.05 +\+0\.0\d+",
+            r" failed +test_two_b.* +quant\.rtn.* ppl_increase \d+\.\d+ ≤ 0\.001 +-\d+\.\d+",
+        ]
+    )
+    lines = result.stdout.lines
+    summary = lines[lines.index(next(x for x in lines if x.startswith("hemorrhage (one row"))):]
+    assert max(len(line) for line in summary) <= 80
+    verbose = pytester.runpytest(*MODEL, "--strict-markers", "-v")
+    verbose.stdout.re_match_lines(
         [
             r"test_release.py::test_int8_is_lossless passed quant.rtn\(bits=8, group_size=64, .*",
             r"\s+ppl_increase\s+-?\d\.\d{4}\s+≤ 0\.0100\s+\+\d\.\d{4}\s+ok",
@@ -149,7 +161,16 @@ def test_the_model_is_bit_identical_after_a_test_fails_inside_a_modification(pyt
             assert fingerprint(m.model, m.tokenizer) == m.fingerprint
             assert hemorrhage.measure("quant.rtn", bits=8).metrics["kl_mean"] < 1e-3
     """)
-    pytester.runpytest(*MODEL).assert_outcomes(passed=1, failed=1)
+    result = pytester.runpytest(*MODEL, "-rfp")
+    result.assert_outcomes(passed=1, failed=1)
+    # the user's own failure is what they see, and the next test passes on the baseline
+    result.stdout.fnmatch_lines(
+        [
+            "PASSED *::test_next_sees_the_baseline",
+            "FAILED *::test_fails_inside - AssertionError: user check failed",
+        ]
+    )
+    assert "changed in place" not in result.stdout.str()
 
 
 def test_in_place_writes_to_the_baseline_are_caught(pytester):
@@ -246,10 +267,18 @@ def test_jsonl_data_and_text_directories(pytester):
     pytester.makepyfile(
         "def test_x(hemorrhage):\n    assert hemorrhage.measure('quant.rtn', bits=4).tokens > 0\n"
     )
+    seen = {}
     for source in ("d.jsonl", "texts", "c.txt"):
-        pytester.runpytest(*MODEL, f"--hemorrhage-data={source}").assert_outcomes(passed=1)
+        result = pytester.runpytest(*MODEL, f"--hemorrhage-data={source}", "--hemorrhage-report=r.json")
+        result.assert_outcomes(passed=1)
+        seen[source] = json.loads((pytester.path / "r.json").read_text())["data"]
+    # the report names each source; the same text read three ways gives the same windows
+    assert [d["source"] for d in seen.values()] == ["d.jsonl", "texts", "c.txt"]
+    assert len({(d["fingerprint"], d["windows"]) for d in seen.values()}) == 1
+    assert seen["c.txt"]["windows"] > 0
     (pytester.path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": "no"}\n')
     result = pytester.runpytest(*MODEL, "--hemorrhage-data=bad.jsonl")
+    result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(['*bad.jsonl:2: each line needs a string "text" field*'])
 
 
@@ -287,7 +316,9 @@ def test_xdist_workers_share_one_reference_and_report_to_the_controller(pytester
     report = pytester.path / "report.json"
     result = pytester.runpytest_subprocess("-n", "2", *MODEL, f"--hemorrhage-report={report}")
     result.assert_outcomes(passed=4)
-    result.stdout.re_match_lines([r"test_many.py::test_bits\[2\] passed quant.rtn\(bits=2.*"])
+    # the controller's summary holds the workers' results: a row per test
+    result.stdout.re_match_lines([rf" passed +test_bits\[{b}\] +quant\.rtn\(bits={b}.*" for b in (2, 3, 4, 8)],
+                                 consecutive=True)
     data = json.loads(report.read_text())
     assert sorted(r["params"]["bits"] for r in data["results"]) == [2, 3, 4, 8]
     assert data["model"]["fingerprint"] and data["baseline"]["ppl"] > 1

@@ -71,6 +71,7 @@ DOMAINS: dict[str, Domain] = {
 MODIFICATION_DOMAINS: dict[tuple[str, str], Domain] = {
     # rank KEPT: damage grows as it shrinks; 1 - rank_ratio is the paper's rank reduction
     ("lowrank.svd", "rank_ratio"): Domain(0.0, 1.0, increasing=False, origin=1.0),
+    ("lowrank.asvd", "rank_ratio"): Domain(0.0, 1.0, increasing=False, origin=1.0),
     ("prune.layers", "count"): Domain(0, None, integer=True, resolution=1),  # hi: blocks - 1
     ("fault.bitflip", "count"): Domain(0, 1000, integer=True, resolution=1),
     ("decode.top_p", "p"): Domain(0.0, 1.0, increasing=False, origin=1.0),
@@ -87,6 +88,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "score": ("wanda", "magnitude"),
     "selection": ("importance", "last"),
     "smooth": (True, False),
+    "importance": ("activation", "taylor", "weight"),  # measured gentlest first, README
 }
 
 # Which parameters modifications() explores per registered name (the others keep their
@@ -106,6 +108,9 @@ MODIFICATION_PARAMS: dict[str, tuple[str | tuple[str, str], ...]] = {
     "prune.channels": ("fraction",),
     "prune.layers": ("count",),
     "noise.gaussian": ("sigma",),
+    "quant.awq": ("bits", "group_size", "symmetric"),
+    "lowrank.asvd": ("rank_ratio",),  # alpha is no compression axis: damage is least near 0.5
+    "prune.slicegpt": ("fraction",),
 }
 
 

@@ -17,7 +17,6 @@ import base64
 import html
 import io
 import math
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -578,13 +577,7 @@ def _png(record: Mapping[str, Any]) -> str:
     from .plots import plot_curve
 
     buffer = io.BytesIO()
-    try:
-        plot_curve(buffer, record, record.get("budget"))
-    except TypeError:  # a plot_curve that wraps its target in Path(): go through a file
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "curve.png"
-            plot_curve(path, record, record.get("budget"))
-            return base64.b64encode(path.read_bytes()).decode("ascii")
+    plot_curve(buffer, record, record.get("budget"))
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 

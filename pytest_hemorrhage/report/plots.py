@@ -13,7 +13,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ..errors import HemorrhageError
 from ..explore.fit import PhaseTransition
@@ -85,13 +85,13 @@ def _stem(record: Mapping[str, Any]) -> str:
     return re.sub(r"_?-_?", "-", re.sub(r"[^A-Za-z0-9_.-]+", "_", raw)).strip("_")[:150]
 
 
-def plot_curve(path: Path | str, record: Mapping[str, Any],
-               budget: Mapping[str, float] | None = None) -> Path:
+def plot_curve(path: Path | str | BinaryIO, record: Mapping[str, Any],
+               budget: Mapping[str, float] | None = None) -> Path | str | BinaryIO:
     """Draw one exploration record: its metric vs the parameter, the budget, and the
     phase-transition point (sweep) or threshold and bracket (threshold search).
 
     Args:
-        path: the PNG to write.
+        path: the PNG to write (a path or a binary file object).
         record: a ``"sweep"`` or ``"threshold"`` exploration record (JSON-ready dict).
         budget: ``{metric: maximum}``; a horizontal line is drawn at the record's metric's.
 
@@ -156,8 +156,7 @@ def plot_curve(path: Path | str, record: Mapping[str, Any],
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
+    fig.savefig(path, format="png")
     return path
 
 

@@ -1,4 +1,10 @@
-"""The terminal summary (rich): results against their budgets, and the thresholds found."""
+"""The terminal summary (rich): results against their budgets, and the thresholds found.
+
+By default one row per test: its verdict, the measure closest to its budget, that metric and
+its margin (budget - value). With ``-v``, every measure with every budgeted metric. Cells never
+wrap: what does not fit the terminal is cut with an ellipsis (the JSON and HTML reports keep the
+full text); below ``NARROW`` columns the tables become plain lines.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +13,11 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["render_explorations", "render_table"]
+from .describe import DEFAULT_METRICS, describe_modification
 
-DEFAULT_COLUMNS = ("ppl_increase", "kl_mean")  # shown for results measured without a budget
+__all__ = ["closest_metric", "render_explorations", "render_results", "render_table"]
 
-
-def _params(params: dict[str, Any]) -> str:
-    if "stages" in params:
-        return " → ".join(
-            f"{s['name']}({_params({k: v for k, v in s.items() if k != 'name'})})"
-            for s in params["stages"]
-        )
-    return ", ".join(f"{k}={v}" for k, v in params.items())
+NARROW = 60  # columns below which tables become plain lines
 
 
 def _number(value: float | None) -> str:
@@ -29,10 +28,117 @@ def _number(value: float | None) -> str:
     return f"{value:.4f}" if abs(value) < 1000 else f"{value:.3g}"
 
 
-def render_table(records: list[dict[str, Any]], *, width: int = 120, color: bool = False) -> str:
+def _what(record: Mapping[str, Any]) -> str:
+    return describe_modification(record["modification"], record["params"])
+
+
+def closest_metric(record: Mapping[str, Any]) -> tuple[str, float | None, float | None]:
+    """The budgeted metric of ``record`` nearest to (or furthest past) its budget, as
+    ``(metric, value, limit)``: the largest value/limit ratio. Without a budget: kl_mean (or
+    the first metric), with no limit."""
+    budget = {k: v for k, v in record["budget"].items() if k != "confidence"}
+    metrics = record["metrics"]
+
+    def ratio(metric: str) -> float:
+        value, limit = metrics.get(metric), budget[metric]
+        if value is None or not math.isfinite(value):
+            return math.inf
+        return value / limit if limit > 0 else (math.inf if value > 0 else 0.0)
+
+    if budget:
+        metric = max(budget, key=ratio)
+        return metric, metrics.get(metric), budget[metric]
+    metric = next((m for m in (*DEFAULT_METRICS[::-1], *metrics) if m in metrics), "")
+    return metric, metrics.get(metric), None
+
+
+def _verdict(record: Mapping[str, Any]) -> str:
+    return record.get("outcome") or ("over" if record.get("violations") else "measured")
+
+
+def render_results(records: Sequence[Mapping[str, Any]], *, width: int = 80,
+                   color: bool = False, verbose: bool = False) -> str:
+    """The results part of the summary: one row per test, or every measure with ``verbose``."""
+    if verbose:
+        return render_table(list(records), width=width, color=color)
+    by_test: dict[str, list[Mapping[str, Any]]] = {}
+    for record in records:
+        by_test.setdefault(record["nodeid"], []).append(record)
+    rows = []
+    for nodeid, mine in by_test.items():
+        worst = max(mine, key=lambda r: _severity(r))
+        metric, value, limit = closest_metric(worst)
+        what = _what(worst) + (f" +{len(mine) - 1} more" if len(mine) > 1 else "")
+        margin = (f"{limit - value:+.3g}" if limit is not None and value is not None
+                  and math.isfinite(value) else "")
+        shown = f"{metric} {_g3(value)}" + (f" ≤ {limit:.3g}" if limit is not None else "")
+        rows.append((_verdict(worst), nodeid.rpartition("::")[2] or nodeid, what, shown, margin))
+    header = ("verdict", "test", "modification", "closest to budget", "margin")
+    return _table("hemorrhage (one row per test; -v: every measure)", header, rows,
+                  width=width, color=color, flexible=(1, 2))
+
+
+def _severity(record: Mapping[str, Any]) -> float:
+    metric, value, limit = closest_metric(record)
+    if value is None or not math.isfinite(value):
+        return math.inf
+    return value / limit if limit else value
+
+
+_STYLES = {"passed": "green", "failed": "red", "xfailed": "yellow", "over": "red",
+           "xpassed": "yellow", "error": "red"}
+
+
+def _table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]], *, width: int,
+           color: bool, flexible: Sequence[int]) -> str:
+    """A borderless table that fits ``width``: fixed columns take their widest cell, the
+    ``flexible`` ones share the rest and cut what does not fit with an ellipsis. Plain
+    ``a · b · c`` lines below ``NARROW`` columns."""
+    if width < NARROW:
+        lines = [title] + [" · ".join(c for c in row if c) for row in rows]
+        return "\n".join(lines) + "\n"
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+
+    natural = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=True)]
+    fixed = sum(w for i, w in enumerate(natural) if i not in flexible)
+    spare = max(len(flexible) * 8, width - fixed - 2 * len(header))
+    widths = list(natural)
+    for n, i in enumerate(flexible):  # the first flexible column first, up to its natural width
+        others = sum(natural[j] for j in flexible[n + 1:])
+        widths[i] = min(natural[i], max(spare // len(flexible), spare - others, 8))
+        spare -= widths[i]
+    leftover = spare
+    for i in flexible:
+        extra = min(leftover, natural[i] - widths[i])
+        widths[i] += extra
+        leftover -= extra
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                  padding=(0, 1), collapse_padding=True)
+    for name, w in zip(header, widths, strict=True):
+        table.add_column(name, no_wrap=True, overflow="ellipsis", width=w,
+                         justify="right" if name == "margin" else "left")
+    for row in rows:
+        style = _STYLES.get(row[0], "")
+        table.add_row(f"[{style}]{escape(row[0])}[/]" if style else escape(row[0]),
+                      *(escape(c) for c in row[1:]))
+    return _print(table, width, color)
+
+
+def _print(renderable: Any, width: int, color: bool) -> str:
+    from rich.console import Console
+
+    out = io.StringIO()
+    Console(file=out, width=width, force_terminal=color, no_color=not color,
+            highlight=False).print(renderable)
+    return out.getvalue()
+
+
+def render_table(records: list[dict[str, Any]], *, width: int = 80, color: bool = False) -> str:
     """Per result: a heading (test, outcome, modification), then one row per budgeted metric
     with value, budget, margin (budget - value) and verdict."""
-    from rich.console import Console, Group
+    from rich.console import Group
     from rich.markup import escape
     from rich.table import Table
     from rich.text import Text
@@ -40,20 +146,17 @@ def render_table(records: list[dict[str, Any]], *, width: int = 120, color: bool
     parts: list[Any] = [Text("hemorrhage", style="bold")]
     for record in records:
         budget = {k: v for k, v in record["budget"].items() if k != "confidence"}
-        metrics = list(budget) or [m for m in DEFAULT_COLUMNS if m in record["metrics"]]
-        what = (
-            _params(record["params"])
-            if "stages" in record["params"]
-            else f"{record['modification']}({_params(record['params'])})"
-        )
+        metrics = list(budget) or [m for m in DEFAULT_METRICS if m in record["metrics"]]
+        what = _what(record)
         outcome = record.get("outcome") or ""
-        style = {"passed": "green", "failed": "red", "xfailed": "yellow"}.get(outcome, "")
-        parts.append(
-            Text.from_markup(
-                f"[bold]{escape(record['nodeid'])}[/] [{style or 'default'}]{outcome}[/] "
-                f"{escape(what)}"
-            )
+        style = _STYLES.get(outcome, "")
+        heading = Text.from_markup(
+            f"[bold]{escape(record['nodeid'])}[/] [{style or 'default'}]{outcome}[/] "
+            f"{escape(what)}",
+            overflow="ellipsis",
         )
+        heading.no_wrap = True
+        parts.append(heading)
         table = Table(box=None, show_header=False, padding=(0, 1), pad_edge=False)
         table.add_column(width=4)
         table.add_column(min_width=20)
@@ -80,42 +183,38 @@ def render_table(records: list[dict[str, Any]], *, width: int = 120, color: bool
                 "", "non-finite tokens", str(record["nonfinite_tokens"]), "≤ 0", "", "[red]over[/]"
             )
         parts.append(table)
-    out = io.StringIO()
-    Console(file=out, width=width, force_terminal=color, no_color=not color, highlight=False).print(
-        Group(*parts)
-    )
-    return out.getvalue()
+    return _print(Group(*parts), width, color)
 
 
-def render_explorations(explorations: Sequence[Mapping[str, Any]], *, width: int = 120,
+def render_explorations(explorations: Sequence[Mapping[str, Any]], *, width: int = 80,
                         color: bool = False) -> str:
-    """One row per threshold search or sweep: what was explored and where it breaks."""
-    from rich import box
-    from rich.console import Console
+    """Per threshold search, sweep or calibration: a heading line (test, what was explored)
+    and the finding on the line below, wrapped at word boundaries, never inside a cell."""
+    from rich.console import Group
     from rich.markup import escape
-    from rich.table import Table
+    from rich.padding import Padding
+    from rich.text import Text
 
-    table = Table(title="hemorrhage thresholds", title_justify="left", box=box.SIMPLE_HEAD)
-    table.add_column("test", overflow="fold", ratio=1)
-    table.add_column("explored", overflow="fold")
-    table.add_column("found", overflow="fold", ratio=2)
+    parts: list[Any] = [Text("hemorrhage thresholds", style="bold")]
     for record in explorations:
         test = record["nodeid"].rpartition("::")[2]
         if record["kind"] == "decoding_calibration":
             before, after = record["kl_mean"]
             top_p = f", top_p {record['top_p']:g}" if record["top_p"] is not None else ""
-            table.add_row(escape(test), "decoding calibration",
-                          f"temperature {record['temperature']:.3g}{top_p}: "
-                          f"kl_mean {before:.4f} → {after:.4f}")
-            continue
-        fixed = ", ".join(f"{k}={v}" for k, v in record.get("fixed", {}).items())
-        what = f"{record['modification']}({fixed}) {record['param']}" if fixed else (
-            f"{record['modification']} {record['param']}")
-        table.add_row(escape(test), escape(what), _describe(record))
-    out = io.StringIO()
-    Console(file=out, width=width, force_terminal=color, no_color=not color,
-            highlight=False).print(table)
-    return out.getvalue()
+            what, found = "decoding calibration", (
+                f"temperature {record['temperature']:.3g}{top_p}: "
+                f"kl_mean {before:.4f} → {after:.4f}")
+        else:
+            fixed = ", ".join(f"{k}={v}" for k, v in record.get("fixed", {}).items())
+            what = (f"{record['modification']}({fixed}) {record['param']}" if fixed
+                    else f"{record['modification']} {record['param']}")
+            found = _describe(record)
+        heading = Text.from_markup(f"[bold]{escape(test)}[/] · {escape(what)}",
+                                   overflow="ellipsis")
+        heading.no_wrap = True
+        parts.append(heading)
+        parts.append(Padding(Text.from_markup(found), (0, 0, 0, 2)))
+    return _print(Group(*parts), width, color)
 
 
 def _describe(record: Mapping[str, Any]) -> str:
@@ -151,6 +250,10 @@ def _describe(record: Mapping[str, Any]) -> str:
 
 def _measures(n: int) -> str:
     return f"{n} measure" + ("" if n == 1 else "s")
+
+
+def _g3(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
 
 
 def _fmt(x: float | None) -> str:
