@@ -6,8 +6,12 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,7 @@ __all__ = [
     "check_spec",
     "load_model",
     "model_logits",
+    "quiet",
 ]
 
 BUNDLED_NAME = "hemorrhage-tiny"
@@ -104,27 +109,29 @@ def load_model(
     allow_pickle: bool = False,
 ) -> LoadedModel:
     """Load the baseline named by ``spec``, in eval mode, on ``device``."""
-    import torch
+    with quiet():
+        import torch
 
-    check_spec(spec)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch_dtype: Any = "auto" if dtype == "auto" else getattr(torch, dtype)
-    if dtype == "auto" and device == "cpu":
-        torch_dtype = torch.float32  # half precision matmuls are slow or missing on CPU
-    how = kind(spec)
-    if how == "factory":
-        model, tokenizer = _from_factory(spec)
-        if not getattr(model, "hf_device_map", None):
+        check_spec(spec)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        torch_dtype: Any = "auto" if dtype == "auto" else getattr(torch, dtype)
+        if dtype == "auto" and device == "cpu":
+            torch_dtype = torch.float32  # half precision matmuls are slow or missing on CPU
+        how = kind(spec)
+        if how == "factory":
+            model, tokenizer = _from_factory(spec)
+            if not getattr(model, "hf_device_map", None):
+                model = model.to(device)
+            if dtype != "auto":
+                model = model.to(torch_dtype)
+        else:
+            source = str(BUNDLED_MODEL) if how == "bundled" else spec
+            model = _pretrained(source, spec, torch_dtype, trust_remote_code, allow_pickle)
             model = model.to(device)
-        if dtype != "auto":
-            model = model.to(torch_dtype)
-    else:
-        source = str(BUNDLED_MODEL) if how == "bundled" else spec
-        model = _pretrained(source, spec, torch_dtype, trust_remote_code, allow_pickle).to(device)
-        tokenizer = _tokenizer(source, spec, trust_remote_code)
-    model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec)
+            tokenizer = _tokenizer(source, spec, trust_remote_code)
+        model.eval()
+        return LoadedModel(model=model, tokenizer=tokenizer, spec=spec)
 
 
 def _pretrained(source: str, spec: str, torch_dtype: Any, trust: bool, allow_pickle: bool) -> Any:
@@ -160,6 +167,13 @@ def _pretrained(source: str, spec: str, torch_dtype: Any, trust: bool, allow_pic
     except (OSError, ValueError, KeyError) as exc:
         raise HemorrhageError(
             f"--hemorrhage-model={spec}: cannot load it as a causal LM: {first_line(exc)}"
+        ) from None
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise HemorrhageError(
+            f"--hemorrhage-model={spec}: its weights are damaged ({first_line(exc)}); save "
+            "them again with model.save_pretrained(dir), or re-download them"
         ) from None
 
 
@@ -228,3 +242,37 @@ def model_logits(model: Any, ids: Any) -> Any:
     else:
         out = model(ids)
     return out.logits if hasattr(out, "logits") else out
+
+
+# Loggers that third-party imports triggered by a load write to at WARNING level (torch's pytree
+# deprecation notes raised while transformers imports torchao, for one).
+_NOISY_LOGGERS = ("torch.utils._pytree",)
+
+
+@contextmanager
+def quiet() -> Iterator[None]:
+    """Inside: no progress bars from transformers, and the warnings that third-party imports
+    and loads raise are not shown. Everything is put back as it was on exit (the user's own
+    warnings filters, logger levels and progress bar setting), so only the plugin's own
+    imports and loads are quieted, never the user's code."""
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    bars = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            for logger in loggers:
+                logger.setLevel(logging.ERROR)
+            from transformers.utils import logging as hf_logging
+
+            bars = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+        if bars:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.enable_progress_bar()

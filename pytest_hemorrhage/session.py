@@ -36,14 +36,15 @@ class HemorrhageSession:
     explorations: list[dict[str, Any]] = field(default_factory=list)  # thresholds, sweeps
     header: dict[str, Any] = field(default_factory=dict)
     default_budget: Budget = field(init=False)
-    _loaded: LoadedModel | HemorrhageError | None = None
+    _loaded: LoadedModel | None = None
     _harness: Harness | None = None
 
     def __post_init__(self) -> None:
         self.default_budget = parse_ini(self.settings.budget)  # a bad ini budget: at startup
 
     def loaded(self) -> LoadedModel:
-        """The baseline model, loaded on first use; a load error is raised for every test."""
+        """The baseline model, loaded on first use. A model that cannot be loaded stops the
+        session: one line naming it and the fix, not the same error in every test."""
         import pytest
 
         if self.settings.model is None:
@@ -61,9 +62,7 @@ class HemorrhageSession:
                     allow_pickle=s.allow_pickle,
                 )
             except HemorrhageError as exc:
-                self._loaded = exc
-        if isinstance(self._loaded, HemorrhageError):
-            raise self._loaded
+                pytest.exit(f"hemorrhage: {exc}", returncode=pytest.ExitCode.USAGE_ERROR)
         return self._loaded
 
     def harness(self) -> Harness:

@@ -78,3 +78,46 @@ def test_startup_checks(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(HemorrhageError, match="not in the local hub cache and HF_HUB_OFFLINE"):
         check_spec("nobody-xyz/no-such-model")
+
+
+def test_truncated_weights_stop_the_session_once_with_one_line(pytester, tmp_path):
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(BUNDLED_MODEL, damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.parametrize("bits", [2, 4, 8])
+        def test_bits(hemorrhage, bits):
+            hemorrhage.measure("quant.rtn", bits=bits)
+        """
+    )
+    result = pytester.runpytest(f"--hemorrhage-model={damaged}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    out = result.stdout.str()
+    assert out.count("its weights are damaged") == 1  # once, not per test
+    result.stdout.fnmatch_lines(
+        [f"*hemorrhage: --hemorrhage-model={damaged}: its weights are damaged (*); save them "
+         "again with model.save_pretrained(dir), or re-download them*"]
+    )
+    assert "SafetensorError" not in out and "Traceback" not in out
+
+
+def test_loading_shows_no_progress_bar_and_leaves_warnings_and_loggers_alone(capfd):
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    filters = list(warnings.filters)
+    levels = {name: logging.getLogger(name).level for name in ("torch.utils._pytree",)}
+    load_model("hemorrhage-tiny", device="cpu")
+    captured = capfd.readouterr()
+    assert "Loading weights" not in captured.err + captured.out
+    assert warnings.filters == filters
+    assert {name: logging.getLogger(name).level for name in levels} == levels
+    assert hf_logging.is_progress_bar_enabled()  # the user's setting, as it was

@@ -140,3 +140,11 @@ def test_graded_damage_on_the_bundled_model(harness):
         for s in (0.5, 0.8)
     }
     assert pruned[0.8] > 0.5 > pruned[0.5] > 0
+
+
+@pytest.mark.parametrize("stage", [("prune.magnitude", 0.5), ("prune.magnitude", 0.5, 1), 3])
+def test_a_malformed_stage_names_itself_and_the_expected_form(stage):
+    from pytest_hemorrhage.modifications.registry import iter_configs
+
+    with pytest.raises(HemorrhageError, match=r"is not \(name, \{params\}\): write e\.g\. "):
+        list(iter_configs([stage]))

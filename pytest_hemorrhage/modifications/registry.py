@@ -358,10 +358,19 @@ def _jsonable(value: Any) -> Any:
 
 
 def iter_configs(stages: Any) -> Iterator[Modification]:
-    """Normalize ``name``, a config, or ``[(name, params), ...]`` into configs."""
+    """Normalize a sequence of stages (each a name, a config, or ``(name, {params})``) into
+    configs; anything else is an error naming the stage and the expected form."""
     for stage in stages:
         if isinstance(stage, Modification):
             yield stage
+        elif isinstance(stage, str):
+            yield make(stage)
+        elif (isinstance(stage, (tuple, list)) and len(stage) == 2
+              and isinstance(stage[0], (str, Modification))
+              and isinstance(stage[1], Mapping)):
+            yield make(*stage)
         else:
-            name, params = stage
-            yield make(name, params)
+            raise HemorrhageError(
+                f"stage {stage!r} is not (name, {{params}}): write e.g. "
+                "[(\"prune.magnitude\", {\"sparsity\": 0.5}), (\"quant.rtn\", {\"bits\": 4})], "
+                "a name, or a config object")
