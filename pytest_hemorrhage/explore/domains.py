@@ -111,6 +111,7 @@ MODIFICATION_PARAMS: dict[str, tuple[str | tuple[str, str], ...]] = {
     "quant.awq": ("bits", "group_size", "symmetric"),
     "lowrank.asvd": ("rank_ratio",),  # alpha is no compression axis: damage is least near 0.5
     "prune.slicegpt": ("fraction",),
+    "quant.torchao": ("bits", "group_size"),  # the config stays: not every config takes bits
 }
 
 
