@@ -233,7 +233,7 @@ def gptq_quantize(
         if not config.static_groups:  # groups are consecutive columns in processing order
             g_idx = g_idx.clone()
             g_idx[perm] = torch.arange(columns, device=w.device) // size
-    position_group = g_idx if perm is None else g_idx[perm]
+    position_group = (g_idx if perm is None else g_idx[perm]).tolist()
     upper = inverse_hessian_factor(h, w, config.damp, name, config.name)
     del h
     lo, hi = quant_grid(w[:, :1], config.bits, config.symmetric)[2:]
@@ -244,7 +244,7 @@ def gptq_quantize(
         local = upper[i1:i2, i1:i2]
         for i in range(i2 - i1):
             j = i1 + i
-            g = int(position_group[j])
+            g = position_group[j]
             if not config.static_groups and j % size == 0:
                 # from ``w``, as the reference code: columns past the current one in this block
                 # have not received this block's updates yet
