@@ -15,6 +15,8 @@ if TYPE_CHECKING:
     from .fixture import Hemorrhage
     from .loading import LoadedModel
 
+__all__ = ["session_key"]  # the hooks are found by pytest by name
+
 session_key = pytest.StashKey[HemorrhageSession]()
 
 
