@@ -177,7 +177,28 @@ def test_k_quant_values_lie_on_their_sub_block_grids(qtype):
     for sub in deq.reshape(-1, width):
         assert len(np.unique(sub)) <= levels
     assert np.array_equal(deq[0, :32], np.zeros(32, np.float32))  # a zero block stays zero
+    assert not quantize(np.zeros((2, 256), np.float32), qtype).any()  # all-zero bytes, as ggml
     assert abs(deq[-1, 5] - x[-1, 5]) < 0.02 * abs(x[-1, 5])  # the outlier survives
+
+
+# SHA-256 (first 16 hex digits) of quantize(_matrix(16, 512), type): bytes that were checked equal
+# to llama.cpp's quantize_row_*_ref compiled here with -ffp-contract=off (as were all 56,320
+# rows of every tensor of the widened bundled model, for each K-quant)
+_PINNED = {
+    "Q2_K": "78b84e0ae6d3b7ea",
+    "Q3_K": "496d7939f83af004",
+    "Q4_K": "da0788b15fcd2e90",
+    "Q5_K": "b8b715903fc3c0e4",
+    "Q6_K": "a430bd89ebea8919",
+}
+
+
+@pytest.mark.parametrize("qtype", K_QUANTS)
+def test_k_quant_blocks_are_the_reference_quantizers_bytes(qtype):
+    import hashlib
+
+    blocks = quantize(_matrix(16, 512), qtype)
+    assert hashlib.sha256(blocks.tobytes()).hexdigest()[:16] == _PINNED[qtype]
 
 
 def test_error_falls_with_bits_per_weight_on_gaussian_weights():
