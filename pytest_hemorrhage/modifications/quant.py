@@ -40,6 +40,7 @@ __all__ = [
     "Hqq",
     "W8A8",
     "W8A8Linear",
+    "bias_copy",
     "by_token_chunks",
     "chunk_rows",
     "fp8_quantize",
@@ -232,7 +233,7 @@ def chunk_rows(model: nn.Module, targets: list[Target]) -> int:
     return max(1024, model_bytes // (128 * 4 * widest))
 
 
-def _bias(target: Target, dtype: torch.dtype | None = None) -> nn.Parameter | None:
+def bias_copy(target: Target, dtype: torch.dtype | None = None) -> nn.Parameter | None:
     """A private copy of the target's bias (kernels cast their bias in place)."""
     bias = getattr(target.module, "bias", None)
     if bias is None:
@@ -263,7 +264,7 @@ def _int8_layer(target: Target, threshold: float, rows: int) -> nn.Module:
     bnb = _bitsandbytes()
     weight = target.weight.detach()
     out_features, in_features = weight.shape
-    bias = _bias(target, torch.float16)
+    bias = bias_copy(target, torch.float16)
     layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias is not None,
                                 has_fp16_weights=False, threshold=threshold, device="meta")
     with torch.no_grad():
@@ -314,7 +315,7 @@ def _four_bit_layer(target: Target, config: BnbFourBit) -> nn.Module:
     bnb = _bitsandbytes()
     weight = target.weight.detach()
     out_features, in_features = weight.shape
-    bias = _bias(target, weight.dtype)
+    bias = bias_copy(target, weight.dtype)
     layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None,
                               compute_dtype=weight.dtype, compress_statistics=config.double_quant,
                               quant_type=config.quant_type, device="meta")
@@ -417,7 +418,7 @@ def _hqq_layer(target: Target, config: Hqq, group: int) -> nn.Module:
     quant_config = hqq.BaseQuantizeConfig(nbits=config.bits, group_size=group, axis=config.axis)
     # hqq rebinds the weight of the layer it is given and then deletes it: give it a copy
     return hqq.HQQLinear.from_weights(
-        weight.clone(memory_format=torch.contiguous_format), _bias(target), quant_config,
+        weight.clone(memory_format=torch.contiguous_format), bias_copy(target), quant_config,
         compute_dtype=weight.dtype, device=str(weight.device),
     )
 

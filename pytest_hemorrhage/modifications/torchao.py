@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import HemorrhageError
-from .quant import _bias, by_token_chunks, chunk_rows
+from .quant import bias_copy, by_token_chunks, chunk_rows
 from .registry import Modification, Patch, Target, register_modification
 from .validate import check_choice, check_int
 
@@ -179,7 +179,7 @@ def _quantized(target: Target, ao_config: Any, dtype: torch.dtype | None, rows: 
     """A fresh nn.Linear holding a copy of ``target``'s weight and bias, quantized by torchao."""
     weight = target.weight.detach()
     out_features, in_features = weight.shape
-    bias = _bias(target, dtype)
+    bias = bias_copy(target, dtype)
     linear = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
     linear.weight = nn.Parameter(weight.to(dtype or weight.dtype, copy=True), requires_grad=False)
     linear.bias = bias
