@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import first_line
 
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = ["EXACT_VOCAB", "FORMAT", "Reference", "cache_key", "load_or_compute"]
 
 EXACT_VOCAB = 8192
+_Stored = TypeVar("_Stored")  # a dataclass of tensors (Reference, or an encoder's embeddings)
 FORMAT = 2  # bump when the stored fields change
 
 
@@ -111,12 +112,19 @@ def cache_key(*parts: object) -> str:
 
 
 def load_or_compute(
-    key: str, cache_dir: Path | None, compute: Callable[[], Reference]
-) -> tuple[Reference, bool]:
+    key: str,
+    cache_dir: Path | None,
+    compute: Callable[[], _Stored],
+    *,
+    cls: Any = Reference,
+    name: str = "reference",
+) -> tuple[_Stored, bool]:
     """The cached reference for ``key``, else ``compute()`` and store it.
 
     Returns the reference and whether it came from the cache. A corrupted entry is rebuilt and
     an unwritable cache is bypassed, each with a warning: a wrong reference is never used.
+    ``cls`` is the stored dataclass of tensors and ``name`` its files' prefix (an encoder's
+    baseline embeddings use their own).
     """
     if cache_dir is None:
         return compute(), False
@@ -124,7 +132,7 @@ def load_or_compute(
         cache_dir.mkdir(parents=True, exist_ok=True)
         from filelock import FileLock
 
-        lock = FileLock(str(cache_dir / f"reference-{key}.lock"))
+        lock = FileLock(str(cache_dir / f"{name}-{key}.lock"))
         lock.acquire(timeout=3600)
     except OSError as exc:
         warnings.warn(
@@ -134,8 +142,8 @@ def load_or_compute(
         )
         return compute(), False
     try:
-        path = cache_dir / f"reference-{key}.pt"
-        cached = _load(path)
+        path = cache_dir / f"{name}-{key}.pt"
+        cached = _load(path, cls)
         if cached is not None:
             return cached, True
         reference = compute()
@@ -145,7 +153,7 @@ def load_or_compute(
         lock.release()
 
 
-def _load(path: Path) -> Reference | None:
+def _load(path: Path, cls: Any = Reference) -> Any:
     import torch
 
     if not path.exists():
@@ -154,7 +162,7 @@ def _load(path: Path) -> Reference | None:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if state.pop("format") != FORMAT:
             raise ValueError("old format")
-        return Reference(**state)
+        return cls(**state)
     except Exception as exc:  # any damage: rebuild rather than trust it
         warnings.warn(
             f"hemorrhage cache entry {path} is unreadable ({first_line(exc)}); rebuilding it",
@@ -163,7 +171,7 @@ def _load(path: Path) -> Reference | None:
         return None
 
 
-def _store(path: Path, reference: Reference) -> None:
+def _store(path: Path, reference: Any) -> None:
     import torch
 
     tmp = path.with_suffix(".tmp")
