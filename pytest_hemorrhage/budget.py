@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import TYPE_CHECKING, Any
 
+from .embeddings import EMBEDDING_METRICS
 from .errors import HemorrhageError
 from .metrics import EXTRA_METRICS, METRICS
 
@@ -45,8 +46,8 @@ class Budget:
                         "[0.5, 1), e.g. confidence=0.95"
                     )
                 confidence = float(value)
-            elif key not in METRICS and key not in EXTRA_METRICS:
-                valid = ", ".join([*METRICS, *EXTRA_METRICS, *OPTIONS])
+            elif key not in METRICS and key not in EXTRA_METRICS and key not in EMBEDDING_METRICS:
+                valid = ", ".join([*METRICS, *EXTRA_METRICS, *EMBEDDING_METRICS, *OPTIONS])
                 raise HemorrhageError(
                     f"{where}: can't have {key!r} in the hemorrhage budget; valid keys: {valid}"
                 )
@@ -76,11 +77,17 @@ class Budget:
         """One line per violated metric, e.g.
         ``kl_mean: 0.0412 > 0.0200 (baseline ppl 8.41, modified ppl 9.01)``."""
         context = f"baseline ppl {result.baseline_ppl:.2f}, modified ppl {result.modified_ppl:.2f}"
+        texts = result.details.get("texts")  # an encoder's measure: no perplexity, no logits
+        if texts is not None:
+            context = f"{texts} texts embedded"
         lines = []
         if result.nonfinite:
             lines.append(
                 f"non-finite outputs: {result.nonfinite} of {result.tokens} tokens got "
                 f"nan/inf logits ({context})"
+                if texts is None
+                else f"non-finite outputs: {result.nonfinite} of {texts} texts got nan/inf "
+                "embeddings"
             )
         for metric, limit in self.limits.items():
             if metric not in result.metrics:

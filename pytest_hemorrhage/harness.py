@@ -13,9 +13,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .data import make_windows, read_text
+from .embeddings import (
+    EmbeddingReference,
+    check_kind,
+    contrastive_losses,
+    embedding_metrics,
+    encode,
+    make_texts,
+)
 from .errors import HemorrhageError
 from .extras import providers
-from .loading import model_logits
+from .loading import ENCODER, model_logits
 from .metrics import Result, TokenStats, summarize, token_stats
 from .modifications.noise import layer_seed
 from .modifications.registry import LogitsProcessor, Modification, Patch, apply, iter_configs
@@ -25,11 +33,13 @@ if TYPE_CHECKING:
     from .loading import LoadedModel
     from .settings import Settings
 
-__all__ = ["RESTORE_COPY_BYTES", "Context", "Harness", "Stages"]
+__all__ = ["ENCODER_BATCH", "RESTORE_COPY_BYTES", "Context", "Harness", "Stages"]
 
 # Models up to this size keep a host copy of their weights to restore a write made outside
 # modified(); larger ones are reloaded from their spec instead (no host memory held).
 RESTORE_COPY_BYTES = 1 << 30
+# Texts per forward pass of an encoder (unless --hemorrhage-batch-size says otherwise).
+ENCODER_BATCH = 64
 
 # What measure()/modified() accept: a name, a config, or a sequence of (name, params) / configs.
 Stages = str | Modification | Sequence[Any]
@@ -58,8 +68,23 @@ class Context:
         return memo[key]
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        """The (possibly modified) model's logits for ``ids``."""
+        """The (possibly modified) model's logits for ``ids``; for an encoder, its output
+        (hidden states: calibration hooks only need the forward pass to run)."""
         return model_logits(self._harness.model, ids)
+
+    def window_losses(self, ids: torch.Tensor) -> torch.Tensor:
+        """Per window of ``ids`` (windows, tokens), the loss that gradient-aware importance
+        differentiates: the mean next-token NLL for a causal LM; for an encoder, the
+        contrastive loss of matching each window's two halves (see
+        :func:`pytest_hemorrhage.embeddings.contrastive_losses`)."""
+        harness = self._harness
+        if harness.loaded.kind == ENCODER:
+            return contrastive_losses(harness.model, ids, harness.loaded.pooling)
+        logits = self.logits(ids)[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+        )
+        return nll.view(len(ids), -1).mean(1)
 
     def generator(
         self, *parts: object, device: torch.device | str | None = None
@@ -84,15 +109,30 @@ class Harness:
         self.settings = settings
         self.device = loaded.device
         self.memo: dict[Any, Any] = {}
-        self.windows = make_windows(
-            loaded.tokenizer,
-            read_text(settings.data),
-            seq_len=settings.seq_len,
-            tokens=settings.tokens,
-        )
-        self.vocab = _vocab_size(self.model, self.windows.eval[:1, :2].to(self.device))
-        self.batch_size = settings.batch_size or _auto_batch(settings.seq_len, self.vocab)
-        self.topk = settings.topk or (self.vocab if self.vocab <= EXACT_VOCAB else 256)
+        self.kind = loaded.kind
+        # an encoder is measured on texts (embeddings), a causal LM on token windows
+        self.texts = None
+        if self.kind == ENCODER:
+            self.batch_size = settings.batch_size or ENCODER_BATCH
+            self.texts = make_texts(
+                loaded.tokenizer,
+                read_text(settings.data),
+                seq_len=settings.seq_len,
+                tokens=settings.tokens,
+                batch_size=self.batch_size,
+            )
+            self.windows = self.texts.windows  # calibration only
+            self.vocab = self.topk = 0
+        else:
+            self.windows = make_windows(
+                loaded.tokenizer,
+                read_text(settings.data),
+                seq_len=settings.seq_len,
+                tokens=settings.tokens,
+            )
+            self.vocab = _vocab_size(self.model, self.windows.eval[:1, :2].to(self.device))
+            self.batch_size = settings.batch_size or _auto_batch(settings.seq_len, self.vocab)
+            self.topk = settings.topk or (self.vocab if self.vocab <= EXACT_VOCAB else 256)
         self.context = Context(self)
         self.reference_cached = False
         # shared by every harness of this model, so that one harness's restore is the others'
@@ -103,10 +143,14 @@ class Harness:
 
     @cached_property
     def data_fingerprint(self) -> str:
+        if self.texts is not None:
+            return cache_key(*self.texts.fingerprint)
         return cache_key(tuple(self.windows.eval.shape), self.windows.eval.numpy().tobytes())
 
     @cached_property
     def reference(self) -> Reference:
+        if self.texts is not None:
+            return self._embedding_reference()  # type: ignore[return-value]
         key = cache_key(
             self.loaded.fingerprint,
             self.data_fingerprint,
@@ -119,6 +163,32 @@ class Harness:
             key, self.settings.cache_dir, self._compute_reference
         )
         return reference
+
+    def _embedding_reference(self) -> EmbeddingReference:
+        """The baseline's embeddings of the texts (an encoder's reference), cached like the
+        token reference: content hash, file lock, rebuilt when damaged."""
+        key = cache_key(
+            "embeddings",
+            self.loaded.fingerprint,
+            self.data_fingerprint,
+            self.loaded.pooling,
+            str(next(self.model.parameters()).dtype),
+            str(self.device.type),
+        )
+        reference, self.reference_cached = load_or_compute(
+            key,
+            self.settings.cache_dir,
+            lambda: EmbeddingReference.from_embeddings(self.embed()),
+            cls=EmbeddingReference,
+            name="embeddings",
+        )
+        return reference
+
+    def embed(self) -> torch.Tensor:
+        """The (possibly modified) encoder's pooled embeddings of the texts, float32, on the
+        host."""
+        assert self.texts is not None
+        return encode(self.model, self.texts.batches, self.loaded.pooling, self.device)
 
     def _compute_reference(self) -> Reference:
         parts = []
@@ -168,6 +238,7 @@ class Harness:
         metrics (see ``metrics.EXTRA_METRICS``) to compute on the total too.
         """
         configs = list(iter_configs(_as_list(stages)))
+        check_kind(want, self.kind, "hemorrhage.measure")
         reference = self.reference
         extras = providers(want)
         for extra in extras:
@@ -203,6 +274,8 @@ class Harness:
         self.context.applied += (config,)
 
     def _evaluate(self, patch: Patch, configs: list[Modification], reference: Reference) -> Result:
+        if self.texts is not None:
+            return self._evaluate_embeddings(patch, configs, reference)  # type: ignore[arg-type]
         parts, row = [], 0
         for logits, targets in self.batches(patch.logits_processors):
             parts.append(token_stats(logits, reference.rows(row, row + len(targets))))
@@ -220,6 +293,31 @@ class Harness:
             modified_ppl=math.exp(stats.nll.double().mean().item()),
             tokens=stats.nll.numel(),
             nonfinite=int((~stats.finite).sum()),
+            configs=list(configs),
+        )
+
+    def _evaluate_embeddings(
+        self, patch: Patch, configs: list[Modification], reference: EmbeddingReference
+    ) -> Result:
+        if patch.logits_processors:
+            raise HemorrhageError(
+                f"{configs[-1].name}: changes next-token decoding, which an encoder does not "
+                "have; measure it on a causal LM"
+            )
+        metrics, stderr, nonfinite = embedding_metrics(reference, self.embed())
+        texts = len(reference.embeddings)
+        return Result(
+            modification="+".join(c.name for c in configs),
+            params=configs[0].params()
+            if len(configs) == 1
+            else {"stages": [{"name": c.name, **c.params()} for c in configs]},
+            metrics=metrics,
+            stderr=stderr,
+            baseline_ppl=math.nan,  # an encoder has no perplexity
+            modified_ppl=math.nan,
+            tokens=self.texts.tokens if self.texts is not None else 0,
+            nonfinite=nonfinite,
+            details={"kind": ENCODER, "texts": texts},
             configs=list(configs),
         )
 

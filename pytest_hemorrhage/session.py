@@ -78,6 +78,8 @@ class HemorrhageSession:
             self.header = {
                 "model": {
                     "spec": loaded.spec,
+                    "kind": loaded.kind,
+                    **({"pooling": loaded.pooling.source} if loaded.pooling else {}),
                     "fingerprint": loaded.fingerprint,
                     "class": type(model).__name__,
                     "parameters": sum(p.numel() for p in model.parameters()),
@@ -92,6 +94,13 @@ class HemorrhageSession:
                     "topk": self._harness.topk,
                 },
             }
+            if self._harness.texts is not None:  # an encoder: texts, not windows
+                self.header["data"] = {
+                    "source": self.header["data"]["source"],
+                    "fingerprint": self._harness.data_fingerprint,
+                    "max_tokens_per_text": self.settings.seq_len,
+                    "texts": len(self._harness.texts.texts),
+                }
         return self._harness
 
     def budget_for(self, item: pytest.Item) -> Budget:
@@ -104,6 +113,10 @@ class HemorrhageSession:
                     "arguments only, e.g. hemorrhage(ppl_increase=0.05)"
                 )
             budget = budget.merged(Budget.parse(marker.kwargs, where=item.nodeid))
+        if self._loaded is not None:  # the model's kind is known: its metrics only
+            from .embeddings import check_kind
+
+            check_kind(budget.limits, self._loaded.kind, item.nodeid)
         return budget
 
     def record(self, item: pytest.Item, result: Result, budget: Budget) -> None:

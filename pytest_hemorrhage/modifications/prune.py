@@ -223,8 +223,9 @@ def taylor_scores(
 
     ``windows`` (token ids, one window per row) replaces the calibration windows if given.
 
-    ``W`` is each target's effective weight (after any earlier stage) and ``L_w`` the mean
-    next-token loss of window w, in eval mode. ``dL_w/dW`` is assembled from each layer's input
+    ``W`` is each target's effective weight (after any earlier stage) and ``L_w`` the loss of
+    window w (``context.window_losses``: mean next-token NLL, or an encoder's contrastive
+    loss), in eval mode. ``dL_w/dW`` is assembled from each layer's input
     and output gradient (``g^T x``), which needs no ``.grad`` on any parameter: gradients are
     taken with ``torch.autograd.grad`` with respect to the layer outputs, so nothing accumulates
     into ``.grad`` and no ``requires_grad`` flag changes. The sums are kept in host memory
@@ -251,15 +252,11 @@ def taylor_scores(
         for batch in windows.split(8):
             captured.clear()
             with torch.enable_grad():
-                logits = context.logits(batch)[:, :-1].float()
-                nll = nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
-                )
-                # summing the per-window means keeps each window's gradient separate
-                loss = nll.view(len(batch), -1).mean(1).sum()
+                # summing the per-window losses keeps each window's gradient separate
+                loss = context.window_losses(batch).sum()
                 calls = [(name, x, out) for name, seen in captured.items() for x, out in seen]
                 grads = torch.autograd.grad(loss, [out for _, _, out in calls], allow_unused=True)
-            del logits, nll, loss
+            del loss
             _accumulate(sums, calls, grads, len(batch))
             del calls, grads
     finally:
