@@ -57,11 +57,11 @@ from torch.nn.utils import parametrize
 from .errors import HemorrhageError
 from .loading import model_logits
 from .metrics import Result, TokenStats, summarize, token_stats
-from .modifications.registry import Target, blocks, is_linear
+from .modifications.registry import Patch, Target, blocks, is_linear
 
 if TYPE_CHECKING:
     from .harness import Harness, Stages
-    from .modifications.registry import LogitsProcessor, Patch
+    from .modifications.registry import LogitsProcessor
 
 __all__ = [
     "BEGIN_LEVEL",
@@ -70,6 +70,7 @@ __all__ = [
     "Diagnosis",
     "diagnose",
     "explain",
+    "explain_candidate",
 ]
 
 BEGIN_LEVEL = 0.05  # relative L2 drift at which a block counts as bleeding...
@@ -284,6 +285,63 @@ def explain(harness: Harness, result: Result) -> list[str]:
         return [f"(no blame figures: {type(exc).__name__}: {exc})"]
     lines = diagnosis.lines()
     return lines
+
+
+def explain_candidate(harness: Harness, candidate: Any, result: Result) -> list[str]:
+    """Lines for a failed check of a candidate (``measure_model``): where its drift from the
+    baseline begins, blocks matched by module name; or why that cannot be said (no baseline
+    model with a reference file alone, another architecture, the candidate released).
+
+    The figures go to ``result.details["blame"]`` as for a modification (no attribution: a
+    candidate's edits are not known, only its weights).
+    """
+    model = None if candidate is None else candidate.model
+    if harness.model is None:
+        why = "the baseline model is not loaded (a reference file alone); pass --hemorrhage-model"
+    elif model is None:
+        why = "the candidate was released when another one was loaded"
+    else:
+        why = _architecture_mismatch(harness.model, model)
+    if why:
+        return [f"(no blame for the candidate: {why})"]
+    try:
+        windows = DEFAULT_WINDOWS
+        ids = harness.windows.eval[:windows].to(harness.device)
+        baseline = harness.context.memo(
+            ("blame-baseline", windows), lambda: _baseline(harness, ids)
+        )
+        linears = frozenset(key.partition(":")[2] for key in baseline.outputs if ":" in key)
+        patch = Patch(model)  # only the eager-attention switch, undone below
+        try:
+            device = next(model.parameters()).device
+            modified = _capture(model, ids.to(device), patch, linears)
+        finally:
+            patch.undo()
+        diagnosis = _compare(baseline, modified, "candidate", ids.numel())
+    except Exception as exc:  # a diagnostic must never hide the failure it explains
+        return [f"(no blame figures: {type(exc).__name__}: {exc})"]
+    result.details["blame"] = diagnosis.to_dict()
+    return diagnosis.lines()
+
+
+def _architecture_mismatch(baseline: Any, candidate: Any) -> str:
+    """Why blocks of the two models cannot be matched by module name; empty when they can."""
+    try:
+        base_prefix, base_blocks = blocks(baseline)
+        cand_prefix, cand_blocks = blocks(candidate)
+    except Exception as exc:
+        return f"its blocks cannot be found ({type(exc).__name__}: {exc})"
+    if (type(baseline).__name__, base_prefix, len(base_blocks)) != (
+        type(candidate).__name__,
+        cand_prefix,
+        len(cand_blocks),
+    ):
+        return (
+            f"its architecture differs ({type(candidate).__name__} with {len(cand_blocks)} "
+            f"blocks at {cand_prefix}, the baseline {type(baseline).__name__} with "
+            f"{len(base_blocks)} at {base_prefix}), so its blocks cannot be matched by name"
+        )
+    return ""
 
 
 # -- capture -------------------------------------------------------------------------------

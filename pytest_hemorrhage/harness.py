@@ -31,6 +31,7 @@ from .reference import EXACT_VOCAB, Reference, cache_key, load_or_compute
 
 if TYPE_CHECKING:
     from .loading import LoadedModel
+    from .portable import PortableReference
     from .settings import Settings
 
 __all__ = ["ENCODER_BATCH", "RESTORE_COPY_BYTES", "Context", "Harness", "Stages"]
@@ -103,7 +104,9 @@ class Context:
 class Harness:
     """Measures modifications of one loaded baseline against its reference."""
 
-    def __init__(self, loaded: LoadedModel, settings: Settings) -> None:
+    def __init__(
+        self, loaded: LoadedModel, settings: Settings, portable: PortableReference | None = None
+    ) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.settings = settings
@@ -124,17 +127,29 @@ class Harness:
             self.windows = self.texts.windows  # calibration only
             self.vocab = self.topk = 0
         else:
-            self.windows = make_windows(
-                loaded.tokenizer,
-                read_text(settings.data),
-                seq_len=settings.seq_len,
-                tokens=settings.tokens,
+            # with a reference file, its windows and reference (checked against the settings)
+            self.windows = (
+                portable.eval_windows()
+                if portable is not None
+                else make_windows(
+                    loaded.tokenizer,
+                    read_text(settings.data),
+                    seq_len=settings.seq_len,
+                    tokens=settings.tokens,
+                )
             )
-            self.vocab = _vocab_size(self.model, self.windows.eval[:1, :2].to(self.device))
+            self.vocab = (
+                portable.vocab
+                if portable is not None
+                else _vocab_size(self.model, self.windows.eval[:1, :2].to(self.device))
+            )
             self.batch_size = settings.batch_size or _auto_batch(settings.seq_len, self.vocab)
             self.topk = settings.topk or (self.vocab if self.vocab <= EXACT_VOCAB else 256)
+        self.portable = portable
         self.context = Context(self)
         self.reference_cached = False
+        if self.model is None:  # only a reference file: nothing to modify or restore
+            return
         # shared by every harness of this model, so that one harness's restore is the others'
         if self.model not in _BASELINES:
             _BASELINES[self.model] = _Baseline(self.model)
@@ -149,6 +164,8 @@ class Harness:
 
     @cached_property
     def reference(self) -> Reference:
+        if self.portable is not None:
+            return self.portable.reference
         if self.texts is not None:
             return self._embedding_reference()  # type: ignore[return-value]
         key = cache_key(
@@ -198,16 +215,22 @@ class Harness:
         return Reference.cat(parts)
 
     def batches(
-        self, processors: Sequence[LogitsProcessor] = (), windows: torch.Tensor | None = None
+        self,
+        processors: Sequence[LogitsProcessor] = (),
+        windows: torch.Tensor | None = None,
+        model: Any = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Per batch of ``windows`` (default: the evaluation windows), after ``processors``:
         the logits of the scored positions, (windows, positions, vocab), a view of the model's
-        output (not copied to flatten it), and their targets, flattened."""
+        output (not copied to flatten it), and their targets, flattened. ``model`` runs them
+        (default: the baseline, as modified now), on its own device."""
         windows = self.windows.eval if windows is None else windows
+        model = self.model if model is None else model
+        device = self.device if model is self.model else _device(model)
         for i in range(0, len(windows), self.batch_size):
-            ids = windows[i : i + self.batch_size].to(self.device)
+            ids = windows[i : i + self.batch_size].to(device)
             with torch.inference_mode():
-                logits = model_logits(self.model, ids)[:, :-1]
+                logits = model_logits(model, ids)[:, :-1]
                 for process in processors:
                     logits = process(ids[:, :-1], logits)
             yield logits, ids[:, 1:].reshape(-1)
@@ -258,6 +281,50 @@ class Harness:
         total.stages = results[:-1]
         return total
 
+    def measure_model(
+        self, candidate: Any, params: dict[str, Any], want: frozenset[str] = frozenset()
+    ) -> Result:
+        """Measure a separately produced model (a loaded candidate: ``.model``, ``.tokenizer``,
+        ``.spec``) against the baseline's reference, with the same metrics, standard errors and
+        extras as :meth:`measure`. Its vocabulary must be the baseline's (see
+        :func:`~pytest_hemorrhage.portable.check_vocabulary`). The result's modification is
+        ``"candidate"`` and its params are ``params``."""
+        from .portable import check_vocabulary, vocab_list
+
+        model = candidate.model
+        tokens = self.portable.tokens if self.portable else vocab_list(self.loaded.tokenizer)
+        check_vocabulary(
+            self.loaded.spec,
+            tokens,
+            self.vocab,
+            self.windows.eval,
+            read_text(self.settings.data),
+            candidate.spec,
+            candidate.tokenizer,
+            _vocab_size(model, self.windows.eval[:1, :2].to(_device(model))),
+        )
+        reference = self.reference
+        extras = providers(want)
+        if extras and self.model is None:
+            raise HemorrhageError(
+                f"{', '.join(sorted(want))}: these metrics compare with the baseline model's own "
+                "generations or task answers, which a reference file does not hold; pass "
+                "--hemorrhage-model as well, or budget only the token metrics"
+            )
+        for extra in extras:
+            extra.baseline(self)
+        self.context.applied = ()  # the candidate's decoding is greedy: no stages applied
+        with self._own_rng():
+            patch = Patch(model)  # empty: the extras run ``patch.model``, the candidate
+            result = self._evaluate(patch, [], reference, model=model)
+            for extra in extras:
+                metrics, stderr, details = extra.compute(self, patch)
+                result.metrics.update(metrics)
+                result.stderr.update(stderr)
+                result.details.update(details)
+        result.modification, result.params = "candidate", params
+        return result
+
     def _own_rng(self) -> contextlib.AbstractContextManager[None]:
         """torch's global RNG (CPU, and the model's accelerator) as it was on entry, on exit.
 
@@ -273,11 +340,13 @@ class Harness:
         apply(config, self.model, patch, self.context)
         self.context.applied += (config,)
 
-    def _evaluate(self, patch: Patch, configs: list[Modification], reference: Reference) -> Result:
+    def _evaluate(
+        self, patch: Patch, configs: list[Modification], reference: Reference, model: Any = None
+    ) -> Result:
         if self.texts is not None:
             return self._evaluate_embeddings(patch, configs, reference)  # type: ignore[arg-type]
         parts, row = [], 0
-        for logits, targets in self.batches(patch.logits_processors):
+        for logits, targets in self.batches(patch.logits_processors, model=model):
             parts.append(token_stats(logits, reference.rows(row, row + len(targets))))
             row += len(targets)
         stats = TokenStats.cat(parts)
@@ -494,6 +563,11 @@ def _snapshot(model: Any) -> dict[str, tuple[Any, ...]]:
     }
     modules = {f"module {name or '<root>'}": (id(m),) for name, m in model.named_modules()}
     return tensors | modules
+
+
+def _device(model: Any) -> torch.device:
+    """Where ``model``'s weights live (its first parameter's device)."""
+    return next(model.parameters()).device
 
 
 def _vocab_size(model: Any, probe: torch.Tensor) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
@@ -46,8 +47,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 metavar=option.metavar,
                 default=None,
                 help=option.help,
+                action="append" if option.multiple else "store",
             )
-            parser.addini(option.ini, option.help, default="")
+            if option.multiple:
+                parser.addini(option.ini, option.help, type="linelist", default=[])
+            else:
+                parser.addini(option.ini, option.help, default="")
     parser.addini(
         "hemorrhage_budget",
         "Default budget for every hemorrhage test, e.g. "
@@ -71,6 +76,11 @@ def pytest_configure(config: pytest.Config) -> None:
             from .loading import check_spec
 
             check_spec(settings.model)
+        if not hasattr(config, "workerinput"):
+            from .loading import check_candidate
+
+            for spec in settings.candidate:  # a missing path: a usage error, like the model's
+                check_candidate(spec)
         if settings.plot:
             from .report.plots import require_matplotlib
 
@@ -90,14 +100,41 @@ def hemorrhage_model(pytestconfig: pytest.Config) -> LoadedModel:
 
 
 @pytest.fixture
-def hemorrhage(request: pytest.FixtureRequest, hemorrhage_model: LoadedModel) -> Hemorrhage:
+def hemorrhage(request: pytest.FixtureRequest) -> Hemorrhage:
     """Measure, modify and check the baseline under this test's hemorrhage budget."""
     from .fixture import Hemorrhage
 
     session = request.config.stash[session_key]
+    if not session.reference_only:
+        request.getfixturevalue("hemorrhage_model")  # no model: skipped, saying which option
     harness = session.harness()
     yield Hemorrhage(harness, session.budget_for(request.node), request.node, session)
-    harness.check_pristine()
+    if harness.model is not None:
+        harness.check_pristine()
+
+
+@pytest.fixture
+def hemorrhage_candidate(request: pytest.FixtureRequest) -> str:
+    """One ``--hemorrhage-candidate`` spec; a test using it runs once per candidate, its id
+    showing the label. Pass it to ``hemorrhage.measure_model``."""
+    return request.param
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "hemorrhage_candidate" not in metafunc.fixturenames:
+        return
+    from .loading import candidate_label
+
+    specs = metafunc.config.stash[session_key].settings.candidate
+    if not specs:
+        skip = pytest.mark.skip(
+            reason="no candidate given: pass --hemorrhage-candidate=SPEC (repeatable) or set "
+            "hemorrhage_candidate in the ini file, one per line"
+        )
+        metafunc.parametrize("hemorrhage_candidate", [pytest.param(None, marks=skip)], ids=["-"])
+        return
+    labels = [candidate_label(spec) for spec in specs]
+    metafunc.parametrize("hemorrhage_candidate", list(specs), ids=labels, indirect=True)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -120,6 +157,12 @@ def pytest_runtest_makereport(
     report = yield
     if call.excinfo is not None and call.excinfo.errisinstance(HemorrhageError):
         report.longrepr = f"HemorrhageError: {call.excinfo.value}"  # no torch traceback
+    if report.when == "call" and report.passed and not hasattr(report, "wasxfail"):
+        # measured but never checked: a result worse than the old report's still fails
+        lines = item.config.stash[session_key].comparison_failures(item.nodeid)
+        if lines:
+            report.outcome = "failed"
+            report.longrepr = "hemorrhage worse than the compared report:\n  " + "\n  ".join(lines)
     if report.when == "call" or (report.when == "setup" and not report.passed):
         outcome = (
             "xfailed"
@@ -134,6 +177,11 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     session = config.stash[session_key]
     if hasattr(config, "workerinput") or not (session.records or session.explorations):
         return
+    if session.old_report is not None:
+        from .report.comparison import render_comparison
+
+        terminalreporter.write_line("")
+        terminalreporter.write(render_comparison(session.report()))
     width, color = config.get_terminal_writer().fullwidth, terminalreporter.hasmarkup
     terminalreporter.write_line("")
     if session.records:
@@ -155,7 +203,16 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if hasattr(config, "workerinput"):
         config.workeroutput["hemorrhage"] = state.worker_output()
         return
+    if state.settings.save_reference is not None:
+        try:
+            state.save_reference()
+        except HemorrhageError as exc:
+            raise pytest.UsageError(str(exc)) from None
     state.write_reports()
+    if os.environ.get("GITHUB_STEP_SUMMARY"):
+        from .report.markdown import append_step_summary
+
+        append_step_summary(state.report(), os.environ["GITHUB_STEP_SUMMARY"])
     if state.settings.plot and (state.explorations or state.records):
         from .report.plots import write_plots
 

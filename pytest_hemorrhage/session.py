@@ -12,14 +12,17 @@ from .errors import HemorrhageError
 if TYPE_CHECKING:
     import pytest
 
+    from .compare import OldReport, Tolerance
     from .harness import Harness
     from .loading import LoadedModel
     from .metrics import Result
+    from .portable import PortableReference
     from .settings import Settings
 
 __all__ = ["REPORT_SCHEMA", "HemorrhageSession"]
 
-REPORT_SCHEMA = 1
+# 2: candidates (list), comparison (header), per result comparison, reference_file (header)
+REPORT_SCHEMA = 2
 NO_MODEL = (
     "no model given: pass --hemorrhage-model=<dir | hub id | module:factory | "
     "hemorrhage-tiny> or set hemorrhage_model in the ini file"
@@ -35,12 +38,42 @@ class HemorrhageSession:
     records: list[dict[str, Any]] = field(default_factory=list)
     explorations: list[dict[str, Any]] = field(default_factory=list)  # thresholds, sweeps
     header: dict[str, Any] = field(default_factory=dict)
+    candidates: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> header
     default_budget: Budget = field(init=False)
+    portable: PortableReference | None = None  # --hemorrhage-reference, read at startup
+    old_report: OldReport | None = None  # --hemorrhage-compare
+    tolerances: tuple[Tolerance, ...] = ()  # --hemorrhage-compare-fail
     _loaded: LoadedModel | None = None
     _harness: Harness | None = None
+    _candidate: Any = None  # the one candidate held (loaded once per spec, then released)
 
     def __post_init__(self) -> None:
         self.default_budget = parse_ini(self.settings.budget)  # a bad ini budget: at startup
+        s = self.settings
+        if s.compare_fail and s.compare is None:
+            raise HemorrhageError(
+                f"--hemorrhage-compare-fail={s.compare_fail}: nothing to compare with; pass "
+                "--hemorrhage-compare=OLD_REPORT.json too"
+            )
+        if s.compare is not None:
+            from .compare import OldReport, parse_tolerances
+
+            self.tolerances = parse_tolerances(s.compare_fail) if s.compare_fail else ()
+            self.old_report = OldReport.load(s.compare)
+        if s.save_reference is not None and s.model is None:
+            raise HemorrhageError(
+                f"--hemorrhage-save-reference={s.save_reference}: needs the baseline model; "
+                "pass --hemorrhage-model too"
+            )
+        if s.reference is not None:
+            from .portable import PortableReference
+
+            self.portable = PortableReference.load(s.reference)
+
+    @property
+    def reference_only(self) -> bool:
+        """Gating from a reference file alone: the baseline model is never loaded."""
+        return self.portable is not None and self.settings.model is None
 
     def loaded(self) -> LoadedModel:
         """The baseline model, loaded on first use. A model that cannot be loaded stops the
@@ -70,13 +103,15 @@ class HemorrhageSession:
             from .harness import Harness
             from .modifications import register_modification
 
-            loaded = self.loaded()
+            loaded = self._baseline()
             if self.hook is not None:
                 self.hook.pytest_hemorrhage_modifications(register=register_modification)
-            self._harness = Harness(loaded, self.settings)
+            self._harness = Harness(loaded, self.settings, self.portable)
             model = loaded.model
             self.header = {
-                "model": {
+                "model": dict(self.portable.baseline)  # type: ignore[union-attr]
+                if model is None
+                else {
                     "spec": loaded.spec,
                     "kind": loaded.kind,
                     **({"pooling": loaded.pooling.source} if loaded.pooling else {}),
@@ -92,6 +127,7 @@ class HemorrhageSession:
                     "seq_len": self.settings.seq_len,
                     "windows": len(self._harness.windows.eval),
                     "topk": self._harness.topk,
+                    **({"reference": str(self.settings.reference)} if self.portable else {}),
                 },
             }
             if self._harness.texts is not None:  # an encoder: texts, not windows
@@ -102,6 +138,132 @@ class HemorrhageSession:
                     "texts": len(self._harness.texts.texts),
                 }
         return self._harness
+
+    def _baseline(self) -> Any:
+        """The loaded baseline checked against ``--hemorrhage-reference``; with the file alone,
+        its stand-in (no model). A mismatch stops the session with one line."""
+        import pytest
+
+        if self.portable is None:
+            return self.loaded()
+        from .data import read_text
+        from .loading import quiet
+        from .portable import AbsentBaseline
+
+        try:
+            self.portable.check_settings(self.settings, read_text(self.settings.data))
+            if self.settings.model is None:
+                with quiet():
+                    import torch
+
+                device = self.settings.device
+                if device == "auto":
+                    device = "cuda" if torch.cuda.is_available() else "cpu"
+                baseline = self.portable.baseline
+                return AbsentBaseline(
+                    str(baseline.get("spec")),
+                    str(baseline.get("fingerprint")),
+                    torch.device(device),
+                )
+            loaded = self.loaded()
+            self.portable.check_baseline(loaded.spec, loaded.fingerprint)
+        except HemorrhageError as exc:
+            pytest.exit(f"hemorrhage: {exc}", returncode=pytest.ExitCode.USAGE_ERROR)
+        return loaded
+
+    def candidate(self, spec: str) -> LoadedModel:
+        """The candidate ``spec``, loaded once; loading another releases the one held, so a
+        session holds at most the baseline and one candidate."""
+        held = self._candidate
+        if held is not None and held.spec == spec:
+            return held
+        self._candidate = None
+        if held is not None:
+            del held
+            import gc
+
+            gc.collect()  # the model's tensors go now, before the next one loads
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        from .loading import load_candidate
+
+        s = self.settings
+        self._candidate = load_candidate(
+            spec,
+            device=s.device,
+            dtype=s.dtype,
+            trust_remote_code=s.trust_remote_code,
+            allow_pickle=s.allow_pickle,
+        )
+        return self._candidate
+
+    def held_candidate(self, fingerprint: str) -> Any:
+        """The candidate held now if its fingerprint is ``fingerprint``, else None."""
+        held = self._candidate
+        return held if held is not None and held.fingerprint == fingerprint else None
+
+    def note_candidate(self, label: str, loaded: Any) -> None:
+        """Describe a measured candidate in the report's ``candidates``."""
+        model = loaded.model
+        quantization = getattr(getattr(model, "config", None), "quantization_config", None)
+        if quantization is not None and not isinstance(quantization, dict):
+            quantization = quantization.to_dict() if hasattr(quantization, "to_dict") else None
+        self.candidates[label] = {
+            "label": label,
+            "spec": str(loaded.spec),
+            "fingerprint": loaded.fingerprint,
+            "class": type(model).__name__,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "quantization": (quantization or {}).get("quant_method") if quantization else None,
+        }
+
+    def save_reference(self) -> None:
+        """``--hemorrhage-save-reference``: write the baseline's reference file."""
+        from .data import read_text
+        from .portable import PortableReference, text_hash, vocab_list
+
+        path = self.settings.save_reference
+        assert path is not None
+        harness = self.harness()
+        if harness.texts is not None:
+            raise HemorrhageError(
+                f"--hemorrhage-save-reference={path}: reference files hold next-token "
+                "distributions; an encoder's embeddings are not supported"
+            )
+        s = self.settings
+        portable = PortableReference(
+            harness.reference,
+            harness.windows.eval,
+            harness.vocab,
+            vocab_list(harness.loaded.tokenizer),
+            dict(self.header["model"]),
+            {
+                "seq_len": s.seq_len,
+                "tokens": s.tokens,
+                "data": str(s.data or "bundled corpus"),
+                "data_hash": text_hash(read_text(s.data)),
+                "topk": harness.topk,
+            },
+        )
+        size = portable.save(path)
+        scored = len(harness.reference.targets)
+        self.header["reference_file"] = {
+            "path": str(path),
+            "bytes": size,
+            "bytes_per_token": size / scored,
+        }
+
+    def comparison_failures(self, nodeid: str) -> list[str]:
+        """The ``--hemorrhage-compare-fail`` lines of the test's recorded results."""
+        return [
+            line
+            for record in self.records
+            if record["nodeid"] == nodeid
+            for line in record.get("comparison", {}).get("failures", [])
+        ]
 
     def budget_for(self, item: pytest.Item) -> Budget:
         """The ini budget with the item's ``hemorrhage`` marker keys on top."""
@@ -132,6 +294,9 @@ class HemorrhageSession:
                 "outcome": None,
             }
         )
+        if self.old_report is not None:
+            record = self.records[-1]
+            record["comparison"] = self.old_report.compare(record, self.tolerances)
         for metric, value in result.metrics.items():
             item.user_properties.append((f"hemorrhage.{result.modification}.{metric}", value))
 
@@ -152,13 +317,19 @@ class HemorrhageSession:
                 record["outcome"] = outcome
 
     def worker_output(self) -> dict[str, Any]:
-        return {"header": self.header, "records": self.records, "explorations": self.explorations}
+        return {
+            "header": self.header,
+            "records": self.records,
+            "explorations": self.explorations,
+            "candidates": self.candidates,
+        }
 
     def merge_worker(self, output: dict[str, Any]) -> None:
         for key, value in output.get("header", {}).items():
             self.header.setdefault(key, value)
         self.records.extend(output.get("records", []))
         self.explorations.extend(output.get("explorations", []))
+        self.candidates.update(output.get("candidates", {}))
 
     def report(self) -> dict[str, Any]:
         """The JSON report (schema documented in the README)."""
@@ -166,6 +337,20 @@ class HemorrhageSession:
             "schema_version": REPORT_SCHEMA,
             "plugin_version": __version__,
             **self.header,
+            "candidates": list(self.candidates.values()),
+            **(
+                {
+                    "comparison": {
+                        "file": str(self.old_report.path),
+                        "fail": [
+                            {"metric": t.metric, "limit": t.limit, "relative": t.relative}
+                            for t in self.tolerances
+                        ],
+                    }
+                }
+                if self.old_report is not None
+                else {}
+            ),
             "results": self.records,
             "explorations": self.explorations,
         }

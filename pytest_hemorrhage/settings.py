@@ -45,6 +45,7 @@ class Option:
     default: Any = None
     type: Callable[[str], Any] | None = str
     metavar: str | None = None
+    multiple: bool = False  # repeatable on the command line; one value a line in the ini
 
     @property
     def flag(self) -> bool:
@@ -164,6 +165,40 @@ OPTIONS = [
         type=None,
     ),
     Option(
+        "candidate",
+        "A separately produced model to gate against the baseline (repeatable; ini: one a "
+        "line): a .gguf file, a directory saved with save_pretrained (quantized checkpoints load "
+        "through their quantization_config), a hub id or package.module:factory. Tests that "
+        "use the hemorrhage_candidate fixture run once per candidate.",
+        (),
+        metavar="SPEC",
+        multiple=True,
+    ),
+    Option(
+        "save-reference",
+        "Write the baseline's reference for this data and these settings to PATH, for "
+        "--hemorrhage-reference runs without the baseline model.",
+        metavar="PATH",
+    ),
+    Option(
+        "reference",
+        "Use the reference saved in PATH by --hemorrhage-save-reference; --hemorrhage-model "
+        "becomes optional (without it, candidates are gated and baseline tests are skipped).",
+        metavar="PATH",
+    ),
+    Option(
+        "compare",
+        "Compare every result with the matching one (test id, modification, params; candidates "
+        "by label) of an earlier JSON report, e.g. the last release's.",
+        metavar="REPORT",
+    ),
+    Option(
+        "compare-fail",
+        "Fail a compared result that worsened beyond these increases, comma-separated: "
+        "metric:N% (relative) or metric:X (absolute), e.g. kl_mean:10%,top1_disagreement:0.005.",
+        metavar="EXPR",
+    ),
+    Option(
         "trust-remote-code", "Allow a hub model's own Python code to run when loading.", type=None
     ),
     Option(
@@ -194,6 +229,11 @@ class Settings:
     gen_prompt_tokens: int
     gen_tokens: int
     tasks: tuple[Path, ...]
+    candidate: tuple[str, ...]
+    save_reference: Path | None
+    reference: Path | None
+    compare: Path | None
+    compare_fail: str | None
     cache_dir: Path | None
     trust_remote_code: bool
     allow_pickle: bool
@@ -217,6 +257,8 @@ class Settings:
                 raw = config.getini(option.ini)
                 if option.flag:
                     value = bool(raw)
+                elif option.multiple:
+                    value = list(raw or ())
                 elif raw not in (None, ""):
                     try:
                         value = option.type(raw)
@@ -226,10 +268,16 @@ class Settings:
                     value = option.default
             values[option.name.replace("-", "_")] = value
         paths_root = config.rootpath
-        for key in ("data", "report", "html", "plot"):
+        for key in ("data", "report", "html", "plot", "save_reference", "reference", "compare"):
             if values[key]:
                 values[key] = Path(values[key])
         values["tasks"] = tuple(Path(p) for p in (values["tasks"] or "").split(",") if p)
+        values["candidate"] = tuple(
+            spec
+            if Path(spec).expanduser().exists() or not (paths_root / spec).exists()
+            else str(paths_root / spec)  # ini values are relative to the rootdir
+            for spec in values["candidate"] or ()
+        )
         model = values["model"]
         if model and not Path(model).is_dir() and (paths_root / model).is_dir():
             model = str(paths_root / model)  # ini values are relative to the rootdir

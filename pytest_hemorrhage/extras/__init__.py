@@ -1,9 +1,9 @@
 """Extra metrics: measures beyond the token statistics, computed only when a budget names them
 or an option asks, since each costs passes of its own.
 
-A provider is ``compute(harness, patch) -> (metrics, stderr, details)``, run on the modified
-model, with a ``baseline(harness)`` that runs first on the unmodified model and memoizes what
-``compute`` compares against.
+A provider is ``compute(harness, patch) -> (metrics, stderr, details)``, run on ``patch.model``
+(the modified baseline, or a candidate from ``measure_model``), with a ``baseline(harness)``
+that runs first on the unmodified model and memoizes what ``compute`` compares against.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ DEFAULT_METRICS = ("ppl_increase", "kl_mean")  # shown for results measured with
 def describe_modification(name: str, params: Mapping[str, Any]) -> str:
     """``quant.rtn(bits=8, group_size=64)``; a composition (``params["stages"]``) as its
     stages joined by arrows: ``prune.wanda(sparsity=0.5) → quant.rtn(bits=4)``."""
+    if name == "candidate":  # measure_model: the artifact's label says what it is
+        return f"candidate {params.get('label', '?')}"
     stages = params.get("stages")
     if isinstance(stages, list):
         return " → ".join(
