@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -57,14 +58,48 @@ class Hemorrhage:
         ``measure("quant.rtn", bits=4)`` or
         ``measure([("prune.wanda", {"sparsity": 0.5}), ("quant.rtn", {"bits": 4})])``.
         """
+        self._needs_baseline("measure")
         want = frozenset(self.budget.limits) | self._session.default_extras()
         result = self.harness.measure(_stages(modification, params), want)
         self._session.record(self._node, result, self.budget)
         return result
 
+    def measure_model(self, candidate: Any, /, *, label: str | None = None) -> Result:
+        """Measure a separately produced model against the baseline's reference, with every
+        metric, standard error, extra metric and budget check that :meth:`measure` has.
+
+        ``candidate``: what ``--hemorrhage-candidate`` accepts (a ``.gguf`` file, a directory
+        saved with ``save_pretrained``, quantized or not, a hub id, ``module:factory``), an
+        already loaded model, or ``(model, tokenizer)``. A spec is loaded once and released
+        when the next one is. The result's modification is ``"candidate"``, its params the
+        ``label`` (default: the directory or file name), the spec and the content fingerprint.
+        """
+        from .loading import candidate_label
+
+        loaded = self._session.candidate(str(candidate)) if _is_spec(candidate) else None
+        if loaded is None:
+            loaded = _given(candidate, self.harness.loaded.tokenizer)
+        name = label or (candidate_label(str(candidate)) if _is_spec(candidate) else loaded.spec)
+        params = {"label": name, "spec": str(loaded.spec), "fingerprint": loaded.fingerprint}
+        want = frozenset(self.budget.limits) | self._session.default_extras()
+        result = self.harness.measure_model(loaded, params, want)
+        self._session.note_candidate(name, loaded)
+        self._session.record(self._node, result, self.budget)
+        return result
+
+    def _needs_baseline(self, what: str) -> None:
+        """Skip the test when only a reference file is given: ``what`` needs the model."""
+        if self.harness.model is None:
+            pytest.skip(
+                f"hemorrhage.{what} needs the baseline model, and this run has only "
+                f"--hemorrhage-reference={self._session.settings.reference}; pass "
+                "--hemorrhage-model to run it"
+            )
+
     @contextmanager
     def modified(self, modification: Stages, /, **params: Any) -> Iterator[Any]:
         """The model with ``modification`` applied inside the block, restored exactly after."""
+        self._needs_baseline("modified")
         with self.harness.modified(_stages(modification, params)):
             yield self.harness.model
 
@@ -73,6 +108,7 @@ class Hemorrhage:
         :func:`pytest_hemorrhage.explore.find_threshold`."""
         from .explore import find_threshold
 
+        self._needs_baseline("find_threshold")
         return find_threshold(self, modification, param, **options)
 
     def sweep(self, modification: str, param: str, values: Any, **options: Any) -> Any:
@@ -80,6 +116,7 @@ class Hemorrhage:
         :func:`pytest_hemorrhage.explore.sweep`."""
         from .explore import sweep
 
+        self._needs_baseline("sweep")
         return sweep(self, modification, param, values, **options)
 
     def calibrate_decoding(self, target: Any, **options: Any) -> Any:
@@ -87,6 +124,7 @@ class Hemorrhage:
         :func:`pytest_hemorrhage.decoding.calibrate_decoding`."""
         from .decoding import calibrate_decoding
 
+        self._needs_baseline("calibrate_decoding")
         calibration = calibrate_decoding(self, target, **options)
         self.record_exploration("decoding_calibration", calibration.to_dict())
         return calibration
@@ -100,16 +138,43 @@ class Hemorrhage:
         """Fail the test with one line per metric of ``result`` over the budget, plus where
         in the model the damage starts."""
         lines = (budget or self.budget).violations(result)
+        lines += self._session.comparison_failures(self._node.nodeid)
         if lines:
-            from .blame import explain
+            from .blame import explain, explain_candidate
             from .explore import reporting_example
 
-            if reporting_example():  # not on every example hypothesis tries while shrinking
+            if result.modification == "candidate":
+                held = self._session.held_candidate(result.params.get("fingerprint", ""))
+                lines += explain_candidate(self.harness, held, result)
+            elif reporting_example():  # not on every example hypothesis tries while shrinking
                 lines += explain(self.harness, result)
             where = f"{result.modification} {_format_params(result.params)}".strip()
             pytest.fail(
                 f"hemorrhage over budget for {where}:\n  " + "\n  ".join(lines), pytrace=False
             )
+
+
+def _is_spec(candidate: Any) -> bool:
+    return isinstance(candidate, (str, os.PathLike))
+
+
+def _given(candidate: Any, tokenizer: Any) -> Any:
+    """An already loaded candidate, ``model`` or ``(model, tokenizer)``, as a LoadedModel (its
+    tokenizer defaults to the baseline's)."""
+    from .errors import HemorrhageError
+    from .loading import LoadedModel
+
+    if isinstance(candidate, LoadedModel):
+        return candidate
+    model, tokenizer = candidate if isinstance(candidate, tuple) else (candidate, tokenizer)
+    if not hasattr(model, "parameters") or tokenizer is None:
+        raise HemorrhageError(
+            f"measure_model({type(candidate).__name__}): give a spec (path, .gguf file, hub id, "
+            "module:factory), a loaded model, or (model, tokenizer) when no baseline tokenizer "
+            "is loaded"
+        )
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    return LoadedModel(model=model.eval(), tokenizer=tokenizer, spec=os.path.basename(str(name)))
 
 
 def _stages(modification: Stages, params: dict[str, Any]) -> Stages:

@@ -177,7 +177,7 @@ def generation_metrics(
     decoding = decoding_of(harness.context.applied, harness.settings.seed)
     new = base.shape[1]
     mod = generate(
-        harness.model, ids, new, patch.logits_processors, decoding, batch_size=harness.batch_size
+        patch.model, ids, new, patch.logits_processors, decoding, batch_size=harness.batch_size
     ).cpu()
     differ = mod != base
     first = torch.where(differ.any(1), differ.int().argmax(1), new)  # first differing position

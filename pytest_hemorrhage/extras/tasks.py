@@ -289,9 +289,12 @@ def _max_positions(harness: Harness) -> int:
     return harness.settings.seq_len
 
 
-def _score(harness: Harness, encoded: EncodedTask) -> TaskScores:
+def _score(harness: Harness, encoded: EncodedTask, model: Any = None) -> TaskScores:
+    """Scores of ``model`` (default: the baseline, as modified now)."""
     tokens = harness.batch_size * harness.settings.seq_len
-    return score_task(harness.model, encoded, device=harness.device, batch_tokens=tokens)
+    model = harness.model if model is None else model
+    return score_task(model, encoded, device=next(model.parameters()).device,
+                      batch_tokens=tokens)
 
 
 def baseline_scores(harness: Harness) -> dict[str, TaskScores]:
@@ -310,7 +313,7 @@ def task_metrics(harness: Harness, patch: Patch) -> tuple[dict[str, float], dict
                            "(Harness.measure runs the provider's baseline first)")
     drops, flips, details = [], [], {}
     for encoded, key in zip(_tasks(harness), keys, strict=True):
-        base, now = harness.memo[key], _score(harness, encoded)
+        base, now = harness.memo[key], _score(harness, encoded, patch.model)
         drops.append(base.acc.double() - now.acc.double())
         flips.append((base.acc != now.acc).double())
         details[encoded.task.name] = {
