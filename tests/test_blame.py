@@ -207,6 +207,19 @@ def test_one_block_reruns_keep_the_modifications_meaning(small, stage):
     assert sum(b.kl_added for b in d.blocks) == pytest.approx(r.metrics["kl_mean"], rel=1e-12)
 
 
+def test_swapped_modules_are_replayed(small):
+    """w8a8 swaps each linear for an int8 module: re-runs swap the same modules in again."""
+    w8a8 = ("quant.w8a8", {"smooth": False, "include": ("*.layers.1.*", "*.layers.3.*")})
+    r = small.measure([w8a8])
+    d = diagnose(small, r, attribution=True)
+    alone = [
+        _kl(small, ("quant.w8a8", dict(w8a8[1], include=(f"*.layers.{b}.*",)))) for b in (1, 3)
+    ]
+    assert d.attribution and alone[0] > 0 and alone[1] > 0
+    assert [d.blocks[b].kl_mean for b in (1, 3)] == pytest.approx(alone, rel=1e-12)
+    assert sum(b.kl_added for b in d.blocks) == pytest.approx(r.metrics["kl_mean"], rel=1e-12)
+
+
 def test_decode_stages_are_a_part_of_their_own(small):
     """A logits stage never raises: it is the last part, and one-block re-runs leave it out."""
     stages = [_rtn(1), ("decode.temperature", {"value": 2.0})]
