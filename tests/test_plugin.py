@@ -147,7 +147,10 @@ def test_json_report_and_junit_properties(pytester):
     assert properties["hemorrhage.quant.rtn.kl_mean"] == pytest.approx(second["metrics"]["kl_mean"])
 
 
-def test_the_model_is_bit_identical_after_a_test_fails_inside_a_modification(pytester):
+def test_the_model_is_bit_identical_after_a_test_fails_inside_a_modification(
+    pytester, monkeypatch
+):
+    monkeypatch.setenv("COLUMNS", "200")  # the short summary keeps the error message
     pytester.makepyfile("""
         import torch
         from pytest_hemorrhage.loading import fingerprint
@@ -166,8 +169,8 @@ def test_the_model_is_bit_identical_after_a_test_fails_inside_a_modification(pyt
     # the user's own failure is what they see, and the next test passes on the baseline
     result.stdout.fnmatch_lines(
         [
-            "PASSED *::test_next_sees_the_baseline",
             "FAILED *::test_fails_inside - AssertionError: user check failed",
+            "PASSED *::test_next_sees_the_baseline",
         ]
     )
     assert "changed in place" not in result.stdout.str()
