@@ -6,6 +6,7 @@ On the bundled model (every row falls back to a 32-block type there) and on it w
     the default budget). Target: <= 0.5 on the bundled model.
   * bytes held while applied (the packed GGUF blocks; the dequantized weight exists only during
     a forward pass) / the model's bytes. Target: <= 0.25.
+  * a forward pass while applied / a plain one: what dequantizing on every use costs.
 
 Run: python benchmarks/bench_gguf.py
 """
@@ -63,7 +64,10 @@ def run(spec: str, widen: bool = False) -> None:
         f"model {spec}: {model_bytes / 2**20:.2f} MiB, {h.windows.eval.numel()} evaluation "
         f"tokens; one forward pass over them {base * 1000:.0f} ms"
     )
-    print(f"{'type':8s} {'apply+restore/forward':>22s} {'held/model bytes':>17s}  fallbacks")
+    print(
+        f"{'type':8s} {'apply+restore/forward':>22s} {'held/model bytes':>17s} "
+        f"{'forward applied/plain':>22s}  fallbacks"
+    )
     ratios = []
     for qtype in TYPES:
         config = make("quant.gguf", {"type": qtype})
@@ -83,12 +87,16 @@ def run(spec: str, widen: bool = False) -> None:
 
         apply_restore()  # warm up
         ratio = _best(apply_restore) / base
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", GgufWarning)
+            with h.modified([config]):
+                slower = _best(forward, repeat=1) / base  # every use dequantizes the blocks
         ratios.append(ratio)
         share = held / model_bytes
         fell = Counter(f"{p.asked}->{p.type}" for p in plan(config, h.model) if p.fell_back)
         fallbacks = ", ".join(f"{k} x{v}" for k, v in fell.items()) or "-"
         over = "" if ratio <= 0.5 and share <= 0.25 else "  OVER"
-        print(f"{qtype:8s} {ratio:22.3f} {share:17.3f}  {fallbacks}{over}")
+        print(f"{qtype:8s} {ratio:22.3f} {share:17.3f} {slower:22.2f}  {fallbacks}{over}")
     print(f"median apply+restore/forward {statistics.median(ratios):.3f}")
 
 
