@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from . import reference as reference_module
 from .data import Windows
 from .errors import HemorrhageError, first_line
+from .loading import CAUSAL
 from .reference import Reference
 
 if TYPE_CHECKING:
@@ -69,6 +70,8 @@ class AbsentBaseline:
     device: Any
     model: Any = None
     tokenizer: Any = None
+    kind: str = CAUSAL  # reference files hold next-token distributions only
+    pooling: Any = None
 
 
 @dataclass

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .describe import describe_modification
+from .describe import DEFAULT_METRICS, describe_modification
 
 __all__ = ["render_comparison"]
 
@@ -19,9 +19,20 @@ def _num(value: Any) -> str:
     return f"{value:.4f}" if math.isfinite(value) else str(value)
 
 
+def _shown(
+    record: Mapping[str, Any], comparison: Mapping[str, Any], tolerances: Any
+) -> dict[str, Any]:
+    """The compared metrics worth a line: those with a tolerance or a budget (else the
+    default ones); the JSON report keeps every metric's comparison."""
+    budget = {k for k in record.get("budget", {}) if k != "confidence"}
+    wanted = set(tolerances) | budget or set(DEFAULT_METRICS)
+    return {m: e for m, e in comparison.get("metrics", {}).items() if m in wanted}
+
+
 def render_comparison(report: Mapping[str, Any]) -> str:
     """Plain lines: ``test  what  metric old -> new (change)``, failures marked ``FAIL``."""
     header = report.get("comparison") or {}
+    tolerances = {t["metric"] for t in header.get("fail", [])}
     name = Path(str(header.get("file", "?"))).name
     out = [f"hemorrhage compared with {name}:"]
     unmatched = 0
@@ -34,7 +45,7 @@ def render_comparison(report: Mapping[str, Any]) -> str:
             out.append(f"  {test}  {what}: not in {name} (not compared)")
             continue
         failing = {line.partition(":")[0] for line in comparison.get("failures", [])}
-        for metric, entry in comparison.get("metrics", {}).items():
+        for metric, entry in _shown(record, comparison, tolerances).items():
             relative = entry.get("relative")
             pct = (
                 f", {relative:+.0%}"
