@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from .embeddings import EMBEDDING_METRICS
 from .errors import HemorrhageError
-from .metrics import EXTRA_METRICS, METRICS
+from .metrics import EXTRA_METRICS, METRICS, NO_STDERR
 
 if TYPE_CHECKING:
     from .metrics import Result
@@ -28,6 +28,8 @@ class Budget:
         limits: metric name -> maximum.
         confidence: if set (e.g. 0.95), a metric fails only when its one-sided upper bound
             ``value + z * stderr`` exceeds the maximum; otherwise the point estimate is used.
+            A metric that never has a standard error (``kl_max``) is refused with it; one
+            whose measurement lacks it (too few windows, items or prompts) fails, saying so.
     """
 
     limits: dict[str, float] = field(default_factory=dict)
@@ -58,19 +60,38 @@ class Budget:
                 )
             else:
                 limits[key] = float(value)
-        return cls(limits, confidence)
+        return cls(limits, confidence)._bounded(where)
 
     def merged(self, override: Budget) -> Budget:
         """This budget with ``override``'s keys taking precedence."""
         confidence = override.confidence if override.confidence is not None else self.confidence
-        return Budget({**self.limits, **override.limits}, confidence)
+        return Budget({**self.limits, **override.limits}, confidence)._bounded(
+            "hemorrhage budget (the ini hemorrhage_budget with the test's markers)"
+        )
+
+    def _bounded(self, where: str) -> Budget:
+        """Self, unless ``confidence`` asks for a bound on a metric that has none."""
+        unbounded = [m for m in self.limits if m in NO_STDERR]
+        if self.confidence is not None and unbounded:
+            metric = unbounded[0]
+            raise HemorrhageError(
+                f"{where}: confidence={self.confidence:g} can't bound {metric}: the largest "
+                "per-token value of one evaluation set says nothing about the largest of "
+                f"another, so no upper bound on {metric} holds its level. Budget kl_p99 "
+                f"(which has one) instead of {metric}, or check {metric} in a test without "
+                "confidence"
+            )
+        return self
 
     def upper(self, result: Result, metric: str) -> float:
-        """The value compared with the budget: point estimate, or upper confidence bound."""
+        """The value compared with the budget: point estimate, or upper confidence bound
+        (infinite when the measurement has no standard error to bound it with)."""
         value = result.metrics[metric]
-        se = result.stderr.get(metric)
-        if self.confidence is None or se is None:
+        if self.confidence is None:
             return value
+        se = result.stderr.get(metric)
+        if se is None:
+            return math.inf
         return value + NormalDist().inv_cdf(self.confidence) * se
 
     def violations(self, result: Result) -> list[str]:
@@ -94,8 +115,15 @@ class Budget:
                 lines.append(f"{metric}: not measured by {result.modification}")
                 continue
             bound = self.upper(result, metric)
+            value = result.metrics[metric]
+            if self.confidence is not None and result.stderr.get(metric) is None:
+                lines.append(
+                    f"{metric}: {value:.4f} has no standard error, so its {self.confidence:.0%} "
+                    "upper bound is unknown (a standard error needs at least 2 windows, task "
+                    f"items or prompts); measure more of them or drop confidence ({context})"
+                )
+                continue
             if math.isnan(bound) or bound > limit:
-                value = result.metrics[metric]
                 shown = f"{value:.4f}"
                 if self.confidence is not None and bound != value:
                     shown += f" (upper {self.confidence:.0%} bound {bound:.4f})"

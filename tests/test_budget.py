@@ -75,3 +75,33 @@ def test_confidence_fails_on_the_upper_bound_and_shows_it():
     assert lines == [
         "kl_mean: 0.0190 (upper 95% bound 0.0223) > 0.0200 (baseline ppl 8.41, modified ppl 9.01)"
     ]
+
+
+@pytest.mark.parametrize(
+    ("marker", "ini"),
+    [({"kl_max": 1.0, "confidence": 0.95}, ""), ({"confidence": 0.9}, "kl_max=1.0 kl_mean=0.1")],
+)
+def test_confidence_on_kl_max_is_refused_naming_it_and_the_way_out(marker, ini):
+    """No bound on a maximum holds its level: refused when the budget is read, whether the
+    confidence and kl_max come from one marker or from the ini budget and a marker."""
+    with pytest.raises(HemorrhageError) as info:
+        parse_ini(ini).merged(Budget.parse(marker, where="test_x.py::test_y"))
+    message = str(info.value)
+    assert "can't bound kl_max" in message
+    assert "Budget kl_p99" in message and "without confidence" in message
+    # without confidence kl_max is a plain maximum, and kl_p99 takes a confidence
+    Budget.parse({"kl_max": 1.0}, where="t")
+    Budget.parse({"kl_p99": 1.0, "confidence": 0.95}, where="t")
+
+
+def test_confidence_fails_a_metric_without_a_standard_error_and_says_why():
+    """A measurement whose metric has no standard error (one prompt, one window) is not
+    silently judged on its point estimate when the budget asks for a bound."""
+    result = _result(gen_mismatch=0.0, kl_mean=0.0)
+    result.stderr["gen_mismatch"] = None
+    assert Budget.parse({"gen_mismatch": 0.1}, where="t").violations(result) == []
+    lines = Budget.parse(
+        {"gen_mismatch": 0.1, "kl_mean": 0.1, "confidence": 0.95}, where="t"
+    ).violations(result)
+    assert len(lines) == 1
+    assert lines[0].startswith("gen_mismatch: 0.0000 has no standard error, so its 95% upper")

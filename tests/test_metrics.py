@@ -52,7 +52,9 @@ def test_metrics_match_their_definitions(logits):
     assert metrics["top1_disagreement"] == pytest.approx(disagree)
     dp = (p[torch.arange(500), targets] - q[torch.arange(500), targets]).mean().item()
     assert metrics["delta_p_mean"] == pytest.approx(dp, abs=1e-6)
-    # paired standard errors: every metric has one (the maximum's by bootstrap), positive
+    # paired standard errors: every metric but the maximum has one, positive; 2-D logits make
+    # each row its own sampling unit, which gives the textbook SE of independent values
+    assert stderr.pop("kl_max") is None
     assert all(se > 0 for se in stderr.values()), stderr
     assert stderr["kl_mean"] == pytest.approx(kl.std().item() / math.sqrt(500), rel=1e-3)
 
@@ -103,18 +105,47 @@ def test_token_stats_concatenate_in_order(logits):
     assert torch.equal(whole.kl, parts.kl) and torch.equal(whole.nll, parts.nll)
 
 
-def test_kl_max_standard_error_is_the_bootstrap_one_in_closed_form():
-    from pytest_hemorrhage.metrics import _max_se
+def test_standard_errors_count_windows_not_tokens():
+    """Windows whose tokens all share one value: the window-level SE is that of 20 draws,
+    where the token-level one would claim 20 x 50 independent draws."""
+    from pytest_hemorrhage.metrics import mean_se
 
-    g = torch.Generator().manual_seed(1)
-    for x in (torch.rand(4000, generator=g) ** 4, torch.randn(60, generator=g)):
-        maxima = torch.stack(
-            [x[torch.randint(0, len(x), (len(x),), generator=g)].max() for _ in range(3000)]
-        )
-        value, se = _max_se(x)
-        assert value == x.max().item()
-        assert se == pytest.approx(maxima.double().std().item(), rel=0.1)
-    assert _max_se(torch.ones(10)) == (1.0, 0.0)  # no spread, no error
+    g = torch.Generator().manual_seed(2)
+    per_window = torch.randn(20, generator=g, dtype=torch.float64)
+    x = per_window.repeat_interleave(50)
+    window = torch.arange(20).repeat_interleave(50)
+    mean, se = mean_se(x, window)
+    assert mean == pytest.approx(per_window.mean().item())
+    assert se == pytest.approx(per_window.double().std().item() / math.sqrt(20), rel=1e-9)
+    assert mean_se(x)[1] == pytest.approx(x.double().std().item() / math.sqrt(1000))
+    assert mean_se(x, torch.zeros(1000))[1] is None  # one window: no spread to measure
+
+
+def test_token_stats_number_windows_across_batches(logits):
+    """(windows, positions, vocab) logits: the first dimension is the window; concatenated
+    batches number their windows on."""
+    base, mod, targets = logits
+    ref = _reference(base, targets, topk=50)
+    first = token_stats(mod[:200].view(4, 50, 50), ref.rows(0, 200))
+    rest = token_stats(mod[200:].view(6, 50, 50), ref.rows(200, 500))
+    assert torch.equal(TokenStats.cat([first, rest]).window, torch.arange(10).repeat_interleave(50))
+
+
+def test_quantile_bound_is_woodruffs_cluster_interval():
+    """kl_p99's SE puts value + 1.645 SE at the sample quantile of q + 1.645 s_F, where s_F is
+    the window-level SE of the share of values at or below the quantile."""
+    from pytest_hemorrhage.metrics import _quantile_se, mean_se
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(40, 100, generator=g) ** 3 * torch.rand(40, 1, generator=g)
+    window = torch.arange(40).repeat_interleave(100)
+    value, se = _quantile_se(x.flatten(), 0.99, window)
+    _, s_f = mean_se((x.flatten().double() <= value).double(), window)
+    z = 1.6448536269514722
+    assert value + z * se == pytest.approx(x.flatten().double().quantile(0.99 + z * s_f).item())
+    assert se > _quantile_se(x.flatten(), 0.99)[1]  # correlated windows: wider than per token
+    few = torch.arange(2).repeat_interleave(10)
+    assert _quantile_se(x[:2, :10].flatten(), 0.99, few)[1] == math.inf  # bound past the max
 
 
 @pytest.mark.parametrize("topk", [50, 8])

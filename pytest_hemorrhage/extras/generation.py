@@ -17,13 +17,13 @@ error over prompts:
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..loading import model_logits
+from ..metrics import mean_se
 from ..modifications.decode import Decoding, decoding_of
 
 if TYPE_CHECKING:
@@ -185,10 +185,8 @@ def generation_metrics(
     divergence = 1 - first.double() / new
     metrics, stderr = {}, {}
     for name, per_prompt in (("gen_mismatch", mismatch), ("gen_first_divergence", divergence)):
-        metrics[name] = per_prompt.mean().item()
-        stderr[name] = (
-            per_prompt.std().item() / math.sqrt(len(per_prompt)) if len(per_prompt) > 1 else None
-        )
+        # the prompt is the sampling unit: its tokens' mismatches are one draw
+        metrics[name], stderr[name] = mean_se(per_prompt)
     worst = int(first.argmin())  # the earliest divergence makes the telling example
 
     def text(tokens: torch.Tensor) -> str:

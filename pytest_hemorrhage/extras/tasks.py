@@ -304,9 +304,10 @@ def baseline_scores(harness: Harness) -> dict[str, TaskScores]:
             for e in _tasks(harness)}
 
 
-def task_metrics(harness: Harness, patch: Patch) -> tuple[dict[str, float], dict[str, float],
-                                                          dict[str, Any]]:
-    """``accuracy_drop`` and ``flip_rate`` of the modified model, with per-task details."""
+def task_metrics(harness: Harness, patch: Patch) -> tuple[
+        dict[str, float], dict[str, float | None], dict[str, Any]]:
+    """``accuracy_drop`` and ``flip_rate`` of the modified model, with per-task details; the
+    item is the sampling unit of their standard errors (one value per item)."""
     keys = [("task-baseline", str(e.task.path)) for e in _tasks(harness)]
     if not all(k in harness.memo for k in keys):
         raise RuntimeError("task baselines must be scored before the model is modified "
