@@ -54,6 +54,8 @@ class Context:
         self.tokenizer = harness.loaded.tokenizer
         self.device = harness.device
         self.seed = harness.settings.seed
+        self.cache_dir = harness.settings.cache_dir  # calibration results kept across runs
+        self.fingerprint = harness.loaded.fingerprint  # the baseline's content hash
         self.applied: tuple[Modification, ...] = ()  # earlier stages of the current composition
 
     def calibration_windows(self, count: int | None = None) -> torch.Tensor:
@@ -368,10 +370,11 @@ class Harness:
     def _evaluate_embeddings(
         self, patch: Patch, configs: list[Modification], reference: EmbeddingReference
     ) -> Result:
-        if patch.logits_processors:
+        decoding = [c.name for c in configs if c.name.startswith("decode.")]
+        if patch.logits_processors or decoding:
             raise HemorrhageError(
-                f"{configs[-1].name}: changes next-token decoding, which an encoder does not "
-                "have; measure it on a causal LM"
+                f"{(decoding or [configs[-1].name])[0]}: changes next-token decoding, which an "
+                "encoder does not have; measure it on a causal LM"
             )
         metrics, stderr, nonfinite = embedding_metrics(reference, self.embed())
         texts = len(reference.embeddings)

@@ -184,6 +184,9 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         terminalreporter.write(render_comparison(session.report()))
     width, color = config.get_terminal_writer().fullwidth, terminalreporter.hasmarkup
     terminalreporter.write_line("")
+    model = session.header.get("model")
+    if model:  # which model, and which kind of measure (next tokens or embeddings)
+        terminalreporter.write_line(f"hemorrhage model: {model['spec']} ({model['kind']})")
     if session.records:
         from .report.terminal import render_results
 
