@@ -184,7 +184,7 @@ def test_tasks_option_end_to_end(pytester):
 
         @pytest.mark.hemorrhage(flip_rate=1.0)
         def test_flips(hemorrhage):
-            r = hemorrhage.measure("quant.rtn", bits=4)
+            r = hemorrhage.measure("quant.rtn", bits=2)
             assert set(r.details["tasks"]) == {"small", "other"}
             assert r.details["tasks"]["other"]["items"] == 2
             hemorrhage.check(r)
@@ -192,8 +192,16 @@ def test_tasks_option_end_to_end(pytester):
     )
     args = ["--hemorrhage-model=hemorrhage-tiny", "--hemorrhage-tokens=1024", "-p",
             "no:cacheprovider"]
-    result = pytester.runpytest(*args, "--hemorrhage-tasks=small.jsonl,other.jsonl")
+    result = pytester.runpytest(*args, "--hemorrhage-tasks=small.jsonl,other.jsonl",
+                                "--hemorrhage-report=r.json")
     result.assert_outcomes(passed=1)
+    # the flip rate the user gets is over both files' items, and it is within the budget
+    [row] = json.loads((pytester.path / "r.json").read_text())["results"]
+    tasks = row["details"]["tasks"]
+    assert {k: t["items"] for k, t in tasks.items()} == {"small": len(ITEMS), "other": 2}
+    assert row["budget"] == {"flip_rate": 1.0} and row["violations"] == []
+    pooled = sum(t["acc"]["flip_rate"] * t["items"] for t in tasks.values()) / (len(ITEMS) + 2)
+    assert row["metrics"]["flip_rate"] == pytest.approx(pooled) and pooled > 0  # 2 bits flip some
     result = pytester.runpytest(*args, "--hemorrhage-tasks=bad.jsonl")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*HemorrhageError: bad.jsonl:2: choices is a single choice*"])
