@@ -86,9 +86,16 @@ def test_ini_budget_applies_and_the_marker_overrides_it_per_key(pytester):
             assert hemorrhage.budget.limits == {"kl_mean": 1.0, "ppl_increase": 0.5}
             hemorrhage.check(hemorrhage.measure("quant.rtn", bits=4))
     """)
-    result = pytester.runpytest("--hemorrhage-tokens=1024")
+    result = pytester.runpytest("--hemorrhage-tokens=1024", "-rfp")
     result.assert_outcomes(passed=1, failed=1)
-    result.stdout.fnmatch_lines(["*kl_mean: * > 0.0000 *"])
+    # the ini's kl_mean=1e-7 fails the unmarked test; the marker's 1.0 lets the other pass
+    result.stdout.fnmatch_lines(
+        [
+            "*kl_mean: * > 0.0000 *",
+            "FAILED *::test_default_budget*",
+            "PASSED *::test_marker_overrides",
+        ]
+    )
 
 
 @pytest.mark.parametrize(
