@@ -354,6 +354,7 @@ def test_shrinking_and_bisection_agree_and_the_database_replays(pytester, small,
 
     # next run: hypothesis replays the saved breaking point first, so it shrinks less
     result = pytester.runpytest(*MODEL, "--hemorrhage-report=report.json")
+    result.assert_outcomes(passed=1, failed=1)
     assert _falsifying(result.stdout.str()) == shrunk
     report = json.loads((pytester.path / "report.json").read_text())
     again = next(e for e in report["explorations"] if e["method"] == "shrinking")
