@@ -23,6 +23,7 @@ from pytest_hemorrhage.modifications import Modification, register_modification
 from pytest_hemorrhage.modifications.quant import rtn_quantize
 from pytest_hemorrhage.report import plots, terminal
 from pytest_hemorrhage.session import HemorrhageSession
+from pytest_hemorrhage.settings import Settings
 
 MODEL = ("--hemorrhage-model=hemorrhage-tiny", "--hemorrhage-tokens=1024", "-p",
          "no:cacheprovider", "--hypothesis-profile=hemorrhage-ci")
@@ -197,7 +198,7 @@ def test_bits_are_fitted_on_the_bits_removed_axis(small, request):
 
 
 def test_collect_shrinking_reduces_examples_to_the_breaking_point():
-    session = HemorrhageSession(SimpleNamespace(cache_dir=None, budget=""))
+    session = HemorrhageSession(Settings.defaults())
     item = SimpleNamespace(nodeid="t.py::test_x", user_properties=[])
     budget = {"ppl_increase": 0.1}
     # (sparsity, ppl_increase): non-monotone at 0.55 (passes above a break)
@@ -218,7 +219,7 @@ def test_collect_shrinking_reduces_examples_to_the_breaking_point():
 
 
 def test_noise_around_zero_damage_is_not_called_non_monotone():
-    session = HemorrhageSession(SimpleNamespace(cache_dir=None, budget=""))
+    session = HemorrhageSession(Settings.defaults())
     item = SimpleNamespace(nodeid="t.py::test_y", user_properties=[])
     for x, m in [(0.0, 0.0), (0.02, -6e-5), (0.1, 0.01), (0.2, 0.03)]:
         session.records.append({"nodeid": item.nodeid, "modification": "prune.wanda",
