@@ -27,7 +27,7 @@ from .loading import ENCODER, model_logits
 from .metrics import Result, TokenStats, summarize, token_stats
 from .modifications.noise import layer_seed
 from .modifications.registry import LogitsProcessor, Modification, Patch, apply, iter_configs
-from .reference import EXACT_VOCAB, Reference, cache_key, load_or_compute
+from .reference import DEFAULT_TOPK, EXACT_VOCAB, Reference, cache_key, load_or_compute
 
 if TYPE_CHECKING:
     from .loading import LoadedModel
@@ -146,7 +146,7 @@ class Harness:
                 else _vocab_size(self.model, self.windows.eval[:1, :2].to(self.device))
             )
             self.batch_size = settings.batch_size or _auto_batch(settings.seq_len, self.vocab)
-            self.topk = settings.topk or (self.vocab if self.vocab <= EXACT_VOCAB else 256)
+            self.topk = settings.topk or (self.vocab if self.vocab <= EXACT_VOCAB else DEFAULT_TOPK)
         self.portable = portable
         self.context = Context(self)
         self.reference_cached = False
@@ -294,17 +294,22 @@ class Harness:
         from .portable import check_vocabulary, vocab_list
 
         model = candidate.model
-        tokens = self.portable.tokens if self.portable else vocab_list(self.loaded.tokenizer)
-        check_vocabulary(
-            self.loaded.spec,
-            tokens,
-            self.vocab,
-            self.windows.eval,
-            read_text(self.settings.data),
-            candidate.spec,
-            candidate.tokenizer,
-            _vocab_size(model, self.windows.eval[:1, :2].to(_device(model))),
-        )
+
+        def check() -> bool:  # once per candidate (weights and tokenizer): it re-reads the text
+            tokens = self.portable.tokens if self.portable else vocab_list(self.loaded.tokenizer)
+            check_vocabulary(
+                self.loaded.spec,
+                tokens,
+                self.vocab,
+                self.windows.eval,
+                read_text(self.settings.data),
+                candidate.spec,
+                candidate.tokenizer,
+                _vocab_size(model, self.windows.eval[:1, :2].to(_device(model))),
+            )
+            return True
+
+        self.context.memo(("candidate-vocabulary", candidate.fingerprint), check)
         reference = self.reference
         extras = providers(want)
         if extras and self.model is None:

@@ -127,7 +127,7 @@ def token_stats(logits: torch.Tensor, ref: Reference) -> TokenStats:
         picked.append(logq.gather(-1, picks[span]))
         best.append(logq.amax(-1))
         chunk = against[span].to(device)
-        versus.append(torch.linalg.vecdot(chunk, logq) if exact else logq.gather(-1, chunk))
+        versus.append(torch.linalg.vecdot(chunk, logq) if exact else logq.gather(-1, chunk.long()))
     target_logq, top1_logq = torch.cat(picked).unbind(-1)
     finite = ~target_logq.isnan()  # NaN, +inf, or no finite logit poison the whole row
     disagree = top1_logq < torch.cat(best)  # the baseline's top token lost first place
@@ -140,10 +140,10 @@ def token_stats(logits: torch.Tensor, ref: Reference) -> TokenStats:
             logq = torch.log_softmax(logits.flatten(0, -2)[cut].float(), -1)
             kl[cut] = torch.linalg.vecdot(p, lp - _mix(logq, lp))
     else:
-        topk_logp = ref.topk_logp.to(device)
+        topk_logp = ref.head_logp().to(device)
         lq = torch.cat(versus)
         q_tail = (1 - lq.double().exp().sum(-1)).clamp_min(0)
-        p_tail = (1 - topk_logp.double().exp().sum(-1)).clamp_min(0)
+        p_tail = ref.tail_mass.to(device).double()
         cut = lq.isneginf().any(-1) | target_logq.isneginf() | ((q_tail <= 0) & (p_tail > 1e-6))
         lq = torch.where(cut[:, None], _mix(lq, topk_logp), lq)
         q_tail = torch.where(cut, (1 - SKEW) * q_tail + SKEW * p_tail, q_tail)

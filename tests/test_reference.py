@@ -90,3 +90,42 @@ def test_identical_model_measures_exactly_zero(harness):
     finally:
         del registry._REGISTRY["test.nothing"]
     assert all(v == 0 for v in result.metrics.values()), result.metrics
+
+
+def test_entry_of_an_older_format_is_rebuilt_never_read(tiny, tmp_path):
+    from pytest_hemorrhage.reference import FORMAT
+
+    good = _harness(tiny, tmp_path).reference
+    (entry,) = (tmp_path / "c").glob("reference-*.pt")
+    state = torch.load(entry, weights_only=True)
+    state["format"] = FORMAT - 1
+    state["p"] = state["p"] * 0.5  # what a misread would return
+    torch.save(state, entry)
+    h = _harness(tiny, tmp_path)
+    with pytest.warns(UserWarning, match="old format"):
+        rebuilt = h.reference
+    assert not h.reference_cached and torch.equal(rebuilt.p, good.p)
+
+
+@pytest.mark.parametrize("vocab", [32768, 131072])
+def test_topk_storage_fits_1kb_per_token_and_keeps_the_exact_metrics_exact(vocab):
+    """Large vocabularies: <= 1 KB per scored token; the target log-prob and the argmax are
+    stored bit for bit, and an unmodified model still measures ~0 (float16 rounding enters KL
+    to second order only)."""
+    from pytest_hemorrhage.metrics import summarize, token_stats
+    from pytest_hemorrhage.reference import DEFAULT_TOPK, EXACT_VOCAB, Reference, storage_bytes
+
+    assert vocab > EXACT_VOCAB
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, vocab, generator=g) * 2.5
+    targets = torch.randint(0, vocab, (64,), generator=g)
+    logp = torch.log_softmax(logits, -1)
+    ref = Reference.from_logprobs(logp, targets, DEFAULT_TOPK)
+    assert storage_bytes(ref) / 64 <= 1024
+    assert ref.topk_idx.dtype == torch.int32 and ref.topk_logp.dtype == torch.float16
+    assert torch.equal(ref.target_logp, logp.gather(-1, targets[:, None]).squeeze(-1))
+    assert torch.equal(ref.top1, logp.argmax(-1))
+    metrics, _ = summarize(token_stats(logits, ref), ref)
+    assert metrics["kl_mean"] < 1e-6, metrics
+    for name in ("ppl_increase", "nll_increase", "top1_disagreement", "delta_p_mean"):
+        assert metrics[name] == 0, name
