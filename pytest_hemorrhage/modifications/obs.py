@@ -572,9 +572,7 @@ def _states(
     """The per-layer states for ``config``: session memo, else disk cache, else ``compute()``."""
     windows = context.calibration_windows()
     weight = targets[0].weight
-    fingerprint = getattr(context, "fingerprint", None) or context.memo(
-        ("obs.fingerprint",), lambda: _fingerprint(model, context)
-    )
+    fingerprint = context.fingerprint
     key = cache_key(
         "obs",
         FORMAT,
@@ -589,17 +587,11 @@ def _states(
     )
     recent: OrderedDict[str, dict[str, LayerState]] = context.memo(("obs.recent",), OrderedDict)
     if key not in recent:
-        recent[key] = load_or_solve(key, getattr(context, "cache_dir", None), compute)[0]
+        recent[key] = load_or_solve(key, context.cache_dir, compute)[0]
         while len(recent) > _RECENT:
             recent.popitem(last=False)
     recent.move_to_end(key)
     return recent[key]
-
-
-def _fingerprint(model: nn.Module, context: Context) -> str:
-    from ..loading import fingerprint
-
-    return fingerprint(model, context.tokenizer)
 
 
 # --- handlers ------------------------------------------------------------------------------------

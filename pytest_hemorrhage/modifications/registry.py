@@ -88,6 +88,7 @@ _REGISTRY: dict[str, tuple[type[Modification], Handler]] = {}
 # family modules, each registering its modifications on import
 _BUILTINS = (
     "quant",
+    "kvcache",
     "awq",
     "gguf",
     "torchao",

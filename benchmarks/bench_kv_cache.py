@@ -1,0 +1,61 @@
+"""quant.kv_cache: what scoring windows through a quantized cache costs (issue 11's target).
+
+On the bundled model, side by side in one process, per round: a plain measure (quant.rtn at 8
+bits, a parametrization: one forward pass per batch), and quant.kv_cache measures at several
+chunk sizes (each window fed in chunks through transformers' QuantizedCache, hqq backend). The
+ratio is the median over rounds of kv_cache / plain in the same round.   target <= 2x
+
+It also prints the damage per chunk size: smaller chunks mean more tokens read a quantized
+cache (with 128-token windows, chunk C leaves the first C tokens of each window in full
+precision).
+
+Run: python benchmarks/bench_kv_cache.py [--rounds 5] [--tokens 8192]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=8192)
+    args = parser.parse_args()
+
+    from pytest_hemorrhage.harness import Harness
+    from pytest_hemorrhage.loading import load_model
+    from pytest_hemorrhage.settings import Settings
+
+    harness = Harness(
+        load_model("hemorrhage-tiny", device="cpu"),
+        Settings.defaults(model="hemorrhage-tiny", tokens=args.tokens),
+    )
+    plain = [("quant.rtn", {"bits": 8})]
+    chunks = (16, 32, 64)
+    cases = {c: [("quant.kv_cache", {"bits": 4, "chunk": c})] for c in chunks}
+    harness.measure(plain)  # the reference, computed before timing
+    ratios: dict[int, list[float]] = {c: [] for c in chunks}
+    damage: dict[int, float] = {}
+    for _ in range(args.rounds):
+        start = time.perf_counter()
+        harness.measure(plain)
+        base = time.perf_counter() - start
+        for c, stages in cases.items():
+            start = time.perf_counter()
+            result = harness.measure(stages)
+            ratios[c].append((time.perf_counter() - start) / base)
+            damage[c] = result.metrics["kl_mean"]
+    print(f"bundled model, {harness.windows.eval.numel()} tokens in windows of "
+          f"{harness.windows.eval.shape[1]}; {args.rounds} rounds")
+    print("chunk  kv_cache(4 bits)/plain measure  kl_mean   tokens reading the cache")
+    seq = harness.windows.eval.shape[1]
+    for c in chunks:
+        share = max(0, seq - c) / seq
+        print(f"{c:5d}  {statistics.median(ratios[c]):30.2f}x  {damage[c]:.5f}   {share:.0%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""``quant.kv_cache``: transformers' quantized KV cache (KIVI-style, Liu et al. 2024).
+
+A quantized cache leaves every weight alone and changes only what later tokens read: the keys
+and values of earlier tokens, stored in ``bits`` bits by the ``backend`` (hqq or quanto)
+through transformers' own ``QuantizedCache``. It acts on tokens that attend to *cached* keys,
+so it is measured where it acts:
+
+- **Scoring**: each evaluation window is fed in chunks of ``chunk`` tokens through one
+  quantized cache, so the tokens of chunk k attend to the quantized keys and values of chunks
+  0..k-1. The first chunk scores itself in full precision and is quantized as it is cached
+  (transformers quantizes a prefill at once); of what is cached after it, the newest
+  ``residual_length`` tokens stay in full precision, as in serving. With the default 32-token chunks and 128-token windows, 3/4 of
+  the scored tokens read a quantized cache.
+- **Generation**: the prompt's keys and values go into a quantized cache, and every generated
+  token reads them (the generation metrics, ``gen_mismatch`` and ``gen_first_divergence``).
+
+The model's ``forward`` is wrapped through the patch (undone exactly); a model whose forward
+takes no transformers cache is refused.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..errors import HemorrhageError
+from .registry import Modification, Patch, register_modification
+from .validate import check_choice, check_int
+
+if TYPE_CHECKING:
+    from ..harness import Context
+
+__all__ = ["KV_BACKENDS", "KVCache", "quantized_forward"]
+
+KV_BACKENDS = {"hqq": "hqq", "quanto": "optimum-quanto"}  # backend -> the package it needs
+
+
+@dataclass(frozen=True, kw_only=True)
+class KVCache(Modification):
+    """Keys and values of earlier tokens quantized in the KV cache.
+
+    Args:
+        bits: bits per cached key/value element: 2, 4 or 8.
+        backend: ``"hqq"`` or ``"quanto"`` (transformers' QuantizedCache backends).
+        residual_length: newest cached tokens kept in full precision before they are
+            quantized (transformers' default is 128; 0 quantizes every cached token).
+        group_size: elements sharing a scale, along the head dimension.
+        chunk: tokens per forward pass when evaluation windows are scored through the cache.
+    """
+
+    bits: int = 4
+    backend: str = "hqq"
+    residual_length: int = 0
+    group_size: int = 64
+    chunk: int = 32
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice(self, "bits", (2, 4, 8))
+        check_choice(self, "backend", tuple(KV_BACKENDS))
+        check_int(self, "residual_length", 0)
+        check_int(self, "group_size", 1)
+        check_int(self, "chunk", 1)
+        if self.include or self.exclude:
+            raise HemorrhageError(
+                f"{self.name}: include/exclude do not apply (the cache of every attention layer "
+                "is quantized); drop them"
+            )
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    """The keyword the model's forward takes a transformers cache by; refuse it otherwise."""
+    parameters = inspect.signature(model.forward).parameters
+    for keyword in ("cache", "past_key_values"):  # transformers >= 5.2x renamed it
+        if keyword in parameters and hasattr(model, "config"):
+            return keyword
+    raise HemorrhageError(
+        f"quant.kv_cache: {type(model).__name__}'s forward takes no transformers cache "
+        "(no cache / past_key_values argument), so its attention does not use transformers' "
+        "cache classes; quantize its weights instead (e.g. quant.rtn)"
+    )
+
+
+def _new_cache(config: KVCache, model: nn.Module) -> Any:
+    from transformers.cache_utils import QuantizedCache
+
+    return QuantizedCache(
+        config.backend,
+        model.config,
+        nbits=config.bits,
+        q_group_size=config.group_size,
+        residual_length=config.residual_length,
+        axis_key=1,  # per channel of the head dimension, as KIVI quantizes keys
+        axis_value=1,
+    )
+
+
+def quantized_forward(config: KVCache, model: nn.Module) -> Any:
+    """``model.forward`` with a quantized KV cache: whole sequences scored chunk by chunk
+    through one cache; a generation prefill given a quantized cache to fill."""
+    original = model.forward
+    keyword = _cache_keyword(model)
+
+    @functools.wraps(original)
+    def forward(*args: Any, input_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        if kwargs.get(keyword) is not None:  # a later generation step: the cache is ours
+            return original(*args, input_ids=input_ids, **kwargs)
+        if kwargs.get("use_cache"):  # a generation prefill: fill a quantized cache
+            return original(*args, input_ids=input_ids, **kwargs, **{keyword: _new_cache(
+                config, model)})
+        if input_ids is None:
+            raise HemorrhageError("quant.kv_cache: the model was called without input_ids")
+        kwargs.pop("use_cache", None)
+        cache, parts = _new_cache(config, model), []
+        for start in range(0, input_ids.shape[1], config.chunk):
+            out = original(input_ids=input_ids[:, start : start + config.chunk],
+                           use_cache=True, **kwargs, **{keyword: cache})
+            parts.append(out.logits)
+        out.logits = torch.cat(parts, 1)
+        return out
+
+    return forward
+
+
+@register_modification("quant.kv_cache", KVCache)
+def kv_cache(config: KVCache, model: nn.Module, patch: Patch, context: Context) -> None:
+    """Route the model's forward through a quantized KV cache (see the module docstring)."""
+    _cache_keyword(model)
+    backend = config.backend
+    try:
+        __import__("hqq" if backend == "hqq" else "optimum.quanto")
+    except ImportError:
+        raise HemorrhageError(
+            f"quant.kv_cache: backend={backend!r} needs the {KV_BACKENDS[backend]} package, "
+            f"which is not installed; pip install {KV_BACKENDS[backend]}, or use "
+            "backend='hqq'"
+        ) from None
+    if "forward" in vars(model):  # already wrapped (e.g. twice in one composition)
+        patch.setattr(model, "forward", quantized_forward(config, model))
+        return
+    model.forward = quantized_forward(config, model)  # an instance attribute shadows the method
+    patch.on_undo(lambda: vars(model).pop("forward", None))
