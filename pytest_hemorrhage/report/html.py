@@ -620,8 +620,8 @@ def _blame_card(index: int, record: Mapping[str, Any], blame: Mapping[str, Any])
         worst = blocks[most]
         if blame.get("attribution") and worst.get("share") is not None:
             summary.append(
-                f"block {_e(label[most])} has the largest share "
-                f"({worst['share']:.0%}) of the summed one-block kl_mean"
+                f"block {_e(label[most])} adds the largest share "
+                f"({worst['share']:.0%}) of kl_mean (blocks added in model order)"
             )
         else:
             before = blocks[most - 1].get("drift_l2") if most else 0.0
@@ -643,7 +643,12 @@ def _blame_card(index: int, record: Mapping[str, Any], blame: Mapping[str, Any])
             if entropy
             else ""
         )
-        + ('<th class="n">one-block kl_mean</th><th class="n">share</th>' if attribution else "")
+        + (
+            '<th class="n">one-block kl_mean</th><th class="n">adds to kl_mean</th>'
+            '<th class="n">share</th>'
+            if attribution
+            else ""
+        )
         + "</tr>"
     )
     rows = []
@@ -675,7 +680,8 @@ def _blame_card(index: int, record: Mapping[str, Any], blame: Mapping[str, Any])
                 else ""
             )
             + (
-                f'<td class="n">{_num(b.get("kl_mean"))}</td><td class="n">'
+                f'<td class="n">{_num(b.get("kl_mean"))}</td>'
+                f'<td class="n">{_signed(b.get("kl_added"))}</td><td class="n">'
                 f"{'' if b.get('share') is None else format(b['share'], '.0%')}</td>"
                 if attribution
                 else ""
