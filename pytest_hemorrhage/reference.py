@@ -44,6 +44,7 @@ __all__ = [
     "FORMAT",
     "Reference",
     "cache_key",
+    "cached",
     "load_or_compute",
     "storage_bytes",
 ]
@@ -171,16 +172,42 @@ def load_or_compute(
     cls: Any = Reference,
     name: str = "reference",
 ) -> tuple[_Stored, bool]:
-    """The cached reference for ``key``, else ``compute()`` and store it.
+    """The cached reference for ``key``, else ``compute()`` and store it (see :func:`cached`).
 
-    Returns the reference and whether it came from the cache. A corrupted entry is rebuilt and
-    an unwritable cache is bypassed, each with a warning: a wrong reference is never used.
-    ``cls`` is the stored dataclass of tensors and ``name`` its files' prefix (an encoder's
-    baseline embeddings use their own).
+    Returns the reference and whether it came from the cache. ``cls`` is the stored dataclass
+    of tensors and ``name`` its files' prefix (an encoder's baseline embeddings use their own).
+    """
+
+    def as_dict() -> dict[str, Any]:
+        value = compute()
+        return {f.name: getattr(value, f.name) for f in fields(value)}
+
+    state, hit = cached(key, cache_dir, as_dict, name=name)
+    return cls(**state), hit
+
+
+def cached(
+    key: str,
+    cache_dir: Path | None,
+    compute: Callable[[], dict[str, Any]],
+    *,
+    name: str,
+    format: int = FORMAT,
+) -> tuple[dict[str, Any], bool]:
+    """The dict stored as ``{name}-{key}.pt`` in ``cache_dir``, else ``compute()`` and store it.
+
+    The one disk cache of the project (the baseline's reference, calibration results of the
+    modifications). Returns the dict (tensors, nested dicts and lists of them, numbers, strings:
+    what ``torch.load(weights_only=True)`` reads) and whether it came from disk. Guarantees: a
+    file lock makes concurrent pytest-xdist workers compute it once; the write is atomic, so a
+    reader never sees half a file; an entry that is damaged or of another ``format`` is
+    recomputed and an unwritable directory bypassed, each with a warning: a wrong entry is never
+    used. ``key`` must hash everything the result depends on (see :func:`cache_key`).
     """
     if cache_dir is None:
         return compute(), False
     try:
+        cache_dir = Path(cache_dir)
         cache_dir.mkdir(parents=True, exist_ok=True)
         from filelock import FileLock
 
@@ -189,52 +216,53 @@ def load_or_compute(
     except OSError as exc:
         warnings.warn(
             f"hemorrhage cache {cache_dir} is not writable ({first_line(exc)}); "
-            "computing the reference without it",
+            f"computing the {name} without it",
             stacklevel=2,
         )
         return compute(), False
     try:
         path = cache_dir / f"{name}-{key}.pt"
-        cached = _load(path, cls)
-        if cached is not None:
-            return cached, True
-        reference = compute()
-        _store(path, reference)
-        return reference, False
+        state = _load(path, format)
+        if state is not None:
+            return state, True
+        state = compute()
+        if "format" in state:
+            raise ValueError(f"{name}: a cached dict cannot have a 'format' key (the file's own)")
+        _store(path, state, format)
+        return state, False
     finally:
         lock.release()
 
 
-def _load(path: Path, cls: Any = Reference) -> Any:
+def _load(path: Path, format: int) -> dict[str, Any] | None:
     import torch
 
     if not path.exists():
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.pop("format") != FORMAT:
+        if state.pop("format") != format:
             raise ValueError("old format")
-        return cls(**state)
+        return state
     except Exception as exc:  # any damage: rebuild rather than trust it
         warnings.warn(
             f"hemorrhage cache entry {path} is unreadable ({first_line(exc)}); rebuilding it",
-            stacklevel=3,
+            stacklevel=4,
         )
         return None
 
 
-def _store(path: Path, reference: Any) -> None:
+def _store(path: Path, state: dict[str, Any], format: int) -> None:
     import torch
 
     tmp = path.with_suffix(".tmp")
     try:
-        state = {f.name: getattr(reference, f.name) for f in fields(reference)}
-        torch.save({"format": FORMAT, **state}, tmp)
+        torch.save({"format": format, **state}, tmp)
         tmp.replace(path)  # atomic: readers never see half a file
     except OSError as exc:
         warnings.warn(
             f"cannot write hemorrhage cache entry {path} ({first_line(exc)}); continuing without "
             "it",
-            stacklevel=3,
+            stacklevel=4,
         )
         tmp.unlink(missing_ok=True)

@@ -96,13 +96,33 @@ def test_awq_weight_is_quantized_scaled_weight_unscaled_and_search_beats_rtn(har
     assert better >= len(scales) // 4, better
 
 
-def test_awq_calibration_is_memoized(harness):
-    harness.measure([("quant.awq", {"bits": 4, "grid": 5})])
-    keys = [k for k in harness.memo if isinstance(k, tuple) and k[0] == "quant.awq"]
-    assert keys
-    first = {k: harness.memo[k] for k in keys}
-    harness.measure([("quant.awq", {"bits": 4, "grid": 5})])
-    assert all(harness.memo[k] is v for k, v in first.items())  # not recomputed
+def test_awq_scales_are_memoized_and_cached_on_disk(tiny, tmp_path, monkeypatch):
+    """A second apply in the session and a second session (new harness, same cache directory)
+    both apply AWQ without calibrating, to the same weights, and restore exactly."""
+    from pytest_hemorrhage.harness import Harness
+    from pytest_hemorrhage.modifications import awq
+    from pytest_hemorrhage.settings import Settings
+
+    def fresh():
+        return Harness(tiny, Settings.defaults(model=tiny.spec, tokens=1024, cache_dir=tmp_path))
+
+    stage = ("quant.awq", {"bits": 3, "grid": 5, "include": ("*.layers.0.*",)})
+    first = fresh()
+    applied = _weights(first, stage)
+    assert len(list(tmp_path.glob("awq-*.pt"))) == 1
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibrated again")
+
+    monkeypatch.setattr(awq, "input_stats", no_calibration)
+    monkeypatch.setattr(awq, "input_grams", no_calibration)
+    for h in (first, fresh()):  # the session memo, then the disk cache
+        before = snapshot(h.model)
+        again = _weights(h, stage)
+        assert_restored(h.model, before)
+        assert again.keys() == applied.keys()
+        for name, w in applied.items():
+            assert torch.equal(again[name], w), name
 
 
 @pytest.mark.parametrize(

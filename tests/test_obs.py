@@ -309,20 +309,27 @@ def test_disk_cache_applies_without_calibrating(tiny, tmp_path, monkeypatch):
     assert_restored(second.model, before)
 
 
-def test_load_or_solve_rebuilds_a_damaged_entry(tmp_path):
+def test_the_shared_disk_cache_rebuilds_a_damaged_entry(tmp_path):
+    """obs, awq and the reference share ``reference.cached``: stored once, read back, a damaged
+    entry recomputed with a warning, an entry of another format never read."""
+    from pytest_hemorrhage.reference import cached
+
     calls = []
 
     def compute():
         calls.append(1)
         return {"layer": {"values": torch.arange(3.0)}}
 
-    assert obs.load_or_solve("k", tmp_path, compute)[1] is False
-    states, cached = obs.load_or_solve("k", tmp_path, compute)
-    assert cached and torch.equal(states["layer"]["values"], torch.arange(3.0))
+    assert cached("k", tmp_path, compute, name="obs", format=obs.FORMAT)[1] is False
+    states, hit = cached("k", tmp_path, compute, name="obs", format=obs.FORMAT)
+    assert hit and torch.equal(states["layer"]["values"], torch.arange(3.0))
     (tmp_path / "obs-k.pt").write_bytes(b"garbage")
     with pytest.warns(UserWarning, match="unreadable"):
-        assert obs.load_or_solve("k", tmp_path, compute)[1] is False
+        assert cached("k", tmp_path, compute, name="obs", format=obs.FORMAT)[1] is False
     assert len(calls) == 2
+    with pytest.warns(UserWarning, match="old format"):
+        assert cached("k", tmp_path, compute, name="obs", format=obs.FORMAT + 1)[1] is False
+    assert len(calls) == 3
 
 
 def test_held_state_is_small(harness):

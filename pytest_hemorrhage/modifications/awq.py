@@ -33,6 +33,7 @@ from torch import nn
 
 from ..errors import HemorrhageError
 from .calibration import input_stats
+from .obs import calibrated
 from .quant import rtn_quantize
 from .registry import Modification, Patch, Target, register_modification
 from .validate import check_choice, check_int
@@ -40,7 +41,9 @@ from .validate import check_choice, check_int
 if TYPE_CHECKING:
     from ..harness import Context
 
-__all__ = ["AWQ", "InputGram", "awq_scales", "input_grams"]
+__all__ = ["AWQ", "FORMAT", "InputGram", "awq_scales", "input_grams"]
+
+FORMAT = 1  # bump when the cached scales change meaning
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,10 +143,20 @@ def _output_error(
 def awq_scales(
     model: nn.Module, context: Context, config: AWQ, targets: list[Target]
 ) -> dict[str, torch.Tensor]:
-    """Per target, the searched input-channel scale (float32, on the CPU). Memoized."""
+    """Per target, the searched input-channel scale (float32, on the CPU).
+
+    Kept in the session memo and on disk next to the reference (``obs.calibrated``): a second
+    pytest run applies AWQ without a calibration pass.
+    """
 
     def compute() -> dict[str, torch.Tensor]:
         stats = input_stats(model, context)
+        missing = [t.name for t in targets if t.name not in stats]
+        if missing:
+            raise HemorrhageError(
+                f"{config.name}: layer {missing[0]!r} saw no calibration input, so it has no "
+                "activation scale; exclude it with exclude=(...) or use quant.rtn"
+            )
         by_name = {t.name: t for t in targets}
         scales: dict[str, torch.Tensor] = {}
         for group in input_grams(model, context, targets):
@@ -163,8 +176,7 @@ def awq_scales(
                 scales[name] = best
         return scales
 
-    key = ("quant.awq", context.applied, config)
-    return context.memo(key, compute)
+    return calibrated(config, context, targets[0].weight, compute, name="awq", format=FORMAT)
 
 
 def _scaled_rtn(scale: torch.Tensor, config: AWQ):
@@ -179,13 +191,6 @@ def _scaled_rtn(scale: torch.Tensor, config: AWQ):
 @register_modification("quant.awq", AWQ)
 def apply_awq(config: AWQ, model: nn.Module, patch: Patch, context: Context) -> None:
     targets = config.targets(model)
-    stats = input_stats(model, context)
-    missing = [t.name for t in targets if t.name not in stats]
-    if missing:
-        raise HemorrhageError(
-            f"{config.name}: layer {missing[0]!r} saw no calibration input, so it has no "
-            "activation scale; exclude it with exclude=(...) or use quant.rtn"
-        )
     scales = awq_scales(model, context, config, targets)
     for target in targets:
         patch.parametrize(target, _scaled_rtn(scales[target.name], config))

@@ -26,19 +26,18 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ..errors import HemorrhageError, first_line
-from ..reference import cache_key
+from ..errors import HemorrhageError
+from ..reference import cache_key, cached
 from .prune import pack_bits, unpack_bits
+from .quant import quant_grid
 from .registry import Modification, Patch, Target, blocks, register_modification
 from .validate import check_choice, check_int, check_number
 
@@ -51,15 +50,14 @@ __all__ = [
     "SparseGPT",
     "gptq_quantize",
     "gptq_weight",
+    "calibrated",
     "inverse_hessian_factor",
-    "load_or_solve",
-    "quant_grid",
     "sequential_hessians",
     "sparsegpt_prune",
     "sparsegpt_weight",
 ]
 
-FORMAT = 1  # bump when the stored per-layer state changes
+FORMAT = 2  # bump when the stored per-layer state changes (2: layers at the top level)
 _COLUMNS = 128  # columns per lazy batch update (both papers' block size)
 _BATCH = 8  # calibration windows per forward call
 _RECENT = 4  # configs whose results the session memo keeps (a sweep's neighbours)
@@ -183,22 +181,6 @@ def inverse_hessian_factor(
             "calibration windows"
         )
     return upper
-
-
-def quant_grid(
-    group: torch.Tensor, bits: int, symmetric: bool
-) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """``quant.rtn``'s grid for each row of ``group`` (rows, columns): scale, zero point (rows,)
-    and the integer range [lo, hi]; a weight becomes ``(clamp(round(w / s) + z, lo, hi) - z) * s``.
-    """
-    if symmetric:
-        qmax = 2 ** (bits - 1) - 1
-        scale = group.abs().amax(-1).clamp_min(1e-12) / qmax
-        return scale, torch.zeros_like(scale), -qmax - 1, qmax
-    levels = 2**bits - 1
-    lo, hi = group.amin(-1), group.amax(-1)
-    scale = (hi - lo).clamp_min(1e-12) / levels
-    return scale, (-lo / scale).round(), 0, levels
 
 
 def gptq_quantize(
@@ -507,87 +489,40 @@ def sequential_hessians(
 # --- caching -------------------------------------------------------------------------------------
 
 
-def load_or_solve(
-    key: str, cache_dir: Path | None, compute: Callable[[], dict[str, LayerState]]
-) -> tuple[dict[str, LayerState], bool]:
-    """The per-layer states stored under ``key`` in ``cache_dir``, else ``compute()`` and store.
-
-    Returns the states and whether they came from disk. As the reference cache: a file lock
-    makes concurrent workers calibrate once; a damaged entry is recomputed and an unwritable
-    directory bypassed, each with a warning.
-    """
-    if cache_dir is None:
-        return compute(), False
-    path = Path(cache_dir) / f"obs-{key}.pt"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        from filelock import FileLock
-
-        lock = FileLock(str(path.with_suffix(".lock")))
-        lock.acquire(timeout=3600)
-    except OSError as exc:
-        warnings.warn(
-            f"hemorrhage cache {cache_dir} is not writable ({first_line(exc)}); calibrating "
-            "without it",
-            stacklevel=2,
-        )
-        return compute(), False
-    try:
-        if path.exists():
-            try:
-                stored = torch.load(path, map_location="cpu", weights_only=True)
-                if stored.get("format") == FORMAT:
-                    return stored["layers"], True
-                raise ValueError("old format")
-            except Exception as exc:  # any damage: recompute rather than trust it
-                warnings.warn(
-                    f"hemorrhage cache entry {path} is unreadable ({first_line(exc)}); "
-                    "recomputing it",
-                    stacklevel=2,
-                )
-        states = compute()
-        tmp = path.with_suffix(".tmp")
-        try:
-            torch.save({"format": FORMAT, "layers": states}, tmp)
-            tmp.replace(path)  # atomic: readers never see half a file
-        except OSError as exc:
-            warnings.warn(
-                f"cannot write hemorrhage cache entry {path} ({first_line(exc)}); continuing "
-                "without it",
-                stacklevel=2,
-            )
-            tmp.unlink(missing_ok=True)
-        return states, False
-    finally:
-        lock.release()
-
-
-def _states(
+def calibrated(
     config: Modification,
-    model: nn.Module,
     context: Context,
-    targets: list[Target],
-    compute: Callable[[], dict[str, LayerState]],
-) -> dict[str, LayerState]:
-    """The per-layer states for ``config``: session memo, else disk cache, else ``compute()``."""
+    weight: torch.Tensor,
+    compute: Callable[[], dict[str, Any]],
+    *,
+    name: str = "obs",
+    format: int = FORMAT,
+) -> dict[str, Any]:
+    """The calibration result of ``config`` (a dict of tensors): session memo, else the disk
+    cache next to the reference, else ``compute()`` (stored in both).
+
+    The key hashes everything the result depends on: the config, the stages applied before it,
+    the seed, the baseline's content hash, the calibration windows, and the dtype and device
+    kind of ``weight`` (a target's). The memo keeps the last few configs of each ``name`` (a
+    sweep's neighbours); the disk cache (``reference.cached``: lock, atomic write, damaged
+    entries rebuilt) lets a second pytest run apply without calibrating.
+    """
     windows = context.calibration_windows()
-    weight = targets[0].weight
-    fingerprint = context.fingerprint
     key = cache_key(
-        "obs",
-        FORMAT,
+        name,
+        format,
         config.to_dict(),
         [c.to_dict() for c in context.applied],
         context.seed,
-        fingerprint,
+        context.fingerprint,
         tuple(windows.shape),
         windows.cpu().numpy().tobytes(),
         str(weight.dtype),
         weight.device.type,
     )
-    recent: OrderedDict[str, dict[str, LayerState]] = context.memo(("obs.recent",), OrderedDict)
+    recent: OrderedDict[str, dict[str, Any]] = context.memo((f"{name}.recent",), OrderedDict)
     if key not in recent:
-        recent[key] = load_or_solve(key, context.cache_dir, compute)[0]
+        recent[key] = cached(key, context.cache_dir, compute, name=name, format=format)[0]
         while len(recent) > _RECENT:
             recent.popitem(last=False)
     recent.move_to_end(key)
@@ -619,7 +554,7 @@ def apply_gptq(config: GPTQ, model: nn.Module, patch: Patch, context: Context) -
         sequential_hessians(model, context, targets, solve)
         return states
 
-    states = _states(config, model, context, targets, compute)
+    states = calibrated(config, context, targets[0].weight, compute)
     for target in targets:
         device = target.weight.device
         state = {k: v.to(device) for k, v in states[target.name].items()}
@@ -662,7 +597,7 @@ def apply_sparsegpt(config: SparseGPT, model: nn.Module, patch: Patch, context: 
         sequential_hessians(model, context, targets, solve)
         return states
 
-    states = _states(config, model, context, targets, compute)
+    states = calibrated(config, context, targets[0].weight, compute)
     for target in targets:
         device = target.weight.device
         patch.parametrize(

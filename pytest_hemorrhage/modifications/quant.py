@@ -46,6 +46,7 @@ __all__ = [
     "fp8_quantize",
     "int8_matmul",
     "int8_per_row",
+    "quant_grid",
     "rtn_quantize",
     "smooth_scales",
 ]
@@ -80,6 +81,24 @@ class RTN(Modification):
         check_choice(self, "symmetric", (True, False))
 
 
+def quant_grid(
+    group: torch.Tensor, bits: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """The round-to-nearest grid of each row of ``group`` (..., columns): scale and zero point
+    (...,) and the integer range [lo, hi]; a weight becomes ``(clamp(round(w / s) + z, lo, hi)
+    - z) * s``. Symmetric: absmax / (2^(bits-1) - 1), no zero point; otherwise min/max over
+    2^bits - 1 levels with a rounded zero point. ``quant.rtn``, ``quant.awq`` and GPTQ's grids.
+    """
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        scale = group.abs().amax(-1).clamp_min(1e-12) / qmax
+        return scale, torch.zeros_like(scale), -qmax - 1, qmax
+    levels = 2**bits - 1
+    lo, hi = group.amin(-1), group.amax(-1)
+    scale = (hi - lo).clamp_min(1e-12) / levels
+    return scale, (-lo / scale).round(), 0, levels
+
+
 def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
     """Fake-quantize ``w`` (out, in): quantize each group of ``group_size`` inputs, dequantize."""
     out_features, in_features = w.shape
@@ -89,16 +108,10 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -
     if symmetric and bits == 1:  # binary: sign times the mean magnitude (one level each side)
         scale = g.abs().mean(-1, keepdim=True)
         q = torch.where(g >= 0, scale, -scale)
-    elif symmetric:
-        qmax = 2 ** (bits - 1) - 1
-        scale = g.abs().amax(-1, keepdim=True).clamp_min(1e-12) / qmax
-        q = (g / scale).round().clamp(-qmax - 1, qmax) * scale
     else:
-        levels = 2**bits - 1
-        lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-        scale = (hi - lo).clamp_min(1e-12) / levels
-        zero = (-lo / scale).round()
-        q = ((g / scale).round() + zero).clamp(0, levels).sub(zero) * scale
+        scale, zero, lo, hi = quant_grid(g, bits, symmetric)
+        scale, zero = scale[..., None], zero[..., None]
+        q = ((g / scale).round() + zero).clamp(lo, hi).sub(zero) * scale
     return q.reshape(out_features, -1)[:, :in_features].to(w.dtype)
 
 
