@@ -1,7 +1,8 @@
 """Core costs of a measure, side by side in one run (issue 2's targets).
 
 For the bundled model and a ~50M-parameter random-init model of the same architecture:
-  * time of measure() (apply + forward + metrics + restore) / time of a bare forward pass over
+  * time of measure() (apply + forward + metrics + restore + the end-of-test restore
+    detection) / time of a bare forward pass over
     the same windows with the same batching                      target <= 1.15x
   * baseline forward passes run by a second session with a warm cache   target 0
   * extra peak memory of measure() over a bare forward pass, / model bytes   target <= 0.25x
@@ -93,8 +94,10 @@ def phase(which: str, what: str, cache: Path) -> dict:
         "reference_forwards": forwards_for_reference,
         "cached": h.reference_cached,
     }
+    # a measure as a test runs it: with the fixture's end-of-test restore detection (checksums)
     runs = {"forward": lambda: list(h.batches())} | {
-        str(i): (lambda m=m: h.measure([m])) for i, m in enumerate(MODIFICATIONS)
+        str(i): (lambda m=m: (h.measure([m]), h.check_pristine()))
+        for i, m in enumerate(MODIFICATIONS)
     }
     if what == "time":
         rounds = []
