@@ -168,6 +168,16 @@ def main() -> None:
         f"  json.dumps    best {json_best:.3f} s, median {json_median:.3f} s   "
         f"html / json = {html_median / json_median:.1f}x"
     )
+    from pytest_hemorrhage.report.terminal import render_results
+
+    for verbose in (False, True):
+        best, median = _best(
+            lambda v=verbose: render_results(report["results"], width=80, verbose=v)
+        )
+        print(
+            f"  terminal {'-v' if verbose else 'rows'}   best {best:.3f} s, median {median:.3f} s"
+            f"   (target < 1 s: {'ok' if median < 1 else 'MISSED'})"
+        )
 
     with_curve = copy.deepcopy(report)
     with_curve["explorations"] = [SWEEP]

@@ -82,3 +82,14 @@ def test_a_model_without_transformers_cache_is_refused(harness):
 
     with pytest.raises(HemorrhageError, match="takes no transformers cache"):
         apply(make("quant.kv_cache"), Plain(), Patch(Plain()), harness.context)
+
+
+def test_an_encoder_is_refused(harness):
+    from transformers import BertConfig, BertModel
+
+    from pytest_hemorrhage.modifications.registry import Patch, apply
+
+    bert = BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, intermediate_size=64)).eval()
+    with pytest.raises(HemorrhageError, match="does not generate \\(an encoder\\)"):
+        apply(make("quant.kv_cache"), bert, Patch(bert), harness.context)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -75,6 +76,11 @@ class KVCache(Modification):
 
 def _cache_keyword(model: nn.Module) -> str:
     """The keyword the model's forward takes a transformers cache by; refuse it otherwise."""
+    if hasattr(model, "config") and not (hasattr(model, "can_generate") and model.can_generate()):
+        raise HemorrhageError(
+            f"quant.kv_cache: {type(model).__name__} does not generate (an encoder), so no "
+            "token ever reads a cached key; it applies to causal LMs only"
+        )
     parameters = inspect.signature(model.forward).parameters
     for keyword in ("cache", "past_key_values"):  # transformers >= 5.2x renamed it
         if keyword in parameters and hasattr(model, "config"):
@@ -100,6 +106,17 @@ def _new_cache(config: KVCache, model: nn.Module) -> Any:
     )
 
 
+def _keep_last(cache: Any) -> None:
+    """Before the last chunk: nothing reads what it caches, so let every layer keep it in its
+    full-precision residual instead of quantizing the whole cache again. transformers builds
+    the keys and values a chunk attends to before it decides whether to quantize, so the
+    logits are bit-identical; the cost is not (with ``residual_length=0`` every chunk
+    re-quantizes the whole cache, HQQ's optimizer iterating over all of it)."""
+    for layer in getattr(cache, "layers", ()):
+        if hasattr(layer, "residual_length"):
+            layer.residual_length = sys.maxsize
+
+
 def quantized_forward(config: KVCache, model: nn.Module) -> Any:
     """``model.forward`` with a quantized KV cache: whole sequences scored chunk by chunk
     through one cache; a generation prefill given a quantized cache to fill."""
@@ -117,7 +134,10 @@ def quantized_forward(config: KVCache, model: nn.Module) -> Any:
             raise HemorrhageError("quant.kv_cache: the model was called without input_ids")
         kwargs.pop("use_cache", None)
         cache, parts = _new_cache(config, model), []
-        for start in range(0, input_ids.shape[1], config.chunk):
+        starts = range(0, input_ids.shape[1], config.chunk)
+        for start in starts:
+            if start == starts[-1] and start:
+                _keep_last(cache)
             out = original(input_ids=input_ids[:, start : start + config.chunk],
                            use_cache=True, **kwargs, **{keyword: cache})
             parts.append(out.logits)

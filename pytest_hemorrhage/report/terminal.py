@@ -97,33 +97,38 @@ def _table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]], *, 
     if width < NARROW:
         lines = [title] + [" · ".join(c for c in row if c) for row in rows]
         return "\n".join(lines) + "\n"
-    from rich import box
-    from rich.markup import escape
-    from rich.table import Table
-
     natural = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=True)]
     fixed = sum(w for i, w in enumerate(natural) if i not in flexible)
-    spare = max(len(flexible) * 8, width - fixed - 2 * len(header))
+    spare = max(len(flexible) * 8, width - 1 - fixed - 2 * (len(header) - 1))
     widths = list(natural)
     for n, i in enumerate(flexible):  # the first flexible column first, up to its natural width
         others = sum(natural[j] for j in flexible[n + 1:])
         widths[i] = min(natural[i], max(spare // len(flexible), spare - others, 8))
         spare -= widths[i]
-    leftover = spare
-    for i in flexible:
-        extra = min(leftover, natural[i] - widths[i])
+    for i in flexible:  # what a column left goes to the others, in order
+        extra = min(spare, natural[i] - widths[i])
         widths[i] += extra
-        leftover -= extra
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
-                  padding=(0, 1), collapse_padding=True)
-    for name, w in zip(header, widths, strict=True):
-        table.add_column(name, no_wrap=True, overflow="ellipsis", width=w,
-                         justify="right" if name == "margin" else "left")
-    for row in rows:
-        style = _STYLES.get(row[0], "")
-        table.add_row(f"[{style}]{escape(row[0])}[/]" if style else escape(row[0]),
-                      *(escape(c) for c in row[1:]))
-    return _print(table, width, color)
+        spare -= extra
+    right = [name == "margin" for name in header]
+
+    def line(cells: Sequence[str], paint: str = "") -> str:
+        out = []
+        for k, (cell, w) in enumerate(zip(cells, widths, strict=True)):
+            text = cell if len(cell) <= w else cell[: w - 1] + "…"
+            text = text.rjust(w) if right[k] else text.ljust(w)
+            if k == 0 and paint and color:
+                text = f"{paint}{text}{_RESET}"
+            out.append(text)
+        return (" " + "  ".join(out)).rstrip()
+
+    rule = " " + "─" * (sum(widths) + 2 * (len(widths) - 1))
+    body = [line(row, _ANSI.get(_STYLES.get(row[0], ""), "")) for row in rows]
+    bold = (_BOLD, _RESET) if color else ("", "")
+    return "\n".join([f"{bold[0]}{title}{bold[1]}", "", line(header), rule, *body]) + "\n"
+
+
+_ANSI = {"green": "\x1b[32m", "red": "\x1b[31m", "yellow": "\x1b[33m"}
+_BOLD, _RESET = "\x1b[1m", "\x1b[0m"
 
 
 def _print(renderable: Any, width: int, color: bool) -> str:
@@ -136,54 +141,38 @@ def _print(renderable: Any, width: int, color: bool) -> str:
 
 
 def render_table(records: list[dict[str, Any]], *, width: int = 80, color: bool = False) -> str:
-    """Per result: a heading (test, outcome, modification), then one row per budgeted metric
+    """Per result: a heading (test, outcome, modification), then one line per budgeted metric
     with value, budget, margin (budget - value) and verdict."""
-    from rich.console import Group
-    from rich.markup import escape
-    from rich.table import Table
-    from rich.text import Text
-
-    parts: list[Any] = [Text("hemorrhage", style="bold")]
+    paint = (lambda text, style: f"{_ANSI[style]}{text}{_RESET}") if color else (
+        lambda text, style: text)
+    lines = [f"{_BOLD}hemorrhage{_RESET}" if color else "hemorrhage"]
     for record in records:
         budget = {k: v for k, v in record["budget"].items() if k != "confidence"}
         metrics = list(budget) or [m for m in DEFAULT_METRICS if m in record["metrics"]]
-        what = _what(record)
         outcome = record.get("outcome") or ""
-        style = _STYLES.get(outcome, "")
-        heading = Text.from_markup(
-            f"[bold]{escape(record['nodeid'])}[/] [{style or 'default'}]{outcome}[/] "
-            f"{escape(what)}",
-            overflow="ellipsis",
-        )
-        heading.no_wrap = True
-        parts.append(heading)
-        table = Table(box=None, show_header=False, padding=(0, 1), pad_edge=False)
-        table.add_column(width=4)
-        table.add_column(min_width=20)
-        for _ in range(3):
-            table.add_column(justify="right", min_width=9)
-        table.add_column()
+        heading = f"{record['nodeid']} {outcome} {_what(record)}"
+        if len(heading) > width:
+            heading = heading[: width - 1] + "…"
+        if outcome in _STYLES and color:
+            heading = heading.replace(f" {outcome} ", f" {paint(outcome, _STYLES[outcome])} ", 1)
+        lines.append(heading)
+        rows = []
         for metric in metrics:
             value, limit = record["metrics"].get(metric), budget.get(metric)
             margin, verdict = "", ""
             if limit is not None:
                 finite = value is not None and math.isfinite(value)
                 margin = f"{limit - value:+.4f}" if finite else ""
-                verdict = "[red]over[/]" if not finite or value > limit else "[green]ok[/]"
-            table.add_row(
-                "",
-                metric,
-                _number(value),
-                "" if limit is None else f"≤ {limit:.4f}",
-                margin,
-                verdict,
-            )
+                over = not finite or value > limit
+                verdict = paint("over", "red") if over else paint("ok", "green")
+            rows.append((metric, _number(value), "" if limit is None else f"≤ {limit:.4f}",
+                         margin, verdict))
         if record.get("nonfinite_tokens"):
-            table.add_row(
-                "", "non-finite tokens", str(record["nonfinite_tokens"]), "≤ 0", "", "[red]over[/]"
-            )
-        parts.append(table)
-    return _print(Group(*parts), width, color)
+            rows.append(("non-finite tokens", str(record["nonfinite_tokens"]), "≤ 0", "",
+                         paint("over", "red")))
+        for metric, value, limit, margin, verdict in rows:
+            lines.append(f"      {metric:<20} {value:>9} {limit:>9} {margin:>9} {verdict}".rstrip())
+    return "\n".join(lines) + "\n"
 
 
 def render_explorations(explorations: Sequence[Mapping[str, Any]], *, width: int = 80,
