@@ -72,10 +72,20 @@ OPTIONS = [
     ),
     Option(
         "device",
-        "Device for the model: auto, cpu, cuda, cuda:N or mps. Default: auto (cuda if available).",
+        "Device for the model: auto, cpu, cuda, cuda:N or mps. Default: auto (cuda if "
+        "available; under pytest-xdist with several CUDA devices, worker i gets device "
+        "i mod count).",
         "auto",
         _choice("auto", "cpu", "cuda", "mps"),
         "DEVICE",
+    ),
+    Option(
+        "device-map",
+        "Spread the model over devices with accelerate: auto, balanced, or a JSON object "
+        "mapping module names to devices (a GPU index, cpu or disk), e.g. "
+        '\'{"model.embed_tokens": 0, "model.layers": 1, "lm_head": "cpu"}\'. '
+        "Modifications that cannot act on offloaded weights are refused. Default: none.",
+        metavar="MAP",
     ),
     Option(
         "dtype",
@@ -103,7 +113,7 @@ OPTIONS = [
     Option(
         "topk",
         "Baseline log-probs stored per token. Default: auto (all of them up to "
-        "8192 tokens of vocabulary, else 256).",
+        "512 tokens of vocabulary, else 160).",
         0,
         _count,
         "K",
@@ -115,6 +125,13 @@ OPTIONS = [
         16,
         _positive_int,
         "N",
+    ),
+    Option(
+        "early-stop",
+        "Score windows in a seeded order and stop a measure as soon as every budgeted metric's "
+        "verdict is statistically settled (at the budget's confidence, or 0.95; sequential "
+        "test with alpha spending); --hemorrhage-tokens becomes the maximum. Default: off.",
+        type=None,
     ),
     Option(
         "seed", "Seed for every random draw (noise, faults, sampling). Default: 0.", 0, int, "N"
@@ -214,12 +231,14 @@ class Settings:
     model: str | None
     data: Path | None
     device: str
+    device_map: str | None
     dtype: str
     seq_len: int
     tokens: int
     batch_size: int
     topk: int
     calibration_windows: int
+    early_stop: bool
     seed: int
     report: Path | None
     html: Path | None

@@ -85,22 +85,6 @@ Handler = Callable[[Any, nn.Module, "Patch", "Context"], None]
 # T <= L the logits at the last T positions (logits[:, j] follows ids[:, :L - T + j + 1]).
 LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _REGISTRY: dict[str, tuple[type[Modification], Handler]] = {}
-# family modules, each registering its modifications on import
-_BUILTINS = (
-    "quant",
-    "kvcache",
-    "awq",
-    "gguf",
-    "torchao",
-    "obs",
-    "prune",
-    "structure",
-    "slicegpt",
-    "lowrank",
-    "expand",
-    "noise",
-    "decode",
-)
 
 
 def register_modification(name: str, config: type[Modification]) -> Callable[[Handler], Handler]:
@@ -134,22 +118,13 @@ def _qualname(fn: Callable[..., Any]) -> str:
     return f"{fn.__module__}.{fn.__qualname__}"
 
 
-def _load_builtins() -> None:
-    import importlib
-
-    for family in _BUILTINS:
-        importlib.import_module(f"{__package__}.{family}")
-
-
 def names() -> list[str]:
     """Every registered modification name, sorted."""
-    _load_builtins()
     return sorted(_REGISTRY)
 
 
 def get(name: str) -> tuple[type[Modification], Handler]:
     """The config class and handler registered under ``name``."""
-    _load_builtins()
     try:
         return _REGISTRY[name]
     except KeyError:
