@@ -194,14 +194,14 @@ def memory(folder: Path) -> None:
     )
 
 
-def size(folder: Path) -> None:
+def size(folder: Path, candidate_path: Path | None = None) -> None:
     import torch
 
     from pytest_hemorrhage.harness import Harness
-    from pytest_hemorrhage.loading import load_model
+    from pytest_hemorrhage.loading import load_candidate, load_model
     from pytest_hemorrhage.metrics import TokenStats, summarize, token_stats
     from pytest_hemorrhage.portable import PortableReference, vocab_list
-    from pytest_hemorrhage.reference import Reference
+    from pytest_hemorrhage.reference import DEFAULT_TOPK, Reference
     from pytest_hemorrhage.settings import Settings
 
     tiny = load_model("hemorrhage-tiny", device="cpu")
@@ -219,7 +219,7 @@ def size(folder: Path) -> None:
     print(f"reference file, bundled model (vocab 512, exact): {bytes_ / tokens:.0f} B/token")
 
     # 32k vocabulary: Zipf-shaped baseline logits per token, a perturbed "candidate"
-    vocab, n, topk = 32000, 2048, 256
+    vocab, n, topk = 32000, 2048, DEFAULT_TOPK
     g = torch.Generator().manual_seed(0)
     rank = torch.arange(1, vocab + 1, dtype=torch.float32)
     logits = -1.1 * rank.log() + 0.5 * torch.randn(n, vocab, generator=g)
@@ -248,9 +248,34 @@ def size(folder: Path) -> None:
         f"reference file, 32k vocabulary (top-{topk}, {n} tokens): {bytes_ / n:.0f} B/token "
         f"({(bytes_ - vocab_bytes) / n:.0f} B/token without the vocabulary, stored once) "
         f"(target <= 1024); kl_mean exact {kl['exact']:.5f}, top-{topk} {kl['topk']:.5f}: "
-        f"{(kl['topk'] - kl['exact']) / kl['exact']:+.2%}"
+        f"{(kl['topk'] - kl['exact']) / kl['exact']:+.2%} (mean baseline mass outside the "
+        f"top-{topk}: {compact.tail_mass.mean().item():.3f})"
     )
     assert math.isfinite(kl["topk"])
+
+    # the same top-K storage on real distributions: the bundled model (512 tokens, so the exact
+    # KL is known) against its GGUF Q4_0 candidate
+    if candidate_path is None:
+        return
+    candidate = load_candidate(str(candidate_path), device="cpu")
+    sums = {"exact": 0.0, "topk": 0.0}
+    tails = []
+    for (logits, targets), (q, _) in zip(
+        harness.batches(), harness.batches(model=candidate.model), strict=True
+    ):
+        logp = torch.log_softmax(logits.float(), -1).flatten(0, -2)
+        for name, k in (("exact", harness.vocab), ("topk", topk)):
+            ref = Reference.from_logprobs(logp, targets, k)
+            sums[name] += token_stats(q, ref).kl.double().sum().item()
+            if ref.tail_mass is not None:
+                tails.append(ref.tail_mass)
+    tail = torch.cat(tails).mean().item()
+    print(
+        f"top-{topk} on the bundled model vs its Q4_0 GGUF: kl_mean exact "
+        f"{sums['exact'] / tokens:.5f}, top-{topk} {sums['topk'] / tokens:.5f}: "
+        f"{(sums['topk'] - sums['exact']) / sums['exact']:+.2%} (mean mass outside the "
+        f"top-{topk}: {tail:.4f})"
+    )
 
 
 def main() -> None:
@@ -264,7 +289,7 @@ def main() -> None:
         q4 = build_artifacts.build_gguf(folder / "tiny-q4_0.gguf", "Q4_0", BUNDLED_MODEL)
         speed(q4)
         speed(ROOT / "examples" / "gate" / "artifacts" / "w4a16")
-        size(folder)
+        size(folder, q4)
         memory(folder)
 
 

@@ -11,12 +11,14 @@ numbers, strings, lists and dicts, never code.
 
 Size: the reference's own bytes (see ``reference``'s module docstring: exact distributions up
 to ``EXACT_VOCAB`` tokens of vocabulary, top-K above it), plus 4 bytes of token id per scored
-token, plus the vocabulary's text once.
+token, plus the vocabulary's text once (zlib-compressed JSON: ~150 KB for 32k tokens).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import zlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -111,7 +113,11 @@ class PortableReference:
             "reference": {f.name: getattr(self.reference, f.name) for f in fields(self.reference)},
             "windows": ids.contiguous(),
             "vocab": self.vocab,
-            "tokens": self.tokens,
+            # the vocabulary once, as zlib-compressed JSON (a list of strings pickles ~4x larger)
+            "tokens": torch.frombuffer(
+                bytearray(zlib.compress(json.dumps(self.tokens).encode("utf-8"), 9)),
+                dtype=torch.uint8,
+            ),
             "baseline": self.baseline,
             "settings": self.settings,
         }
@@ -170,7 +176,7 @@ class PortableReference:
                 reference,
                 windows,
                 int(state["vocab"]),
-                list(state["tokens"]),
+                json.loads(zlib.decompress(state["tokens"].numpy().tobytes()).decode("utf-8")),
                 dict(state["baseline"]),
                 dict(state["settings"]),
                 path,
