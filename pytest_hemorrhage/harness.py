@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -274,6 +275,8 @@ class Harness:
             for i, config in enumerate(configs):
                 self._apply(config, patch)
                 results.append(self._evaluate(patch, configs[: i + 1], reference))
+                # what the handlers reported applying it (e.g. GGUF's width fallbacks), so far
+                results[-1].details = {**copy.deepcopy(patch.details), **results[-1].details}
             for extra in extras:
                 metrics, stderr, details = extra.compute(self, patch)
                 results[-1].metrics.update(metrics)

@@ -53,6 +53,38 @@ def gpt2(tiny):
     return Harness(loaded, settings)
 
 
+@pytest.fixture(scope="session")
+def outliers(tiny):
+    """A Harness (16 windows of 128 tokens) on a copy of the bundled model with outlier
+    activation channels, same function.
+
+    Channels 5, 40, 77 and 110 of every RMSNorm weight are multiplied by 40 and the same input
+    columns of each linear layer reading that norm divided by 40: the norms' outputs (the
+    inputs of q/k/v and gate/up) now have a few channels 40x larger, as in real LLMs, and the
+    logits are unchanged. (tests/test_prune.py builds its own variant under the same name.)
+    """
+    import copy
+
+    from pytest_hemorrhage.harness import Harness
+    from pytest_hemorrhage.loading import LoadedModel
+    from pytest_hemorrhage.settings import Settings
+
+    model = copy.deepcopy(tiny.model)
+    channels, scale = [5, 40, 77, 110], 40.0
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for norm, readers in (
+                (layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj)),
+                (layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj)),
+            ):
+                norm.weight[channels] *= scale
+                for linear in readers:
+                    linear.weight[:, channels] /= scale
+    loaded = LoadedModel(model=model, tokenizer=tiny.tokenizer, spec="tiny+outliers")
+    return Harness(loaded, Settings.defaults(model=loaded.spec, tokens=2048))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _import_model_code_before_pytester(tiny):
     """pytester's in-process runs drop the modules they imported; torch then refuses to register

@@ -17,7 +17,6 @@ from __future__ import annotations
 import pytest
 import torch
 from bit_identity import assert_restored, snapshot
-from test_quant import outliers  # noqa: F401  (the outlier copy of the bundled model, a fixture)
 
 from pytest_hemorrhage.errors import HemorrhageError
 from pytest_hemorrhage.modifications import make
@@ -234,7 +233,7 @@ def test_awq_matches_rtn_without_outliers(harness, bits):
 
 
 @pytest.mark.parametrize(("bits", "ratio"), [(3, 0.8), (4, 0.5)])
-def test_awq_beats_rtn_clearly_with_outlier_channels(outliers, bits, ratio):  # noqa: F811
+def test_awq_beats_rtn_clearly_with_outlier_channels(outliers, bits, ratio):
     """Measured (zero point, group 128): AWQ/RTN kl_mean 0.64x at 3 bits, 0.29x at 4 bits."""
     params = {"bits": bits, "symmetric": False}
     rtn, awq = _kl(outliers, "quant.rtn", **params), _kl(outliers, "quant.awq", **params)

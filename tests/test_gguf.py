@@ -5,7 +5,6 @@ bundled model widened by duplication, tests/widened.py)."""
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -14,7 +13,6 @@ from bit_identity import assert_restored, snapshot
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
-from test_quant import outliers  # noqa: F401  (the outlier-channel copy of the bundled model)
 from torch import nn
 from widened import widened
 
@@ -24,7 +22,6 @@ from pytest_hemorrhage.modifications.gguf import (
     BITS_PER_WEIGHT,
     BLOCK_TYPES,
     GGUF_TYPES,
-    GgufWarning,
     fallback_type,
     plan,
     quantize,
@@ -90,9 +87,7 @@ def _harness(loaded, **settings):
 
 
 def _measure(harness, **params):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", GgufWarning)
-        return harness.measure([("quant.gguf", params)])
+    return harness.measure([("quant.gguf", params)])
 
 
 @pytest.fixture(scope="module")
@@ -149,17 +144,15 @@ def test_the_model_computes_with_the_gguf_dequantization_of_its_blocks(qtype, ki
 def test_bundled_model_layers_hold_the_gguf_blocks_of_their_planned_type(harness):
     config = make("quant.gguf", {"type": "Q4_K_M", "include": ("*",), "embeddings": True})
     planned = {p.name: p for p in plan(config, harness.model)}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", GgufWarning)
-        with harness.modified([config]) as patch:
-            for name, p in planned.items():
-                module = harness.model.get_submodule(name)
-                blocks, qtype = _dequantized(module)
-                assert qtype == p.type
-                original = module.parametrizations.weight.original
-                assert np.array_equal(blocks, quantize(original, qtype)), name
-                deq = gguf_dequantize(blocks, GGMLQuantizationType[qtype])
-                assert torch.equal(module.weight, torch.from_numpy(deq)), name
+    with harness.modified([config]) as patch:
+        for name, p in planned.items():
+            module = harness.model.get_submodule(name)
+            blocks, qtype = _dequantized(module)
+            assert qtype == p.type
+            original = module.parametrizations.weight.original
+            assert np.array_equal(blocks, quantize(original, qtype)), name
+            deq = gguf_dequantize(blocks, GGMLQuantizationType[qtype])
+            assert torch.equal(module.weight, torch.from_numpy(deq)), name
     assert len(planned) == 4 * 7 + 2 and patch is not None
 
 
@@ -286,24 +279,31 @@ def test_a_tied_head_and_embedding_are_one_tensor_with_the_output_type(gpt2):
     assert [(p.name, p.category, p.asked, p.type) for p in planned] == [
         ("transformer.wte", "output", "Q6_K", "Q8_0")
     ]  # 64 wide: Q6_K falls back to Q8_0
-    with pytest.warns(GgufWarning, match=r"Q6_K -> Q8_0: transformer\.wte$"):
-        gpt2.measure([config])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", GgufWarning)
-        with gpt2.modified([config]):
-            assert torch.equal(model.transformer.wte.weight, model.lm_head.weight)
-            assert _dequantized(model.lm_head)[1] == "Q8_0"
-            assert _dequantized(model.transformer.wte)[0] is _dequantized(model.lm_head)[0]
+    fallbacks = gpt2.measure([config]).details["fallbacks"]["quant.gguf"]
+    assert fallbacks["summary"].endswith("Q6_K -> Q8_0 for transformer.wte")
+    assert fallbacks["tensors"]["transformer.wte"] == ["Q6_K", "Q8_0"]
+    with gpt2.modified([config]):
+        assert torch.equal(model.transformer.wte.weight, model.lm_head.weight)
+        assert _dequantized(model.lm_head)[1] == "Q8_0"
+        assert _dequantized(model.transformer.wte)[0] is _dequantized(model.lm_head)[0]
 
 
-def test_fallbacks_are_named_in_a_warning(harness):
-    with pytest.warns(
-        GgufWarning, match=r"Q4_K -> Q5_0: model\.layers\.\{0,1,2,3\}\.self_attn\.q_proj"
-    ):
-        harness.measure([("quant.gguf", {"type": "Q4_K"})])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", GgufWarning)
-        harness.measure([("quant.gguf", {"type": "Q4_0"})])  # 128 and 384 are multiples of 32
+def test_fallbacks_are_named_in_the_results_details(harness):
+    """Every bundled layer is 128 or 384 wide: Q4_K (256 per block) falls back to Q5_0 in all
+    four blocks, said once as a block range; Q4_K_M's Q6_K tensors fall back to Q8_0 apart."""
+    details = harness.measure([("quant.gguf", {"type": "Q4_K"})]).details["fallbacks"]
+    assert details["quant.gguf"]["summary"] == "Q4_K -> Q5_0 for model.layers.{0..3}.*"
+    assert len(details["quant.gguf"]["tensors"]) == 4 * 7
+    mixed = harness.measure([("quant.gguf", {"type": "Q4_K_M"})]).details["fallbacks"]
+    assert mixed["quant.gguf"]["summary"].endswith(
+        "; Q6_K -> Q8_0 for model.layers.{2,3}.self_attn.v_proj, model.layers.{2,3}.mlp.down_proj"
+    )
+    # a composition: the stage before the GGUF one reports nothing, the total does
+    total = harness.measure([("quant.rtn", {"bits": 8}), ("quant.gguf", {"type": "Q4_K"})])
+    assert "fallbacks" not in total.stages[0].details
+    assert total.details["fallbacks"] == details
+    # 128 and 384 are multiples of 32: nothing falls back, nothing is said
+    assert "fallbacks" not in harness.measure([("quant.gguf", {"type": "Q4_0"})]).details
 
 
 # --- (d) errors and exact restore ---------------------------------------------------------------
@@ -410,7 +410,7 @@ def test_types_list_gentlest_first_by_bits_per_weight():
     assert bpw == sorted(bpw, reverse=True)
 
 
-def test_q4_1_loses_to_q4_0_where_near_zero_weights_meet_outlier_activations(harness, outliers):  # noqa: F811
+def test_q4_1_loses_to_q4_0_where_near_zero_weights_meet_outlier_activations(harness, outliers):
     """Q4_1 (min + q*d) has no exact zero on its grid. On the bundled model it beats Q4_0
     (kl_mean 0.018 vs 0.022); on the copy with 40x activation channels, whose weight columns
     are 40x smaller, rounding those near-zero weights off zero costs 40x: Q4_1 0.81 vs Q4_0

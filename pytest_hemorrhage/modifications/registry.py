@@ -277,18 +277,27 @@ class Patch:
         self.model = model
         self.logits_processors: list[LogitsProcessor] = []  # decoding changes, in order
         # parametrize re-seats the original tensor on itself (set_), which bumps its version
-        # counter without changing a bit; data_ptr -> version right after that bump
+        # counter without changing a bit; data_ptr -> version right after the last such bump
         self.reseated: dict[int, int] = {}
+        # what handlers report about how they applied, JSON-ready (e.g. GGUF's width fallbacks:
+        # {"fallbacks": {"quant.gguf": {...}}}); the harness copies it into Result.details
+        self.details: dict[str, Any] = {}
         self._undo: list[Callable[[], None]] = []
 
     def parametrize(self, target: Target, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Compute ``target``'s weight as ``fn(weight)`` on every use; the original is kept."""
         module = target.module
         original = module.weight
+        before = original._version
         parametrize.register_parametrization(
             module, "weight", _Edit(fn, target.transposed), unsafe=True
         )
-        self.reseated.setdefault(original.data_ptr(), original._version)
+        # A tensor several modules share (a tied embedding and head) is re-seated once per
+        # registration: follow the bumps registrations make, and only those (a write between
+        # two of them leaves the recorded version behind, so the harness still sees it).
+        ptr = original.data_ptr()
+        if original._version != before and self.reseated.get(ptr, before) == before:
+            self.reseated[ptr] = original._version
 
         def undo() -> None:
             if parametrize.is_parametrized(module, "weight"):
