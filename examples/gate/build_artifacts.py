@@ -57,7 +57,9 @@ def build_nf4(out: Path, source: Path = BUNDLED) -> Path:
 
 def _permute(w, heads: int):
     """llama.cpp's q/k row order: each head's rotary halves interleaved (convert_hf_to_gguf)."""
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
 
 
 def build_gguf(out: Path, qtype: str = "Q8_0", source: Path = BUNDLED) -> Path:
@@ -95,10 +97,7 @@ def build_gguf(out: Path, qtype: str = "Q8_0", source: Path = BUNDLED) -> Path:
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
     writer.add_token_types(
-        [
-            int(gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL)
-            for t in tokens
-        ]
+        [int(gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL) for t in tokens]
     )
     writer.add_token_merges(merges)
     writer.add_bos_token_id(config["bos_token_id"])
