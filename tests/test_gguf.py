@@ -4,6 +4,7 @@ bundled model widened by duplication, tests/widened.py)."""
 
 from __future__ import annotations
 
+import html
 import math
 
 import numpy as np
@@ -304,6 +305,36 @@ def test_fallbacks_are_named_in_the_results_details(harness):
     assert total.details["fallbacks"] == details
     # 128 and 384 are multiples of 32: nothing falls back, nothing is said
     assert "fallbacks" not in harness.measure([("quant.gguf", {"type": "Q4_0"})]).details
+
+
+SUITE = """
+def test_q4_k(hemorrhage):
+    hemorrhage.measure("quant.gguf", type="Q4_K")
+
+def test_q4_k_again(hemorrhage):
+    hemorrhage.measure("quant.gguf", type="Q4_K")
+    hemorrhage.measure("quant.gguf", type="Q3_K")
+
+def test_q4_0(hemorrhage):
+    hemorrhage.measure("quant.gguf", type="Q4_0")
+"""
+
+
+def test_the_summary_says_each_fallback_once_and_the_html_in_each_fold_out(pytester):
+    pytester.makepyfile(test_release=SUITE)
+    args = ("--hemorrhage-model=hemorrhage-tiny", "--hemorrhage-tokens=512", "-p", "no:randomly")
+    result = pytester.runpytest(*args, "--hemorrhage-html=page.html")
+    result.assert_outcomes(passed=3)
+    out = result.stdout.str()
+    q4_k = "quant.gguf fallbacks: Q4_K -> Q5_0 for model.layers.{0..3}.*"
+    q3_k = "quant.gguf fallbacks: Q3_K -> Q4_0 for model.layers.{0..3}.*"
+    assert out.count(q4_k) == 1 and out.count(q3_k) == 1, out[-2000:]
+    assert out.index("test_q4_0") < out.index(q4_k) < out.index(q3_k)  # after the table
+    assert out.count("fallbacks:") == 2
+    page = (pytester.path / "page.html").read_text(encoding="utf-8")
+    folds = [f for f in page.split("<details>")[1:] if "fallbacks" in f]
+    assert len(folds) == 3  # Q4_K twice, Q3_K once; Q4_0's fold-out says nothing
+    assert sum(html.escape(q4_k) in f.split("</details>")[0] for f in folds) == 2
 
 
 # --- (d) errors and exact restore ---------------------------------------------------------------

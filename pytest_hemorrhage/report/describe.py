@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["DEFAULT_METRICS", "describe_modification"]
+__all__ = ["DEFAULT_METRICS", "describe_fallbacks", "describe_modification"]
 
 DEFAULT_METRICS = ("ppl_increase", "kl_mean")  # shown for results measured without a budget
 
@@ -22,3 +22,15 @@ def describe_modification(name: str, params: Mapping[str, Any]) -> str:
             for s in stages
         )
     return f"{name}({', '.join(f'{k}={v}' for k, v in params.items())})"
+
+
+def describe_fallbacks(record: Mapping[str, Any]) -> list[str]:
+    """What a result's modifications applied other than asked (``details["fallbacks"]``, e.g.
+    GGUF types a layer's width does not allow), one line per modification:
+    ``quant.gguf fallbacks: Q4_K -> Q5_0 for model.layers.{0..3}.*``."""
+    fallbacks = (record.get("details") or {}).get("fallbacks") or {}
+    return [
+        f"{name} fallbacks: {info['summary']}"
+        for name, info in fallbacks.items()
+        if isinstance(info, Mapping) and info.get("summary")
+    ]

@@ -23,7 +23,7 @@ from pathlib import Path
 from statistics import NormalDist
 from typing import Any
 
-from .describe import DEFAULT_METRICS, describe_modification
+from .describe import DEFAULT_METRICS, describe_fallbacks, describe_modification
 
 __all__ = ["render_html", "write_html"]
 
@@ -378,7 +378,8 @@ def _result_rows(index: int, record: Mapping[str, Any], blamed: bool) -> str:
 
 
 def _more(record: Mapping[str, Any]) -> str:
-    """Every metric, the perplexities and the composition's stages, folded away."""
+    """Every metric, the perplexities, what was applied other than asked (GGUF fallbacks) and
+    the composition's stages, folded away."""
     metrics = record.get("metrics") or {}
     stderr = record.get("stderr") or {}
     rows = [
@@ -408,11 +409,12 @@ def _more(record: Mapping[str, Any]) -> str:
             for s in record["stages"]
         )
         stages = f"<p>after each earlier stage:</p><ul>{items}</ul>"
-    if not rows and not facts and not stages:
+    notes = "".join(f'<p class="fallback">{_e(line)}</p>' for line in describe_fallbacks(record))
+    if not rows and not facts and not stages and not notes:
         return ""
     return (
         f"<details><summary>all {len(metrics)} metrics</summary>"
-        f"<p>{_e(' · '.join(facts))}</p><table>{''.join(rows)}</table>{stages}</details>"
+        f"<p>{_e(' · '.join(facts))}</p>{notes}<table>{''.join(rows)}</table>{stages}</details>"
     )
 
 

@@ -13,9 +13,15 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .describe import DEFAULT_METRICS, describe_modification
+from .describe import DEFAULT_METRICS, describe_fallbacks, describe_modification
 
-__all__ = ["closest_metric", "render_explorations", "render_results", "render_table"]
+__all__ = [
+    "closest_metric",
+    "render_explorations",
+    "render_notes",
+    "render_results",
+    "render_table",
+]
 
 NARROW = 60  # columns below which tables become plain lines
 
@@ -58,9 +64,12 @@ def _verdict(record: Mapping[str, Any]) -> str:
 
 def render_results(records: Sequence[Mapping[str, Any]], *, width: int = 80,
                    color: bool = False, verbose: bool = False) -> str:
-    """The results part of the summary: one row per test, or every measure with ``verbose``."""
+    """The results part of the summary: one row per test, or every measure with ``verbose``;
+    then, once each, what modifications applied other than asked (:func:`render_notes`)."""
     if verbose:
-        return render_table(list(records), width=width, color=color)
+        return render_table(list(records), width=width, color=color) + render_notes(
+            records, width=width
+        )
     by_test: dict[str, list[Mapping[str, Any]]] = {}
     for record in records:
         by_test.setdefault(record["nodeid"], []).append(record)
@@ -74,8 +83,23 @@ def render_results(records: Sequence[Mapping[str, Any]], *, width: int = 80,
         shown = f"{metric} {_g3(value)}" + (f" ≤ {limit:.3g}" if limit is not None else "")
         rows.append((_verdict(worst), nodeid.rpartition("::")[2] or nodeid, what, shown, margin))
     header = ("verdict", "test", "modification", "closest to budget", "margin")
-    return _table("hemorrhage (one row per test; -v: every measure)", header, rows,
-                  width=width, color=color, flexible=(1, 2))
+    table = _table("hemorrhage (one row per test; -v: every measure)", header, rows,
+                   width=width, color=color, flexible=(1, 2))
+    return table + render_notes(records, width=width)
+
+
+def render_notes(records: Sequence[Mapping[str, Any]], *, width: int = 80) -> str:
+    """One line per distinct fallback the results report (e.g. ``quant.gguf fallbacks: Q4_K ->
+    Q5_0 for model.layers.{0..3}.*``), however many measures applied it; wrapped, not cut."""
+    import textwrap
+
+    lines = dict.fromkeys(line for record in records for line in describe_fallbacks(record))
+    wrapped = [
+        textwrap.fill(line, max(width - 1, 40), subsequent_indent="    ",
+                      break_long_words=False, break_on_hyphens=False)
+        for line in lines
+    ]
+    return "".join(f"{text}\n" for text in wrapped)
 
 
 def _severity(record: Mapping[str, Any]) -> float:
