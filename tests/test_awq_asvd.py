@@ -245,3 +245,24 @@ def test_asvd_beats_plain_svd_at_the_same_rank(harness):
     svd = _kl(harness, "lowrank.svd", rank_ratio=0.5)
     asvd = _kl(harness, "lowrank.asvd", rank_ratio=0.5, alpha=0.5)
     assert asvd < svd, (asvd, svd)
+
+
+@pytest.mark.parametrize(
+    "stage", [("lowrank.svd", {"rank_ratio": 0.3}), ("lowrank.asvd", {"rank_ratio": 0.3})]
+)
+def test_a_repeated_low_rank_apply_does_no_svd(harness, monkeypatch, stage):
+    """The session keeps each config's subspaces: a second apply computes no SVD and gives
+    the same weights; a different rank computes its own."""
+    from pytest_hemorrhage.modifications import lowrank
+
+    first = _weights(harness, stage)
+
+    def no_svd(*args, **kwargs):
+        raise AssertionError("SVD computed again")
+
+    monkeypatch.setattr(lowrank, "truncate", no_svd)
+    again = _weights(harness, stage)
+    for name, w in first.items():
+        assert torch.equal(again[name], w), name
+    with pytest.raises(AssertionError, match="SVD computed again"):
+        _weights(harness, (stage[0], {**stage[1], "rank_ratio": 0.35}))

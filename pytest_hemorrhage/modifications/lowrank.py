@@ -15,18 +15,20 @@ stored in graph coordinates, ``span([I; X])`` after a row permutation, so it cos
 ``j * (p - j) <= p^2 / 4 <= out * in / 4`` numbers (plus p row indices): at most a quarter of
 the layer's own weight whatever the rank (float32; for 16-bit weights, 16-bit X where float32
 would not fit). The price is two thin matrix products per layer and use, plus one SVD per
-layer at apply time.
+layer at the first apply of a config in a session: the subspaces of the last four configs are
+memoized (at most a quarter of the targets' weight bytes each), so a repeated apply does no SVD.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -40,6 +42,8 @@ if TYPE_CHECKING:
     from ..harness import Context
 
 __all__ = ["ASVD", "LowRank", "Subspace", "asvd_scale", "kept_rank", "rebuild", "truncate"]
+
+_RECENT = 4  # configs whose subspaces the session memo keeps
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,8 +110,9 @@ class Subspace:
         for i, swap in enumerate(pivots.tolist()):
             perm[i], perm[swap - 1] = perm[swap - 1], perm[i]
         lower = lu.tril(-1) + torch.eye(p, j, dtype=lu.dtype, device=lu.device)
-        x = torch.linalg.solve_triangular(lower[:j], lower[j:], upper=False, left=False,
-                                          unitriangular=True)
+        x = torch.linalg.solve_triangular(
+            lower[:j], lower[j:], upper=False, left=False, unitriangular=True
+        )
         index = torch.tensor(perm, dtype=torch.int32, device=basis.device)
         self.rows, self.rest = index[:j], index[j:]
         self.x = x.to(dtype)
@@ -195,20 +200,27 @@ def rebuild(w: torch.Tensor, space: Subspace) -> torch.Tensor:
     return (a.T if transposed else a).to(w.dtype)
 
 
-def _truncated(rank_ratio: float, target: Target, scale: torch.Tensor | None, patch: Patch) -> None:
-    """Parametrize ``target`` as its truncated SVD, of ``W diag(scale)`` unscaled if given."""
+def _truncated(
+    rank_ratio: float,
+    target: Target,
+    scale: torch.Tensor | None,
+    patch: Patch,
+    spaces: dict[str, Subspace | None],
+) -> None:
+    """Parametrize ``target`` as its truncated SVD, of ``W diag(scale)`` unscaled if given.
+
+    ``spaces`` memoizes the subspace per layer name (computed here on first use)."""
     w = target.weight.detach()
     rank = kept_rank(rank_ratio, w.shape)
-    if scale is None:
+    s = None if scale is None else scale.to(w.device, _compute_dtype(w))
+    if target.name not in spaces:
         with torch.no_grad():
-            space = truncate(w, rank)
-        if space is not None:
-            patch.parametrize(target, lambda w, space=space: rebuild(w, space))
-        return
-    with torch.no_grad():
-        s = scale.to(w.device, _compute_dtype(w))
-        space = truncate(w.to(s.dtype) * s, rank)
+            spaces[target.name] = truncate(w if s is None else w.to(s.dtype) * s, rank)
+    space = spaces[target.name]
     if space is None:
+        return
+    if s is None:
+        patch.parametrize(target, lambda w, space=space: rebuild(w, space))
         return
 
     def scaled(w: torch.Tensor, space: Subspace = space, s: torch.Tensor = s) -> torch.Tensor:
@@ -218,10 +230,30 @@ def _truncated(rank_ratio: float, target: Target, scale: torch.Tensor | None, pa
     patch.parametrize(target, scaled)
 
 
+def _subspaces(config: LowRank, context: Context) -> dict[str, Subspace | None]:
+    """The session's subspaces for ``config`` after the stages applied before it, per layer.
+
+    The last ``_RECENT`` configs are kept (a sweep's neighbours), each at most a quarter of its
+    targets' weight bytes (see :class:`Subspace`): a cached apply costs the parametrizations
+    only, no SVD.
+    """
+    recent: OrderedDict[Any, dict[str, Subspace | None]] = context.memo(
+        ("lowrank.recent",), OrderedDict
+    )
+    key = (config, context.applied)
+    if key not in recent:
+        recent[key] = {}
+        while len(recent) > _RECENT:
+            recent.popitem(last=False)
+    recent.move_to_end(key)
+    return recent[key]
+
+
 @register_modification("lowrank.svd", LowRank)
 def apply_svd(config: LowRank, model: nn.Module, patch: Patch, context: Context) -> None:
+    spaces = _subspaces(config, context)
     for target in config.targets(model):
-        _truncated(config.rank_ratio, target, None, patch)
+        _truncated(config.rank_ratio, target, None, patch, spaces)
 
 
 def asvd_scale(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -244,6 +276,7 @@ def apply_asvd(config: ASVD, model: nn.Module, patch: Patch, context: Context) -
             f"{config.name}: layer {missing[0]!r} saw no calibration input, so it has no "
             "activation scale; exclude it with exclude=(...) or use lowrank.svd"
         )
+    spaces = _subspaces(config, context)
     for target in targets:
         scale = asvd_scale(stats[target.name].abs_mean, config.alpha)
-        _truncated(config.rank_ratio, target, scale, patch)
+        _truncated(config.rank_ratio, target, scale, patch, spaces)

@@ -127,6 +127,33 @@ def _layout(model: nn.Module, what: str) -> _Layout:
     return _Layout(embed, norm, head, prefix, len(layers), mlp)
 
 
+# Stages that change the block structure or widths SliceGPT's rotation is computed for.
+_STRUCTURAL = ("expand.layers", "prune.layers", "prune.heads", "prune.channels", "prune.slicegpt")
+
+
+def _check_rewritable(model: nn.Module, layout: _Layout, context: Context) -> None:
+    """Refuse, before anything changes, what an earlier stage made impossible to rotate: a
+    structural change, or a layer swapped for a kernel (bitsandbytes, w8a8, ...) whose float
+    weight is gone."""
+    earlier = [c.name for c in context.applied if c.name in _STRUCTURAL]
+    if earlier:
+        raise HemorrhageError(
+            f"prune.slicegpt after {earlier[0]}: the rotation is computed for the model's own "
+            "blocks and widths; put prune.slicegpt before structural stages in a composition"
+        )
+    _, layers = blocks(model)
+    names = [f"{layout.prefix}.{i}.{n}" for i in range(len(layers))
+             for n in (*_ATTENTION_READERS, *_WRITERS, *layout.mlp_readers)]
+    for name in [layout.embed, layout.head, *names]:
+        module = model.get_submodule(name)
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            raise HemorrhageError(
+                f"prune.slicegpt: {name} is a {type(module).__name__} (an earlier stage swapped "
+                "it for a kernel without a float weight); put prune.slicegpt before "
+                "quantization stages in a composition"
+            )
+
+
 def _has(module: nn.Module, name: str) -> bool:
     try:
         module.get_submodule(name)
@@ -204,12 +231,15 @@ def _shortcut(rotation: torch.Tensor):
 @register_modification("prune.slicegpt", SliceGPT)
 def apply_slicegpt(config: SliceGPT, model: nn.Module, patch: Patch, context: Context) -> None:
     layout = _layout(model, config.name)
+    _check_rewritable(model, layout, context)
     embed = model.get_submodule(layout.embed)
     width = embed.weight.shape[1]
     kept = max(1, width - round(config.fraction * width))
-    covariances = residual_covariances(model, context)
     device = embed.weight.device
-    bases = [_principal(c, kept).to(device) for c in covariances]
+    bases = context.memo(  # one eigendecomposition per block and width kept, per session
+        ("prune.slicegpt.bases", context.applied, kept, str(device)),
+        lambda: [_principal(c, kept).to(device) for c in residual_covariances(model, context)],
+    )
     _, layers = blocks(model)
 
     def read(name: str, basis: torch.Tensor, gain: torch.Tensor) -> None:
