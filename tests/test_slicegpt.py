@@ -85,3 +85,19 @@ def test_slicing_hurts_more_than_unstructured_pruning_of_the_same_share(harness,
     for name in ("prune.wanda", "prune.magnitude"):
         unstructured = _kl(harness, name, sparsity=fraction)
         assert sliced > 3 * unstructured, (name, sliced, unstructured)
+
+
+@pytest.mark.parametrize(
+    "earlier, message",
+    [
+        (("quant.bnb_int8", {}), "is a ComputeIn .*put prune.slicegpt before quantization"),
+        (("quant.w8a8", {}), "is a W8A8Linear .*put prune.slicegpt before quantization"),
+        (("prune.slicegpt", {"fraction": 0.1}), "after prune.slicegpt: the rotation"),
+        (("expand.layers", {}), "after expand.layers: the rotation"),
+    ],
+)
+def test_after_a_swap_or_a_structural_stage_it_refuses_and_restores(harness, earlier, message):
+    before = snapshot(harness.model)
+    with pytest.raises(HemorrhageError, match=message):
+        harness.measure([earlier, ("prune.slicegpt", {"fraction": 0.25})])
+    assert_restored(harness.model, before)
