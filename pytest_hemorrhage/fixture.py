@@ -60,7 +60,7 @@ class Hemorrhage:
         """
         self._needs_baseline("measure")
         want = frozenset(self.budget.limits) | self._session.default_extras()
-        result = self.harness.measure(_stages(modification, params), want)
+        result = self.harness.measure(_stages(modification, params), want, budget=self.budget)
         self._session.record(self._node, result, self.budget)
         return result
 
@@ -82,7 +82,7 @@ class Hemorrhage:
         name = label or (candidate_label(str(candidate)) if _is_spec(candidate) else loaded.spec)
         params = {"label": name, "spec": str(loaded.spec), "fingerprint": loaded.fingerprint}
         want = frozenset(self.budget.limits) | self._session.default_extras()
-        result = self.harness.measure_model(loaded, params, want)
+        result = self.harness.measure_model(loaded, params, want, budget=self.budget)
         self._session.note_candidate(name, loaded)
         self._session.record(self._node, result, self.budget)
         return result

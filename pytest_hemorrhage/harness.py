@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .data import make_windows, read_text
+from .devices import offloaded_modules
+from .early_stop import EarlyStop, take_windows
 from .embeddings import (
     EmbeddingReference,
     check_kind,
@@ -22,7 +24,7 @@ from .embeddings import (
     encode,
     make_texts,
 )
-from .errors import HemorrhageError
+from .errors import HemorrhageError, first_line
 from .extras import providers
 from .loading import ENCODER, model_logits
 from .metrics import Result, TokenStats, summarize, token_stats
@@ -31,6 +33,7 @@ from .modifications.registry import LogitsProcessor, Modification, Patch, apply,
 from .reference import DEFAULT_TOPK, EXACT_VOCAB, Reference, cache_key, load_or_compute
 
 if TYPE_CHECKING:
+    from .budget import Budget
     from .loading import LoadedModel
     from .portable import PortableReference
     from .settings import Settings
@@ -256,12 +259,16 @@ class Harness:
             self._accept_reseated(patch.reseated)
             self._check_versions()
 
-    def measure(self, stages: Stages, want: frozenset[str] = frozenset()) -> Result:
+    def measure(
+        self, stages: Stages, want: frozenset[str] = frozenset(), budget: Budget | None = None
+    ) -> Result:
         """Measure ``stages`` against the baseline.
 
         A composition is measured after every stage; ``Result.stages`` holds the cumulative
         measurements before the last stage, the result itself is the total. ``want`` names extra
-        metrics (see ``metrics.EXTRA_METRICS``) to compute on the total too.
+        metrics (see ``metrics.EXTRA_METRICS``) to compute on the total too. With
+        ``--hemorrhage-early-stop``, the total stops scoring windows once ``budget``'s verdict
+        is settled (see :mod:`pytest_hemorrhage.early_stop`); the stages before it are full.
         """
         configs = list(iter_configs(_as_list(stages)))
         check_kind(want, self.kind, "hemorrhage.measure")
@@ -274,7 +281,10 @@ class Harness:
         with self._own_rng(), self.modified([]) as patch:
             for i, config in enumerate(configs):
                 self._apply(config, patch)
-                results.append(self._evaluate(patch, configs[: i + 1], reference))
+                last = i == len(configs) - 1
+                results.append(
+                    self._evaluate(patch, configs[: i + 1], reference, budget=budget, early=last)
+                )
                 # what the handlers reported applying it (e.g. GGUF's width fallbacks), so far
                 results[-1].details = {**copy.deepcopy(patch.details), **results[-1].details}
             for extra in extras:
@@ -287,13 +297,17 @@ class Harness:
         return total
 
     def measure_model(
-        self, candidate: Any, params: dict[str, Any], want: frozenset[str] = frozenset()
+        self,
+        candidate: Any,
+        params: dict[str, Any],
+        want: frozenset[str] = frozenset(),
+        budget: Budget | None = None,
     ) -> Result:
         """Measure a separately produced model (a loaded candidate: ``.model``, ``.tokenizer``,
         ``.spec``) against the baseline's reference, with the same metrics, standard errors and
         extras as :meth:`measure`. Its vocabulary must be the baseline's (see
         :func:`~pytest_hemorrhage.portable.check_vocabulary`). The result's modification is
-        ``"candidate"`` and its params are ``params``."""
+        ``"candidate"`` and its params are ``params``. ``budget``: as for :meth:`measure`."""
         from .portable import check_vocabulary, vocab_list
 
         model = candidate.model
@@ -326,7 +340,7 @@ class Harness:
         self.context.applied = ()  # the candidate's decoding is greedy: no stages applied
         with self._own_rng():
             patch = Patch(model)  # empty: the extras run ``patch.model``, the candidate
-            result = self._evaluate(patch, [], reference, model=model)
+            result = self._evaluate(patch, [], reference, model=model, budget=budget, early=True)
             for extra in extras:
                 metrics, stderr, details = extra.compute(self, patch)
                 result.metrics.update(metrics)
@@ -347,19 +361,40 @@ class Harness:
         return torch.random.fork_rng(devices=[index], device_type=self.device.type)
 
     def _apply(self, config: Modification, patch: Patch) -> None:
-        apply(config, self.model, patch, self.context)
+        offloaded = self._offloaded()
+        if not offloaded:
+            apply(config, self.model, patch, self.context)
+        else:
+            _apply_offloaded(config, self.model, patch, self.context, offloaded)
         self.context.applied += (config,)
 
+    def _offloaded(self) -> dict[int, str]:
+        """Modules whose weights accelerate offloaded (``id -> name``); empty (one pass over
+        the parameters) for a model on its devices."""
+        if not any(p.is_meta for p in self.model.parameters()):
+            return {}
+        return offloaded_modules(self.model)
+
     def _evaluate(
-        self, patch: Patch, configs: list[Modification], reference: Reference, model: Any = None
+        self,
+        patch: Patch,
+        configs: list[Modification],
+        reference: Reference,
+        model: Any = None,
+        budget: Budget | None = None,
+        early: bool = False,
     ) -> Result:
         if self.texts is not None:
             return self._evaluate_embeddings(patch, configs, reference)  # type: ignore[arg-type]
-        parts, row = [], 0
-        for logits, targets in self.batches(patch.logits_processors, model=model):
-            parts.append(token_stats(logits, reference.rows(row, row + len(targets))))
-            row += len(targets)
-        stats = TokenStats.cat(parts)
+        stop = None
+        if early and self.settings.early_stop:
+            stats, reference, stop = self._score_sequentially(patch, reference, model, budget)
+        else:
+            parts, row = [], 0
+            for logits, targets in self.batches(patch.logits_processors, model=model):
+                parts.append(token_stats(logits, reference.rows(row, row + len(targets))))
+                row += len(targets)
+            stats = TokenStats.cat(parts)
         metrics, stderr = summarize(stats, reference)
         return Result(
             modification="+".join(c.name for c in configs),
@@ -372,8 +407,32 @@ class Harness:
             modified_ppl=math.exp(stats.nll.double().mean().item()),
             tokens=stats.nll.numel(),
             nonfinite=int((~stats.finite).sum()),
+            details={} if stop is None else {"early_stop": stop.details(stats.nll.numel())},
             configs=list(configs),
         )
+
+    def _score_sequentially(
+        self, patch: Patch, reference: Reference, model: Any, budget: Budget | None
+    ) -> tuple[TokenStats, Reference, EarlyStop]:
+        """Score the windows in a seeded order, checking at each interim look whether
+        ``budget``'s verdict is settled; the stats and reference rows of the windows scored,
+        back in window order, and the plan with its outcome."""
+        windows = self.windows.eval
+        per_window = windows.shape[1] - 1
+        stop = EarlyStop(budget, len(windows), per_window, self.settings.seed)
+
+        def score(chosen: torch.Tensor) -> list[TokenStats]:
+            parts, done = [], 0
+            for logits, _ in self.batches(
+                patch.logits_processors, windows=windows[chosen], model=model
+            ):
+                rows = take_windows(reference, chosen[done : done + len(logits)], per_window)
+                parts.append(token_stats(logits, rows))
+                done += len(logits)
+            return parts
+
+        stats, scored = stop.run(score, reference)
+        return stats, scored, stop
 
     def _evaluate_embeddings(
         self, patch: Patch, configs: list[Modification], reference: EmbeddingReference
@@ -405,6 +464,8 @@ class Harness:
         """Version bumps that parametrize made, and nothing after it, leave every bit intact."""
         for name, t in self.model.state_dict(keep_vars=True).items():
             entry = self._pristine.get(name)
+            if t.is_meta:  # offloaded: nothing to accept
+                continue
             if entry and entry[0] == t.data_ptr() and reseated.get(t.data_ptr()) == t._version:
                 self._pristine[name] = (entry[0], t._version, *entry[2:])
 
@@ -453,6 +514,44 @@ class Harness:
         )
 
 
+def _apply_offloaded(
+    config: Modification, model: Any, patch: Patch, context: Context, offloaded: dict[int, str]
+) -> None:
+    """Apply ``config`` to a model with offloaded weights, or refuse it (naming the
+    modification, the offloaded modules and why): weights held on the meta device between
+    forward passes cannot be read or recomputed by a handler, and a parametrization or module
+    swap on them would fight accelerate's hook. What does not touch them (decoding changes,
+    KV cache, modules left on a device) works as on any model; restore stays exact."""
+    from torch.nn.utils import parametrize
+
+    def refuse(names: list[str], why: str) -> HemorrhageError:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        return HemorrhageError(
+            f"{config.name}: refused: {why}, and accelerate offloaded {shown} to CPU memory or "
+            "disk (--hemorrhage-device-map): offloaded weights are loaded anew for every "
+            "forward pass, so a modification can neither read nor change them. Give the "
+            "device map room for every weight on a device (no offload), or exclude the "
+            "offloaded modules"
+        )
+
+    before = {id(m) for m in model.modules()}
+    try:
+        apply(config, model, patch, context)
+    except HemorrhageError:
+        raise
+    except Exception as exc:
+        why = f"it reads their weights ({type(exc).__name__}: {first_line(exc)})"
+        raise refuse(list(offloaded.values()), why) from None
+    touched = [
+        name
+        for name, m in model.named_modules()
+        if (id(m) in offloaded and parametrize.is_parametrized(m))
+        or (id(m) not in before and any(t.is_meta for t in m.parameters(recurse=False)))
+    ]
+    if touched:
+        raise refuse(touched, "it changes or rebuilds their weights")
+
+
 def _names(changed: list[str]) -> str:
     shown = ", ".join(map(str, sorted(changed)[:3]))
     return shown + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
@@ -466,6 +565,9 @@ class _Baseline:
         self.versions = _snapshot(model)
         tensors = _tensors(model)
         self.sums = _checksums(tensors)
+        # weights accelerate offloaded (meta here) are read from CPU memory or disk per forward
+        # pass, where nothing the plugin allows can write them: nothing to copy
+        tensors = {k: t for k, t in tensors.items() if not t.is_meta}
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         # a host copy costs the model's bytes of memory; above the limit, reload instead
         self.copy = (
@@ -481,7 +583,7 @@ class _Baseline:
 
     def restore(self, model: Any, settings: Settings) -> str:
         """Write the baseline's bits back into the model's own tensors; say how it went."""
-        tensors = _tensors(model)
+        tensors = {k: t for k, t in _tensors(model).items() if not t.is_meta}
         source: dict[str, torch.Tensor]
         if self.copy is not None:
             source, how = self.copy, "restored from the baseline's host copy"
@@ -569,7 +671,11 @@ _BASELINES: weakref.WeakKeyDictionary[Any, _Baseline] = weakref.WeakKeyDictionar
 def _snapshot(model: Any) -> dict[str, tuple[Any, ...]]:
     """Storage and version of every tensor, identity of every module."""
     tensors = {
-        name: (t.data_ptr(), t._version, tuple(t.shape), t.dtype)
+        # an offloaded (meta) tensor is a new object after every forward pass (accelerate's
+        # hook loads the weight, then puts a fresh meta tensor back): shape and dtype only
+        name: (0, 0, tuple(t.shape), t.dtype)
+        if t.is_meta
+        else (t.data_ptr(), t._version, tuple(t.shape), t.dtype)
         for name, t in model.state_dict(keep_vars=True).items()
     }
     modules = {f"module {name or '<root>'}": (id(m),) for name, m in model.named_modules()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import importlib.util
@@ -9,16 +10,31 @@ import json
 import logging
 import os
 import re
+import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .devices import (
+    available,
+    check_device,
+    check_map_devices,
+    execution_device,
+    parse_device_map,
+    state_tensors,
+    unplaced,
+    worker_device,
+)
 from .errors import HemorrhageError, first_line
 
+if TYPE_CHECKING:
+    from .settings import Settings
+
 __all__ = [
+    "ACCELERATE_EXTRA",
     "BUNDLED_MODEL",
     "BUNDLED_NAME",
     "CAUSAL",
@@ -29,6 +45,7 @@ __all__ = [
     "Pooling",
     "candidate_label",
     "check_candidate",
+    "check_devices",
     "check_spec",
     "load_candidate",
     "load_model",
@@ -74,7 +91,11 @@ class LoadedModel:
 
     @property
     def device(self) -> Any:
-        return next(self.model.parameters()).device
+        """Where inputs go (with a device map: the input embedding's execution device)."""
+        first = next(self.model.parameters())
+        if getattr(self.model, "hf_device_map", None) or first.is_meta:
+            return execution_device(self.model)
+        return first.device
 
 
 def kind(spec: str) -> str:
@@ -138,11 +159,17 @@ def load_model(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     as_kind: str = "auto",
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, Any] | None = None,
+    offload_folder: str | None = None,
 ) -> LoadedModel:
     """Load the baseline named by ``spec``, in eval mode, on ``device``.
 
     ``as_kind`` (``auto``, ``CAUSAL`` or ``ENCODER``) forces how a directory or hub id is read;
-    ``auto`` detects it (see :func:`detect_kind`).
+    ``auto`` detects it (see :func:`detect_kind`). ``device_map`` (``auto``, ``balanced``, or
+    module name -> device), with ``max_memory`` per device and ``offload_folder`` for weights
+    offloaded to disk (default: a temporary folder), spreads the model over devices with
+    accelerate instead (a directory or hub id only).
     """
     with quiet():
         import torch
@@ -154,6 +181,12 @@ def load_model(
         if dtype == "auto" and device == "cpu":
             torch_dtype = torch.float32  # half precision matmuls are slow or missing on CPU
         how = kind(spec)
+        if device_map is not None and how in ("factory", "minilm"):
+            raise HemorrhageError(
+                f"--hemorrhage-device-map: {spec} is built by its own code, not loaded by "
+                "transformers; dispatch it in the factory (accelerate.dispatch_model), or give "
+                "a directory or hub id"
+            )
         if how == "factory":
             model, tokenizer = _from_factory(spec)
             if not getattr(model, "hf_device_map", None):
@@ -166,10 +199,26 @@ def load_model(
         else:
             source = _source(spec, how)
             found = as_kind if as_kind != "auto" else detect_kind(source, spec, trust_remote_code)
-            model = _pretrained(
-                source, spec, torch_dtype, trust_remote_code, allow_pickle, model_kind=found
+            placement = (
+                {}
+                if device_map is None
+                else {
+                    "device_map": device_map,
+                    "max_memory": max_memory,
+                    "offload_folder": offload_folder or tempfile.mkdtemp(prefix="hemorrhage-"),
+                }
             )
-            model = model.to(device)
+            model = _pretrained(
+                source,
+                spec,
+                torch_dtype,
+                trust_remote_code,
+                allow_pickle,
+                model_kind=found,
+                **placement,
+            )
+            if device_map is None:
+                model = model.to(device)
             tokenizer = _tokenizer(source, spec, trust_remote_code)
             if found == ENCODER:
                 model.eval()
@@ -290,6 +339,7 @@ def _pretrained(
     allow_pickle: bool,
     *,
     model_kind: str = CAUSAL,
+    **placement: Any,
 ) -> Any:
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -304,6 +354,7 @@ def _pretrained(
             trust_remote_code=trust,
             use_safetensors=None if allow_pickle else True,
             output_loading_info=True,
+            **placement,
         )
     except (OSError, ValueError, KeyError) as exc:
         raise HemorrhageError(
@@ -411,7 +462,7 @@ def fingerprint(model: Any, tokenizer: Any) -> str:
         }
         h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     with torch.no_grad():
-        for name, tensor in model.state_dict().items():
+        for name, tensor in state_tensors(model).items():  # offloaded ones where they are
             t = tensor.detach().contiguous().cpu()
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
             h.update(t.view(-1).view(torch.uint8).numpy().data if t.numel() else b"")
@@ -562,3 +613,67 @@ def load_candidate(
             ) from None
         model = model.to(device).eval()
         return LoadedModel(model=model, tokenizer=tokenizer, spec=spec)
+
+
+# -- devices: checked at startup ---------------------------------------------------------------
+
+ACCELERATE_EXTRA = "pytest-hemorrhage[accelerate]"
+
+
+def check_devices(settings: Settings, workerid: str | None = None) -> Settings:
+    """Startup checks of ``--hemorrhage-device`` and ``--hemorrhage-device-map``; returns the
+    settings with this pytest-xdist worker's device (``auto`` with several CUDA devices: worker
+    ``gwN`` gets ``cuda:(N mod count)``).
+
+    Refuses a device that does not exist, a device map that does not parse, names a device
+    that does not exist, or leaves weights of the model unplaced; each names what exists.
+    """
+    loads = settings.model or settings.candidate or settings.reference
+    if settings.device_map is None and (settings.device == "cpu" or not loads):
+        if settings.device in ("auto", "cpu"):
+            return settings  # nothing to look up: torch is not even imported
+    with quiet():
+        import torch
+
+    devices = available()
+    check_device(settings.device, devices)
+    if settings.device == "auto":
+        assigned = worker_device(workerid, torch.cuda.device_count())
+        if assigned is not None:
+            settings = dataclasses.replace(settings, device=assigned)
+    if settings.device_map is None:
+        return settings
+    device_map = parse_device_map(settings.device_map)
+    if importlib.util.find_spec("accelerate") is None:
+        raise HemorrhageError(
+            f"--hemorrhage-device-map={settings.device_map}: needs accelerate; "
+            f"pip install '{ACCELERATE_EXTRA}'"
+        )
+    check_map_devices(device_map, devices)
+    if isinstance(device_map, dict) and settings.model and kind(settings.model) != "factory":
+        names = _weight_names(_source(settings.model, kind(settings.model)), settings)
+        missing = unplaced(device_map, names)
+        if missing:
+            shown = ", ".join(missing[:3]) + (
+                f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            )
+            raise HemorrhageError(
+                f"--hemorrhage-device-map leaves {len(missing)} weight(s) of {settings.model} "
+                f"on no device ({shown}); map every module (a key places the module and "
+                "everything under it), or use auto"
+            )
+    return settings
+
+
+def _weight_names(source: str, settings: Settings) -> list[str]:
+    """Names of the model's parameters and buffers, from its config alone (no weights read)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with quiet():
+        config = AutoConfig.from_pretrained(source, trust_remote_code=settings.trust_remote_code)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(
+                config, trust_remote_code=settings.trust_remote_code
+            )
+    return [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]

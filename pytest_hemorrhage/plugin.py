@@ -72,6 +72,9 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     try:
         settings = Settings.from_config(config)
+        from .loading import check_devices  # a device that does not exist: a usage error
+
+        settings = check_devices(settings, getattr(config, "workerinput", {}).get("workerid"))
         if settings.model and not hasattr(config, "workerinput"):
             from .loading import check_spec
 

@@ -83,6 +83,7 @@ class HemorrhageSession:
         if self.settings.model is None:
             pytest.skip(NO_MODEL)
         if self._loaded is None:
+            from .devices import parse_device_map
             from .loading import load_model
 
             s = self.settings
@@ -90,6 +91,7 @@ class HemorrhageSession:
                 self._loaded = load_model(
                     s.model,
                     device=s.device,
+                    device_map=s.device_map and parse_device_map(s.device_map),
                     dtype=s.dtype,
                     trust_remote_code=s.trust_remote_code,
                     allow_pickle=s.allow_pickle,

@@ -17,6 +17,7 @@ from .describe import DEFAULT_METRICS, describe_fallbacks, describe_modification
 
 __all__ = [
     "closest_metric",
+    "early_stop_note",
     "render_explorations",
     "render_notes",
     "render_results",
@@ -67,8 +68,10 @@ def render_results(records: Sequence[Mapping[str, Any]], *, width: int = 80,
     """The results part of the summary: one row per test, or every measure with ``verbose``;
     then, once each, what modifications applied other than asked (:func:`render_notes`)."""
     if verbose:
-        return render_table(list(records), width=width, color=color) + render_notes(
-            records, width=width
+        return (
+            render_table(list(records), width=width, color=color)
+            + render_notes(records, width=width)
+            + early_stop_note(records)
         )
     by_test: dict[str, list[Mapping[str, Any]]] = {}
     for record in records:
@@ -85,7 +88,29 @@ def render_results(records: Sequence[Mapping[str, Any]], *, width: int = 80,
     header = ("verdict", "test", "modification", "closest to budget", "margin")
     table = _table("hemorrhage (one row per test; -v: every measure)", header, rows,
                    width=width, color=color, flexible=(1, 2))
-    return table + render_notes(records, width=width)
+    return table + render_notes(records, width=width) + early_stop_note(records)
+
+
+def early_stop_note(records: Sequence[Mapping[str, Any]]) -> str:
+    """One line on ``--hemorrhage-early-stop``: measures stopped early and the share of tokens
+    they used; those too close to call (every token); those with no budget to decide on."""
+    runs = [r["details"]["early_stop"] for r in records if "early_stop" in r.get("details", {})]
+    if not runs:
+        return ""
+    stopped = [e for e in runs if e["stopped"]]
+    parts = []
+    if stopped:
+        share = sum(e["tokens"] for e in stopped) / sum(e["tokens_max"] for e in stopped)
+        parts.append(f"{len(stopped)} of {len(runs)} measures settled early on {share:.0%} of "
+                     "their tokens")
+    unbudgeted = sum(not e["budgeted"] for e in runs)
+    close = len(runs) - len(stopped) - unbudgeted
+    if close:
+        parts.append(f"{close} too close to call used every token")
+    if unbudgeted:
+        parts.append(f"{unbudgeted} had no budgeted token metric to decide on and used every "
+                     "token (early stopping needs a budget)")
+    return "early stop: " + "; ".join(parts) + "\n"
 
 
 def render_notes(records: Sequence[Mapping[str, Any]], *, width: int = 80) -> str:
