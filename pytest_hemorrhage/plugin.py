@@ -46,7 +46,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 type=option.type,
                 metavar=option.metavar,
                 default=None,
-                help=option.help,
+                help=option.help.replace("%", "%%"),  # argparse %-formats option help
                 action="append" if option.multiple else "store",
             )
             if option.multiple:
