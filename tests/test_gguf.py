@@ -23,6 +23,7 @@ from pytest_hemorrhage.modifications.gguf import (
     BITS_PER_WEIGHT,
     BLOCK_TYPES,
     GGUF_TYPES,
+    dequantize_torch,
     fallback_type,
     plan,
     quantize,
@@ -120,6 +121,24 @@ def test_legacy_blocks_equal_gguf_quantize_byte_for_byte(qtype, shape):
     ours = quantize(x, qtype)
     assert ours.dtype == np.uint8
     assert np.array_equal(ours, gguf_quantize(x, GGMLQuantizationType[qtype]))
+
+
+@pytest.mark.parametrize("qtype", [*BLOCK_TYPES, "F16"])
+def test_torch_dequantization_is_gguf_bit_for_bit(qtype):
+    """On real blocks of awkward weights, and on random bytes (every bit pattern a block may
+    hold, fp16 infinities and NaNs among the scales): the same float32 bits as gguf."""
+    blocks = quantize(_matrix(6, 768), qtype)
+    ours = dequantize_torch(torch.from_numpy(blocks), qtype).numpy()
+    theirs = gguf_dequantize(blocks, GGMLQuantizationType[qtype])
+    assert ours.shape == theirs.shape == (6, 768)
+    assert np.array_equal(ours.view(np.uint32), theirs.view(np.uint32))
+    noise = np.random.default_rng(1).integers(0, 256, blocks.shape, dtype=np.uint8)
+    with np.errstate(invalid="ignore"):
+        theirs = gguf_dequantize(noise, GGMLQuantizationType[qtype])
+    ours = dequantize_torch(torch.from_numpy(noise), qtype).numpy()
+    assert np.array_equal(ours, theirs, equal_nan=True)
+    finite = np.isfinite(theirs)
+    assert np.array_equal(ours[finite].view(np.uint32), theirs[finite].view(np.uint32))
 
 
 @pytest.mark.parametrize("qtype", BLOCK_TYPES)
