@@ -477,3 +477,33 @@ def test_a_reference_file_that_does_not_match_stops_the_run_naming_the_differenc
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stdout.fnmatch_lines([f"*hemorrhage: --hemorrhage-reference={message}"])
     assert "Traceback" not in result.stdout.str()
+
+
+def test_ini_candidates_one_a_line_parametrize_the_fixture_and_none_skips_naming_the_option(
+    pytester, artifacts
+):
+    pytester.makepyfile(test_release_gate=GATE.format(kl=1, top1=1))
+    pytester.makeini(
+        f"""
+        [pytest]
+        hemorrhage_candidate =
+            {artifacts["Q8_0"]}
+            {artifacts["w4a16"]}
+        """
+    )
+    collected = pytester.runpytest("--collect-only", "-q", "-p", "no:randomly")
+    collected.stdout.fnmatch_lines(
+        [
+            "test_release_gate.py::test_release[tiny-q8_0.gguf]",
+            "test_release_gate.py::test_release[w4a16]",
+        ]
+    )
+    pytester.makeini("[pytest]\n")
+    none = pytester.runpytest(*MODEL, "-rs", "-k", "not baseline_modification")
+    none.assert_outcomes(skipped=1, deselected=1)
+    none.stdout.fnmatch_lines(
+        [
+            "*no candidate given: pass --hemorrhage-candidate=SPEC (repeatable) or set "
+            "hemorrhage_candidate in the ini file, one per line*"
+        ]
+    )
