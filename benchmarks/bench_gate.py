@@ -116,12 +116,14 @@ print(json.dumps({{"start": start, "peak": max(top[0], rss())}}))
 
 def _peak(mode: str, base: Path, cand: Path, ref: Path) -> int:
     code = _PEAK.format(root=str(ROOT))
-    out = subprocess.run(
+    run = subprocess.run(
         [sys.executable, "-c", code, mode, str(base), str(cand), str(ref)],
         capture_output=True,
         text=True,
-        check=True,
-    ).stdout
+    )
+    if run.returncode:
+        raise RuntimeError(f"{mode} run failed:\n{run.stderr[-2000:]}")
+    out = run.stdout
     data = json.loads(out.strip().splitlines()[-1])
     return data["peak"] - data["start"]
 
