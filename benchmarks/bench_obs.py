@@ -11,8 +11,7 @@ For each setting, on the bundled model (or a ~50M-parameter random-init Llama wi
     one layer's (the largest) Hessian alongside. Each setting runs in its own process for that.
     Target: <= 0.25x the model's bytes plus one layer's Hessian.
 
-The context has no cache directory yet (see obs.py); the benchmark sets ``context.cache_dir``
-the way the one-line Context addition would.
+The disk cache is ``Settings.cache_dir`` (``--hemorrhage-cache-dir``), a temporary directory here.
 
 Run: python benchmarks/bench_obs.py [--large]
 """
@@ -67,9 +66,7 @@ def _harness(loaded, cache_dir: Path | None):
     from pytest_hemorrhage.harness import Harness
     from pytest_hemorrhage.settings import Settings
 
-    h = Harness(loaded, Settings.defaults(model=loaded.spec, tokens=2048))
-    h.context.cache_dir = cache_dir  # the proposed Context attribute
-    return h
+    return Harness(loaded, Settings.defaults(model=loaded.spec, tokens=2048, cache_dir=cache_dir))
 
 
 def _forward(h, windows) -> float:
