@@ -20,7 +20,11 @@ TWO_GPUS = ["cpu", "cuda:0", "cuda:1"]
 
 def test_worker_device_assignment():
     assert [worker_device(f"gw{i}", 2) for i in range(5)] == [
-        "cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"
+        "cuda:0",
+        "cuda:1",
+        "cuda:0",
+        "cuda:1",
+        "cuda:0",
     ]
     assert worker_device("gw5", 3) == "cuda:2"
     assert worker_device("gw1", 1) is None  # one device: every worker shares it
@@ -73,14 +77,22 @@ def test_device_map_parsing_and_devices():
 def test_bad_devices_are_usage_errors_at_startup(pytester):
     pytester.makepyfile("def test_x(hemorrhage):\n    pass\n")
     cases = [
-        (["--hemorrhage-device=cuda"], "--hemorrhage-device=cuda: no such device here; the "
-         "devices that exist are cpu (torch sees no CUDA device)"),
+        (
+            ["--hemorrhage-device=cuda"],
+            "--hemorrhage-device=cuda: no such device here; the "
+            "devices that exist are cpu (torch sees no CUDA device)",
+        ),
         (["--hemorrhage-device=mps"], "--hemorrhage-device=mps: no such device here*"),
-        (["--hemorrhage-device-map", '{"model": 1}'], "*'model' is mapped to 1, which does not "
-         "exist here; the devices that exist are cpu (and disk)"),
-        (["--hemorrhage-device-map", '{"model.embed_tokens": "cpu", "lm_head": "cpu"}'],
-         "*leaves 39 weight(s) of hemorrhage-tiny on no device (model.layers.0.self_attn.q_proj"
-         ".weight, * and 36 more); map every module*"),
+        (
+            ["--hemorrhage-device-map", '{"model": 1}'],
+            "*'model' is mapped to 1, which does not "
+            "exist here; the devices that exist are cpu (and disk)",
+        ),
+        (
+            ["--hemorrhage-device-map", '{"model.embed_tokens": "cpu", "lm_head": "cpu"}'],
+            "*leaves 39 weight(s) of hemorrhage-tiny on no device (model.layers.0.self_attn.q_proj"
+            ".weight, * and 36 more); map every module*",
+        ),
     ]
     if torch.cuda.is_available():
         cases = cases[2:]
@@ -152,8 +164,11 @@ def test_what_touches_offloaded_weights_is_refused(offloaded, stages):
     harness, plain = offloaded
     before = harness.measure([("decode.temperature", {"value": 1.3})]).metrics
     name = stages[0][0]
-    with pytest.raises(HemorrhageError, match=rf"^{name}: refused: .*accelerate offloaded "
-                       r"model\.layers\.1\..*to CPU memory or disk"):
+    with pytest.raises(
+        HemorrhageError,
+        match=rf"^{name}: refused: .*accelerate offloaded "
+        r"model\.layers\.1\..*to CPU memory or disk",
+    ):
         harness.measure(stages)
     harness.check_pristine()  # restored exactly: the same measurement as before
     assert harness.measure([("decode.temperature", {"value": 1.3})]).metrics == before

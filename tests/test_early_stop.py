@@ -47,11 +47,20 @@ def test_decide_per_metric():
         "kl_max": 0.5,
         "top1_disagreement": 0.19,
     }
-    stderr = {"kl_mean": 0.001, "nll_increase": 0.01, "ppl_increase": 0.01, "kl_max": None,
-              "top1_disagreement": 0.01}
+    stderr = {
+        "kl_mean": 0.001,
+        "nll_increase": 0.01,
+        "ppl_increase": 0.01,
+        "kl_max": None,
+        "top1_disagreement": 0.01,
+    }
     got = decide(budget, metrics, stderr, windows=16, alpha=0.01)
-    assert got == {"kl_mean": "under", "ppl_increase": "over", "kl_max": "open",
-                   "top1_disagreement": "open"}
+    assert got == {
+        "kl_mean": "under",
+        "ppl_increase": "over",
+        "kl_max": "open",
+        "top1_disagreement": "open",
+    }
     assert decide(budget, {**metrics, "kl_max": 2.0}, stderr, 16, 0.01)["kl_max"] == "over"
     assert decide(budget, metrics, {**stderr, "kl_mean": None}, 16, 0.01)["kl_mean"] == "open"
 
@@ -122,11 +131,15 @@ def test_plugin_summary_and_json(pytester, tmp_path):
         f"--hemorrhage-report={report}", "-p", "no:randomly", "-p", "no:cacheprovider"
     )
     result.assert_outcomes(passed=2)
-    result.stdout.fnmatch_lines([
-        "early stop: 1 of 2 measures settled early on 50% of their tokens; 1 had no budgeted "
-        "token metric to decide on and used every token (early stopping needs a budget)"
-    ])
-    records = {r["nodeid"].rpartition("::")[2]: r for r in json.loads(report.read_text())["results"]}
+    result.stdout.fnmatch_lines(
+        [
+            "early stop: 1 of 2 measures settled early on 50% of their tokens; 1 had no budgeted "
+            "token metric to decide on and used every token (early stopping needs a budget)"
+        ]
+    )
+    records = {
+        r["nodeid"].rpartition("::")[2]: r for r in json.loads(report.read_text())["results"]
+    }
     assert records["test_clear"]["tokens"] == 8 * 127
     assert records["test_clear"]["details"]["early_stop"]["stopped"] is True
     assert records["test_unbudgeted"]["tokens"] == 16 * 127

@@ -61,12 +61,15 @@ def gpu():
     from pytest_hemorrhage.harness import Harness
     from pytest_hemorrhage.loading import load_model
 
-    cpu = Harness(load_model("hemorrhage-tiny", device="cpu"),
-                  Settings.defaults(model="hemorrhage-tiny", tokens=2048))
+    cpu = Harness(
+        load_model("hemorrhage-tiny", device="cpu"),
+        Settings.defaults(model="hemorrhage-tiny", tokens=2048),
+    )
     on_gpu = {
-        dtype: Harness(load_model("hemorrhage-tiny", device="cuda", dtype=dtype),
-                       Settings.defaults(model="hemorrhage-tiny", tokens=2048, device="cuda",
-                                         dtype=dtype))
+        dtype: Harness(
+            load_model("hemorrhage-tiny", device="cuda", dtype=dtype),
+            Settings.defaults(model="hemorrhage-tiny", tokens=2048, device="cuda", dtype=dtype),
+        )
         for dtype in ("float32", "bfloat16")
     }
     return cpu, on_gpu
@@ -87,13 +90,17 @@ def test_cuda_reference_and_metrics_match_cpu(gpu):
 
 @cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("stages", [
-    [("quant.rtn", {"bits": 4})],
-    [("quant.hqq", {"bits": 4})],
-    [("quant.bnb_4bit", {"quant_type": "nf4"})],
-    [("prune.magnitude", {"sparsity": 0.5})],
-    [("prune.wanda", {"sparsity": 0.5})],
-], ids=lambda s: s[0][0])
+@pytest.mark.parametrize(
+    "stages",
+    [
+        [("quant.rtn", {"bits": 4})],
+        [("quant.hqq", {"bits": 4})],
+        [("quant.bnb_4bit", {"quant_type": "nf4"})],
+        [("prune.magnitude", {"sparsity": 0.5})],
+        [("prune.wanda", {"sparsity": 0.5})],
+    ],
+    ids=lambda s: s[0][0],
+)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cuda_quant_and_prune(gpu, stages, dtype):
     cpu, on_gpu = gpu
@@ -114,7 +121,11 @@ def test_cuda_early_stop_and_worker_device(gpu):
 
     _, on_gpu = gpu
     harness = on_gpu["bfloat16"]
-    early = Harness(harness.loaded, Settings.defaults(
-        model="hemorrhage-tiny", tokens=2048, device="cuda", dtype="bfloat16", early_stop=True))
+    early = Harness(
+        harness.loaded,
+        Settings.defaults(
+            model="hemorrhage-tiny", tokens=2048, device="cuda", dtype="bfloat16", early_stop=True
+        ),
+    )
     result = early.measure([("quant.rtn", {"bits": 8})], budget=Budget({"kl_mean": 1.0}))
     assert result.details["early_stop"]["stopped"] and result.tokens == 8 * 127

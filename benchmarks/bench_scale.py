@@ -1,0 +1,134 @@
+"""Scale: ~100M-parameter random-init Llamas at 32k and 128k vocabularies (speed and memory only).
+
+For each vocabulary, on a few windows of the bundled corpus (their token ids are valid in any
+larger vocabulary), side by side in one run:
+  * measure() of a decoding change (no weight work, so only the scoring shows) / a bare forward
+    pass over the same windows in the same batches (target: <= 1.15);
+  * the most windows whose logits were alive at once during measure() vs the auto batch bound
+    (logits are scored per batch and per row chunk, never for all windows at once);
+  * reference cache bytes per scored token (target: <= 1 KB);
+  * peak resident memory of the process after each step;
+  * early stopping on a clear verdict (quant.rtn bits=8 with a budget of 4x its kl_mean): tokens
+    used / tokens of the full evaluation (target: <= 0.25).
+
+Run: python benchmarks/bench_scale.py [--windows 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+CONFIGS = {
+    # 32k: untied head, 10 blocks -> ~91M parameters; 128k: tied head, 6 blocks -> ~112M
+    "32k": {"vocab_size": 32_000, "num_hidden_layers": 10, "tie_word_embeddings": False},
+    "128k": {"vocab_size": 128_256, "num_hidden_layers": 6, "tie_word_embeddings": True},
+}
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--windows", type=int, default=16)
+    args = parser.parse_args()
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pytest_hemorrhage.budget import Budget
+    from pytest_hemorrhage.harness import Harness
+    from pytest_hemorrhage.loading import LoadedModel, load_model, model_logits
+    from pytest_hemorrhage.reference import storage_bytes
+    from pytest_hemorrhage.settings import Settings
+
+    tokenizer = load_model("hemorrhage-tiny", device="cpu").tokenizer
+    seq_len = 128
+    for label, extra in CONFIGS.items():
+        config = LlamaConfig(
+            hidden_size=640,
+            intermediate_size=1728,
+            num_attention_heads=10,
+            num_key_value_heads=10,
+            max_position_embeddings=seq_len,
+            **extra,
+        )
+        generator = torch.Generator().manual_seed(0)
+        model = LlamaForCausalLM(config).eval()
+        with torch.no_grad():  # seeded init from our own generator (global RNG untouched)
+            for p in model.parameters():
+                if p.dim() > 1:
+                    p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+        params = sum(p.numel() for p in model.parameters())
+        loaded = LoadedModel(model=model, tokenizer=tokenizer, spec=f"random-llama-{label}")
+        common = {"model": loaded.spec, "tokens": args.windows * seq_len, "seq_len": seq_len}
+        harness = Harness(loaded, Settings.defaults(**common))
+        early = Harness(loaded, Settings.defaults(**common, early_stop=True))
+        print(
+            f"{label} vocabulary: {params / 1e6:.0f}M parameters, {len(harness.windows.eval)} "
+            f"windows of {seq_len}, auto batch {harness.batch_size} windows, peak RSS "
+            f"{_peak_mb():.0f} MB",
+            flush=True,
+        )
+
+        t0 = time.perf_counter()
+        reference = harness.reference
+        early.__dict__["reference"] = reference
+        ref_s = time.perf_counter() - t0
+        per_token = storage_bytes(reference) / len(reference.targets)
+        print(
+            f"  reference: {per_token:.0f} bytes per token (target <= 1024), {ref_s:.1f} s, "
+            f"peak RSS {_peak_mb():.0f} MB",
+            flush=True,
+        )
+
+        windows = harness.windows.eval
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for i in range(0, len(windows), harness.batch_size):
+                model_logits(model, windows[i : i + harness.batch_size])
+        bare = time.perf_counter() - t0
+
+        seen = []  # windows per batch of logits alive during the measure
+        batches = harness.batches
+
+        def watched(*a, batches=batches, seen=seen, **k):
+            for logits, targets in batches(*a, **k):
+                seen.append(logits.shape[0])
+                yield logits, targets
+
+        harness.batches = watched
+        t0 = time.perf_counter()
+        harness.measure([("decode.temperature", {"value": 1.0})])
+        measured = time.perf_counter() - t0
+        del harness.batches
+        print(
+            f"  measure() {measured:.1f} s / bare forward {bare:.1f} s = "
+            f"{measured / bare:.2f} (target <= 1.15); most windows of logits at once "
+            f"{max(seen)} (auto batch bound {harness.batch_size}), peak RSS "
+            f"{_peak_mb():.0f} MB",
+            flush=True,
+        )
+
+        stages = [("quant.rtn", {"bits": 8})]
+        t0 = time.perf_counter()
+        full = harness.measure(stages)
+        full_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        stopped = early.measure(stages, budget=Budget({"kl_mean": 4 * full.metrics["kl_mean"]}))
+        early_s = time.perf_counter() - t0
+        info = stopped.details["early_stop"]
+        print(
+            f"  early stop, clear verdict (rtn8, budget 4x kl_mean {full.metrics['kl_mean']:.2e}"
+            f"): {stopped.tokens}/{full.tokens} tokens = {stopped.tokens / full.tokens:.2f} "
+            f"(target <= 0.25), {early_s:.1f} s vs {full_s:.1f} s; {info['reason']}",
+            flush=True,
+        )
+        del model, loaded, harness, early
+
+
+if __name__ == "__main__":
+    main()
