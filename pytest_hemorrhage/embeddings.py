@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from .data import Windows
 from .errors import HemorrhageError
 from .loading import CAUSAL, ENCODER, Pooling
-from .metrics import EXTRA_METRICS, METRICS, _quantile_se, mean_se
+from .metrics import EXTRA_METRICS, METRICS, quantile_se, mean_se
 
 if TYPE_CHECKING:
     import torch
@@ -236,7 +236,7 @@ def embedding_metrics(
     overlap = (ref.neighbours[:, :, None] == found[:, None, :]).any(-1).double().mean(1)
     values = {
         "emb_cos_drift": mean_se(drift),
-        "emb_cos_p99": _quantile_se(drift, 0.99),
+        "emb_cos_p99": quantile_se(drift, 0.99),
         "retrieval_drop": mean_se(1 - overlap),
         "sim_rank_drop": _rank_drop(ref.pair_sims, _pairs(sims), len(embeddings)),
     }

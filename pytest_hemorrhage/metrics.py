@@ -32,6 +32,7 @@ __all__ = [
     "NO_STDERR",
     "jsonable",
     "mean_se",
+    "quantile_se",
     "summarize",
     "token_stats",
 ]
@@ -234,7 +235,7 @@ def mean_se(x: torch.Tensor, unit: torch.Tensor | None = None) -> tuple[float, f
 _Z95 = 1.6448536269514722
 
 
-def _quantile_se(
+def quantile_se(
     x: torch.Tensor, q: float, unit: torch.Tensor | None = None
 ) -> tuple[float, float | None]:
     """Quantile ``q`` of ``x`` and a standard error calibrated for its one-sided upper bound.
@@ -275,7 +276,7 @@ def summarize(
         ),
         "nll_increase": (nll_increase, nll_se),
         "kl_mean": mean_se(stats.kl, unit),
-        "kl_p99": _quantile_se(stats.kl, 0.99, unit),
+        "kl_p99": quantile_se(stats.kl, 0.99, unit),
         "kl_max": (stats.kl.max().item(), None),
         "top1_disagreement": mean_se(stats.disagree, unit),
         "delta_p_mean": mean_se(ref.target_logp.exp().double() - stats.p_target.double(), unit),
