@@ -327,8 +327,8 @@ def test_xdist_workers_share_one_reference_and_report_to_the_controller(pytester
     result = pytester.runpytest_subprocess("-n", "2", *MODEL, f"--hemorrhage-report={report}")
     result.assert_outcomes(passed=4)
     # the controller's summary holds the workers' results: a row per test
-    result.stdout.re_match_lines([rf" passed +test_bits\[{b}\] +quant\.rtn\(bits={b}.*" for b in (2, 3, 4, 8)],
-                                 consecutive=True)
+    for b in (2, 3, 4, 8):  # workers finish in any order
+        result.stdout.re_match_lines([rf" passed +test_bits\[{b}\] +quant\.rtn\(bits={b}.*"])
     data = json.loads(report.read_text())
     assert sorted(r["params"]["bits"] for r in data["results"]) == [2, 3, 4, 8]
     assert data["model"]["fingerprint"] and data["baseline"]["ppl"] > 1
