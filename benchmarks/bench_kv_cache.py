@@ -28,10 +28,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192)
     args = parser.parse_args()
 
+    import torch
+
     from pytest_hemorrhage.harness import Harness
     from pytest_hemorrhage.loading import load_model
     from pytest_hemorrhage.settings import Settings
 
+    # one thread: on a shared machine a second one straggles and the ratios swing (19x at 32
+    # tokens measured with two threads under load, 4.3x with one, the same code)
+    torch.set_num_threads(1)
     harness = Harness(
         load_model("hemorrhage-tiny", device="cpu"),
         Settings.defaults(model="hemorrhage-tiny", tokens=args.tokens),
