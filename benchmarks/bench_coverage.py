@@ -7,14 +7,17 @@ many times over; each set's ``value + 1.645 * stderr`` is compared with the valu
 whole long set. Coverage is the share of sets whose bound reaches it: >= 95% is the target.
 
 Printed per modification and metric, side by side:
-  * ``token``: the standard errors that treat tokens as independent (what the plugin used
-    before; for ``kl_p99`` the binomial order-statistic interval, for ``kl_max`` the
-    closed-form bootstrap of the maximum);
-  * ``window``: the plugin's standard errors now (``metrics.summarize``: windows as the
-    sampling unit; ``kl_max`` has none and a budget refuses ``confidence`` on it);
-  * ``se ratio``: mean window-level / token-level standard error.
+  * ``token``: normal bounds (1.645) with standard errors that treat tokens as independent
+    (what the plugin did first; for ``kl_max`` the closed-form bootstrap of the maximum);
+  * ``window``: normal bounds with window-level (CR1) standard errors (commit b3e3a68);
+  * ``now``: the plugin's bounds (``metrics.summarize``: window-level, with the studentized
+    quantile corrected for the windows' skewness and kurtosis, ``metrics._t95``; ``kl_max``
+    has none and a budget refuses ``confidence`` on it);
+  * ``width``: mean width of the ``now`` bound over the ``window`` one.
 
-Per-token statistics are cached (``--cache``) so that re-runs only resample.
+Per-token statistics are cached (``--cache``) so that re-runs only resample. The reference is
+stored exactly at the bundled model's 512-token vocabulary, so the cache does not depend on
+the top-K storage format.
 
 Run: python benchmarks/bench_coverage.py [--sets-per-split 34] [--splits 30] [--windows 64]
 """
@@ -44,7 +47,7 @@ def pool_stats(mods, seq_len: int, max_windows: int | None, cache: Path | None):
     from pytest_hemorrhage.harness import Harness
     from pytest_hemorrhage.loading import load_model
     from pytest_hemorrhage.metrics import TokenStats, token_stats
-    from pytest_hemorrhage.reference import FORMAT, Reference
+    from pytest_hemorrhage.reference import Reference
     from pytest_hemorrhage.settings import Settings
 
     train = Path(pytest_hemorrhage.__file__).parent / "assets" / "corpus" / "train.txt"
@@ -52,7 +55,7 @@ def pool_stats(mods, seq_len: int, max_windows: int | None, cache: Path | None):
     path = None
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
-        path = cache / f"coverage-f{FORMAT}-s{seq_len}-t{tokens}.pt"
+        path = cache / f"coverage-s{seq_len}-t{tokens}.pt"
     state = torch.load(path, weights_only=True) if path and path.exists() else {}
     harness = None
     for name, params in mods:
@@ -77,8 +80,11 @@ def pool_stats(mods, seq_len: int, max_windows: int | None, cache: Path | None):
                 row += len(targets)
         stats = TokenStats.cat(parts)
         state[key] = {f.name: getattr(stats, f.name) for f in fields(TokenStats)}
-        print(f"scored {key} on {len(harness.windows.eval)} windows "
-              f"in {time.perf_counter() - start:.0f} s", flush=True)
+        print(
+            f"scored {key} on {len(harness.windows.eval)} windows "
+            f"in {time.perf_counter() - start:.0f} s",
+            flush=True,
+        )
         if path is not None:
             torch.save(state, path)
     reference = Reference(**state["reference"])
@@ -98,37 +104,48 @@ def subset(obj, idx):
     )
 
 
-def token_level(stats, reference):
-    """The standard errors as computed before: every token an independent draw."""
+def normal_bounds(stats, reference, unit):
+    """The one-sided 95% bounds with a normal 1.645 and the plain CR1 standard error over
+    ``unit`` (tokens: what the plugin did first; windows: commit b3e3a68)."""
     import torch
 
-    from pytest_hemorrhage.metrics import summarize
+    from pytest_hemorrhage.metrics import _cluster
 
-    values, se = summarize(
-        subset(stats, slice(None)).__class__(
-            **{**{f.name: getattr(stats, f.name) for f in fields(stats)},
-               "window": torch.arange(len(stats.kl))}
-        ),
-        reference,
-    )
-    # kl_p99: the binomial order-statistic interval of the old _quantile_se
-    s = stats.kl.double().sort().values
-    n = s.numel()
-    spread = math.sqrt(n * 0.99 * 0.01)
-    lo, hi = max(0, math.floor(n * 0.99 - spread)), min(n - 1, math.ceil(n * 0.99 + spread))
-    se["kl_p99"] = (s[hi] - s[lo]).item() / 2
-    # kl_max: the closed-form bootstrap of the maximum (old _max_se)
-    top = stats.kl.double().topk(min(n, 64)).values
-    below = ((n - torch.arange(len(top) + 1, dtype=torch.float64)) / n) ** n
+    d = stats.nll.double() - reference.targets_nll.double()
+    nll, nll_se, _ = _cluster(d, unit)
+    bounds = {
+        "ppl_increase": math.exp(nll + Z95 * nll_se) - 1,
+        "nll_increase": nll + Z95 * nll_se,
+    }
+    for metric, x in (
+        ("kl_mean", stats.kl),
+        ("top1_disagreement", stats.disagree),
+        ("delta_p_mean", reference.target_logp.exp().double() - stats.p_target.double()),
+    ):
+        mean, se, _ = _cluster(x, unit)
+        bounds[metric] = mean + Z95 * se
+    kl = stats.kl.double()
+    value = kl.quantile(0.99).item()
+    _, s_f, _ = _cluster((kl <= value).double(), unit)
+    top = 0.99 + Z95 * s_f
+    bounds["kl_p99"] = math.inf if top > 1 else kl.quantile(top).item()
+    # kl_max (tokens only): the closed-form bootstrap of the maximum (old _max_se)
+    n = kl.numel()
+    best = kl.topk(min(n, 64)).values
+    below = ((n - torch.arange(len(best) + 1, dtype=torch.float64)) / n) ** n
     weight = below[:-1] - below[1:]
     weight[-1] += below[-1]
-    mean = (weight * top).sum()
-    se["kl_max"] = (weight * (top - mean) ** 2).sum().sqrt().item()
-    return values, se
+    mean = (weight * best).sum()
+    bounds["kl_max"] = kl.max().item() + Z95 * (weight * (best - mean) ** 2).sum().sqrt().item()
+    return bounds
+
+
+COLUMNS = ("token", "window", "now")
 
 
 def coverage(stats, reference, windows: int, splits: int, seed: int):
-    """Per metric: (token-level coverage, window-level coverage, mean SE ratio, sets)."""
+    """Per metric: coverage of the token-level, window-level normal and calibrated (now)
+    bounds, and the mean ratio of the calibrated to the normal window-level bound's width."""
     import torch
 
     from pytest_hemorrhage.metrics import summarize
@@ -139,8 +156,8 @@ def coverage(stats, reference, windows: int, splits: int, seed: int):
     for i, w in enumerate(stats.window.tolist()):
         rows_of[w].append(i)
     g = torch.Generator().manual_seed(seed)
-    hits = {m: [0, 0] for m in full}
-    ratio = {m: [] for m in full}
+    hits = {m: dict.fromkeys(COLUMNS, 0) for m in full}
+    widen = {m: [] for m in full}
     sets = 0
     for _ in range(splits):
         order = torch.randperm(count, generator=g).tolist()
@@ -149,19 +166,22 @@ def coverage(stats, reference, windows: int, splits: int, seed: int):
             idx = torch.tensor([i for w in chosen for i in rows_of[w]])
             part, ref = subset(stats, idx), subset(reference, idx)
             values, se = summarize(part, ref)
-            _, token_se = token_level(part, ref)
+            token = normal_bounds(part, ref, torch.arange(len(idx)))
+            window = normal_bounds(part, ref, part.window)
             sets += 1
             for m, truth in full.items():
-                hits[m][0] += values[m] + Z95 * token_se[m] >= truth
+                hits[m]["token"] += token[m] >= truth
+                hits[m]["window"] += window[m] >= truth
                 if se[m] is not None:
-                    hits[m][1] += values[m] + Z95 * se[m] >= truth
-                    if token_se[m]:
-                        ratio[m].append(se[m] / token_se[m])
+                    bound = values[m] + Z95 * se[m]
+                    hits[m]["now"] += bound >= truth
+                    if window[m] > values[m]:
+                        widen[m].append((bound - values[m]) / (window[m] - values[m]))
     return {
         m: (
-            hits[m][0] / sets,
-            None if not ratio[m] and m == "kl_max" else hits[m][1] / sets,
-            sum(ratio[m]) / len(ratio[m]) if ratio[m] else math.nan,
+            *(hits[m][c] / sets for c in COLUMNS[:2]),
+            None if m == "kl_max" else hits[m]["now"] / sets,
+            sum(widen[m]) / len(widen[m]) if widen[m] else math.nan,
         )
         for m in full
     }, sets
@@ -178,16 +198,20 @@ def main() -> None:
 
     reference, pools = pool_stats(MODIFICATIONS, args.seq_len, args.pool, args.cache)
     windows_in_pool = int(next(iter(pools.values())).window.max()) + 1
-    print(f"pool: {windows_in_pool} windows x {args.seq_len - 1} scored tokens; evaluation "
-          f"sets of {args.windows} windows; one-sided 95% upper bounds")
+    print(
+        f"pool: {windows_in_pool} windows x {args.seq_len - 1} scored tokens; evaluation "
+        f"sets of {args.windows} windows; one-sided 95% upper bounds"
+    )
     for (name, params), stats in pools.items():
         table, sets = coverage(stats, reference, args.windows, args.splits, seed=0)
-        print(f"\n{name} {params}  ({sets} sets; binomial SE of a coverage near 95%: "
-              f"{math.sqrt(0.95 * 0.05 / sets):.3f})")
-        print(f"  {'metric':<18} {'token':>7} {'window':>7} {'se ratio':>9}")
-        for metric, (before, after, ratio) in table.items():
-            shown = "refused" if after is None else f"{after:.3f}"
-            print(f"  {metric:<18} {before:7.3f} {shown:>7} {ratio:9.2f}")
+        print(
+            f"\n{name} {params}  ({sets} sets; binomial SE of a coverage near 95%: "
+            f"{math.sqrt(0.95 * 0.05 / sets):.3f})"
+        )
+        print(f"  {'metric':<18} {'token':>7} {'window':>7} {'now':>7} {'width':>6}")
+        for metric, (token, window, now, ratio) in table.items():
+            shown = "refused" if now is None else f"{now:.3f}"
+            print(f"  {metric:<18} {token:7.3f} {window:7.3f} {shown:>7} {ratio:6.2f}")
 
 
 if __name__ == "__main__":

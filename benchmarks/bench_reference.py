@@ -10,9 +10,11 @@ distributions equals the bundled model's exact KL, which is known; the storage o
 cover less than the top 160 of 512 do). What this does not model: a modification that
 reshuffles mass inside one of those groups.
 
-Printed per vocabulary and modification: bytes per scored token of the stored reference (now,
-and the former float32/int64 K=256 form), mass the top K cover, kl_mean exact vs from the
-stored reference, relative error, and the largest difference of the exact metrics.
+Printed per vocabulary and modification: bytes per scored token of the stored reference (now:
+K=124 float16 head, 32 tail samples; FORMAT 3: K=160, no samples; the first form: float32/int64
+K=256), mass the top K cover, kl_mean exact vs from the stored reference, relative error now,
+with FORMAT 3 (the tail as one outcome) and with the first form, and the largest difference of
+the exact metrics.
 
 Run: python benchmarks/bench_reference.py [--windows 16]
 """
@@ -45,7 +47,7 @@ def main() -> None:
     from pytest_hemorrhage.harness import Harness
     from pytest_hemorrhage.loading import load_model
     from pytest_hemorrhage.metrics import TokenStats, summarize, token_stats
-    from pytest_hemorrhage.reference import DEFAULT_TOPK, Reference, storage_bytes
+    from pytest_hemorrhage.reference import DEFAULT_TOPK, TAIL_SAMPLES, Reference, storage_bytes
     from pytest_hemorrhage.settings import Settings
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -62,8 +64,10 @@ def main() -> None:
     for name, params in MODIFICATIONS:
         with h.modified([(name, params)]) as patch:
             modified[(name, str(params))] = torch.cat(
-                [torch.log_softmax(lg.float(), -1).flatten(0, 1)
-                 for lg, _ in h.batches(patch.logits_processors)]
+                [
+                    torch.log_softmax(lg.float(), -1).flatten(0, 1)
+                    for lg, _ in h.batches(patch.logits_processors)
+                ]
             )
     n = len(targets)
     print(f"bundled model, {n} scored tokens, vocabulary {vocab}; top-K K={DEFAULT_TOPK}")
@@ -79,12 +83,17 @@ def main() -> None:
         order = torch.stack([torch.randperm(m, generator=g) for _ in range(vocab)])
         # sub-token j of token t is column t * m + j: targets map to their largest share
         ext_targets = targets * m + order.argmin(-1)[targets]
-        print(f"\nvocabulary {size}" + (" (the bundled model itself)" if m == 1 else
-                                         f" (each token split in {m})"))
-        print(f"  {'modification':<34} {'B/token':>8} {'old B/tok':>9} {'mass@K':>7} "
-              f"{'kl exact':>10} {'kl stored':>10} {'rel err':>8} {'old err':>8} {'exact':>7}")
+        print(
+            f"\nvocabulary {size}"
+            + (" (the bundled model itself)" if m == 1 else f" (each token split in {m})")
+        )
+        print(
+            f"  {'modification':<34} {'B/token':>8} {'old B/tok':>9} {'mass@K':>7} "
+            f"{'kl exact':>10} {'kl stored':>10} {'rel err':>8} {'F3 err':>8} {'old err':>8} "
+            f"{'exact':>7}"
+        )
         for (name, params), mod in modified.items():
-            parts, old_parts, exact_parts, covered, size_now = [], [], [], [], 0
+            parts, old_parts, f3_parts, exact_parts, covered, size_now = [], [], [], [], [], 0
             for i in range(0, n, 128):
                 rows = slice(i, i + 128)
                 eb, em = split(base[rows], m, order), split(mod[rows], m, order)
@@ -95,9 +104,17 @@ def main() -> None:
                 # the former storage: float32 log-probs, K=256 (its int64 indices hold the same)
                 values, idx = eb.topk(256, -1)
                 tail = (-torch.expm1(values.double().logsumexp(-1))).clamp_min(0).float()
-                old = Reference(ext_targets[rows], ref.target_logp, ref.top1,
-                                topk_logp=values, topk_idx=idx, tail_mass=tail)
+                old = Reference(
+                    ext_targets[rows],
+                    ref.target_logp,
+                    ref.top1,
+                    topk_logp=values,
+                    topk_idx=idx,
+                    tail_mass=tail,
+                )
                 old_parts.append(token_stats(em, old).kl)
+                f3 = Reference.from_logprobs(eb, ext_targets[rows], 160, tail_samples=0)
+                f3_parts.append(token_stats(em, f3).kl)
                 # the truth: every probability of the extended distribution, float32
                 exact = Reference.from_logprobs(eb, ext_targets[rows], size)
                 exact_parts.append((exact, token_stats(em, exact)))
@@ -111,14 +128,19 @@ def main() -> None:
             old_kl = torch.cat(old_parts).double().mean().item()
             err = stored["kl_mean"] / truth["kl_mean"] - 1
             old_err = old_kl / truth["kl_mean"] - 1
+            f3_err = torch.cat(f3_parts).double().mean().item() / truth["kl_mean"] - 1
             worst = max(abs(stored[k] - truth[k]) for k in EXACT_NAMES)
             old_bytes = 8 + 4 + 8 + 256 * (4 + 8)
-            print(f"  {name + params:<34} {size_now / n:8.0f} {old_bytes:9d} "
-                  f"{torch.cat(covered).mean().item():7.4f} {truth['kl_mean']:10.3e} "
-                  f"{stored['kl_mean']:10.3e} {err:+8.2%} {old_err:+8.2%} {worst:7.1e}")
-    print("\nexact storage (float32 p) at vocabulary V costs 4 V + 28 bytes per token: "
-          f"{4 * 512 + 28} at 512, {4 * 8192 + 28} at 8192 (the former limit); "
-          f"top-K costs {16 + 6 * DEFAULT_TOPK + 8} at any V")
+            print(
+                f"  {name + params:<34} {size_now / n:8.0f} {old_bytes:9d} "
+                f"{torch.cat(covered).mean().item():7.4f} {truth['kl_mean']:10.3e} "
+                f"{stored['kl_mean']:10.3e} {err:+8.2%} {f3_err:+8.2%} {old_err:+8.2%} {worst:7.1e}"
+            )
+    print(
+        "\nexact storage (float32 p) at vocabulary V costs 4 V + 28 bytes per token: "
+        f"{4 * 512 + 28} at 512, {4 * 8192 + 28} at 8192 (the former limit); "
+        f"top-K costs {16 + 6 * DEFAULT_TOPK + 8 * TAIL_SAMPLES + 8} at any V"
+    )
 
 
 if __name__ == "__main__":

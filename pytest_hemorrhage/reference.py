@@ -7,15 +7,20 @@ A file lock makes concurrent pytest-xdist workers compute it once.
 Storage: for vocabularies up to ``EXACT_VOCAB`` tokens every probability is kept in float32
 (4 bytes per vocabulary entry, at most 2 KB per token), with each token's negative entropy
 sum(p log p), and all metrics are exact. Above it, per token, the ``topk`` (default
-``DEFAULT_TOPK``) largest log-probs as float16 with int32 indices, and the baseline's mass
-outside them as float32: 16 + 6 K bytes, 976 bytes at K=160 whatever the vocabulary. The
-exact metrics (ppl_increase, nll_increase, top1_disagreement, delta_p_mean) read the exact
-target-token log-prob (float32) and the baseline's argmax (int64) and have no storage error.
-KL has two: the tokens outside the top K count as one outcome, which underestimates it by
-p_tail * KL(tail-conditionals) (see ``metrics._topk_kl``); and float16 rounds each log-prob
-(relative step 2^-11), after which the kept log-probs are renormalized to the exact kept mass,
-so the rounding enters KL to second order (about 1e-7 nats). ``benchmarks/bench_reference.py``
-measures both at 32k and 128k vocabularies.
+``DEFAULT_TOPK``) largest log-probs as float16 with int32 indices, the baseline's mass
+outside them as float32, and ``TAIL_SAMPLES`` tokens drawn from the baseline's distribution
+over the rest (seeded, systematic sampling) with their float32 log-probs and int32 indices:
+16 + 6 K + 8 S bytes, 1,016 bytes at K=124, S=32 whatever the vocabulary. The exact metrics
+(ppl_increase, nll_increase, top1_disagreement, delta_p_mean) read the exact target-token
+log-prob (float32) and the baseline's argmax (int64) and have no storage error. KL is the
+head's terms, the tail as one outcome (which alone falls short by p_tail *
+KL(tail-conditionals): 32-54% of kl_mean at a heavy-tailed 32k-128k distribution) and an
+unbiased Monte-Carlo estimate of that shortfall from the samples (see ``metrics._tail_kl``):
+random per token, so it averages out in kl_mean, never negative, and exactly 0 for an
+unmodified model. float16 rounds each head log-prob (relative step 2^-11), after which the
+kept log-probs are renormalized to the exact kept mass, so the rounding enters KL to second
+order (about 1e-7 nats).
+``benchmarks/bench_reference.py`` measures the error at 32k and 128k vocabularies.
 
 Why the exact limit is 512: exact storage costs 4 V bytes; top-K storage with no truncation
 error (K = V) would cost 6 V + 16, so up to 512 (the bundled model) exact is the cheaper of the
@@ -43,6 +48,7 @@ __all__ = [
     "EXACT_VOCAB",
     "FORMAT",
     "Reference",
+    "TAIL_SAMPLES",
     "cache_key",
     "cached",
     "load_or_compute",
@@ -50,9 +56,11 @@ __all__ = [
 ]
 
 EXACT_VOCAB = 512
-DEFAULT_TOPK = 160  # top-K storage at 16 + 6 K = 976 bytes per token
+DEFAULT_TOPK = 124  # top-K storage at 16 + 6 K + 8 TAIL_SAMPLES = 1,016 bytes per token
+TAIL_SAMPLES = 32  # tokens drawn from the baseline's tail to estimate its share of KL
 _Stored = TypeVar("_Stored")  # a dataclass of tensors (Reference, or an encoder's embeddings)
-FORMAT = 3  # bump when the stored fields change (3: float16 top-K log-probs, int32 indices)
+# bump when the stored fields change (3: float16 top-K log-probs, int32 indices; 4: tail samples)
+FORMAT = 4
 
 
 @dataclass
@@ -67,6 +75,8 @@ class Reference:
     topk_logp: torch.Tensor | None = None  # (N, K) float16, top-K storage: rounded log-probs
     topk_idx: torch.Tensor | None = None  # (N, K) int32
     tail_mass: torch.Tensor | None = None  # (N,) float32, top-K storage: mass outside the K
+    tail_idx: torch.Tensor | None = None  # (N, S) int32: tokens drawn from the tail
+    tail_logp: torch.Tensor | None = None  # (N, S) float32: their baseline log-probs
 
     @property
     def targets_nll(self) -> torch.Tensor:
@@ -95,8 +105,16 @@ class Reference:
         )
 
     @staticmethod
-    def from_logprobs(logp: torch.Tensor, targets: torch.Tensor, topk: int) -> Reference:
-        """Build from full log-probs (N, V), keeping the top ``topk`` when that is smaller."""
+    def from_logprobs(
+        logp: torch.Tensor,
+        targets: torch.Tensor,
+        topk: int,
+        tail_samples: int = TAIL_SAMPLES,
+        seed: int = 0,
+    ) -> Reference:
+        """Build from full log-probs (N, V), keeping the top ``topk`` when that is smaller,
+        and ``tail_samples`` draws (seeded, systematic) from each row's remaining
+        distribution."""
         target_logp = logp.gather(-1, targets[:, None]).squeeze(-1)
         top1 = logp.argmax(-1)
         if topk >= logp.shape[-1]:
@@ -113,6 +131,26 @@ class Reference:
         values, idx = logp.topk(topk, dim=-1)
         # the kept mass from the float32 log-probs, before float16 rounds them
         tail = (-torch.expm1(values.double().logsumexp(-1))).clamp_min(0).float()
+        tail_idx = tail_logp = None
+        if tail_samples:
+            weight = logp.exp().scatter(-1, idx, 0)
+            # a row whose tail underflows draws anywhere in it: its samples weigh p_tail = 0
+            empty = weight.sum(-1) <= 0
+            weight[empty] = torch.ones_like(weight[empty]).scatter(-1, idx[empty], 0)
+            # systematic sampling along the tail sorted by probability: S evenly spaced
+            # points of its CDF from one uniform offset; each point is a draw from the tail
+            # (so the estimate stays unbiased), and the draws spread over the likely and the
+            # rare tail instead of clumping (lower variance than independent draws)
+            gen = torch.Generator(device=logp.device).manual_seed(seed)
+            weight, order = weight.sort(-1, descending=True)
+            cdf = weight.double().cumsum(-1)
+            offset = torch.rand(len(cdf), 1, generator=gen, device=logp.device, dtype=cdf.dtype)
+            steps = torch.arange(tail_samples, device=logp.device, dtype=cdf.dtype)
+            points = (offset + steps) / tail_samples * cdf[:, -1:]
+            at = torch.searchsorted(cdf, points).clamp_max(cdf.shape[-1] - 1)
+            tail_idx = order.gather(-1, at)
+            tail_logp = logp.gather(-1, tail_idx).float()
+            tail_idx = tail_idx.int()
         return Reference(
             targets,
             target_logp,
@@ -120,6 +158,8 @@ class Reference:
             topk_logp=values.half(),
             topk_idx=idx.int(),
             tail_mass=tail,
+            tail_idx=tail_idx,
+            tail_logp=tail_logp,
         )
 
     def head_logp(self) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 A pool of 512 windows of 32 tokens of the bundled train split is scored once at 3-bit RTN, then
 split at random into disjoint evaluation sets of 32 windows, many times over; the share of sets
-whose ``value + 1.645 * stderr`` reaches the pool's value is the coverage.
+whose ``value + 1.645 * stderr`` reaches the pool's value is the coverage (the standard errors
+are calibrated for that bound: see ``metrics.mean_se``).
 """
 
 from __future__ import annotations
@@ -46,12 +47,14 @@ def _rows(obj, idx):
     )
 
 
-def _coverage(stats: TokenStats, reference: Reference, *, per_token: bool) -> dict[str, float]:
+def _coverage(
+    stats: TokenStats, reference: Reference, *, per_token: bool, splits: int = 12
+) -> dict[str, float]:
     full, _ = summarize(stats, reference)
     count = int(stats.window.max()) + 1
     g = torch.Generator().manual_seed(0)
     hits, sets = dict.fromkeys(BOUNDED, 0), 0
-    for _ in range(12):
+    for _ in range(splits):
         order = torch.randperm(count, generator=g)
         for k in range(count // SET):
             idx = torch.isin(stats.window, order[k * SET : (k + 1) * SET]).nonzero().squeeze(1)
@@ -67,8 +70,9 @@ def _coverage(stats: TokenStats, reference: Reference, *, per_token: bool) -> di
 
 def test_window_level_bounds_cover_at_their_level_and_token_level_ones_do_not(pool):
     stats, reference = pool
-    after = _coverage(stats, reference, per_token=False)
+    after = _coverage(stats, reference, per_token=False, splits=40)
     before = _coverage(stats, reference, per_token=True)
-    # 192 correlated sets from one pool: a true 95% reads as >= 0.92 here
-    assert all(c >= 0.92 for c in after.values()), after
+    # 640 sets: a true 95% reads as >= 0.95 less two binomial standard errors (0.0086); the
+    # normal bounds with plain window-level SEs read 0.94 on delta_p_mean here
+    assert all(c >= 0.95 - 2 * 0.0086 for c in after.values()), after
     assert before["kl_mean"] < after["kl_mean"] - 0.03, (before, after)

@@ -11,8 +11,8 @@ from pytest_hemorrhage.metrics import METRICS, TokenStats, summarize, token_stat
 from pytest_hemorrhage.reference import Reference
 
 
-def _reference(logits: torch.Tensor, targets: torch.Tensor, topk: int) -> Reference:
-    return Reference.from_logprobs(torch.log_softmax(logits, -1), targets, topk)
+def _reference(logits: torch.Tensor, targets: torch.Tensor, topk: int, **kwargs: int) -> Reference:
+    return Reference.from_logprobs(torch.log_softmax(logits, -1), targets, topk, **kwargs)
 
 
 @pytest.fixture
@@ -53,18 +53,25 @@ def test_metrics_match_their_definitions(logits):
     dp = (p[torch.arange(500), targets] - q[torch.arange(500), targets]).mean().item()
     assert metrics["delta_p_mean"] == pytest.approx(dp, abs=1e-6)
     # paired standard errors: every metric but the maximum has one, positive; 2-D logits make
-    # each row its own sampling unit, which gives the textbook SE of independent values
+    # each row its own sampling unit, which gives the textbook SE of independent values,
+    # scaled by the calibrated 95% quantile over 1.645
+    from pytest_hemorrhage.metrics import _t95
+
     assert stderr.pop("kl_max") is None
     assert all(se > 0 for se in stderr.values()), stderr
-    assert stderr["kl_mean"] == pytest.approx(kl.std().item() / math.sqrt(500), rel=1e-3)
+    t95 = _t95(kl - kl.mean(), 500)
+    textbook = kl.std().item() / math.sqrt(500)
+    assert stderr["kl_mean"] == pytest.approx(textbook * t95 / 1.6448536269514722, rel=1e-3)
 
 
 def test_topk_storage_is_exact_without_a_tail_and_a_close_lower_bound_with_one(logits):
+    """The tail as one outcome (no tail samples): a lower bound, short by the documented
+    amount."""
     base, mod, targets = logits
     exact_ref = _reference(base, targets, topk=50)
     exact = token_stats(mod, exact_ref).kl
     assert torch.allclose(token_stats(mod, _reference(base, targets, topk=49)).kl, exact, atol=1e-2)
-    approx = token_stats(mod, _reference(base, targets, topk=8)).kl
+    approx = token_stats(mod, _reference(base, targets, topk=8, tail_samples=0)).kl
     assert (approx <= exact + 1e-5).all()  # grouping the tail can only lower KL
     # the documented error: p_tail * KL of the tail-conditional distributions
     p, q = torch.softmax(base.double(), -1), torch.softmax(mod.double(), -1)
@@ -83,10 +90,35 @@ def test_topk_storage_is_exact_without_a_tail_and_a_close_lower_bound_with_one(l
     assert mean_gap.item() == pytest.approx(missing.mean().item(), abs=2e-3 * exact.mean().item())
     # all other metrics are exact in top-K form
     m_exact, _ = summarize(token_stats(mod, exact_ref), exact_ref)
-    ref8 = _reference(base, targets, topk=8)
+    ref8 = _reference(base, targets, topk=8, tail_samples=0)
     m_topk, _ = summarize(token_stats(mod, ref8), ref8)
     for name in ("ppl_increase", "nll_increase", "top1_disagreement", "delta_p_mean"):
         assert m_topk[name] == pytest.approx(m_exact[name], abs=1e-6)
+
+
+def test_tail_samples_estimate_what_grouping_the_tail_leaves_out(logits):
+    """Top-8 of 50 tokens with 32 draws from the baseline's tail: each token's KL is the
+    grouped lower bound plus a non-negative term, 0 bit for bit for an unmodified model, and
+    unbiased: over seeds the mean lands on the exact kl_mean, where grouping alone falls short
+    by ~10%."""
+    base, mod, targets = logits
+    exact = token_stats(mod, _reference(base, targets, topk=50)).kl.double().mean().item()
+    grouped = token_stats(mod, _reference(base, targets, topk=8, tail_samples=0)).kl
+    assert exact - grouped.double().mean().item() > 0.08 * exact
+    ref = _reference(base, targets, topk=8)
+    assert ref.tail_idx.shape == (500, 32) and ref.tail_logp.dtype == torch.float32
+    head = torch.log_softmax(base, -1).topk(8, -1).indices
+    assert not (ref.tail_idx[:, :, None] == head[:, None, :]).any()  # drawn outside the top K
+    same = token_stats(base, ref).kl
+    assert torch.equal(same, token_stats(base, _reference(base, targets, 8, tail_samples=0)).kl)
+    sampled = token_stats(mod, ref).kl
+    assert (sampled >= grouped).all()
+    means = [
+        token_stats(mod, _reference(base, targets, 8, seed=seed)).kl.double().mean().item()
+        for seed in range(8)
+    ]
+    assert sum(means) / len(means) == pytest.approx(exact, rel=0.01)
+    assert all(m == pytest.approx(exact, rel=0.03) for m in means), (means, exact)
 
 
 def test_nonfinite_logits_are_counted_not_raised(logits):
@@ -111,17 +143,36 @@ def test_token_stats_concatenate_in_order(logits):
 def test_standard_errors_count_windows_not_tokens():
     """Windows whose tokens all share one value: the window-level SE is that of 20 draws,
     where the token-level one would claim 20 x 50 independent draws."""
-    from pytest_hemorrhage.metrics import mean_se
+    from pytest_hemorrhage.metrics import _cluster, _t95, mean_se
 
     g = torch.Generator().manual_seed(2)
     per_window = torch.randn(20, generator=g, dtype=torch.float64)
     x = per_window.repeat_interleave(50)
     window = torch.arange(20).repeat_interleave(50)
-    mean, se = mean_se(x, window)
+    mean, se, t95 = _cluster(x, window)
     assert mean == pytest.approx(per_window.mean().item())
     assert se == pytest.approx(per_window.double().std().item() / math.sqrt(20), rel=1e-9)
-    assert mean_se(x)[1] == pytest.approx(x.double().std().item() / math.sqrt(1000))
+    assert t95 == _t95(50 * (per_window - per_window.mean()), 20)  # the windows' totals
+    assert mean_se(x, window) == (mean, pytest.approx(se * t95 / 1.6448536269514722))
+    assert _cluster(x, None)[1] == pytest.approx(x.double().std().item() / math.sqrt(1000))
     assert mean_se(x, torch.zeros(1000))[1] is None  # one window: no spread to measure
+
+
+def test_calibrated_quantile_is_students_t_plus_a_skewness_term():
+    """Symmetric two-point totals (kurtosis 1, no skew) give Student's t with G - 1 degrees of
+    freedom; heavy tails lower the degrees of freedom and skew either way adds Hall's term."""
+    from pytest_hemorrhage.metrics import _student95, _t95
+
+    for dof, exact in ((3, 2.353363), (10, 1.812461), (30, 1.697261), (63, 1.669402)):
+        assert _student95(dof) == pytest.approx(exact, rel=5e-3)
+    flat = torch.tensor([-1.0, 1.0]).repeat(32).double()
+    assert _t95(flat, 64) == pytest.approx(_student95(63))
+    heavy = torch.tensor([-3.0] + [0.0] * 30 + [3.0]).repeat(2).double()  # kurtosis 16
+    assert _t95(heavy, 64) == pytest.approx(_student95(2 * 64 / 15))
+    right = torch.tensor([-1.0] * 48 + [3.0] * 16).double()  # skewness 1.155
+    hall = 1.1547005 * (2 * 1.6448536269514722**2 + 1) / (6 * 8)
+    assert _t95(right, 64) == pytest.approx(_student95(63) + hall, rel=1e-6)
+    assert _t95(-right, 64) == _t95(right, 64)  # by magnitude: both one-sided bounds widen
 
 
 def test_token_stats_number_windows_across_batches(logits):
@@ -136,19 +187,20 @@ def test_token_stats_number_windows_across_batches(logits):
 
 def test_quantile_bound_is_woodruffs_cluster_interval():
     """kl_p99's SE puts value + 1.645 SE at the sample quantile of q + 1.645 s_F, where s_F is
-    the window-level SE of the share of values at or below the quantile."""
-    from pytest_hemorrhage.metrics import _quantile_se, mean_se
+    the window-level SE of the share of values at or below the quantile (calibrated: see
+    mean_se)."""
+    from pytest_hemorrhage.metrics import mean_se, quantile_se
 
     g = torch.Generator().manual_seed(3)
     x = torch.rand(40, 100, generator=g) ** 3 * torch.rand(40, 1, generator=g)
     window = torch.arange(40).repeat_interleave(100)
-    value, se = _quantile_se(x.flatten(), 0.99, window)
+    value, se = quantile_se(x.flatten(), 0.99, window)
     _, s_f = mean_se((x.flatten().double() <= value).double(), window)
     z = 1.6448536269514722
     assert value + z * se == pytest.approx(x.flatten().double().quantile(0.99 + z * s_f).item())
-    assert se > _quantile_se(x.flatten(), 0.99)[1]  # correlated windows: wider than per token
+    assert se > quantile_se(x.flatten(), 0.99)[1]  # correlated windows: wider than per token
     few = torch.arange(2).repeat_interleave(10)
-    assert _quantile_se(x[:2, :10].flatten(), 0.99, few)[1] == math.inf  # bound past the max
+    assert quantile_se(x[:2, :10].flatten(), 0.99, few)[1] == math.inf  # bound past the max
 
 
 @pytest.mark.parametrize("topk", [50, 8])
