@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from .data import Windows
 from .errors import HemorrhageError
 from .loading import CAUSAL, ENCODER, Pooling
-from .metrics import EXTRA_METRICS, METRICS, quantile_se, mean_se
+from .metrics import EXTRA_METRICS, METRICS, mean_se, quantile_se
 
 if TYPE_CHECKING:
     import torch
