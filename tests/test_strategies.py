@@ -150,7 +150,8 @@ def test_unknown_names_and_parameters_are_clear_errors():
 def test_near_threshold_concentrates_and_still_covers_the_range():
     drawn: list[float] = []
 
-    @settings(database=None, max_examples=40, phases=[Phase.generate])
+    # derandomized: a statistical check of 40 draws must not fail by chance on some run
+    @settings(database=None, max_examples=40, phases=[Phase.generate], derandomize=True)
     @given(hst.near_threshold("prune.wanda", "sparsity", estimate=0.4))
     def collect(x):
         drawn.append(x)
