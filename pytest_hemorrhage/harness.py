@@ -397,10 +397,7 @@ class Harness:
             stats = TokenStats.cat(parts)
         metrics, stderr = summarize(stats, reference)
         return Result(
-            modification="+".join(c.name for c in configs),
-            params=configs[0].params()
-            if len(configs) == 1
-            else {"stages": [{"name": c.name, **c.params()} for c in configs]},
+            **_naming(configs),
             metrics=metrics,
             stderr=stderr,
             baseline_ppl=reference.ppl,
@@ -446,10 +443,7 @@ class Harness:
         metrics, stderr, nonfinite = embedding_metrics(reference, self.embed())
         texts = len(reference.embeddings)
         return Result(
-            modification="+".join(c.name for c in configs),
-            params=configs[0].params()
-            if len(configs) == 1
-            else {"stages": [{"name": c.name, **c.params()} for c in configs]},
+            **_naming(configs),
             metrics=metrics,
             stderr=stderr,
             baseline_ppl=math.nan,  # an encoder has no perplexity
@@ -692,6 +686,16 @@ def _vocab_size(model: Any, probe: torch.Tensor) -> int:
     if head is not None and hasattr(head, "weight"):
         return head.weight.shape[0]
     return model_logits(model, probe).shape[-1]  # plain modules: ask them
+
+
+def _naming(configs: Sequence[Modification]) -> dict[str, Any]:
+    """A result's ``modification`` and ``params``: one stage's own, or every stage's."""
+    if len(configs) == 1:
+        return {"modification": configs[0].name, "params": configs[0].params()}
+    return {
+        "modification": "+".join(c.name for c in configs),
+        "params": {"stages": [{"name": c.name, **c.params()} for c in configs]},
+    }
 
 
 def _auto_batch(seq_len: int, vocab: int) -> int:
