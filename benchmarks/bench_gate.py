@@ -92,12 +92,12 @@ mode, base, cand, ref = sys.argv[1:5]
 settings = Settings.defaults(model=None if mode == "reference" else base, device="cpu")
 if mode == "candidate":  # its own footprint in use: loaded, one forward pass over the windows
     from pytest_hemorrhage.data import make_windows, read_text
-    from pytest_hemorrhage.harness import _auto_batch
+    from pytest_hemorrhage.harness import auto_batch
     from pytest_hemorrhage.loading import model_logits
     loaded = load_candidate(cand, device="cpu")
     ids = make_windows(loaded.tokenizer, read_text(None), seq_len=settings.seq_len,
                        tokens=settings.tokens).eval
-    batch = _auto_batch(settings.seq_len, 512)
+    batch = auto_batch(settings.seq_len, 512)
     with torch.inference_mode():
         for i in range(0, len(ids), batch):
             model_logits(loaded.model, ids[i : i + batch])

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from .portable import PortableReference
     from .settings import Settings
 
-__all__ = ["ENCODER_BATCH", "RESTORE_COPY_BYTES", "Context", "Harness", "Stages"]
+__all__ = ["ENCODER_BATCH", "RESTORE_COPY_BYTES", "Context", "Harness", "Stages", "auto_batch"]
 
 # Models up to this size keep a host copy of their weights to restore a write made outside
 # modified(); larger ones are reloaded from their spec instead (no host memory held).
@@ -149,7 +149,7 @@ class Harness:
                 if portable is not None
                 else _vocab_size(self.model, self.windows.eval[:1, :2].to(self.device))
             )
-            self.batch_size = settings.batch_size or _auto_batch(settings.seq_len, self.vocab)
+            self.batch_size = settings.batch_size or auto_batch(settings.seq_len, self.vocab)
             self.topk = settings.topk or (self.vocab if self.vocab <= EXACT_VOCAB else DEFAULT_TOPK)
         self.portable = portable
         self.context = Context(self)
@@ -698,7 +698,7 @@ def _naming(configs: Sequence[Modification]) -> dict[str, Any]:
     }
 
 
-def _auto_batch(seq_len: int, vocab: int) -> int:
+def auto_batch(seq_len: int, vocab: int) -> int:
     """Windows per forward pass: large batches, with logits kept under ~256 MB."""
     return max(1, min(64, (256 << 20) // (seq_len * vocab * 4 * 3)))
 
