@@ -77,7 +77,12 @@ def compositions(model: torch.nn.Module) -> st.SearchStrategy[list[Any]]:
         "prune.layers": {"count": st.integers(0, blocks - 1)},
     }
     params = {n: p for n, p in extra.items() if n in names()}
-    return st.lists(hst.modifications(params=params), min_size=1, max_size=3)
+    return st.lists(hst.modifications(names=catalogue(), params=params), min_size=1, max_size=3)
+
+
+def catalogue() -> list[str]:
+    """The built-in modifications (not those a test suite registered in this process)."""
+    return [n for n in names() if registry.get(n)[1].__module__.startswith("pytest_hemorrhage.")]
 
 
 @contextmanager
@@ -274,7 +279,7 @@ def main() -> None:
         f"{seconds:.0f} s)"
     )
     print(
-        f"modifications drawn   {len(tally.names)} of {len(names())}: "
+        f"modifications drawn   {len(tally.names)} of {len(catalogue())}: "
         + ", ".join(f"{n} {c}" for n, c in sorted(tally.names.items()))
     )
     print(

@@ -49,7 +49,9 @@ def test_a_budget_that_holds_passes_and_one_that_breaks_fails_line_per_metric(py
         ]
     )
     lines = result.stdout.lines
-    summary = lines[lines.index(next(x for x in lines if x.startswith("hemorrhage (one row"))):]
+    start = lines.index(next(x for x in lines if x.startswith("hemorrhage (one row")))
+    end = next(i for i in range(start, len(lines)) if lines[i].startswith("==="))
+    summary = lines[start:end]  # pytest's own short summary after it is not ours
     assert max(len(line) for line in summary) <= 80
     verbose = pytester.runpytest(*MODEL, "--strict-markers", "-v")
     verbose.stdout.re_match_lines(
