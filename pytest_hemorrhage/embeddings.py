@@ -256,7 +256,20 @@ def _ranks(x: torch.Tensor) -> torch.Tensor:
 
 
 def _spearman(x: torch.Tensor, y: torch.Tensor) -> float:
-    rx, ry = _ranks(x), _ranks(y)
+    return _rank_correlation(_ranks(x), _ranks(y))
+
+
+def _kept_ranks(order: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The ranks ``_ranks`` gives the kept values among themselves, from the full stable order
+    (a subset keeps the full order's relative order): a cumulative count, no second sort."""
+    import torch
+
+    ranks = torch.empty(len(order), dtype=torch.float64)
+    ranks[order] = (keep[order].cumsum(0) - 1).double()
+    return ranks[keep]
+
+
+def _rank_correlation(rx: torch.Tensor, ry: torch.Tensor) -> float:
     if rx.equal(ry):
         return 1.0
     rx, ry = rx - rx.mean(), ry - ry.mean()
@@ -271,10 +284,13 @@ def _rank_drop(base: torch.Tensor, mod: torch.Tensor, n: int) -> tuple[float, fl
     groups = min(n, JACKKNIFE_GROUPS)
     i, j = torch.triu_indices(n, n, 1)
     label = torch.arange(n) % groups
+    order_base, order_mod = base.argsort(stable=True), mod.argsort(stable=True)
     drops = []
     for g in range(groups):
         keep = (label[i] != g) & (label[j] != g)
-        drops.append(1 - _spearman(base[keep], mod[keep]))
+        drops.append(
+            1 - _rank_correlation(_kept_ranks(order_base, keep), _kept_ranks(order_mod, keep))
+        )
     d = torch.tensor(drops, dtype=torch.float64)
     se = math.sqrt((groups - 1) / groups * (d - d.mean()).square().sum().item())
     return value, se
