@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import HemorrhageError
-from .calibration import input_stats
+from .calibration import calibration_forwards, input_stats
 from .obs import calibrated
 from .quant import rtn_quantize
 from .registry import Modification, Patch, Target, register_modification
@@ -116,15 +116,14 @@ def _collect_grams(model: nn.Module, context: Context, targets: list[Target]) ->
         return record
 
     handles = [t.module.register_forward_pre_hook(hook(t.name)) for t in targets]
+
+    def new_batch() -> None:
+        last[0] = None  # inputs are shared within a batch only
+
     try:
-        with torch.inference_mode():
-            for batch in context.calibration_windows().split(8):
-                last[0] = None
-                context.logits(batch)
+        calibration_forwards(context, handles, before_batch=new_batch)
     finally:
-        for h in handles:
-            h.remove()
-        last[0] = None
+        new_batch()  # let go of the last input
     return [InputGram(tuple(members[o]), (grams[o] / counts[o]).cpu()) for o in grams]
 
 

@@ -9,8 +9,9 @@ once per session for each such state.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -21,7 +22,7 @@ from .registry import Target, is_linear
 if TYPE_CHECKING:
     from ..harness import Context
 
-__all__ = ["InputStats", "input_norms", "input_stats"]
+__all__ = ["InputStats", "calibration_forwards", "input_norms", "input_stats"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,28 @@ class InputStats:
 def input_stats(model: nn.Module, context: Context) -> dict[str, InputStats]:
     """Statistics of every linear layer's input, by module name (computed once per session)."""
     return context.memo(("input_stats", context.applied), lambda: _collect(model, context))
+
+
+def calibration_forwards(
+    context: Context, handles: Sequence[Any], *, before_batch: Callable[[], None] | None = None
+) -> None:
+    """Run the calibration windows, 8 at a time, through the model as it is now, with the hooks
+    of ``handles`` registered; they are removed afterwards, whatever happens.
+
+    Args:
+        context: the handler's context (calibration windows, the model's forward).
+        handles: the hooks' removable handles.
+        before_batch: called before each batch (e.g. to reset per-batch state).
+    """
+    try:
+        with torch.inference_mode():
+            for batch in context.calibration_windows().split(8):
+                if before_batch is not None:
+                    before_batch()
+                context.logits(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _collect(model: nn.Module, context: Context) -> dict[str, InputStats]:
@@ -58,14 +81,7 @@ def _collect(model: nn.Module, context: Context) -> dict[str, InputStats]:
     handles = [
         m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if is_linear(m)
     ]
-    try:
-        windows = context.calibration_windows()
-        with torch.inference_mode():
-            for batch in windows.split(8):
-                context.logits(batch)
-    finally:
-        for h in handles:
-            h.remove()
+    calibration_forwards(context, handles)
     return {
         n: InputStats(
             sums[n].sqrt().cpu(), maxes[n].cpu(), (abs_sums[n] / counts[n]).cpu(), counts[n]

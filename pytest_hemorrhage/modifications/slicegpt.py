@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import HemorrhageError
+from .calibration import calibration_forwards
 from .registry import Modification, Patch, blocks, register_modification
 from .validate import check_number
 
@@ -185,13 +186,7 @@ def residual_covariances(model: nn.Module, context: Context) -> list[torch.Tenso
         ]
         final = model.get_submodule(layout.final_norm)
         handles.append(final.register_forward_pre_hook(record(layout.count), with_kwargs=True))
-        try:
-            with torch.inference_mode():
-                for batch in context.calibration_windows().split(8):
-                    context.logits(batch)
-        finally:
-            for h in handles:
-                h.remove()
+        calibration_forwards(context, handles)
         return sums
 
     return context.memo(("prune.slicegpt", context.applied), compute)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import HemorrhageError
-from .calibration import input_norms
+from .calibration import calibration_forwards, input_norms
 from .prune import taylor_scores
 from .registry import (
     Modification,
@@ -566,13 +566,7 @@ def _similarity(model: nn.Module, context: Context) -> list[float]:
     for i, layer in enumerate(layers):
         handles.append(layer.register_forward_pre_hook(before(i), with_kwargs=True))
         handles.append(layer.register_forward_hook(after(i), with_kwargs=True))
-    try:
-        with torch.inference_mode():
-            for batch in context.calibration_windows().split(8):
-                context.logits(batch)
-    finally:
-        for h in handles:
-            h.remove()
+    calibration_forwards(context, handles)
     return [t / max(count[0], 1) for t in totals]
 
 

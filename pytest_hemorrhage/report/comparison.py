@@ -10,7 +10,7 @@ from typing import Any
 
 from .describe import DEFAULT_METRICS, describe_modification
 
-__all__ = ["render_comparison"]
+__all__ = ["render_comparison", "shown_metrics"]
 
 
 def _num(value: Any) -> str:
@@ -19,7 +19,7 @@ def _num(value: Any) -> str:
     return f"{value:.4f}" if math.isfinite(value) else str(value)
 
 
-def _shown(
+def shown_metrics(
     record: Mapping[str, Any], comparison: Mapping[str, Any], tolerances: Any
 ) -> dict[str, Any]:
     """The compared metrics worth a line: those with a tolerance or a budget (else the
@@ -45,7 +45,7 @@ def render_comparison(report: Mapping[str, Any]) -> str:
             out.append(f"  {test}  {what}: not in {name} (not compared)")
             continue
         failing = {line.partition(":")[0] for line in comparison.get("failures", [])}
-        for metric, entry in _shown(record, comparison, tolerances).items():
+        for metric, entry in shown_metrics(record, comparison, tolerances).items():
             relative = entry.get("relative")
             pct = (
                 f", {relative:+.0%}"

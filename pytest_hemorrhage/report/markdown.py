@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .comparison import shown_metrics
 from .describe import DEFAULT_METRICS, describe_modification
 
 __all__ = ["append_step_summary", "render_markdown"]
@@ -64,16 +65,6 @@ def _results(records: list[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
-def _shown(
-    record: Mapping[str, Any], comparison: Mapping[str, Any], tolerances: Any
-) -> dict[str, Any]:
-    """The compared metrics worth a line: those with a tolerance or a budget (else the
-    default ones); the JSON report keeps every metric's comparison."""
-    budget = {k for k in record.get("budget", {}) if k != "confidence"}
-    wanted = set(tolerances) | budget or set(DEFAULT_METRICS)
-    return {m: e for m, e in comparison.get("metrics", {}).items() if m in wanted}
-
-
 def _comparison(report: Mapping[str, Any]) -> list[str]:
     header = report.get("comparison") or {}
     tolerances = {
@@ -96,7 +87,7 @@ def _comparison(report: Mapping[str, Any]) -> list[str]:
             unmatched.append(f"`{_cell(test)}` {_cell(what)}")
             continue
         failing = {line.partition(":")[0] for line in comparison.get("failures", [])}
-        for metric, entry in _shown(record, comparison, tolerances).items():
+        for metric, entry in shown_metrics(record, comparison, tolerances).items():
             new = record.get("metrics", {}).get(metric)
             relative = entry.get("relative")
             change = _num(entry.get("change"))
