@@ -111,7 +111,8 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -
     else:
         scale, zero, lo, hi = quant_grid(g, bits, symmetric)
         scale, zero = scale[..., None], zero[..., None]
-        q = ((g / scale).round() + zero).clamp(lo, hi).sub(zero) * scale
+        # One fresh tensor, then in place: this runs on every forward of a parametrized layer
+        q = g.div(scale).round_().add_(zero).clamp_(lo, hi).sub_(zero).mul_(scale)
     return q.reshape(out_features, -1)[:, :in_features].to(w.dtype)
 
 
