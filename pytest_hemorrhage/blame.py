@@ -41,6 +41,9 @@ the baseline (run once per session and memoized):
 When a modification removes or adds blocks (layer pruning, layer expansion), the blocks it kept
 are paired with the baseline's by module identity, and an added block ``k'`` is compared with
 baseline block ``k``, the one it follows; attribution then does not apply.
+
+An encoder is diagnosed on its first batch of measured texts, padding left out: drift and
+attention entropy as above; attribution (a split of ``kl_mean``) is a causal LM's only.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .errors import HemorrhageError
-from .loading import model_logits
+from .loading import ENCODER, model_logits
 from .metrics import Result, TokenStats, summarize, token_stats
 from .modifications.registry import Patch, Target, blocks, is_linear
 
@@ -237,7 +240,8 @@ def diagnose(
         attribution: also split ``kl_mean`` over the blocks (``kl_added``, ``share``) and
             measure each block's edits alone (``kl_mean``, ``kl_ratio``): about two kl_mean
             measurements per block, see the module's docstring.
-        windows: evaluation windows the drift is computed on (one batch).
+        windows: evaluation windows the drift is computed on (one batch); an encoder's is its
+            first batch of texts.
     """
     harness = getattr(harness, "harness", harness)
     result = target if isinstance(target, Result) else None
@@ -247,17 +251,21 @@ def diagnose(
             f"{result.modification}: the result has no configs to re-apply "
             "(it was not made by measure())"
         )
-    ids = harness.windows.eval[:windows].to(harness.device)
-    baseline = harness.context.memo(("blame-baseline", windows), lambda: _baseline(harness, ids))
+    inputs = _inputs(harness, windows)
+    baseline = harness.context.memo(("blame-baseline", windows), lambda: _baseline(harness, inputs))
     linears = frozenset(key.partition(":")[2] for key in baseline.outputs if ":" in key)
     before = dict(harness.model.named_modules())
     with harness.modified(stages) as patch:
         configs = list(harness.context.applied)
         edits = _edits(harness.model, before, patch) if attribution else None
-        modified = _capture(harness.model, ids, patch, linears)
-    diagnosis = _compare(baseline, modified, "+".join(c.name for c in configs), ids.numel())
+        modified = _capture(harness.model, inputs, patch, linears)
+    mask = inputs.get("attention_mask")
+    tokens = inputs["ids"].numel() if mask is None else int(mask.sum())
+    diagnosis = _compare(baseline, modified, "+".join(c.name for c in configs), tokens)
     if edits is None:
         pass
+    elif harness.kind == ENCODER:
+        diagnosis.notes.append("(no attribution: it splits kl_mean, which an encoder has not)")
     elif [b.index for b in diagnosis.blocks] != list(range(len(baseline.names))):
         diagnosis.notes.append("(no attribution: it needs the baseline's blocks, unchanged)")
     else:
@@ -358,9 +366,17 @@ class _States:
     entropy: dict[int, torch.Tensor]
 
 
-def _baseline(harness: Harness, ids: torch.Tensor) -> _States:
+def _inputs(harness: Harness, windows: int) -> dict[str, torch.Tensor]:
+    """What the diagnosis runs the model on: ``ids``, the first evaluation windows; or an
+    encoder's tokenizer outputs for its first batch of texts."""
+    if harness.kind == ENCODER:
+        return {k: v.to(harness.device) for k, v in harness.texts.batches[0].items()}
+    return {"ids": harness.windows.eval[:windows].to(harness.device)}
+
+
+def _baseline(harness: Harness, inputs: dict[str, torch.Tensor]) -> _States:
     with harness.modified([]) as patch:
-        return _capture(harness.model, ids, patch)
+        return _capture(harness.model, inputs, patch)
 
 
 _PROJECTIONS: dict[tuple[int, str], torch.Tensor] = {}
@@ -393,20 +409,26 @@ def _eager(model: Any, patch: Patch) -> bool:
 
 
 def _capture(
-    model: Any, ids: torch.Tensor, patch: Patch, sublayers: frozenset[str] = frozenset()
+    model: Any,
+    inputs: dict[str, torch.Tensor],
+    patch: Patch,
+    sublayers: frozenset[str] = frozenset(),
 ) -> _States:
     """Outputs of every block and of its linear layers, or of modules named in ``sublayers``
-    (the baseline's linears, possibly swapped for quantized modules), and attention entropy."""
+    (the baseline's linears, possibly swapped for quantized modules), and attention entropy,
+    at the real tokens of ``inputs`` (see :func:`_inputs`; an encoder's padding left out)."""
     prefix, layers = blocks(model)
     outputs: dict[str, tuple[int, torch.Tensor]] = {}
     entropy: dict[int, torch.Tensor] = {}
     attention = _eager(model, patch)
-    tokens = ids.shape[-1]
+    mask = inputs.get("attention_mask")
+    real = None if mask is None else mask.bool()
+    tokens = (inputs["ids"] if real is None else real).shape[-1]
 
     def keep(key: str):
         def hook(module: Any, args: Any, out: Any) -> None:
             x = out[0] if isinstance(out, tuple) else out
-            outputs[key] = (x.shape[-1], _sketch(x))
+            outputs[key] = (x.shape[-1], _sketch(x if real is None else x[real]))
 
         return hook
 
@@ -419,7 +441,9 @@ def _capture(
                 and w.dim() == 4
                 and w.shape[-1] == w.shape[-2] == tokens
             ):
-                entropy[index] = torch.special.entr(w.float()).sum(-1).flatten().cpu()
+                h = torch.special.entr(w.float()).sum(-1)  # (batch, heads, queries)
+                h = h if real is None else h.transpose(1, 2)[real]  # real queries only
+                entropy[index] = h.flatten().cpu()
 
         return hook
 
@@ -433,7 +457,10 @@ def _capture(
                 handles.append(module.register_forward_hook(weights(i)))
     try:
         with torch.inference_mode():
-            model_logits(model, ids)
+            if real is None:
+                model_logits(model, inputs["ids"])
+            else:
+                model(**inputs)
     finally:
         for h in handles:
             h.remove()

@@ -169,6 +169,10 @@ def test_int8_keeps_neighbours(hemorrhage):
 @pytest.mark.hemorrhage(kl_mean=0.01)
 def test_token_metric(hemorrhage):
     hemorrhage.measure("quant.rtn", bits=8)
+
+@pytest.mark.hemorrhage(emb_cos_drift=0.01)
+def test_two_bits_bleed(hemorrhage):
+    hemorrhage.check(hemorrhage.measure("quant.rtn", bits=2))
 """
 
 
@@ -178,7 +182,13 @@ def test_the_plugin_measures_an_encoder_shows_its_kind_and_refuses_token_budgets
         f"--hemorrhage-model={MINILM_NAME}", "--hemorrhage-tokens=400", "-p", "no:randomly",
         "--hemorrhage-report=r.json",
     )
-    result.assert_outcomes(passed=1, errors=1)
+    result.assert_outcomes(passed=1, failed=1, errors=1)
+    result.stdout.fnmatch_lines([
+        "hemorrhage over budget for quant.rtn bits=2*",  # and where the encoder bleeds
+        "*emb_cos_drift: * > 0.0100*",
+        "*hemorrhage begins at block *",
+        "*drift by block (relative L2 of the residual stream): 0:* 5:*",
+    ])
     result.stdout.fnmatch_lines([
         "*test_token_metric*kl_mean measure(s) a causal LM, but the model under test is an "
         "encoder; the metrics that apply: emb_cos_drift, emb_cos_p99, retrieval_drop, "
@@ -189,8 +199,21 @@ def test_the_plugin_measures_an_encoder_shows_its_kind_and_refuses_token_budgets
     assert report["model"]["kind"] == ENCODER
     assert report["model"]["pooling"] == "sentence-transformers: mean pooling, normalized"
     assert report["data"]["texts"] > 10
-    (record,) = report["results"]
-    assert set(record["metrics"]) == set(EMBEDDING_METRICS)
+    assert len(report["results"]) == 2
+    for record in report["results"]:
+        assert set(record["metrics"]) == set(EMBEDDING_METRICS)
+
+
+def test_blame_on_an_encoder_reads_its_texts_without_the_padding(encoder):
+    from pytest_hemorrhage.blame import diagnose
+
+    none = diagnose(encoder, [])
+    assert [b.drift_l2 for b in none.blocks] == [0.0] * 6 and none.begins is None
+    bled = diagnose(encoder, [("quant.rtn", {"bits": 2})], attribution=True)
+    batch = encoder.texts.batches[0]
+    assert bled.tokens == int(batch["attention_mask"].sum()) < batch["input_ids"].numel()
+    assert bled.begins is not None and all(b.drift_l2 > 0.05 for b in bled.blocks)
+    assert bled.notes == ["(no attribution: it splits kl_mean, which an encoder has not)"]
 
 
 def test_an_embedding_budget_on_a_causal_lm_is_refused_at_setup(pytester):
