@@ -236,10 +236,14 @@ class Harness:
         for i in range(0, len(windows), self.batch_size):
             ids = windows[i : i + self.batch_size].to(device)
             with torch.inference_mode():
-                logits = model_logits(model, ids)[:, :-1]
+                logits = model_logits(model, ids)
+                # processors see the whole window (T = L): the model's output is contiguous
+                # there, so a processor that flattens its rows reads a view instead of copying
+                # every logit (the last position, scored by nothing, is dropped after; each
+                # position's processed logits are the same either way)
                 for process in processors:
-                    logits = process(ids[:, :-1], logits)
-            yield logits, ids[:, 1:].reshape(-1)
+                    logits = process(ids, logits)
+            yield logits[:, :-1], ids[:, 1:].reshape(-1)
 
     @contextmanager
     def modified(self, stages: Stages) -> Iterator[Patch]:
