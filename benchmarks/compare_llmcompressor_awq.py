@@ -22,10 +22,11 @@ integers must agree up to float rounding of the inputs: that is the tolerance ch
 SmoothQuant, W8A8 (int8 weights per output row, int8 activations per token), alpha 0.5:
 the per-channel smoothing factors compared on q/k/v and gate/up (the layers llm-compressor
 smooths: it folds ``1/s`` into the norm before them; this project divides the input of every
-target, o_proj and down_proj included). Definitions differ on purpose, and the figures show
-by how much: llm-compressor's activation range is ``max x - min x`` (this project's
-``max|x|``) and its weight range ``2 max|W|`` over the whole group (this project's ``max|W|``
-of the layer itself); at alpha 0.5 the factors 2 cancel when the activations are symmetric.
+target, o_proj and down_proj included). Both share one factor per group of layers reading one
+input (``quant.smooth_groups``). The activation range differs on purpose, and the figures show
+by how much: llm-compressor's is ``max x - min x`` (this project's ``max|x|``, SmoothQuant's
+paper) and its weight range ``2 max|W|`` (this project's ``max|W|``); at alpha 0.5 the factors
+2 cancel when the activations are symmetric.
 
 Measured (llm-compressor 0.14.0.1, 2 CPU threads):
   * AWQ: the per-channel mean |x| agrees exactly on every group (gap 0.0000): both calibrate on
@@ -38,17 +39,16 @@ Measured (llm-compressor 0.14.0.1, 2 CPU threads):
     shapes"), which this project's parametrization does (0.81-0.93 identical integers to its
     RTN). 0.9721 of all integers identical. First apply 11 s (3.0x one forward over the
     calibration windows) vs llm-compressor's 498 s (133x; a loaded 2-core machine).
-  * SmoothQuant: with each side's own definitions the factors differ by a median 5-12% on
-    q/k/gate/up (the activation range: max|x| is 1.06-1.10x half of max - min) and 38-80% on
-    v_proj (whose own max|W| is 0.34-0.56x the q/k/v group's: this project smooths each layer
-    with its own weight range, so q/k/v get different factors, which cannot be folded into one
-    norm as SmoothQuant does); 0.28 of the int8 weights identical. Fed llm-compressor's
-    definitions, ``quant.smooth_scales`` reproduces its factors to 2.4e-7 and, on its grid
-    (max / 127.5, this project's is max / 127), 1.0000 of the int8 weights.
+  * SmoothQuant: with each side's own definitions the factors differ by a median 2.8-4.8%
+    (the activation range alone: max|x| is 1.06-1.10x half of max - min); 0.40 of the int8
+    weights identical (that and the grid, max / 127 here, max / 127.5 there). Fed
+    llm-compressor's activation range, ``quant.smooth_scales`` reproduces its factors to
+    2.4e-7 and, on its grid, 1.0000 of the int8 weights. (Before factors were shared per
+    group, each layer used its own max|W|: v_proj's factors were 38-80% off, 0.28 identical.)
 
 llm-compressor pins transformers <= 5.17, so it runs in its own virtualenv:
     python -m venv /tmp/llmc && /tmp/llmc/bin/pip install torch==2.13.0 llmcompressor
-    PYTHONPATH=. /tmp/llmc/bin/python benchmarks/compare_llmcompressor_awq.py
+    PYTHONPATH=. /tmp/llmc/bin/python benchmarks/compare_llmcompressor_awq.py [--smoothquant-only]
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ def _smoothquant(harness, loaded, windows) -> None:
         matched = smooth_scales(ranges.float() / 2, torch.cat(group), 0.5)
         matched_gap = (matched / scales.float() - 1).abs().max().item()
         for name, w in zip(names, group, strict=True):
-            mine = smooth_scales(stats[name].abs_max, w, 0.5)
+            mine = smooth_scales(stats[name].abs_max, torch.cat(group), 0.5)  # quant.w8a8's
             gap = (mine / scales.float() - 1).abs()
             act = (stats[name].abs_max / (ranges.float() / 2)).median().item()
             own = (w.abs().amax(0) / group_max).median().item()
@@ -255,7 +255,13 @@ def _smoothquant(harness, loaded, windows) -> None:
 
 
 def main() -> None:
+    import argparse
+
     import torch
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--smoothquant-only", action="store_true", help="skip AWQ (minutes)")
+    args = parser.parse_args()
 
     from pytest_hemorrhage.harness import Harness
     from pytest_hemorrhage.loading import load_model
@@ -279,7 +285,8 @@ def main() -> None:
         f"calibration: {len(windows)} windows x {windows.shape[1]} tokens; one forward pass "
         f"over them {forward * 1000:.0f} ms"
     )
-    _awq(harness, loaded, windows, forward)
+    if not args.smoothquant_only:
+        _awq(harness, loaded, windows, forward)
     _smoothquant(harness, loaded, windows)
 
 

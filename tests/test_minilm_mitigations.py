@@ -5,7 +5,7 @@ Figures on 16 sentences of the bundled corpus, 8 calibration windows of 128 toke
 (emb_cos_drift, the finest of the four metrics here; 16 texts put retrieval_drop on a 1/160 grid):
 
     LLM.int8 outlier threshold 6 vs 0 (no decomposition)   0.0007 vs 0.0024   3.4x less drift
-    W8A8 with SmoothQuant (alpha 0.5) vs without           0.0009 vs 0.0024   2.7x less drift
+    W8A8 with SmoothQuant (alpha 0.5) vs without           0.0010 vs 0.0024   2.3x less drift
     Wanda vs magnitude, 50% / 70% sparsity                 0.149 vs 0.283 / 0.405 vs 0.622
     gradient (Taylor) vs magnitude, 50% / 70%              0.171 vs 0.283 / 0.437 vs 0.622
     GPTQ vs RTN, 4 bits (group 128)                        0.042 vs 0.056, but retrieval_drop
@@ -50,7 +50,7 @@ def test_llm_int8_outlier_threshold_cuts_the_drift_threefold(encoder):
 def test_smoothquant_cuts_w8a8_drift_more_than_twofold(encoder):
     smoothed = _drift(encoder, "quant.w8a8", smooth=True)
     plain = _drift(encoder, "quant.w8a8", smooth=False)
-    assert plain / smoothed > 2.0, (smoothed, plain)  # measured 2.7x
+    assert plain / smoothed > 2.0, (smoothed, plain)  # measured 2.3x
 
 
 @pytest.mark.parametrize(("sparsity", "wanda_gain", "gradient_gain"),

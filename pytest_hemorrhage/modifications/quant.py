@@ -48,6 +48,7 @@ __all__ = [
     "int8_per_row",
     "quant_grid",
     "rtn_quantize",
+    "smooth_groups",
     "smooth_scales",
 ]
 
@@ -491,6 +492,25 @@ def smooth_scales(act_max: torch.Tensor, weight: torch.Tensor, alpha: float) -> 
     return (a_max.pow(alpha) / w_max.pow(1 - alpha)).clamp_min(1e-5)
 
 
+def smooth_groups(targets: list[Target], stats: dict[str, Any]) -> list[list[Target]]:
+    """``targets`` grouped by the input they read (q/k/v, gate/up): one smoothing factor per
+    group, as SmoothQuant folds ``1/s`` into the one operation that feeds them all.
+
+    Layers that read the same tensor saw identical calibration maxima; that is the test, so no
+    architecture's layer names are assumed.
+    """
+    groups: list[list[Target]] = []
+    for target in targets:
+        act_max = stats[target.name].abs_max
+        same = (g for g in groups if torch.equal(stats[g[0].name].abs_max, act_max))
+        group = next(same, None)
+        if group is None:
+            groups.append([target])
+        else:
+            group.append(target)
+    return groups
+
+
 def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b.T`` for int8 ``a`` (m, k) and ``b`` (n, k) on torch's int8 GEMM, in int32.
 
@@ -563,9 +583,12 @@ def apply_w8a8(config: W8A8, model: nn.Module, patch: Patch, context: Context) -
                 "or use smooth=False"
             )
     rows = chunk_rows(model, targets)
-    for target in targets:
-        weight = target.weight.detach()
-        smooth = (smooth_scales(stats[target.name].abs_max, weight, config.alpha)
-                  if config.smooth else None)
-        bias = getattr(target.module, "bias", None)
-        patch.swap_module(target.name, W8A8Linear(weight, bias, smooth, rows))
+    for group in smooth_groups(targets, stats) if config.smooth else [[t] for t in targets]:
+        smooth = None
+        if config.smooth:  # the group's largest weight per input channel (its stacked rows)
+            weights = torch.cat([t.weight.detach() for t in group])
+            smooth = smooth_scales(stats[group[0].name].abs_max, weights, config.alpha)
+        for target in group:
+            bias = getattr(target.module, "bias", None)
+            layer = W8A8Linear(target.weight.detach(), bias, smooth, rows)
+            patch.swap_module(target.name, layer)
