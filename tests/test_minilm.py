@@ -52,9 +52,7 @@ def encoder(minilm):
 ONE_BLOCK = {"include": ("encoder.layer.0.*",)}
 SLOW = {"quant.gptq", "quant.awq", "quant.hqq", "prune.sparsegpt", "lowrank.asvd",
         "lowrank.svd", "prune.gradient"}
-REFUSED = {  # the structural ones that would need another layout, and what an encoder has not
-    "prune.heads": "has no attention projections this modification recognizes",
-    "prune.channels": "has no MLP projections this modification recognizes",
+REFUSED = {  # a rotation that needs RMSNorm, and what an encoder has not
     "prune.slicegpt": "is not a Llama-style RMSNorm model",
     "quant.kv_cache": "does not generate",
     "decode.": "changes next-token decoding, which an encoder does not have",
@@ -77,6 +75,38 @@ def test_every_modification_measures_the_encoder_or_refuses_it_in_one_line(minil
         result = harness.measure([config])
         assert result.metrics["emb_cos_drift"] > 0, result.metrics
     assert_restored(harness.model, before)
+
+
+def test_zeroed_heads_and_channels_of_bert_equal_their_removal_despite_biases(encoder):
+    """BERT's layout (self.query/key/value + output.dense; intermediate.dense + output.dense):
+    zeroing a unit's producing rows adds nothing to zeroing its consumer columns."""
+    from pytest_hemorrhage.modifications.registry import Target
+
+    model = encoder.model
+    for name, params, consumer, cols in [
+        ("prune.heads", {"heads": [(0, 1), (2, 5)]}, "attention.output.dense",
+         {0: (32, 64), 2: (160, 192)}),
+        ("prune.channels", {"fraction": 0.25, "importance": "weight"}, "output.dense", None),
+    ]:
+        with encoder.modified([(name, params)]):
+            pruned = encoder.embed()
+            dead = {i: (model.get_submodule(f"encoder.layer.{i}.{consumer}").weight == 0).all(0)
+                    for i in range(6)}
+        if cols:
+            assert {i for i, d in dead.items() if d.any()} == set(cols)
+            for i, (a, b) in cols.items():
+                assert dead[i][a:b].all() and int(dead[i].sum()) == b - a
+        else:
+            assert all(int(d.sum()) == 1536 // 4 for d in dead.values())
+        with encoder.modified([]) as patch:
+            for i, columns in dead.items():
+                module = model.get_submodule(f"encoder.layer.{i}.{consumer}")
+                patch.parametrize(
+                    Target(f"c{i}", module, False), lambda w, c=columns: torch.where(c, 0, w)
+                )
+            only_columns = encoder.embed()
+        torch.testing.assert_close(pruned, only_columns, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(pruned, encoder.reference.embeddings, atol=1e-3)
 
 
 def test_the_name_loads_the_packaged_encoder_with_its_pooling(minilm):

@@ -6,11 +6,14 @@ whatever its biases, so the outputs equal those of the smaller model with the un
 The producing rows (q/k/v, gate/up, c_fc) are zeroed as well, so weight counts match the
 removal. Blocks are really removed: the block list is swapped for a shorter one.
 
-Recognized layouts: Llama-style attention (``q_proj``/``k_proj``/``v_proj`` with ``o_proj``,
-``out_proj`` or ``dense``; grouped-query attention included), GPT-2 (fused ``c_attn`` Conv1D
-with ``c_proj``), and MLPs with ``gate_proj``/``up_proj``/``down_proj`` (SwiGLU),
-``up_proj``/``down_proj``, ``c_fc``/``c_proj``, ``fc1``/``fc2`` or
-``dense_h_to_4h``/``dense_4h_to_h``.
+Recognized layouts (names relative to one submodule of a block): Llama-style attention
+(``q_proj``/``k_proj``/``v_proj`` with ``o_proj``, ``out_proj`` or ``dense``; grouped-query
+attention included), GPT-2 (fused ``c_attn`` Conv1D with ``c_proj``), BERT
+(``self.query``/``self.key``/``self.value`` with ``output.dense``), DistilBERT
+(``q_lin``/``k_lin``/``v_lin`` with ``out_lin``), and MLPs with
+``gate_proj``/``up_proj``/``down_proj`` (SwiGLU), ``up_proj``/``down_proj``,
+``c_fc``/``c_proj``, ``fc1``/``fc2``, ``dense_h_to_4h``/``dense_4h_to_h``,
+``intermediate.dense``/``output.dense`` (BERT) or ``lin1``/``lin2`` (DistilBERT).
 """
 
 from __future__ import annotations
@@ -213,25 +216,29 @@ class MLP:
     width: int
 
 
-_SEPARATE_QKV = ("q_proj", "k_proj", "v_proj")
-_OUT_NAMES = ("o_proj", "out_proj", "dense", "c_proj")
+_SEPARATE_QKV = (("q_proj", "k_proj", "v_proj"), ("self.query", "self.key", "self.value"),
+                 ("q_lin", "k_lin", "v_lin"))
+_OUT_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "output.dense", "out_lin")
 _MLP_NAMES = (("gate_proj", "up_proj", "down_proj"), ("up_proj", "down_proj"), ("c_fc", "c_proj"),
-              ("fc1", "fc2"), ("dense_h_to_4h", "dense_4h_to_h"))
+              ("fc1", "fc2"), ("dense_h_to_4h", "dense_4h_to_h"),
+              ("intermediate.dense", "output.dense"), ("lin1", "lin2"))
 
 
 def _target(name: str, module: nn.Module) -> Target:
     return Target(name, module, is_conv1d(module))
 
 
-def _children(module: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in module.named_children() if is_linear(m)}
+def _linears(module: nn.Module) -> dict[str, nn.Module]:
+    """The linear layers under ``module`` by relative name (BERT nests them two deep)."""
+    return {n: m for n, m in module.named_modules() if n and is_linear(m)}
 
 
 def _unsupported(model: nn.Module, what: str, block: str, expected: str) -> HemorrhageError:
     return HemorrhageError(
         f"{what}: {type(model).__name__} has no {expected} this modification recognizes in block "
-        f"{block!r}; supported: Llama-style (q/k/v/o_proj, gate/up/down_proj) and GPT-2-style "
-        "(c_attn, c_proj, c_fc) layers; use an unstructured pruning (prune.magnitude) instead"
+        f"{block!r}; supported: Llama-style (q/k/v/o_proj, gate/up/down_proj), GPT-2-style "
+        "(c_attn, c_proj, c_fc) and BERT-style (query/key/value, intermediate/output.dense) "
+        "layers; use an unstructured pruning (prune.magnitude) instead"
     )
 
 
@@ -262,7 +269,7 @@ def _layouts(model: nn.Module, what: str, expected: str, find: Any) -> list[tupl
         layout = None
         for sub_name, sub in block.named_modules():
             base = f"{block_name}.{sub_name}." if sub_name else f"{block_name}."
-            layout = find(index, sub, base, _children(sub))
+            layout = find(index, sub, base, _linears(sub))
             if layout is not _SKIP:
                 break
         if layout is None or layout is _SKIP:
@@ -276,7 +283,8 @@ def attention_layouts(model: nn.Module, what: str = "") -> list[tuple[str, Atten
 
     def find(index: int, sub: nn.Module, base: str, linear: dict[str, nn.Module]) -> Any:
         out = next((n for n in _OUT_NAMES if n in linear), None)
-        if out is None or not ({*_SEPARATE_QKV} <= linear.keys() or "c_attn" in linear):
+        separate = next((qkv for qkv in _SEPARATE_QKV if set(qkv) <= linear.keys()), None)
+        if out is None or not (separate or "c_attn" in linear):
             return _SKIP
         geometry = _head_geometry(model, sub)
         if geometry is None:
@@ -289,7 +297,7 @@ def attention_layouts(model: nn.Module, what: str = "") -> list[tuple[str, Atten
             qkv = ((fused, 0), (fused, width), (fused, 2 * width))
             shapes_ok = fused.weight.shape[0] == 3 * width and kv_heads == heads
         else:
-            qkv = tuple((_target(base + n, linear[n]), 0) for n in _SEPARATE_QKV)
+            qkv = tuple((_target(base + n, linear[n]), 0) for n in separate)
             shapes_ok = (qkv[0][0].weight.shape[0] == heads * head_dim
                          and qkv[1][0].weight.shape[0] == kv_heads * head_dim
                          and qkv[2][0].weight.shape[0] == kv_heads * head_dim)
