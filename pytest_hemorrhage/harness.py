@@ -218,6 +218,7 @@ class Harness:
         for logits, targets in self.batches():
             logp = torch.log_softmax(logits.float(), -1).flatten(0, -2)
             parts.append(Reference.from_logprobs(logp.cpu(), targets.cpu(), self.topk))
+            del logits, logp  # freed before the next batch's forward pass (see batches)
         return Reference.cat(parts)
 
     def batches(
@@ -244,6 +245,9 @@ class Harness:
                 for process in processors:
                     logits = process(ids, logits)
             yield logits[:, :-1], ids[:, 1:].reshape(-1)
+            # not held through the next batch's forward pass: with a consumer that drops its
+            # own reference too (as measure() does), one batch of logits is alive at a time
+            del logits
 
     @contextmanager
     def modified(self, stages: Stages) -> Iterator[Patch]:
@@ -398,6 +402,7 @@ class Harness:
             for logits, targets in self.batches(patch.logits_processors, model=model):
                 parts.append(token_stats(logits, reference.rows(row, row + len(targets))))
                 row += len(targets)
+                del logits  # freed before the next batch's forward pass (see batches)
             stats = TokenStats.cat(parts)
         metrics, stderr = summarize(stats, reference)
         return Result(
@@ -430,6 +435,7 @@ class Harness:
                 rows = take_windows(reference, chosen[done : done + len(logits)], per_window)
                 parts.append(token_stats(logits, rows))
                 done += len(logits)
+                del logits  # freed before the next batch's forward pass (see batches)
             return parts
 
         stats, scored = stop.run(score, reference)
@@ -703,7 +709,14 @@ def _naming(configs: Sequence[Modification]) -> dict[str, Any]:
 
 
 def auto_batch(seq_len: int, vocab: int) -> int:
-    """Windows per forward pass: large batches, with logits kept under ~256 MB."""
+    """Windows per forward pass: large batches, with logits kept under ~256 MB.
+
+    One batch's logits take at most a third of it: a measure holds one batch at a time
+    (:meth:`Harness.batches` and its consumers drop it before the next forward pass), and the
+    rest is room for a logits processor's output beside the model's and for the scoring's row
+    blocks of 64 vocabulary-sized rows (``metrics.token_stats``). A processor that sorts the
+    vocabulary (``decode.top_p``) takes a few more copies while it runs.
+    """
     return max(1, min(64, (256 << 20) // (seq_len * vocab * 4 * 3)))
 
 
