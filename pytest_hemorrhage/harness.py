@@ -550,10 +550,16 @@ def _apply_offloaded(
         name
         for name, m in model.named_modules()
         if (id(m) in offloaded and parametrize.is_parametrized(m))
-        or (id(m) not in before and any(t.is_meta for t in m.parameters(recurse=False)))
+        or (id(m) not in before and any(t.is_meta for t in _own_tensors(m)))
     ]
     if touched:
         raise refuse(touched, "it changes or rebuilds their weights")
+
+
+def _own_tensors(module: Any) -> Iterator[torch.Tensor]:
+    """A module's own parameters and buffers (a swapped-in int8 layer keeps its weight in one)."""
+    yield from module.parameters(recurse=False)
+    yield from module.buffers(recurse=False)
 
 
 def _names(changed: list[str]) -> str:

@@ -13,6 +13,7 @@ from pytest_hemorrhage.devices import (
     worker_device,
 )
 from pytest_hemorrhage.errors import HemorrhageError
+from pytest_hemorrhage.modifications import registry
 from pytest_hemorrhage.settings import Settings
 
 TWO_GPUS = ["cpu", "cuda:0", "cuda:1"]
@@ -172,6 +173,31 @@ def test_what_touches_offloaded_weights_is_refused(offloaded, stages):
         harness.measure(stages)
     harness.check_pristine()  # restored exactly: the same measurement as before
     assert harness.measure([("decode.temperature", {"value": 1.3})]).metrics == before
+
+
+# what measures a disk-offloaded model, everything else being refused in one line
+WORKS_OFFLOADED = {"decode.repetition_penalty", "decode.sampling", "decode.temperature",
+                   "decode.top_k", "decode.top_p", "expand.layers", "prune.layers",
+                   "quant.kv_cache"}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [n for n in registry.names() if registry.get(n)[1].__module__.startswith("pytest_hemorrhage.")],
+)
+def test_every_modification_measures_an_offloaded_model_or_refuses_it(offloaded, name):
+    """The whole catalogue with default parameters on disk-offloaded weights: the same figures
+    as on one device, or one line naming the modification and the offloaded modules; the
+    model restored exactly either way."""
+    harness, plain = offloaded
+    config = registry.make(name, {})
+    if name in WORKS_OFFLOADED:
+        got, want = harness.measure([config]), plain.measure([config])
+        assert got.metrics["kl_mean"] == pytest.approx(want.metrics["kl_mean"], rel=1e-4, abs=1e-9)
+    else:
+        with pytest.raises(HemorrhageError, match=rf"^{name}: refused: .*accelerate offloaded "):
+            harness.measure([config])
+    harness.check_pristine()
 
 
 def test_cpu_offload_hooks(tiny):
