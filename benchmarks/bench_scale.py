@@ -3,21 +3,29 @@
 For each vocabulary, on a few windows of the bundled corpus (their token ids are valid in any
 larger vocabulary), side by side in one run:
   * measure() of a decoding change (no weight work, so only the scoring shows) / a bare forward
-    pass over the same windows in the same batches (target: <= 1.15);
-  * the most windows whose logits were alive at once during measure() vs the auto batch bound
-    (logits are scored per batch and per row chunk, never for all windows at once);
+    pass over the same windows in the same batches, in inference mode, through the same
+    model_logits (target: <= 1.15). The two run back to back in each of --rounds rounds, and
+    the ratio is the median over rounds of the round's ratio, so machine noise hits both
+    sides alike. One torch thread by default (--threads): on the shared 2-core machine a
+    second thread waits for a busy core at every parallel op and the forward pass alone swung
+    2-3x between runs;
+  * the most windows whose logits were alive at once during measure() (counted by weak
+    references to their storage each time a batch is handed to the scoring) vs the auto batch
+    bound: logits are scored per batch and per row block, and a batch's are freed before the
+    next forward pass;
   * reference cache bytes per scored token (target: <= 1 KB);
   * peak resident memory of the process after each step;
   * early stopping on a clear verdict (quant.rtn bits=8 with a budget of 4x its kl_mean): tokens
     used / tokens of the full evaluation (target: <= 0.25).
 
-Run: python benchmarks/bench_scale.py [--windows 16]
+Run: python benchmarks/bench_scale.py [--windows 16] [--rounds 5] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import resource
+import statistics
 import time
 
 CONFIGS = {
@@ -34,9 +42,12 @@ def _peak_mb() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: its default)")
     args = parser.parse_args()
 
     import torch
+    from torch.multiprocessing.reductions import StorageWeakRef
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from pytest_hemorrhage.budget import Budget
@@ -44,6 +55,9 @@ def main() -> None:
     from pytest_hemorrhage.loading import LoadedModel, load_model, model_logits
     from pytest_hemorrhage.reference import storage_bytes
     from pytest_hemorrhage.settings import Settings
+
+    if args.threads:  # this process's own setting: steadier side-by-side ratios when shared
+        torch.set_num_threads(args.threads)
 
     tokenizer = load_model("hemorrhage-tiny", device="cpu").tokenizer
     seq_len = 128
@@ -86,30 +100,45 @@ def main() -> None:
         )
 
         windows = harness.windows.eval
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            for i in range(0, len(windows), harness.batch_size):
-                model_logits(model, windows[i : i + harness.batch_size])
-        bare = time.perf_counter() - t0
 
-        seen = []  # windows per batch of logits alive during the measure
+        def bare_forward(windows=windows, model=model, size=harness.batch_size):
+            with torch.inference_mode():
+                for i in range(0, len(windows), size):
+                    model_logits(model, windows[i : i + size])
+
+        handed = []  # per batch of logits measure() scored: (weak ref to its storage, windows)
+        alive = []  # windows of logits alive each time a batch is handed to the scoring
         batches = harness.batches
 
-        def watched(*a, batches=batches, seen=seen, **k):
+        def watched(*a, batches=batches, handed=handed, alive=alive, **k):
             for logits, targets in batches(*a, **k):
-                seen.append(logits.shape[0])
+                handed.append((StorageWeakRef(logits.untyped_storage()), logits.shape[0]))
+                alive.append(sum(n for ref, n in handed if not ref.expired()))
                 yield logits, targets
+                del logits  # the watcher holds none
 
+        stages = [("decode.temperature", {"value": 1.0})]
         harness.batches = watched
-        t0 = time.perf_counter()
-        harness.measure([("decode.temperature", {"value": 1.0})])
-        measured = time.perf_counter() - t0
+        harness.measure(stages)  # warm-up: first-call imports and allocations, on neither side
+        ratios, bare_s, measure_s = [], [], []
+        for _ in range(args.rounds):
+            t0 = time.perf_counter()
+            bare_forward()
+            bare_s.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            harness.measure(stages)
+            measure_s.append(time.perf_counter() - t0)
+            ratios.append(measure_s[-1] / bare_s[-1])
         del harness.batches
+        most = max(alive)
+        mb = most * (seq_len - 1) * harness.vocab * 4 / 2**20
         print(
-            f"  measure() {measured:.1f} s / bare forward {bare:.1f} s = "
-            f"{measured / bare:.2f} (target <= 1.15); most windows of logits at once "
-            f"{max(seen)} (auto batch bound {harness.batch_size}), peak RSS "
-            f"{_peak_mb():.0f} MB",
+            f"  measure() {statistics.median(measure_s):.1f} s / bare forward "
+            f"{statistics.median(bare_s):.1f} s (medians of {args.rounds} rounds, "
+            f"{torch.get_num_threads()} thread(s)): ratio {statistics.median(ratios):.2f} "
+            f"(rounds {', '.join(f'{r:.2f}' for r in ratios)}; target <= 1.15); most windows "
+            f"of logits alive at once {most} ({mb:.0f} MB; auto batch bound "
+            f"{harness.batch_size}), peak RSS {_peak_mb():.0f} MB",
             flush=True,
         )
 
