@@ -214,21 +214,51 @@ def test_fit_recovers_synthetic_s0(s0: float, n: int, seed: int) -> None:
     assert res.r2 is not None and res.r2 > 0.99
 
 
-def test_fit_s0_interval_covers_the_true_s0_at_its_stated_rate() -> None:
+@pytest.mark.parametrize(
+    ("x", "s0", "b", "c", "noise"),
+    [
+        (np.linspace(0.1, 0.9, 12), 0.55, 1.5, 9.0, 0.15),  # the one-variance interval: 0.63
+        (np.linspace(0.05, 0.9, 12), 0.40, 2.0, 20.0, 0.05),  # ends on the grid: 0.60
+    ],
+)
+def test_fit_s0_interval_covers_the_true_s0_at_its_stated_rate(x, s0, b, c, noise) -> None:
     """s0 +- s0_stderr is a 68.3% interval: over 300 noisy 12-point sweeps of a known
     piecewise law it must contain the true s0 at that rate, less its binomial noise (0.027).
-    The one-residual-variance interval it replaced covered 0.63 here."""
-    x, s0 = np.linspace(0.1, 0.9, 12), 0.55
-    truth = 0.2 * _piecewise(x, s0, b=1.5, c=9.0)
+    Measured: 0.75 and 0.68 (before: 0.63 with one residual variance as the threshold; 0.60
+    on the sharp kink with the region's ends taken at the last grid points inside)."""
+    truth = 0.2 * _piecewise(x, s0, b=b, c=c)
     rng = np.random.default_rng(0)
     hits = fits = 0
     for _ in range(300):
-        res = fit_phase_transition(x, truth * np.exp(rng.normal(0.0, 0.15, x.size)))
+        res = fit_phase_transition(x, truth * np.exp(rng.normal(0.0, noise, x.size)))
         if res.s0 is not None and res.s0_stderr is not None:
             fits += 1
             hits += abs(res.s0 - s0) <= res.s0_stderr
     assert fits > 250
     assert hits / fits >= 0.683 - 0.035, hits / fits
+
+
+def test_fit_s0_interval_ends_where_the_profile_crosses_its_threshold() -> None:
+    """The farther end of s0 +- s0_stderr is where RSS(s0) - RSS_min reaches F(1, n - 4)
+    residual variances, to a small fraction of the grid: inside at the end, outside just
+    beyond it."""
+    from pytest_hemorrhage.explore.fit import _piecewise as profile
+    from pytest_hemorrhage.explore.fit import _student
+
+    x = np.linspace(0.05, 0.9, 12)
+    ly = np.log(_noisy(_piecewise(x, 0.40, c=20.0), seed=1))
+    res = fit_phase_transition(x, np.exp(ly))
+    assert res.s0 is not None and res.s0_stderr is not None
+    rss_min = profile(x, ly, np.array([res.s0]))[1][0]
+    bound = rss_min * (1 + _student(0.8413447460685429, 8) ** 2 / 8)
+    for side in (-1, 1):
+        end = res.s0 + side * res.s0_stderr
+        rss = profile(x, ly, np.array([end, end + side * 1e-4]))[1]
+        if rss[0] <= bound * (1 + 1e-9):  # the farther end: on the threshold
+            assert rss[1] > bound
+            break
+    else:
+        raise AssertionError("neither end of s0 +- s0_stderr lies on the profile's threshold")
 
 
 def test_fit_baseline_offset_and_predict() -> None:
