@@ -332,6 +332,101 @@ def test_the_shared_disk_cache_rebuilds_a_damaged_entry(tmp_path):
     assert len(calls) == 3
 
 
+def test_the_disk_cache_is_a_few_flat_tensors_and_apply_reads_views_of_them(
+    tiny, tmp_path, monkeypatch
+):
+    """A cached entry is one flat tensor per dtype plus an index (a few large reads for a
+    second run, not one small tensor per layer and key), and the applied states are views of
+    those flats (nothing copied on apply)."""
+    from pytest_hemorrhage.harness import Harness
+    from pytest_hemorrhage.settings import Settings
+
+    def fresh():
+        h = Harness(tiny, Settings.defaults(model=tiny.spec, tokens=2048))
+        monkeypatch.setattr(h.context, "cache_dir", tmp_path, raising=False)
+        return h
+
+    stage = [("prune.sparsegpt", {"sparsity": 0.5, "include": ("*.layers.0.*", "*.layers.1.*")})]
+    with fresh().modified(stage):
+        pass
+    (entry,) = tmp_path.glob("obs-*.pt")
+    stored = torch.load(entry, weights_only=True)
+    tensors = stored["flats"] + [stored["index"]]
+    assert len(tensors) <= 4  # float32 survivors, uint8 masks, int64 widths; the index
+    second = fresh()
+    with second.modified(stage):
+        targets = make(*stage[0]).targets(second.model)
+        storages = {
+            v.untyped_storage().data_ptr() for t in targets for v in _state(t.module).values()
+        }
+    assert len(targets) == 14 and len(storages) == len(stored["flats"])
+
+
+def test_packed_states_round_trip_exactly():
+    states = {
+        "a.b": {"x": torch.randn(3, 5), "n": torch.tensor(7), "m": torch.arange(6).to(torch.uint8)},
+        "c": {"x": torch.randn(0), "i": torch.arange(4, dtype=torch.int32).view(2, 2)},
+    }
+    back = obs.unpack_states(obs.pack_states(states))
+    assert back.keys() == states.keys()
+    for name, keys in states.items():
+        assert back[name].keys() == keys.keys()
+        for key, value in keys.items():
+            assert back[name][key].dtype == value.dtype
+            assert torch.equal(back[name][key], value), (name, key)
+    flat = obs.unpack_states(obs.pack_states({"q": torch.ones(2), "k": torch.zeros(3)}))
+    assert torch.equal(flat["q"], torch.ones(2)) and torch.equal(flat["k"], torch.zeros(3))
+
+
+def test_solves_overwrite_only_hessians_no_one_else_reads(harness):
+    """The solves factor their Hessian in place; the walk hands them a copy where another
+    layer reads the same input (q/k/v, gate/up) or the session memo keeps it (block 0)."""
+    targets = make("quant.gptq", {"include": ("*.layers.0.*", "*.layers.1.*")}).targets(
+        harness.model
+    )
+    def solve(target, hessian):
+        received[target.name] = hessian.clone()
+        obs.gptq_quantize(target.weight, hessian, obs.GPTQ(bits=3), target.name, overwrite=True)
+        return rtn_quantize(target.weight.detach(), 3, 128, True)
+
+    walks = []
+    for _ in range(2):  # the second walk reads block 0's Hessians from the session memo
+        received = {}
+        obs.sequential_hessians(harness.model, harness.context, targets, solve)
+        walks.append(received)
+        for block in (0, 1):
+            attn, mlp = f"model.layers.{block}.self_attn.", f"model.layers.{block}.mlp."
+            for a, b in [
+                (attn + "q_proj", attn + "k_proj"),
+                (attn + "q_proj", attn + "v_proj"),
+                (mlp + "gate_proj", mlp + "up_proj"),
+            ]:
+                assert torch.equal(received[a], received[b]), (a, b)
+    for name, hessian in walks[0].items():  # the first walk's solves left the memo intact
+        assert torch.equal(walks[1][name], hessian), name
+
+
+def test_awq_block_walk_sees_what_a_whole_forward_pass_sees(harness):
+    """AWQ's Grams come block by block (obs.walk_blocks, one block's alive at a time); the
+    scales equal a search over the Grams of whole forward passes, bit for bit."""
+    from pytest_hemorrhage.modifications import awq
+    from pytest_hemorrhage.modifications.calibration import input_stats
+
+    config = make("quant.awq", {"bits": 3, "grid": 4})
+    targets = config.targets(harness.model)
+    scales = awq.awq_scales(harness.model, harness.context, config, targets)
+    stats = input_stats(harness.model, harness.context)
+    by_name = {t.name: t for t in targets}
+    groups = awq.input_grams(harness.model, harness.context, targets)
+    assert len(groups) == 4 * 4  # q/k/v, o, gate/up, down in each of 4 blocks
+    for group in groups:
+        weights = [by_name[n].weight.detach().float() for n in group.members]
+        mean = stats[group.members[0]].abs_mean.float()
+        expected = awq.search_scale(weights, group.gram, mean, config)
+        for name in group.members:
+            assert torch.equal(scales[name], expected), name
+
+
 def test_held_state_is_small(harness):
     """What stays in memory while applied: GPTQ's packed codes and grids, SparseGPT's
     survivors and one bit per weight (the weights the parametrizations rebuild on each use)."""

@@ -25,15 +25,16 @@ improvement of the rounding grid, not activation awareness).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..errors import HemorrhageError
 from .calibration import calibration_forwards, input_stats
-from .obs import calibrated
+from .obs import calibrated, pack_states, walk_blocks
 from .quant import rtn_quantize
 from .registry import Modification, Patch, Target, register_modification
 from .validate import check_choice, check_int
@@ -41,9 +42,9 @@ from .validate import check_choice, check_int
 if TYPE_CHECKING:
     from ..harness import Context
 
-__all__ = ["AWQ", "FORMAT", "InputGram", "awq_scales", "input_grams"]
+__all__ = ["AWQ", "FORMAT", "InputGram", "awq_scales", "input_grams", "search_scale"]
 
-FORMAT = 1  # bump when the cached scales change meaning
+FORMAT = 2  # bump when the cached scales change meaning or layout (2: obs.Arena's)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,10 +89,18 @@ def input_grams(model: nn.Module, context: Context, targets: list[Target]) -> li
     target set; kept on the CPU (``in**2`` floats per group).
     """
     key = ("input_grams", context.applied, tuple(t.name for t in targets))
-    return context.memo(key, lambda: _collect_grams(model, context, targets))
+
+    def forwards(handles: list[Any], new_batch: Callable[[], None]) -> None:
+        calibration_forwards(context, handles, before_batch=new_batch)
+
+    return context.memo(key, lambda: _collect_grams(targets, forwards))
 
 
-def _collect_grams(model: nn.Module, context: Context, targets: list[Target]) -> list[InputGram]:
+def _collect_grams(
+    targets: list[Target], run: Callable[[list[Any], Callable[[], None]], None]
+) -> list[InputGram]:
+    """The Grams of ``targets``' input groups over what ``run(handles, new_batch)`` runs (it
+    removes the hooks' ``handles`` when done; ``new_batch()`` may be called between batches)."""
     owner_of: dict[str, str] = {}  # layer -> the first layer of its group
     members: dict[str, list[str]] = {}
     grams: dict[str, torch.Tensor] = {}
@@ -121,7 +130,7 @@ def _collect_grams(model: nn.Module, context: Context, targets: list[Target]) ->
         last[0] = None  # inputs are shared within a batch only
 
     try:
-        calibration_forwards(context, handles, before_batch=new_batch)
+        run(handles, new_batch)
     finally:
         new_batch()  # let go of the last input
     return [InputGram(tuple(members[o]), (grams[o] / counts[o]).cpu()) for o in grams]
@@ -139,16 +148,37 @@ def _output_error(
     return total
 
 
+def search_scale(
+    weights: list[torch.Tensor], gram: torch.Tensor, mean: torch.Tensor, config: AWQ
+) -> torch.Tensor:
+    """The per-layer solve of AWQ: for one group of layers reading one input (their float32
+    (out, in) weights and the Gram ``X^T X / n`` on the layers' device, the per-channel mean
+    |x| on the CPU), the scale ``mean**alpha`` (normalized) whose quantized layers have the
+    least output error over the grid of ``alpha``; on the CPU."""
+    best, best_error = torch.ones_like(mean), float("inf")
+    with torch.no_grad():
+        for i in range(config.grid):
+            s = mean.pow(i / config.grid).clamp_min(1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            error = _output_error(weights, gram, s.to(gram.device), config)
+            if error < best_error:  # strictly: ties keep the smaller alpha (RTN first)
+                best, best_error = s, error
+    return best
+
+
 def awq_scales(
     model: nn.Module, context: Context, config: AWQ, targets: list[Target]
 ) -> dict[str, torch.Tensor]:
     """Per target, the searched input-channel scale (float32, on the CPU).
 
-    Kept in the session memo and on disk next to the reference (``obs.calibrated``): a second
-    pytest run applies AWQ without a calibration pass.
+    The Grams come block by block (``obs.walk_blocks``, on the unmodified model: each block's
+    inputs are the baseline's), each block's searched and let go before the next: holding every
+    layer's Gram at once would take about the model's own size again. Kept in the session memo
+    and on disk next to the reference (``obs.calibrated``): a second pytest run applies AWQ
+    without a calibration pass.
     """
 
-    def compute() -> dict[str, torch.Tensor]:
+    def compute() -> dict[str, Any]:
         stats = input_stats(model, context)
         missing = [t.name for t in targets if t.name not in stats]
         if missing:
@@ -158,22 +188,25 @@ def awq_scales(
             )
         by_name = {t.name: t for t in targets}
         scales: dict[str, torch.Tensor] = {}
-        for group in input_grams(model, context, targets):
-            mean = stats[group.members[0]].abs_mean.float()
-            device = by_name[group.members[0]].weight.device
-            gram = group.gram.to(device)
-            weights = [by_name[n].weight.detach().float() for n in group.members]
-            best, best_error = torch.ones_like(mean), float("inf")
-            with torch.no_grad():
-                for i in range(config.grid):
-                    s = mean.pow(i / config.grid).clamp_min(1e-4)
-                    s = (s / (s.max() * s.min()).sqrt()).to(device)
-                    error = _output_error(weights, gram, s, config)
-                    if error < best_error:  # strictly: ties keep the smaller alpha (RTN first)
-                        best, best_error = s.cpu(), error
-            for name in group.members:
-                scales[name] = best
-        return scales
+
+        def visit(index: int | None, chosen: list[Target], run: Callable[[], None], _) -> None:
+            def block(handles: list[Any], new_batch: Callable[[], None]) -> None:
+                try:
+                    run()
+                finally:
+                    for handle in handles:
+                        handle.remove()
+
+            for group in _collect_grams(chosen, block):
+                device = by_name[group.members[0]].weight.device
+                mean = stats[group.members[0]].abs_mean.float()
+                weights = [by_name[n].weight.detach().float() for n in group.members]
+                best = search_scale(weights, group.gram.to(device), mean, config)
+                for name in group.members:
+                    scales[name] = best
+
+        walk_blocks(model, context, targets, visit, observe_only=True)
+        return pack_states(scales)
 
     return calibrated(config, context, targets[0].weight, compute, name="awq", format=FORMAT)
 

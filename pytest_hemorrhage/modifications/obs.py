@@ -9,13 +9,16 @@ Both methods (Frantar et al. 2022; Frantar & Alistarh 2023) share one machinery,
     processed through that factor, with lazy updates in blocks of 128 columns;
   * sequential calibration, block by block as in the papers: the Hessians of block i come from
     the inputs that blocks < i produce *after* their own quantization or pruning. While it runs,
-    solved layers are swapped for dense stand-ins on a private ``Patch`` that is always undone;
-    the caller's patch only receives the final parametrizations once every layer is solved, so
-    an error (a singular Hessian, too little calibration data) leaves the model untouched.
+    solved layers are swapped, on a private ``Patch`` that is always undone, for stand-ins that
+    rebuild their weight from the compact state on each call; the caller's patch only receives
+    the final parametrizations once every layer is solved, so an error (a singular Hessian, too
+    little calibration data) leaves the model untouched.
 
 The results are small states the parametrizations rebuild the weight from on every use: GPTQ's
 integer codes bit-packed (``bits`` per weight) with a scale and zero point per group; SparseGPT's
-surviving weights (they change too: that is the error compensation) with a one-bit mask. They are
+surviving weights (they change too: that is the error compensation) with a one-bit mask. Every
+layer's state is a view of one flat buffer per dtype (``Arena``), sized before the first solve
+and filled in place, so it is in memory once and stored on disk as a handful of tensors. It is
 computed once per model, calibration data, earlier stages and config: kept in the session memo
 (the last few configs) and on disk under a content hash when the context has a ``cache_dir``.
 Block 0's Hessians do not depend on the config, so every GPTQ or SparseGPT config of a session
@@ -45,6 +48,7 @@ if TYPE_CHECKING:
     from ..harness import Context
 
 __all__ = [
+    "Arena",
     "FORMAT",
     "GPTQ",
     "SparseGPT",
@@ -52,12 +56,15 @@ __all__ = [
     "gptq_weight",
     "calibrated",
     "inverse_hessian_factor",
+    "pack_states",
     "sequential_hessians",
     "sparsegpt_prune",
     "sparsegpt_weight",
+    "unpack_states",
+    "walk_blocks",
 ]
 
-FORMAT = 2  # bump when the stored per-layer state changes (2: layers at the top level)
+FORMAT = 3  # bump when the stored state changes (3: flat buffers per dtype plus an index)
 _COLUMNS = 128  # columns per lazy batch update (both papers' block size)
 _BATCH = 8  # calibration windows per forward call
 _RECENT = 4  # configs whose results the session memo keeps (a sweep's neighbours)
@@ -153,10 +160,12 @@ class SparseGPT(Modification):
 def inverse_hessian_factor(
     hessian: torch.Tensor, weight: torch.Tensor, damp: float, name: str, what: str
 ) -> torch.Tensor:
-    """The upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``.
+    """The upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, in ``hessian``'s memory.
 
     ``hessian`` (in, in) and ``weight`` (out, in) are modified in place: inputs that never fire
-    (H_jj == 0) get H_jj = 1 and a zero weight column, as in both papers.
+    (H_jj == 0) get H_jj = 1 and a zero weight column, as in both papers; ``hessian`` is then
+    overwritten by its factors (each step in place: no second Hessian-sized buffer is kept, and
+    the values are those of the out-of-place calls) and is the returned factor.
 
     Raises:
         HemorrhageError: H is not positive definite even after dampening.
@@ -171,16 +180,18 @@ def inverse_hessian_factor(
     hessian[diag[dead], diag[dead]] = 1
     weight[:, dead] = 0
     hessian[diag, diag] += damp * hessian[diag, diag].mean()
-    lower, info = torch.linalg.cholesky_ex(hessian)
+    info = torch.zeros((), dtype=torch.int32, device=hessian.device)
+    torch.linalg.cholesky_ex(hessian, out=(hessian, info))  # lower factor L
     if not info:
-        upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-    if info or not torch.isfinite(upper).all():
+        torch.cholesky_inverse(hessian, out=hessian)  # H^-1 from L
+        torch.linalg.cholesky_ex(hessian, upper=True, out=(hessian, info))
+    if info or not torch.isfinite(hessian).all():
         raise HemorrhageError(
             f"{what}: the Hessian of layer {name!r} is singular even after dampening "
             f"(damp={damp:g}); use a larger damp, e.g. damp={max(10 * damp, 0.01):g}, or more "
             "calibration windows"
         )
-    return upper
+    return hessian
 
 
 def gptq_quantize(
@@ -188,15 +199,19 @@ def gptq_quantize(
     hessian: torch.Tensor,
     config: GPTQ,
     name: str = "",
+    *,
+    overwrite: bool = False,
 ) -> LayerState:
-    """GPTQ on one layer: ``weight`` (out, in) with its Hessian (in, in); neither is modified.
+    """GPTQ on one layer: ``weight`` (out, in) with its Hessian (in, in); ``weight`` is not
+    modified, nor is ``hessian`` unless ``overwrite`` (then its memory holds the factor: one
+    Hessian-sized buffer fewer).
 
     Returns:
         ``codes`` (out, in) uint8 (integer minus the grid's lowest), ``scale`` and ``zero``
         (out, groups) float32, ``g_idx`` (in,) int32: the group of each input column.
     """
     w = weight.detach().to(torch.float32, copy=True)
-    h = hessian.to(w.device, torch.float32, copy=True)
+    h = hessian.to(w.device, torch.float32, copy=not overwrite)
     rows, columns = w.shape
     size = config.group_size or columns
     groups = math.ceil(columns / size)
@@ -211,7 +226,7 @@ def gptq_quantize(
     perm = None
     if config.act_order:
         perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
-        w, h = w[:, perm], h[perm][:, perm]
+        w, h = w[:, perm], h[perm[:, None], perm]  # one gather: one copy of H alive, not two
         if not config.static_groups:  # groups are consecutive columns in processing order
             g_idx = g_idx.clone()
             g_idx[perm] = torch.arange(columns, device=w.device) // size
@@ -265,21 +280,40 @@ def _pack_codes(state: LayerState, bits: int) -> LayerState:
     return {**state, "codes": pack_bits(bits_of)}  # 8 bits: the same bytes
 
 
+def _mask_step(config: SparseGPT) -> int:
+    """Columns per block of mask selection: 128, a multiple of ``m`` (N:M groups never
+    straddle two blocks)."""
+    return _COLUMNS if config.m is None else max(config.m, _COLUMNS // config.m * config.m)
+
+
+def _block_pruned(config: SparseGPT, rows: int, width: int) -> int:
+    """Weights pruned in a block of ``rows`` x ``width``: the count the stored state's size is
+    made from before the solve runs, so it is the solve's own rule."""
+    if config.m is None:
+        return round(config.sparsity * rows * width)
+    return rows * width // config.m * (config.m - config.n)
+
+
 def sparsegpt_prune(
-    weight: torch.Tensor, hessian: torch.Tensor, config: SparseGPT, name: str = ""
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    config: SparseGPT,
+    name: str = "",
+    *,
+    overwrite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SparseGPT on one layer: ``weight`` (out, in) with its Hessian (in, in); neither modified.
+    """SparseGPT on one layer: ``weight`` (out, in) with its Hessian (in, in); ``weight`` is not
+    modified, nor is ``hessian`` unless ``overwrite`` (as for ``gptq_quantize``).
 
     Returns:
         The compensated float32 weight (zero where pruned) and the bool keep mask, (out, in).
     """
     w = weight.detach().to(torch.float32, copy=True)
-    h = hessian.to(w.device, torch.float32, copy=True)
+    h = hessian.to(w.device, torch.float32, copy=not overwrite)
     rows, columns = w.shape
     upper = inverse_hessian_factor(h, w, config.damp, name, config.name)
     del h
-    m = config.m
-    step = _COLUMNS if m is None else max(m, _COLUMNS // m * m)  # N:M groups never straddle
+    m, step = config.m, _mask_step(config)
     pruned = torch.zeros(rows, columns, dtype=torch.bool, device=w.device)
     for i1 in range(0, columns, step):
         i2 = min(i1 + step, columns)
@@ -288,7 +322,7 @@ def sparsegpt_prune(
         inv_diag = torch.diagonal(local)
         mask = torch.zeros_like(block, dtype=torch.bool)
         if m is None:  # the block's lowest OBS scores, ranked over all its rows
-            k = round(config.sparsity * block.numel())
+            k = _block_pruned(config, rows, i2 - i1)
             if k:
                 score = (block.square() / inv_diag.square()).flatten()
                 mask.view(-1)[score.topk(k, largest=False).indices] = True
@@ -375,19 +409,21 @@ def _accumulate_hessians(
 ) -> dict[str, torch.Tensor]:
     """``2 X^T X / tokens`` of each module's input over the calls ``run`` makes.
 
-    Modules fed the same tensor in one call (q/k/v; gate/up) share one Hessian object.
+    Modules fed the same tensor one after the other (q/k/v; gate/up) share one Hessian object.
+    Only the latest input is kept (to recognize it by identity): keeping every input seen until
+    the end, as a table by ``id`` must, held a block's activations for all the windows.
     """
     sums: dict[str, torch.Tensor] = {}
     tokens: dict[int, int] = {}
-    fed: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) -> (input kept alive, first reader)
+    last: list[Any] = [None, ""]  # the latest input a module read, and whose Hessian it fed
 
     def hook(name: str):
         def record(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             x = args[0]
-            if id(x) in fed and fed[id(x)][0] is x:  # another reader of the same input
-                sums.setdefault(name, sums[fed[id(x)][1]])
+            if x is last[0]:  # another reader of the same input
+                sums.setdefault(name, sums[last[1]])
                 return
-            fed[id(x)] = (x, name)
+            last[0], last[1] = x, name
             flat = x.detach().reshape(-1, x.shape[-1]).float()
             total = sums.setdefault(name, flat.new_zeros(flat.shape[1], flat.shape[1]))
             total.addmm_(flat.t(), flat)
@@ -401,15 +437,22 @@ def _accumulate_hessians(
     finally:
         for h in handles:
             h.remove()
-        fed.clear()
+        last.clear()
     for total in {id(t): t for t in sums.values()}.values():
         total.mul_(2 / tokens[id(total)])
     return sums
 
 
-def _run_all(block: nn.Module, batches: list[_Batch]) -> None:
+def _run_all(block: nn.Module, batches: list[_Batch], moved: list[bool] | None = None) -> None:
+    """Run ``block`` over every batch; given ``moved`` (once: it is then set), the outputs
+    become the batches' hidden states, the next block's inputs."""
+    advance = moved is not None and not moved[0]
     for batch in batches:
-        batch.run(block)
+        out = batch.run(block)
+        if advance:
+            batch.hidden = out
+    if moved is not None:
+        moved[0] = True
 
 
 def _run_model(context: Context, windows: torch.Tensor) -> None:
@@ -417,28 +460,51 @@ def _run_model(context: Context, windows: torch.Tensor) -> None:
         context.logits(ids)
 
 
-class _Dense(nn.Module):
-    """A solved layer during calibration: its new (out, in) weight and the original bias."""
+class _Solved(nn.Module):
+    """A solved layer during calibration, in place of the original: the new (out, in) weight,
+    or a function rebuilding it from the compact state on every call (so no solved layer keeps
+    a dense copy of its weight: they would add up to the targets' whole size), and the original
+    bias."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor | Callable[[], torch.Tensor],
+        dtype: torch.dtype,
+        bias: torch.Tensor | None,
+    ) -> None:
         super().__init__()
-        self.weight, self.bias = weight, bias
+        self.new = weight.to(dtype) if isinstance(weight, torch.Tensor) else weight
+        self.dtype, self.bias = dtype, bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight, self.bias)
+        weight = self.new if isinstance(self.new, torch.Tensor) else self.new().to(self.dtype)
+        return nn.functional.linear(x, weight, self.bias)
 
 
-def sequential_hessians(
+Solve = Callable[[Target, torch.Tensor], torch.Tensor | Callable[[], torch.Tensor]]
+Visit = Callable[[int | None, list[Target], Callable[[], None], Patch], None]
+
+
+def walk_blocks(
     model: nn.Module,
     context: Context,
     targets: list[Target],
-    solve: Callable[[Target, torch.Tensor], torch.Tensor],
+    visit: Visit,
+    *,
+    observe_only: bool = False,
 ) -> None:
-    """Calibrate ``targets`` block by block: collect each block's Hessians from the outputs of
-    the blocks before it as already solved, call ``solve(target, hessian)`` for each of its
-    targets (it returns the new (out, in) weight), then run the block again with those weights
-    to produce the next block's inputs. Targets outside the blocks are solved last, from one
-    pass of the whole model with every block solved. The model is unchanged on return.
+    """Run the calibration windows through the model one block at a time, every window through
+    a block before the next block, and let ``visit`` calibrate each block's targets.
+
+    For each block holding targets, ``visit(index, chosen, run, swaps)``: ``run()`` runs that
+    block over every batch of windows (hooks ``visit`` registers see its layers' inputs), and
+    what ``visit`` swaps in on ``swaps`` is what the block then runs with to produce the next
+    block's inputs. With ``observe_only`` (``visit`` swaps nothing and calls ``run`` once), that
+    one run's outputs are the next block's inputs: one pass per block instead of two. Targets
+    outside the blocks are visited last (``index`` None), ``run`` being a pass of the whole
+    model as the visits left it. Only the windows' hidden states between two blocks and one
+    block's activations are alive at once. The model is unchanged on return (``swaps`` is
+    private and always undone).
     """
     windows = context.calibration_windows()  # too little data fails here, before any work
     prefix, layers = blocks(model)
@@ -452,41 +518,154 @@ def sequential_hessians(
         else:
             rest.append(t)
     last = len(layers) - 1 if rest else max(by_block, default=-1)
-    swaps = Patch(model)  # private: always undone, so the caller's model is never left changed
-
-    def solve_all(chosen: list[Target], hessians: dict[str, torch.Tensor]) -> None:
-        for t in chosen:
-            new = solve(t, hessians.pop(t.name))
-            swaps.swap_module(t.name, _Dense(new.to(t.weight.dtype), t.module.bias))
-
+    swaps = Patch(model)
     try:
         with torch.no_grad():
             batches = _first_block_inputs(model, context, layers[0], windows) if last >= 0 else []
             for i in range(last + 1):
                 block, chosen = layers[i], by_block.get(i, [])
+                moved = [False] if observe_only and i < last else None
                 if chosen:
-                    modules = {t.name: t.module for t in chosen}
-                    collect = functools.partial(_run_all, block, batches)
-                    if i == 0:  # independent of the config: shared by every config
-                        key = ("obs.hessians", context.applied, tuple(modules), windows.shape)
-                        hessians = context.memo(
-                            key, functools.partial(_accumulate_hessians, modules, collect)
-                        )
-                        solve_all(chosen, dict(hessians))
-                    else:
-                        solve_all(chosen, _accumulate_hessians(modules, collect))
-                if i < last:
+                    visit(i, chosen, functools.partial(_run_all, block, batches, moved), swaps)
+                if i < last and not (moved and moved[0]):
                     for batch in batches:
                         batch.hidden = batch.run(block)
             del batches
             if rest:
-                whole = functools.partial(_run_model, context, windows)
-                solve_all(rest, _accumulate_hessians({t.name: t.module for t in rest}, whole))
+                visit(None, rest, functools.partial(_run_model, context, windows), swaps)
     finally:
         swaps.undo()
 
 
-# --- caching -------------------------------------------------------------------------------------
+def sequential_hessians(
+    model: nn.Module, context: Context, targets: list[Target], solve: Solve
+) -> None:
+    """Calibrate ``targets`` block by block (``walk_blocks``): collect each block's Hessians
+    from the outputs of the blocks before it as already solved, call ``solve(target, hessian)``
+    for each of its targets (it returns the new (out, in) weight, or a function that rebuilds
+    it), then run the block again with those weights to produce the next block's inputs.
+    Targets outside the blocks are solved last, from one pass of the whole model with every
+    block solved. The model is unchanged on return.
+
+    ``solve`` owns the Hessian it receives and may overwrite it: a layer's Hessian is handed
+    over as is when nothing else needs it, a copy when the session memo or another layer
+    reading the same input does, so at most two Hessians of a layer are alive during a solve.
+    """
+
+    def visit(
+        index: int | None, chosen: list[Target], run: Callable[[], None], swaps: Patch
+    ) -> None:
+        modules = {t.name: t.module for t in chosen}
+        memoized = index == 0
+        if memoized:  # independent of the config: shared by every config
+            shape = context.calibration_windows().shape
+            key = ("obs.hessians", context.applied, tuple(modules), shape)
+            hessians = dict(
+                context.memo(key, functools.partial(_accumulate_hessians, modules, run))
+            )
+        else:
+            hessians = _accumulate_hessians(modules, run)
+        for t in chosen:
+            hessian = hessians.pop(t.name)
+            if memoized or any(hessian is other for other in hessians.values()):
+                hessian = hessian.clone()
+            new = solve(t, hessian)
+            del hessian  # (its memory held the solve's factor) freed before the next layer
+            swaps.swap_module(t.name, _Solved(new, t.weight.dtype, t.module.bias))
+
+    walk_blocks(model, context, targets, visit)
+
+
+# --- caching: a handful of flat tensors -------------------------------------------------------
+
+States = dict[str, Any]  # {layer: tensor} or {layer: {key: tensor}}
+Layout = dict[str, dict[str, tuple[tuple[int, ...], torch.dtype]]]
+
+
+class Arena:
+    """Every layer's state as views of one flat buffer per dtype.
+
+    The solves write their results straight into these views (no copy of the whole state at
+    the end, so the state is in memory once), and the disk cache stores the buffers and an
+    index: loading an entry is a few large reads instead of unpickling a small tensor per layer
+    and key (torch's weights-only unpickler costs about a quarter of a millisecond per tensor,
+    which was most of a cached apply on a small model).
+    """
+
+    def __init__(self, layout: Layout, device: torch.device | str = "cpu") -> None:
+        sizes: dict[torch.dtype, int] = {}
+        self.entries: list[tuple[tuple[str, ...], torch.dtype, int, tuple[int, ...]]] = []
+        for name, keys in layout.items():
+            for key, (shape, dtype) in keys.items():
+                offset = sizes.get(dtype, 0)
+                self.entries.append(((name, key) if key else (name,), dtype, offset, shape))
+                sizes[dtype] = offset + math.prod(shape)
+        # empty, not zeros: pages are only touched (made resident) as the solves fill them
+        self.flats = {d: torch.empty(n, dtype=d, device=device) for d, n in sizes.items()}
+
+    def states(self) -> States:
+        """``{layer: {key: view}}`` (``{layer: view}`` for a layout with empty keys)."""
+        return _views(self.flats, self.entries)
+
+    def packed(self) -> dict[str, Any]:
+        """What the disk cache stores: the flat buffers, the index and the names."""
+        slot = {d: i for i, d in enumerate(self.flats)}
+        index: list[int] = []
+        for _, dtype, offset, shape in self.entries:
+            index += [slot[dtype], offset, len(shape), *shape]
+        return {
+            "flats": list(self.flats.values()),
+            "index": torch.tensor(index, dtype=torch.int64),
+            "names": "\n".join("\t".join(path) for path, *_ in self.entries),
+        }
+
+
+def _views(
+    flats: dict[torch.dtype, torch.Tensor],
+    entries: list[tuple[tuple[str, ...], torch.dtype, int, tuple[int, ...]]],
+) -> States:
+    states: States = {}
+    for path, dtype, offset, shape in entries:
+        view = flats[dtype][offset : offset + math.prod(shape)].view(shape)
+        if len(path) == 1:
+            states[path[0]] = view
+        else:
+            states.setdefault(path[0], {})[path[1]] = view
+    return states
+
+
+def pack_states(states: States) -> dict[str, Any]:
+    """``states`` (``{layer: tensor}`` or ``{layer: {key: tensor}}``) in ``Arena``'s stored form
+    (one copy of each tensor; for results computed outside an arena, e.g. AWQ's scales)."""
+    layout: Layout = {}
+    for name, value in states.items():
+        tensors = value if isinstance(value, dict) else {"": value}
+        layout[name] = {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}
+    arena = Arena(layout, "cpu")
+    stored = arena.states()
+    for name, value in states.items():
+        if isinstance(value, dict):
+            for key, t in value.items():
+                stored[name][key].copy_(t)
+        else:
+            stored[name].copy_(value)
+    return arena.packed()
+
+
+def unpack_states(packed: dict[str, Any]) -> States:
+    """Inverse of ``Arena.packed``/``pack_states``: views of the stored flat buffers."""
+    flats = {t.dtype: t for t in packed["flats"]}
+    dtypes = [t.dtype for t in packed["flats"]]
+    index = packed["index"].tolist()
+    names = packed["names"].split("\n") if packed["names"] else []
+    entries = []
+    i = 0
+    for name in names:
+        slot, offset, ndim = index[i : i + 3]
+        shape = tuple(index[i + 3 : i + 3 + ndim])
+        i += 3 + ndim
+        entries.append((tuple(name.split("\t")), dtypes[slot], offset, shape))
+    return _views(flats, entries)
 
 
 def calibrated(
@@ -497,15 +676,18 @@ def calibrated(
     *,
     name: str = "obs",
     format: int = FORMAT,
-) -> dict[str, Any]:
-    """The calibration result of ``config`` (a dict of tensors): session memo, else the disk
-    cache next to the reference, else ``compute()`` (stored in both).
+) -> States:
+    """The calibration result of ``config``: session memo, else the disk cache next to the
+    reference, else ``compute()`` (stored in both).
 
-    The key hashes everything the result depends on: the config, the stages applied before it,
-    the seed, the baseline's content hash, the calibration windows, and the dtype and device
-    kind of ``weight`` (a target's). The memo keeps the last few configs of each ``name`` (a
-    sweep's neighbours); the disk cache (``reference.cached``: lock, atomic write, damaged
-    entries rebuilt) lets a second pytest run apply without calibrating.
+    ``compute`` returns the result packed (``Arena.packed()`` or ``pack_states(...)``); the
+    caller gets it unpacked (``{layer: tensor}`` or ``{layer: {key: tensor}}``, views of the
+    packed buffers, on the CPU when read from disk). The key hashes everything the result
+    depends on: the config, the stages applied before it, the seed, the baseline's content
+    hash, the calibration windows, and the dtype and device kind of ``weight`` (a target's).
+    The memo keeps the last few configs of each ``name`` (a sweep's neighbours); the disk cache
+    (``reference.cached``: lock, atomic write, damaged entries rebuilt) lets a second pytest
+    run apply without calibrating.
     """
     windows = context.calibration_windows()
     key = cache_key(
@@ -520,9 +702,10 @@ def calibrated(
         str(weight.dtype),
         weight.device.type,
     )
-    recent: OrderedDict[str, dict[str, Any]] = context.memo((f"{name}.recent",), OrderedDict)
+    recent: OrderedDict[str, States] = context.memo((f"{name}.recent",), OrderedDict)
     if key not in recent:
-        recent[key] = cached(key, context.cache_dir, compute, name=name, format=format)[0]
+        packed = cached(key, context.cache_dir, compute, name=name, format=format)[0]
+        recent[key] = unpack_states(packed)
         while len(recent) > _RECENT:
             recent.popitem(last=False)
     recent.move_to_end(key)
@@ -539,24 +722,41 @@ def _gptq_fn(state: LayerState, config: GPTQ) -> Callable[[torch.Tensor], torch.
     return weight
 
 
+def _gptq_layout(targets: list[Target], config: GPTQ) -> Layout:
+    layout: Layout = {}
+    for t in targets:
+        rows, columns = t.weight.shape
+        groups = math.ceil(columns / (config.group_size or columns))
+        layout[t.name] = {
+            "codes": ((rows, math.ceil(columns * config.bits / 8)), torch.uint8),
+            "scale": ((rows, groups), torch.float32),
+            "zero": ((rows, groups), torch.float32),
+            "g_idx": ((columns,), torch.int32),
+        }
+    return layout
+
+
 @register_modification("quant.gptq", GPTQ)
 def apply_gptq(config: GPTQ, model: nn.Module, patch: Patch, context: Context) -> None:
     targets = config.targets(model)
 
-    def compute() -> dict[str, LayerState]:
-        states: dict[str, LayerState] = {}
+    def compute() -> dict[str, Any]:
+        arena = Arena(_gptq_layout(targets, config), targets[0].weight.device)
+        states = arena.states()
 
-        def solve(target: Target, hessian: torch.Tensor) -> torch.Tensor:
-            state = gptq_quantize(target.weight, hessian, config, target.name)
-            states[target.name] = _pack_codes(state, config.bits)
-            return gptq_weight(state, config.bits, config.symmetric)
+        def solve(target: Target, hessian: torch.Tensor) -> Callable[[], torch.Tensor]:
+            stored = states[target.name]
+            state = gptq_quantize(target.weight, hessian, config, target.name, overwrite=True)
+            for key, value in _pack_codes(state, config.bits).items():
+                stored[key].copy_(value)
+            return functools.partial(gptq_weight, stored, config.bits, config.symmetric)
 
         sequential_hessians(model, context, targets, solve)
-        return states
+        return arena.packed()
 
     states = calibrated(config, context, targets[0].weight, compute)
     for target in targets:
-        device = target.weight.device
+        device = target.weight.device  # views of the stored buffers where already there
         state = {k: v.to(device) for k, v in states[target.name].items()}
         patch.parametrize(target, _gptq_fn(state, config))
 
@@ -566,6 +766,22 @@ def _sparsegpt_fn(state: LayerState) -> Callable[[torch.Tensor], torch.Tensor]:
         return sparsegpt_weight(state, w.dtype)
 
     return weight
+
+
+def _sparsegpt_layout(targets: list[Target], config: SparseGPT) -> Layout:
+    layout: Layout = {}
+    step = _mask_step(config)
+    for t in targets:
+        rows, columns = t.weight.shape
+        pruned = sum(
+            _block_pruned(config, rows, min(step, columns - i)) for i in range(0, columns, step)
+        )
+        layout[t.name] = {
+            "values": ((rows * columns - pruned,), t.weight.dtype),
+            "keep": ((rows, math.ceil(columns / 8)), torch.uint8),
+            "columns": ((), torch.int64),
+        }
+    return layout
 
 
 @register_modification("prune.sparsegpt", SparseGPT)
@@ -581,21 +797,20 @@ def apply_sparsegpt(config: SparseGPT, model: nn.Module, patch: Patch, context: 
                     "exclude=(...)"
                 )
 
-    def compute() -> dict[str, LayerState]:
-        states: dict[str, LayerState] = {}
+    def compute() -> dict[str, Any]:
+        arena = Arena(_sparsegpt_layout(targets, config), targets[0].weight.device)
+        states = arena.states()
 
-        def solve(target: Target, hessian: torch.Tensor) -> torch.Tensor:
-            new, keep = sparsegpt_prune(target.weight, hessian, config, target.name)
-            new = new.to(target.weight.dtype)
-            states[target.name] = {
-                "values": new[keep],
-                "keep": pack_bits(keep),
-                "columns": torch.tensor(keep.shape[1]),
-            }
-            return new
+        def solve(target: Target, hessian: torch.Tensor) -> Callable[[], torch.Tensor]:
+            dtype, stored = target.weight.dtype, states[target.name]
+            new, keep = sparsegpt_prune(target.weight, hessian, config, target.name, overwrite=True)
+            stored["values"].copy_(new.to(dtype)[keep])
+            stored["keep"].copy_(pack_bits(keep))
+            stored["columns"].fill_(keep.shape[1])
+            return functools.partial(sparsegpt_weight, stored, dtype)
 
         sequential_hessians(model, context, targets, solve)
-        return states
+        return arena.packed()
 
     states = calibrated(config, context, targets[0].weight, compute)
     for target in targets:
