@@ -1,41 +1,76 @@
-"""Cost and memory of GPTQ and SparseGPT (modifications/obs.py), side by side in one run.
+"""Cost and memory of GPTQ, SparseGPT (modifications/obs.py) and AWQ (awq.py), side by side in one
+run (issue 10's targets). Every figure runs on one torch thread, both sides of every ratio alike
+(on this shared 2-core machine a second thread straggles behind other processes' work).
 
-For each setting, on the bundled model (or a ~50M-parameter random-init Llama with ``--large``):
-  * first apply: calibration + solves, / one forward pass over the calibration windows, with
-    the solves' own time apart. Target (issue 10): <= 3x the forward pass plus the solves.
-  * second run, cached: a new harness (empty session memo) reading the disk cache; apply +
-    restore / one forward pass over the evaluation windows. Target: <= 0.1x.
+On the bundled model (default), per setting, in rounds; each ratio is the median over rounds of
+the numerator over the denominator measured in the same round, so machine noise hits both alike:
+  * first apply: a fresh harness (empty session memo) writing a fresh disk cache, as a first
+    pytest run does; / (one forward pass over the calibration windows + the per-layer solves
+    timed in isolation: the solver functions called alone on the inputs a first apply gave them,
+    ``obs.gptq_quantize``, ``obs.sparsegpt_prune``, ``awq.search_scale``). Target <= 3x.
+    Also printed: the part outside the solves, (first - solves) / forward, the stricter reading
+    (3 forward passes, plus the solves at their own cost).
+  * cached: a second run (new harness, empty memo, the disk cache warm) applies and restores;
+    / one forward pass over the evaluation windows of a default run (8192 tokens: 64 windows of
+    128). Target <= 0.1x.
   * held: bytes the parametrizations keep while applied / bytes of the target weights.
-  * extra peak: the process's peak resident memory during the first apply minus its peak
-    after loading and one forward pass over the calibration windows, / the model's bytes, with
-    one layer's (the largest) Hessian alongside. Each setting runs in its own process for that.
-    Target: <= 0.25x the model's bytes plus one layer's Hessian.
+With ``--llmcompressor`` and /tmp/llmc (a virtualenv with llm-compressor, see
+compare_llmcompressor_obs.py), llm-compressor's ``oneshot`` for GPTQ W4, SparseGPT 60% and AWQ W4
+(the compare scripts' recipes: zero points, llm-compressor's own grid choices) on the same model
+and windows is timed there once, over a forward pass timed in that process.
 
-The disk cache is ``Settings.cache_dir`` (``--hemorrhage-cache-dir``), a temporary directory here.
+With ``--large``: a 23.5M-parameter random-init Llama with Llama-7B's proportions (32 blocks,
+MLP 2.69x the hidden size; hidden 256, vocab 512), so that one block's and one layer's share of
+the model are a 7B model's (a layer's Hessian is 2% of the model, as down_proj's is in 7B);
+each setting in its own process, for the extra peak memory of the first apply. The meter: the
+kernel's high-water mark of resident memory (VmHWM), reset just before (``/proc/self/clear_refs``
+5, after ``malloc_trim``), minus the resident memory at that moment. glibc is told to mmap every
+allocation over 64 KiB (MALLOC_MMAP_THRESHOLD_), so a freed tensor leaves the process at once
+and the mark counts what was alive together, torch's tensors and everything else alike
+(tracemalloc sees no torch tensor; sampling RSS misses short peaks; the mark cannot). The same
+apply first runs on the bundled model, so that code pages read in once per process (LAPACK's)
+do not count. A self-check fills 32 MiB under the meter. Extra = the apply's peak - a bare
+forward pass's peak over the same windows (8 at a time, as the apply runs them: the activations
+any measurement needs); / the model's bytes, against 0.25 + the largest target's Hessian
+(in**2 float32) / the model's bytes. Also printed: the held state's share (SparseGPT's survivors
+cannot be smaller than (1 - sparsity) of the target weights in their dtype) and that apply's
+first / (forward + solves), the solves timed inside it (one apply: no median).
 
-Run: python benchmarks/bench_obs.py [--large]
+Run: python benchmarks/bench_obs.py [--large] [--llmcompressor] [--rounds N]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import gc
 import json
-import resource
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the checkout, whatever the installed copy points at
 
 SETTINGS = [
     ("quant.gptq", {"bits": 4}),
     ("quant.gptq", {"bits": 3, "act_order": True}),
     ("prune.sparsegpt", {"sparsity": 0.6}),
     ("prune.sparsegpt", {"n": 2, "m": 4}),
+    ("quant.awq", {"bits": 4}),
 ]
+LLMC = Path("/tmp/llmc/bin/python")
+THREADS = 1  # both sides of every ratio alike; a second thread straggles on a shared machine
 
 
-def _loaded(large: bool):
+def _loaded(large: bool) -> Any:
     import torch
 
     from pytest_hemorrhage.loading import LoadedModel, load_model
@@ -46,30 +81,33 @@ def _loaded(large: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     g = torch.Generator().manual_seed(0)
-    config = LlamaConfig(
+    config = LlamaConfig(  # Llama-7B's proportions (32 blocks, MLP 2.69x hidden), narrower
         vocab_size=tiny.model.config.vocab_size,
-        hidden_size=640,
-        intermediate_size=1728,
-        num_hidden_layers=10,
-        num_attention_heads=10,
-        num_key_value_heads=5,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.02 if p.dim() > 1 else torch.ones_like(p))
-    return LoadedModel(model=model, tokenizer=tiny.tokenizer, spec="random-50m")
+    return LoadedModel(model=model, tokenizer=tiny.tokenizer, spec="random-24m")
 
 
-def _harness(loaded, cache_dir: Path | None):
+def _harness(loaded: Any, cache_dir: Path | None, tokens: int = 8192) -> Any:
     from pytest_hemorrhage.harness import Harness
     from pytest_hemorrhage.settings import Settings
 
-    return Harness(loaded, Settings.defaults(model=loaded.spec, tokens=2048, cache_dir=cache_dir))
+    settings = Settings.defaults(model=loaded.spec, tokens=tokens, cache_dir=cache_dir)
+    h = Harness(loaded, settings)
+    h.context.calibration_windows()  # tokenized once, as in a session that has measured already
+    return h
 
 
-def _forward(h, windows) -> float:
+def _forward(h: Any, windows: Any) -> float:
     import torch
 
     start = time.perf_counter()
@@ -79,127 +117,371 @@ def _forward(h, windows) -> float:
     return time.perf_counter() - start
 
 
-def _peak_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def measure_one(name: str, params: dict, large: bool, cache_dir: Path) -> dict:
-    """One setting, in this process: every figure but the ratios."""
+@contextlib.contextmanager
+def _recording_solves(calls: list[tuple[Callable[..., Any], tuple[Any, ...]]]) -> Iterator[None]:
+    """Record each per-layer solve's function and inputs (cloned) while a first apply runs."""
     import torch
 
-    from pytest_hemorrhage.modifications import make, obs
+    from pytest_hemorrhage.modifications import awq, obs
 
-    torch.set_num_threads(2)
-    loaded = _loaded(large)
-    h = _harness(loaded, cache_dir)
+    real = {
+        (obs, "gptq_quantize"): obs.gptq_quantize,
+        (obs, "sparsegpt_prune"): obs.sparsegpt_prune,
+        (awq, "search_scale"): awq.search_scale,
+    }
+
+    def spy(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def record(*args: Any, **kwargs: Any) -> Any:  # kwargs: ``overwrite``, not repeated
+            calls.append((fn, tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)))
+            return fn(*args, **kwargs)
+
+        return record
+
+    for (module, name), fn in real.items():
+        setattr(module, name, spy(fn))
+    try:
+        yield
+    finally:
+        for (module, name), fn in real.items():
+            setattr(module, name, fn)
+
+
+def _solves(calls: list[tuple[Callable[..., Any], tuple[Any, ...]]]) -> float:
+    """Seconds of the recorded solves, called alone (none modifies its inputs)."""
+    start = time.perf_counter()
+    for fn, args in calls:
+        fn(*args)
+    return time.perf_counter() - start
+
+
+def _first_apply(loaded: Any, name: str, params: dict[str, Any]) -> float:
+    """A first pytest run's apply: fresh harness, empty memo, an empty disk cache written."""
+    with tempfile.TemporaryDirectory() as cache:
+        h = _harness(loaded, Path(cache))
+        start = time.perf_counter()
+        with h.modified([(name, params)]):
+            return time.perf_counter() - start
+
+
+def _held(h: Any, name: str, params: dict[str, Any]) -> tuple[int, int]:
+    """(bytes the applied parametrizations keep, bytes of the target weights)."""
+    from pytest_hemorrhage.modifications import make
+
+    held, weights, seen = 0, 0, set()
+    for t in make(name, params).targets(h.model):
+        weights += t.weight.numel() * t.weight.element_size()
+        fn = t.module.parametrizations.weight[0].fn
+        for cell in fn.__closure__ or ():
+            value = cell.cell_contents
+            tensors = value.values() if isinstance(value, dict) else [value]
+            for v in tensors:
+                if hasattr(v, "untyped_storage") and id(v) not in seen:  # AWQ: one per group
+                    seen.add(id(v))
+                    held += v.numel() * v.element_size()
+    return held, weights
+
+
+def measure_small(name: str, params: dict[str, Any], rounds: int) -> dict[str, Any]:
+    """Every figure of one setting on the bundled model, in this process."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    loaded = _loaded(False)
+    h = _harness(loaded, None)
     calibration = h.context.calibration_windows()
-    _forward(h, calibration)
-    forward_calibration = min(_forward(h, calibration) for _ in range(2))
-    before_peak = _peak_bytes()
+    _forward(h, calibration)  # warm up
+    calls: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+    with _recording_solves(calls), h.modified([(name, params)]):  # untimed: the solves' inputs
+        held, weights = _held(h, name, params)
+    first, fwd_cal, solves, ratio, outside = [], [], [], [], []
+    for _ in range(rounds):
+        f, s = _forward(h, calibration), _solves(calls)
+        a = _first_apply(loaded, name, params)
+        first.append(a)
+        fwd_cal.append(f)
+        solves.append(s)
+        ratio.append(a / (f + s))
+        outside.append((a - s) / f)
 
-    solves = [0.0]
-    for fn in ("gptq_quantize", "sparsegpt_prune"):
-        real = getattr(obs, fn)
-
-        def timed(*args, _real=real, **kwargs):
+    cached, fwd_eval, cached_ratio = [], [], []
+    with tempfile.TemporaryDirectory() as cache:
+        with _harness(loaded, Path(cache)).modified([(name, params)]):  # writes the cache
+            pass
+        evaluation = h.windows.eval
+        _forward(h, evaluation)
+        for _ in range(max(rounds, 5)):
+            second = _harness(loaded, Path(cache))  # a second pytest run: empty memo
+            f = _forward(second, evaluation)
             start = time.perf_counter()
-            try:
-                return _real(*args, **kwargs)
-            finally:
-                solves[0] += time.perf_counter() - start
-
-        setattr(obs, fn, timed)
-    start = time.perf_counter()
-    with h.modified([(name, params)]):
-        first = time.perf_counter() - start
-        extra_peak = _peak_bytes() - before_peak
-        targets = make(name, params).targets(h.model)
-        held = 0
-        for t in targets:
-            fn = t.module.parametrizations.weight[0].fn
-            state = next(
-                c.cell_contents for c in fn.__closure__ if isinstance(c.cell_contents, dict)
-            )
-            held += sum(v.numel() * v.element_size() for v in state.values())
-    weight_bytes = sum(t.weight.numel() * t.weight.element_size() for t in targets)
-    model_bytes = sum(p.numel() * p.element_size() for p in h.model.parameters())
-    hessian_bytes = max(t.weight.shape[1] ** 2 * 4 for t in targets)
-
-    second = _harness(loaded, cache_dir)  # a second pytest run: empty memo, warm disk cache
-    evaluation = second.windows.eval
-    _forward(second, evaluation)
-    forward_eval = min(_forward(second, evaluation) for _ in range(2))
-    start = time.perf_counter()
-    with second.modified([(name, params)]):
-        pass
-    cached = time.perf_counter() - start
+            with second.modified([(name, params)]):
+                pass
+            c = time.perf_counter() - start
+            cached.append(c)
+            fwd_eval.append(f)
+            cached_ratio.append(c / f)
+    med = statistics.median
     return {
-        "first": first,
-        "solves": solves[0],
-        "forward_calibration": forward_calibration,
-        "cached": cached,
-        "forward_eval": forward_eval,
+        "first": med(first),
+        "forward_calibration": med(fwd_cal),
+        "solves": med(solves),
+        "first_ratio": med(ratio),
+        "outside_ratio": med(outside),
+        "cached": med(cached),
+        "forward_eval": med(fwd_eval),
+        "cached_ratio": med(cached_ratio),
+        "eval_windows": list(evaluation.shape),
         "held": held,
-        "weight_bytes": weight_bytes,
-        "model_bytes": model_bytes,
-        "hessian_bytes": hessian_bytes,
-        "extra_peak": extra_peak,
+        "weight_bytes": weights,
     }
 
 
-def run(large: bool) -> None:
-    with tempfile.TemporaryDirectory() as cache:
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+class PeakMeter:
+    """Peak resident memory since ``start()`` (the kernel's high-water mark, reset), minus the
+    resident memory at ``start()``."""
+
+    def start(self) -> None:
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap pages leave before the baseline
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident size
+        self.base = _status_bytes("VmRSS")
+
+    def peak(self) -> int:
+        return _status_bytes("VmHWM") - self.base
+
+
+@contextlib.contextmanager
+def _timing_solves(seconds: list[float]) -> Iterator[None]:
+    """Add the time of each per-layer solve to ``seconds[0]`` (nothing kept: memory is measured
+    around it)."""
+    from pytest_hemorrhage.modifications import awq, obs
+
+    real = {
+        (obs, "gptq_quantize"): obs.gptq_quantize,
+        (obs, "sparsegpt_prune"): obs.sparsegpt_prune,
+        (awq, "search_scale"): awq.search_scale,
+    }
+
+    def timed(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                seconds[0] += time.perf_counter() - start
+
+        return run
+
+    for (module, name), fn in real.items():
+        setattr(module, name, timed(fn))
+    try:
+        yield
+    finally:
+        for (module, name), fn in real.items():
+            setattr(module, name, fn)
+
+
+def measure_large(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Extra peak memory of a first apply of one setting, and that apply's time."""
+    import torch
+
+    from pytest_hemorrhage.modifications import make
+
+    torch.set_num_threads(THREADS)
+    # the same apply on the bundled model first: code pages (LAPACK's, the kernels') are read in
+    # once per process and would otherwise count as the measured apply's memory
+    with _harness(_loaded(False), None).modified([(name, params)]):
+        pass
+    loaded = _loaded(True)
+    h = _harness(loaded, None, tokens=1024)
+    calibration = h.context.calibration_windows()
+    _forward(h, calibration)  # threads, allocator and lazy state warm before the baseline
+    meter = PeakMeter()
+    meter.start()
+    probe = torch.empty(32 << 20, dtype=torch.uint8).fill_(1)  # the meter's self-check
+    check = meter.peak()
+    del probe
+    meter.start()
+    forward = _forward(h, calibration)
+    forward_peak = meter.peak()
+    solves = [0.0]
+    meter.start()
+    with _timing_solves(solves):
+        start = time.perf_counter()
+        with h.modified([(name, params)]):
+            first = time.perf_counter() - start
+            peak = meter.peak()
+            held, weights = _held(h, name, params)
+    targets = make(name, params).targets(h.model)
+    return {
+        "check": check,
+        "peak": peak,
+        "forward_peak": forward_peak,
+        "held": held,
+        "weight_bytes": weights,
+        "model_bytes": sum(p.numel() * p.element_size() for p in h.model.parameters()),
+        "hessian_bytes": max(t.weight.shape[1] ** 2 * 4 for t in targets),
+        "params": sum(p.numel() for p in h.model.parameters()),
+        "first": first,
+        "forward_calibration": forward,
+        "solves": solves[0],
+    }
+
+
+def theirs() -> dict[str, Any]:
+    """llm-compressor's oneshot for GPTQ W4 g128, SparseGPT 60% and AWQ W4 g128 (the recipes of
+    compare_llmcompressor_obs.py and compare_llmcompressor_awq.py; run in /tmp/llmc's Python)."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from compare_llmcompressor_awq import _awq_theirs
+    from compare_llmcompressor_obs import _gptq_modifier, _sparse_modifier, _theirs
+
+    torch.set_num_threads(THREADS)
+    loaded = _loaded(False)
+    h = _harness(loaded, None)
+    windows = h.context.calibration_windows()
+    _forward(h, windows)
+    out = {"forward_calibration": statistics.median(_forward(h, windows) for _ in range(3))}
+    out["quant.gptq"] = _theirs(loaded, windows, _gptq_modifier(None))[0]
+    out["prune.sparsegpt"] = _theirs(loaded, windows, _sparse_modifier("0:0", 0.6))[0]
+    out["quant.awq"] = _awq_theirs(loaded, windows)[0]
+    return out
+
+
+def _child(mode: str, *args: Any, python: str = sys.executable) -> dict[str, Any]:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [python, __file__, "--child", json.dumps([mode, *args])],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if out.returncode:
+        raise RuntimeError(f"{mode} {args} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_small(rounds: int, llmcompressor: bool) -> None:
+    print(
+        f"model: hemorrhage-tiny; 16 calibration windows of 128 tokens; {THREADS} torch "
+        f"thread(s); medians over {rounds} rounds (cached: {max(rounds, 5)}), each setting in "
+        "its own process"
+    )
+    print(
+        f"{'modification':42s} {'first':>6s} {'fwd':>6s} {'solves':>6s} "
+        f"{'first/(fwd+solves)':>18s} {'(first-solves)/fwd':>18s} "
+        f"{'cached':>7s} {'eval fwd':>8s} {'cached/eval':>11s} {'held/W':>6s}"
+    )
+    results = {}
+    for name, params in SETTINGS:
+        r = _child("small", name, params, rounds)
+        results[(name, json.dumps(params))] = r
+        flags = []
+        if r["first_ratio"] > 3:
+            flags.append("FIRST OVER")
+        if r["cached_ratio"] > 0.1:
+            flags.append("CACHED OVER")
+        label = f"{name} {params}"
         print(
-            f"model: {'random-50m' if large else 'hemorrhage-tiny'}; 16 calibration windows of "
-            "128 tokens; each setting in its own process"
+            f"{label:42s} {r['first']:5.2f}s {r['forward_calibration']:5.2f}s "
+            f"{r['solves']:5.2f}s {r['first_ratio']:17.2f}x {r['outside_ratio']:17.2f}x "
+            f"{r['cached'] * 1000:5.1f}ms {r['forward_eval']:7.2f}s {r['cached_ratio']:10.4f}x "
+            f"{r['held'] / r['weight_bytes']:6.3f}  {' '.join(flags)}"
         )
+    print(
+        f"targets: first/(fwd+solves) <= 3; cached/eval <= 0.1 (eval: "
+        f"{'x'.join(map(str, r['eval_windows']))} tokens)"
+    )
+    if not llmcompressor:
+        return
+    if not LLMC.exists():
+        print(f"llm-compressor: {LLMC} not found (see compare_llmcompressor_obs.py to make it)")
+        return
+    t = _child("theirs", python=str(LLMC))
+    print(
+        "\nfirst apply next to llm-compressor's oneshot (same model, windows and threads; "
+        "each over a forward pass over the calibration windows timed in its own process)"
+    )
+    print(f"{'':42s} {'this project':>18s} {'llm-compressor':>18s}")
+    for label, name, params in [
+        ("GPTQ W4 g128", "quant.gptq", {"bits": 4}),
+        ("SparseGPT 60%", "prune.sparsegpt", {"sparsity": 0.6}),
+        ("AWQ W4 g128", "quant.awq", {"bits": 4}),
+    ]:
+        mine = results[(name, json.dumps(params))]
+        fwd = t["forward_calibration"]
         print(
-            f"{'modification':44s} {'first/fwd':>9s} {'(solves)':>8s} {'target':>6s} "
-            f"{'cached/eval':>11s} {'held/W':>6s} {'peak/model':>10s} {'+H/model':>8s}"
+            f"{label:42s} {mine['first']:7.2f}s {mine['first'] / mine['forward_calibration']:7.1f}x"
+            f"  {t[name]:7.2f}s {t[name] / fwd:7.1f}x"
         )
-        for name, params in SETTINGS:
-            out = (
-                subprocess.run(
-                    [sys.executable, __file__, "--one", json.dumps([name, params, large, cache])],
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                )
-                .stdout.strip()
-                .splitlines()[-1]
-            )
-            r = json.loads(out)
-            fwd = r["forward_calibration"]
-            first, solves = r["first"] / fwd, r["solves"] / fwd
-            target = 3 + solves
-            cached = r["cached"] / r["forward_eval"]
-            peak = r["extra_peak"] / r["model_bytes"]
-            hess = r["hessian_bytes"] / r["model_bytes"]
-            flags = []
-            if first > target:
-                flags.append("FIRST OVER")
-            if cached > 0.1:
-                flags.append("CACHED OVER")
-            if peak > 0.25 + hess:
-                flags.append("PEAK OVER")
-            label = f"{name} {params}"
-            print(
-                f"{label:44s} {first:8.2f}x {solves:7.2f}x {target:5.2f}x "
-                f"{cached:10.3f}x {r['held'] / r['weight_bytes']:6.3f} {peak:10.3f} "
-                f"{hess:8.3f}  {' '.join(flags)}"
-            )
+
+
+def _peak_flag(extra: float, held: float, target: float) -> str:
+    if extra <= target:
+        return ""
+    if extra - held <= target:  # the applied state alone is over: what the method must keep
+        return "PEAK OVER (the held state alone)"
+    return "PEAK OVER"
+
+
+def run_large() -> None:
+    print(
+        "model: random-init Llama, 32 blocks, hidden 256, MLP 688 (Llama-7B's proportions); "
+        f"16 calibration windows of 128 tokens; {THREADS} torch thread(s); each setting in "
+        "its own process"
+    )
+    print(
+        f"{'modification':42s} {'peak':>6s} {'fwd peak':>8s} {'extra':>6s} {'held':>6s} "
+        f"{'target':>6s} {'first/(fwd+solves)':>18s}   (memory / the model's bytes)"
+    )
+    for name, params in SETTINGS:
+        r = _child("large", name, params)
+        model = r["model_bytes"]
+        target = 0.25 + r["hessian_bytes"] / model
+        peak, forward, held = r["peak"] / model, r["forward_peak"] / model, r["held"] / model
+        extra = peak - forward
+        ratio = r["first"] / (r["forward_calibration"] + r["solves"])
+        label = f"{name} {params}"
+        print(
+            f"{label:42s} {peak:6.3f} {forward:8.3f} {extra:6.3f} {held:6.3f} {target:6.3f} "
+            f"{ratio:17.2f}x  {_peak_flag(extra, held, target)}"
+        )
+    print(
+        f"model: {r['params'] / 1e6:.1f}M parameters, {model / 2**20:.1f} MiB; largest Hessian "
+        f"{r['hessian_bytes'] / 2**20:.2f} MiB; meter self-check: 32 MiB filled read as "
+        f"{r['check'] / 2**20:.2f} MiB"
+    )
+    print(
+        "peak: the apply's peak over the resident memory before it; fwd peak: a bare forward "
+        "pass's over the calibration windows, 8 at a time, as the apply runs them; extra = peak "
+        "- fwd peak, judged against target = 0.25 + one Hessian; held: the applied state (in it)"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--large", action="store_true", help="a ~50M-parameter random model")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one setting, JSON out
+    parser.add_argument("--large", action="store_true", help="peak memory on a ~24M model")
+    parser.add_argument("--llmcompressor", action="store_true", help="time llm-compressor too")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per setting (default 3)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one measurement, JSON out
     args = parser.parse_args()
-    if args.one:
-        name, params, large, cache = json.loads(args.one)
-        print(json.dumps(measure_one(name, params, large, Path(cache))))
+    if args.child:
+        mode, *rest = json.loads(args.child)
+        fn = {"small": measure_small, "large": measure_large, "theirs": theirs}[mode]
+        print(json.dumps(fn(*rest)))
+    elif args.large:
+        run_large()
     else:
-        run(args.large)
+        run_small(args.rounds, args.llmcompressor)
 
 
 if __name__ == "__main__":
