@@ -37,8 +37,10 @@ Measured (llm-compressor 0.14.0.1, 2 CPU threads):
     o_proj is not smoothed by llm-compressor on this model (grouped-query attention: v_proj's
     64 outputs cannot absorb o_proj's 128 scales; "4 mappings were skipped due to incompatible
     shapes"), which this project's parametrization does (0.81-0.93 identical integers to its
-    RTN). 0.9721 of all integers identical. First apply 11 s (3.0x one forward over the
-    calibration windows) vs llm-compressor's 498 s (133x; a loaded 2-core machine).
+    RTN). 0.9721 of all integers identical. First apply times: benchmarks/bench_obs.py
+    --llmcompressor, one thread on both sides (1.15 s, 5.2x one forward over the calibration
+    windows, vs llm-compressor's 8.4 s, 35x; an earlier 498 s here was two threads straggling
+    on a loaded machine).
   * SmoothQuant: with each side's own definitions the factors differ by a median 2.8-4.8%
     (the activation range alone: max|x| is 1.06-1.10x half of max - min); 0.40 of the int8
     weights identical (that and the grid, max / 127 here, max / 127.5 there). Fed
