@@ -259,9 +259,7 @@ def diagnose(
         configs = list(harness.context.applied)
         edits = _edits(harness.model, before, patch) if attribution else None
         modified = _capture(harness.model, inputs, patch, linears)
-    mask = inputs.get("attention_mask")
-    tokens = inputs["ids"].numel() if mask is None else int(mask.sum())
-    diagnosis = _compare(baseline, modified, "+".join(c.name for c in configs), tokens)
+    diagnosis = _compare(baseline, modified, "+".join(c.name for c in configs), _tokens(inputs))
     if edits is None:
         pass
     elif harness.kind == ENCODER:
@@ -314,18 +312,19 @@ def explain_candidate(harness: Harness, candidate: Any, result: Result) -> list[
         return [f"(no blame for the candidate: {why})"]
     try:
         windows = DEFAULT_WINDOWS
-        ids = harness.windows.eval[:windows].to(harness.device)
+        inputs = _inputs(harness, windows)
         baseline = harness.context.memo(
-            ("blame-baseline", windows), lambda: _baseline(harness, ids)
+            ("blame-baseline", windows), lambda: _baseline(harness, inputs)
         )
         linears = frozenset(key.partition(":")[2] for key in baseline.outputs if ":" in key)
         patch = Patch(model)  # only the eager-attention switch, undone below
         try:
             device = next(model.parameters()).device
-            modified = _capture(model, ids.to(device), patch, linears)
+            on_device = {k: v.to(device) for k, v in inputs.items()}
+            modified = _capture(model, on_device, patch, linears)
         finally:
             patch.undo()
-        diagnosis = _compare(baseline, modified, "candidate", ids.numel())
+        diagnosis = _compare(baseline, modified, "candidate", _tokens(inputs))
     except Exception as exc:  # a diagnostic must never hide the failure it explains
         return [f"(no blame figures: {type(exc).__name__}: {exc})"]
     result.details["blame"] = diagnosis.to_dict()
@@ -372,6 +371,11 @@ def _inputs(harness: Harness, windows: int) -> dict[str, torch.Tensor]:
     if harness.kind == ENCODER:
         return {k: v.to(harness.device) for k, v in harness.texts.batches[0].items()}
     return {"ids": harness.windows.eval[:windows].to(harness.device)}
+
+
+def _tokens(inputs: dict[str, torch.Tensor]) -> int:
+    mask = inputs.get("attention_mask")
+    return inputs["ids"].numel() if mask is None else int(mask.sum())
 
 
 def _baseline(harness: Harness, inputs: dict[str, torch.Tensor]) -> _States:
