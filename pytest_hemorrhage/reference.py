@@ -7,20 +7,22 @@ A file lock makes concurrent pytest-xdist workers compute it once.
 Storage: for vocabularies up to ``EXACT_VOCAB`` tokens every probability is kept in float32
 (4 bytes per vocabulary entry, at most 2 KB per token), with each token's negative entropy
 sum(p log p), and all metrics are exact. Above it, per token, the ``topk`` (default
-``DEFAULT_TOPK``) largest log-probs as float16 with int32 indices, the baseline's mass
-outside them as float32, and ``TAIL_SAMPLES`` tokens drawn from the baseline's distribution
-over the rest (seeded, systematic sampling) with their float32 log-probs and int32 indices:
-16 + 6 K + 8 S bytes, 1,016 bytes at K=124, S=32 whatever the vocabulary. The exact metrics
-(ppl_increase, nll_increase, top1_disagreement, delta_p_mean) read the exact target-token
-log-prob (float32) and the baseline's argmax (int64) and have no storage error. KL is the
-head's terms, the tail as one outcome (which alone falls short by p_tail *
-KL(tail-conditionals): 32-54% of kl_mean at a heavy-tailed 32k-128k distribution) and an
-unbiased Monte-Carlo estimate of that shortfall from the samples (see ``metrics._tail_kl``):
-random per token, so it averages out in kl_mean, never negative, and exactly 0 for an
-unmodified model. float16 rounds each head log-prob (relative step 2^-11), after which the
-kept log-probs are renormalized to the exact kept mass, so the rounding enters KL to second
-order (about 1e-7 nats).
-``benchmarks/bench_reference.py`` measures the error at 32k and 128k vocabularies.
+``DEFAULT_TOPK``) largest log-probs as float16 steps down from the largest (see ``_steps``)
+with int32 indices, the baseline's mass outside them as float32, and ``TAIL_SAMPLES`` tokens
+drawn from the baseline's distribution over the rest (seeded, systematic sampling) with their
+float32 log-probs and int32 indices: 24 + 6 K + 8 S bytes, 1,024 bytes at K=124, S=32 whatever
+the vocabulary. The exact metrics (ppl_increase, nll_increase, top1_disagreement,
+delta_p_mean) read the exact target-token log-prob (float32) and the baseline's argmax (int64)
+and have no storage error. KL is the head's terms, the tail as one outcome (which alone falls
+short by p_tail * KL(tail-conditionals): 9-24% of kl_mean on a model trained with a 32k
+vocabulary, 32-54% on a heavier-tailed stand-in) and an unbiased Monte-Carlo estimate of that
+shortfall from the samples (see ``metrics._tail_kl``): random per token, so it averages out in
+kl_mean, never negative, and exactly 0 for an unmodified model. The head's rounding, after
+which the kept log-probs are renormalized to the exact kept mass, enters KL to second order, as
+a bias: +1.4e-9 nats per token with the steps (float16 log-probs: +2.2e-7, +2.6% on 8-bit
+RTN's kl_mean of that trained model).
+``benchmarks/bench_reference_bpe.py`` measures the error on a model trained here with a 32k BPE
+vocabulary, ``benchmarks/bench_reference.py`` on a Zipf-split stand-in at 32k and 128k.
 
 Why the exact limit is 512: exact storage costs 4 V bytes; top-K storage with no truncation
 error (K = V) would cost 6 V + 16, so up to 512 (the bundled model) exact is the cheaper of the
@@ -56,11 +58,12 @@ __all__ = [
 ]
 
 EXACT_VOCAB = 512
-DEFAULT_TOPK = 124  # top-K storage at 16 + 6 K + 8 TAIL_SAMPLES = 1,016 bytes per token
+DEFAULT_TOPK = 124  # top-K storage at 24 + 6 K + 8 TAIL_SAMPLES = 1,024 bytes per token
 TAIL_SAMPLES = 32  # tokens drawn from the baseline's tail to estimate its share of KL
 _Stored = TypeVar("_Stored")  # a dataclass of tensors (Reference, or an encoder's embeddings)
-# bump when the stored fields change (3: float16 top-K log-probs, int32 indices; 4: tail samples)
-FORMAT = 4
+# bump when the stored fields change (3: float16 top-K log-probs, int32 indices; 4: tail
+# samples; 5: the top-K log-probs as float16 steps, see _steps)
+FORMAT = 5
 
 
 @dataclass
@@ -131,6 +134,7 @@ class Reference:
         values, idx = logp.topk(topk, dim=-1)
         # the kept mass from the float32 log-probs, before float16 rounds them
         tail = (-torch.expm1(values.double().logsumexp(-1))).clamp_min(0).float()
+        head = _steps(values)
         tail_idx = tail_logp = None
         if tail_samples:
             weight = logp.exp().scatter(-1, idx, 0)
@@ -155,7 +159,7 @@ class Reference:
             targets,
             target_logp,
             top1,
-            topk_logp=values.half(),
+            topk_logp=head,
             topk_idx=idx.int(),
             tail_mass=tail,
             tail_idx=tail_idx,
@@ -165,12 +169,19 @@ class Reference:
     def head_logp(self) -> torch.Tensor:
         """(N, K) float32 top-K log-probs, renormalized to the exact kept mass: float16's
         rounding then changes the distribution's shape only, never its head/tail split (a
-        wrong split would enter KL to first order)."""
+        wrong split would enter KL to first order).
+
+        ``topk_logp`` in float16 is the stored coding (steps down from the largest, see
+        :func:`_steps`); a float32 one, built by hand (the uncompressed form a benchmark
+        compares with), holds the log-probs themselves.
+        """
         import torch
 
-        lp = self.topk_logp.float()
-        kept = torch.log1p(-self.tail_mass.double().clamp(max=1 - 1e-12)).float()
-        return lp - lp.logsumexp(-1, keepdim=True) + kept[:, None]
+        lp = self.topk_logp.double()
+        if self.topk_logp.dtype == torch.float16:
+            lp = lp.cumsum(-1)  # the decoder of _steps: the same float64 sums
+        kept = torch.log1p(-self.tail_mass.double().clamp(max=1 - 1e-12))
+        return (lp - lp.logsumexp(-1, keepdim=True) + kept[:, None]).float()
 
     @staticmethod
     def cat(parts: list[Reference]) -> Reference:
@@ -184,6 +195,34 @@ class Reference:
                 for f in fields(Reference)
             }
         )
+
+
+def _steps(values: torch.Tensor) -> torch.Tensor:
+    """(N, K) descending log-probs coded as float16 steps down from the first: step i is
+    ``values[i] - values[0]`` minus the sum of the steps before it, rounded (error feedback), so
+    the decoded ``cumsum`` misses each value by the rounding of its own step only (relative
+    2^-11 of the gap to its predecessor), never by a sum of roundings.
+
+    Why not the log-probs themselves in float16: their rounding grows with |log p| (2^-8 at
+    log p = -5), and any rounding of the head adds KL(rounded || true) >= 0 to every token's KL,
+    whatever the modification: +2.2e-7 nats per token against +1.4e-9 with steps, measured on
+    a model trained with a 32k vocabulary (benchmarks/bench_reference_bpe.py), where that made
+    8-bit RTN's kl_mean 2.6% high (40% on a less trained one). The first value is not stored:
+    :meth:`Reference.head_logp` renormalizes to the kept mass.
+    """
+    import torch
+
+    # finite, so that no step is inf - inf; exp(-1e4) is 0 in any float format
+    t = values.double().clamp_min(-1e4)
+    t = t - t[:, :1]
+    steps = torch.zeros(t.shape, dtype=torch.float16, device=t.device)
+    decoded = torch.zeros(len(t), dtype=torch.float64, device=t.device)
+    for i in range(1, t.shape[-1]):
+        # never up: a descending head decodes descending, whatever the rounding before
+        step = (t[:, i] - decoded).clamp_max(0).half()
+        steps[:, i] = step
+        decoded = decoded + step.double()
+    return steps
 
 
 def storage_bytes(reference: Reference) -> int:
