@@ -5,13 +5,20 @@ On the bundled model (64 windows of 128 tokens by default), for several modifica
 1. Real measures: every modification x budget (one metric of kl_mean, top1_disagreement,
    ppl_increase at 0.25, 0.5, 0.8, 1.25, 2 and 4 times the full evaluation's value; with and
    without confidence=0.95) is measured through Harness.measure with early stopping on, and its
-   verdict compared with the full evaluation's. Prints how many verdicts differ, against the
-   stated rate (1 - confidence, per metric), and the share of tokens used on clear verdicts
-   (metric <= 0.5x or >= 2x its budget; target <= 25%) and on close ones.
+   verdict compared with the full evaluation's. Prints, per case, the share of the tokens used
+   and how far the budget lies from the value in the full evaluation's standard errors (r, on
+   the scale the test decides on: nll_increase for ppl_increase); then how many verdicts
+   differ, against the stated rate (1 - confidence, per metric), and the tokens used on clear
+   verdicts (metric <= 0.5x or >= 2x its budget; target <= 25%) with the worst clear case.
+   A quarter of the windows has twice the full set's standard error, so a budget r standard
+   errors away is r / 2 of them away there: below r = 2 x 1.645 no test at the stated rate
+   can settle it at 25% of the tokens more often than not, whatever its looks.
 2. Permutations: the same sequential test (EarlyStop.run, the code the harness runs) over many
-   seeded window orders of each modification's per-window statistics, at budgets closer to
-   the value (0.7x .. 1.5x), where wrong early verdicts can happen: the measured rate of
-   verdicts that differ from the full evaluation's, per budget factor, against the stated rate.
+   seeded window orders of each modification's per-window statistics, for all three metrics
+   and budgets from 0.25x to 4x the value, closer ones (0.7x .. 1.5x) included, where wrong
+   early verdicts can happen: per budget factor, the rate of verdicts that differ from the full
+   evaluation's with its binomial standard error, the tokens used, and the share of orders
+   that stopped by a quarter of the tokens; then all factors together against the stated rate.
 
 Run: python benchmarks/bench_early_stop.py [--seeds 20] [--tokens 8192]
 """
@@ -19,6 +26,7 @@ Run: python benchmarks/bench_early_stop.py [--seeds 20] [--tokens 8192]
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -34,11 +42,35 @@ MODIFICATIONS = [
 ]
 METRICS = ("kl_mean", "top1_disagreement", "ppl_increase")
 FACTORS = (0.25, 0.5, 0.8, 1.25, 2.0, 4.0)  # budget / full value
-CLOSE_FACTORS = (0.7, 0.8, 0.9, 0.95, 1.05, 1.1, 1.25, 1.5)
+PERMUTED = (0.25, 0.5, 0.7, 0.8, 0.9, 0.95, 1.05, 1.1, 1.25, 1.5, 2.0, 4.0)
+Z95 = 1.6448536269514722
+QUARTER = 0.25  # the target share of tokens for a clear verdict
 
 
 def _over(budget, result) -> bool:
     return bool(budget.violations(result))
+
+
+def _clear(factor: float) -> bool:
+    return factor <= 0.5 or factor >= 2
+
+
+def _distance(metric: str, metrics: dict, stderr: dict, limit: float) -> float:
+    """How many of the full evaluation's standard errors lie between the value and the budget,
+    on the scale the sequential test decides on."""
+    if metric == "ppl_increase":
+        return abs(metrics["nll_increase"] - math.log1p(limit)) / stderr["nll_increase"]
+    return abs(metrics[metric] - limit) / stderr[metric]
+
+
+def _rate(k: int, n: int) -> str:
+    """k / n with its binomial standard error and the Wilson 95% upper bound."""
+    p = k / n
+    z = Z95
+    upper = (p + z * z / (2 * n) + z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (
+        1 + z * z / n
+    )
+    return f"{k}/{n} = {p:.4f} +- {math.sqrt(p * (1 - p) / n):.4f} (95% upper bound {upper:.4f})"
 
 
 def main() -> None:
@@ -51,7 +83,7 @@ def main() -> None:
 
     torch.set_num_threads(2)  # a benchmark process of its own: the 2-core CI machine
     from pytest_hemorrhage.budget import Budget
-    from pytest_hemorrhage.early_stop import EarlyStop
+    from pytest_hemorrhage.early_stop import METHOD, EarlyStop
     from pytest_hemorrhage.harness import Harness
     from pytest_hemorrhage.loading import load_model
     from pytest_hemorrhage.metrics import Result, TokenStats, summarize, token_stats
@@ -65,10 +97,16 @@ def main() -> None:
     reference = full.reference
     per_window = full.windows.eval.shape[1] - 1
     windows = len(full.windows.eval)
+    print(f"method: {METHOD}")
 
     # 1. real measures
     t0 = time.perf_counter()
     rows, window_stats = [], {}
+    print(
+        f"1. real measures, {windows} windows: tokens used per case (r: the budget's distance "
+        "from the value in full-evaluation standard errors; * the verdict differs)"
+    )
+    print(f"   {'modification':<30} {'metric':<18} " + " ".join(f"{f:>13}x" for f in FACTORS))
     for name, params in MODIFICATIONS:
         base = full.measure([(name, params)])
         with full.modified([(name, params)]) as patch:  # per-window stats for part 2
@@ -82,55 +120,75 @@ def main() -> None:
             ]
         window_stats[(name, str(params))] = (TokenStats.cat(parts), base)
         for metric in METRICS:
+            cells = []
             for i, factor in enumerate(FACTORS):
                 confidence = (None, 0.95)[(i + len(rows)) % 2]
-                budget = Budget({metric: base.metrics[metric] * factor}, confidence)
+                limit = base.metrics[metric] * factor
+                budget = Budget({metric: limit}, confidence)
                 result = early.measure([(name, params)], budget=budget)
-                rows.append(
-                    (
-                        factor,
-                        _over(budget, base),
-                        _over(budget, result),
-                        result.tokens / base.tokens,
-                        result.details["early_stop"]["stopped"],
-                    )
-                )
-        print(f"   {name} {params}: done", flush=True)
+                used = result.tokens / base.tokens
+                r = _distance(metric, base.metrics, base.stderr, limit)
+                differ = _over(budget, base) != _over(budget, result)
+                rows.append((name, params, metric, factor, differ, used, r))
+                cells.append(f"{used:5.3f}{'*' if differ else ' '}(r{r:5.1f})")
+            label = f"{name} {','.join(f'{k}={v}' for k, v in params.items())}"
+            print(f"   {label:<30} {metric:<18} " + " ".join(cells), flush=True)
     real_s = time.perf_counter() - t0
-    differ = sum(a != b for _, a, b, _, _ in rows)
-    clear = [r for r in rows if r[0] <= 0.5 or r[0] >= 2]
-    close = [r for r in rows if 0.5 < r[0] < 2]
+    differ = sum(r[4] for r in rows)
+    clear = [r for r in rows if _clear(r[3])]
+    close = [r for r in rows if not _clear(r[3])]
     print(
-        f"1. real measures: {len(rows)} early-stopped measures ({len(MODIFICATIONS)} "
-        f"modifications x {len(METRICS)} metrics x {len(FACTORS)} budgets, confidence "
-        "alternately none and 0.95), "
-        f"{windows} windows, {real_s:.0f} s"
+        f"   {len(rows)} early-stopped measures ({len(MODIFICATIONS)} modifications x "
+        f"{len(METRICS)} metrics x {len(FACTORS)} budgets, confidence alternately none and "
+        f"0.95), {real_s:.0f} s"
     )
     print(
-        f"   verdicts that differ from the full evaluation: {differ}/{len(rows)} "
-        f"= {differ / len(rows):.3f} (stated rate: <= 0.05 per metric)"
+        f"   verdicts that differ from the full evaluation: {_rate(differ, len(rows))} "
+        "(stated rate: <= 0.05 per metric)"
     )
     for label, group in (("clear (<=0.5x or >=2x)", clear), ("close (0.8x, 1.25x)", close)):
-        used = torch.tensor([r[3] for r in group])
+        used = [r[5] for r in group]
+        within = sum(u <= QUARTER for u in used)
         print(
-            f"   {label}: {len(group)} measures, stopped early {sum(r[4] for r in group)}, "
-            f"tokens used mean {used.mean():.3f} max {used.max():.3f} of the full evaluation "
-            "(target for clear: <= 0.25)"
+            f"   {label}: {len(group)} measures, {within} within {QUARTER:.0%} of the tokens, "
+            f"tokens used mean {sum(used) / len(used):.3f} max {max(used):.3f}"
+        )
+    worst = max(clear, key=lambda r: (r[5], -r[6]))
+    print(
+        f"   worst clear case: {worst[0]} {worst[1]} {worst[2]} budget {worst[3]}x the value: "
+        f"{worst[5]:.3f} of the tokens, r = {worst[6]:.1f}"
+    )
+    beyond = sorted((r for r in clear if r[5] > QUARTER), key=lambda r: r[6])
+    if beyond:
+        shown = ", ".join(f"{r[0]} {r[1]} {r[2]} {r[3]}x r={r[6]:.1f}" for r in beyond)
+        print(f"   clear cases over {QUARTER:.0%} of the tokens: {shown}")
+        resolvable = [r for r in clear if r[6] >= 2 * Z95]
+        print(
+            f"   clear cases with r >= {2 * Z95:.2f} (settleable at a quarter of the windows at "
+            f"all): {len(resolvable)}, of which within {QUARTER:.0%} of the tokens: "
+            f"{sum(r[5] <= QUARTER for r in resolvable)}; the smallest r settled within "
+            f"{QUARTER:.0%}: "
+            f"{min((r[6] for r in clear if r[5] <= QUARTER), default=math.nan):.1f}, the "
+            f"largest r not: {max(r[6] for r in beyond):.1f}"
         )
 
-    # 2. many window orders at budgets near the value
+    # 2. many window orders
     t0 = time.perf_counter()
     print(
-        f"2. permutations: {args.seeds} seeded window orders per case, budgets at "
-        f"{CLOSE_FACTORS} x the full value"
+        f"2. permutations: {args.seeds} seeded window orders per case ({len(window_stats)} "
+        f"modifications x {len(METRICS)} metrics x 2 confidences), budgets at {PERMUTED} x "
+        "the full value"
     )
-    print(f"   {'factor':>6}  {'cases':>6}  {'differ':>6}  {'rate':>6}  {'tokens used':>11}")
+    print(
+        f"   {'factor':>6}  {'cases':>6}  {'differ':>6}  {'rate':>6}  {'+-SE':>6}  "
+        f"{'tokens used':>11}  {'<= 25%':>6}"
+    )
     total = wrong = 0
-    for factor in CLOSE_FACTORS:
-        cases = differs = 0
+    for factor in PERMUTED:
+        cases = differs = quick = 0
         used = []
         for stats, base in window_stats.values():
-            for metric in ("kl_mean", "top1_disagreement"):
+            for metric in METRICS:
                 for confidence in (None, 0.95):
                     budget = Budget({metric: base.metrics[metric] * factor}, confidence)
                     for seed in range(args.seeds):
@@ -155,14 +213,17 @@ def main() -> None:
                         cases += 1
                         differs += _over(budget, result) != _over(budget, base)
                         used.append(got.nll.numel() / base.tokens)
+                        quick += used[-1] <= QUARTER
         total, wrong = total + cases, wrong + differs
+        p = differs / cases
         print(
-            f"   {factor:>6}  {cases:>6}  {differs:>6}  {differs / cases:>6.3f}  "
-            f"{sum(used) / len(used):>11.3f}",
+            f"   {factor:>6}  {cases:>6}  {differs:>6}  {p:>6.4f}  "
+            f"{math.sqrt(p * (1 - p) / cases):>6.4f}  {sum(used) / len(used):>11.3f}  "
+            f"{quick / cases:>6.3f}",
             flush=True,
         )
     print(
-        f"   all: {wrong}/{total} = {wrong / total:.4f} differ (stated rate: <= 0.05), "
+        f"   all: {_rate(wrong, total)} differ (stated rate: <= 0.05 per metric), "
         f"{time.perf_counter() - t0:.0f} s"
     )
 

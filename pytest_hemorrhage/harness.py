@@ -27,7 +27,7 @@ from .embeddings import (
 from .errors import HemorrhageError, first_line
 from .extras import providers
 from .loading import ENCODER, model_logits
-from .metrics import Result, TokenStats, summarize, token_stats
+from .metrics import LogitReads, Result, TokenStats, read_logits, score_reads, summarize
 from .modifications.noise import layer_seed
 from .modifications.registry import LogitsProcessor, Modification, Patch, apply, iter_configs
 from .reference import DEFAULT_TOPK, EXACT_VOCAB, Reference, cache_key, load_or_compute
@@ -400,10 +400,12 @@ class Harness:
         else:
             parts, row = [], 0
             for logits, targets in self.batches(patch.logits_processors, model=model):
-                parts.append(token_stats(logits, reference.rows(row, row + len(targets))))
+                parts.append(read_logits(logits, reference.rows(row, row + len(targets))))
                 row += len(targets)
                 del logits  # freed before the next batch's forward pass (see batches)
-            stats = TokenStats.cat(parts)
+            # the per-token measures once over every batch: one pass of each small operation
+            # per measure, not per batch (the same bits; see metrics.score_reads)
+            stats = score_reads(LogitReads.cat(parts), reference)
         metrics, stderr = summarize(stats, reference)
         return Result(
             **_naming(configs),
@@ -433,10 +435,14 @@ class Harness:
                 patch.logits_processors, windows=windows[chosen], model=model
             ):
                 rows = take_windows(reference, chosen[done : done + len(logits)], per_window)
-                parts.append(token_stats(logits, rows))
+                parts.append(read_logits(logits, rows))
                 done += len(logits)
                 del logits  # freed before the next batch's forward pass (see batches)
-            return parts
+            if not parts:
+                return []
+            # per look, the per-token measures once over its batches (see _evaluate)
+            rows = take_windows(reference, chosen, per_window)
+            return [score_reads(LogitReads.cat(parts), rows)]
 
         stats, scored = stop.run(score, reference)
         return stats, scored, stop
@@ -720,7 +726,7 @@ def auto_batch(seq_len: int, vocab: int) -> int:
     One batch's logits take at most a third of it: a measure holds one batch at a time
     (:meth:`Harness.batches` and its consumers drop it before the next forward pass), and the
     rest is room for a logits processor's output beside the model's and for the scoring's row
-    blocks of 64 vocabulary-sized rows (``metrics.token_stats``). A processor that sorts the
+    blocks of 64 vocabulary-sized rows (``metrics.read_logits``). A processor that sorts the
     vocabulary (``decode.top_p``) takes a few more copies while it runs.
     """
     return max(1, min(64, (256 << 20) // (seq_len * vocab * 4 * 3)))

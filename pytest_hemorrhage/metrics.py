@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -27,12 +28,15 @@ __all__ = [
     "EXTRA_METRICS",
     "METRICS",
     "SKEW",
+    "LogitReads",
     "Result",
     "TokenStats",
     "NO_STDERR",
     "jsonable",
     "mean_se",
     "quantile_se",
+    "read_logits",
+    "score_reads",
     "summarize",
     "token_stats",
 ]
@@ -108,44 +112,116 @@ def token_stats(logits: torch.Tensor, ref: Reference) -> TokenStats:
     where that removes mass the baseline gives, every measure uses the skew-smoothed
     distribution ``(1 - SKEW) q + SKEW p`` (see ``SKEW``). NaN or ``+inf`` logits, or a row
     with no finite logit, count as non-finite outputs.
+
+    The same as :func:`score_reads` of :func:`read_logits`, which a caller scoring many
+    batches runs once over all of them (the same bits).
     """
+    return score_reads(read_logits(logits, ref), ref)
+
+
+@dataclass
+class LogitReads:
+    """What :func:`read_logits` takes from one batch of modified logits (or from several,
+    concatenated): per scored token, the few log-probs the measures need, in its device.
+
+    ``logq`` holds the modified log-probs of the target, of the baseline's top-1 and, for
+    top-K storage, of the baseline's top-K and tail-sample tokens, in that column order;
+    ``best`` the largest modified log-prob. Exact storage reads its KL (and the rows whose KL
+    is skew-smoothed, ``cut``) in the full-vocabulary pass already. ``window`` numbers the
+    tokens' windows as in :class:`TokenStats`.
+    """
+
+    logq: torch.Tensor
+    best: torch.Tensor
+    window: torch.Tensor
+    kl: torch.Tensor | None = None
+    cut: torch.Tensor | None = None
+
+    @staticmethod
+    def cat(parts: list[LogitReads]) -> LogitReads:
+        """The parts in order; each part's windows are numbered after the previous parts'."""
+        import torch
+
+        windows, offset = [], 0
+        for p in parts:
+            windows.append(p.window + offset)
+            offset += int(p.window.max()) + 1 if p.window.numel() else 0
+        exact = parts[0].kl is not None
+        return LogitReads(
+            logq=torch.cat([p.logq for p in parts]),
+            best=torch.cat([p.best for p in parts]),
+            window=torch.cat(windows),
+            kl=torch.cat([p.kl for p in parts]) if exact else None,
+            cut=torch.cat([p.cut for p in parts]) if exact else None,
+        )
+
+
+def read_logits(logits: torch.Tensor, ref: Reference) -> LogitReads:
+    """The full-vocabulary pass of :func:`token_stats` over one batch of ``logits``, against
+    the reference rows ``ref`` of its tokens: what the per-token measures need from it."""
     import torch
 
     device = logits.device
     exact = ref.p is not None
-    # The full-vocabulary passes (log_softmax, one reduction against the baseline, argmax
-    # test) run on row chunks that stay in cache: faster than whole batches, and the extra
-    # memory of a measure stays a few vocab-sized rows whatever the batch. Per-token work
-    # runs once, on the whole batch.
+    # The full-vocabulary passes (log_softmax, the argmax test, the gather or reduction
+    # against the baseline) run on blocks of 64 rows (more for small vocabularies): the extra
+    # memory of a measure stays one block whatever the batch. Smaller blocks saved ~1% of a
+    # measure on two idle cores but cost far more on busy ones (each block's log_softmax and
+    # amax is a parallel region that waits for every thread).
     rows = max(64, _CHUNK // logits.shape[-1])
-    picks = torch.stack([ref.targets, ref.top1], -1).to(device)
-    sampled = not exact and ref.tail_idx is not None
-    against = ref.p if exact else ref.topk_idx
-    if sampled:  # the tail samples' log-probs come with the same gather
-        against = torch.cat([ref.topk_idx, ref.tail_idx], -1)
+    # every column read from the log-probs, in one gather per block: the target and the
+    # baseline's top-1 (and, for top-K storage, its top-K and tail-sample tokens)
+    cols = [ref.targets[:, None], ref.top1[:, None]]
+    if not exact:
+        cols.append(ref.topk_idx.long())
+        if ref.tail_idx is not None:
+            cols.append(ref.tail_idx.long())
+    cols = torch.cat(cols, -1).to(device)
+    p = ref.p.to(device) if exact else None
     picked, best, versus, start = [], [], [], 0
     for block in _row_blocks(logits, rows):
         span = slice(start, start + len(block))
         start += len(block)
         logq = torch.log_softmax(block.float(), -1)
-        picked.append(logq.gather(-1, picks[span]))
+        picked.append(logq.gather(-1, cols[span]))
         best.append(logq.amax(-1))
-        chunk = against[span].to(device)
-        versus.append(torch.linalg.vecdot(chunk, logq) if exact else logq.gather(-1, chunk.long()))
-    target_logq, top1_logq = torch.cat(picked).unbind(-1)
-    finite = ~target_logq.isnan()  # NaN, +inf, or no finite logit poison the whole row
-    disagree = top1_logq < torch.cat(best)  # the baseline's top token lost first place
+        if exact:
+            versus.append(torch.linalg.vecdot(p[span], logq))
+    reads = LogitReads(torch.cat(picked), torch.cat(best), _windows(logits.shape))
     if exact:
         kl = ref.neg_entropy.to(device) - torch.cat(versus)
-        cut = finite & ~kl.isfinite()  # a -inf logit where the baseline has mass
+        # a -inf logit where the baseline has mass (NaN rows are non-finite, not cut)
+        cut = ~reads.logq[:, 0].isnan() & ~kl.isfinite()
         if cut.any():  # rare (decoding truncation): redo those rows with q skew-smoothed
-            p = ref.p[cut].to(device)
+            p = p[cut]
             lp = p.log()
             logq = torch.log_softmax(logits.flatten(0, -2)[cut].float(), -1)
             kl[cut] = torch.linalg.vecdot(p, lp - _mix(logq, lp))
+        reads.kl, reads.cut = kl, cut
+    return reads
+
+
+def score_reads(reads: LogitReads, ref: Reference) -> TokenStats:
+    """The per-token measures of :func:`token_stats` from what :func:`read_logits` took from
+    the logits, against the reference rows ``ref`` of the same tokens.
+
+    Elementwise work and reductions within a token's own values only, so running it once
+    over many batches gives each token the bits it gets batch by batch, with one pass of each
+    operation instead of one per batch (a parallel region each, on the CPU; a kernel launch
+    on an accelerator).
+    """
+    import torch
+
+    device = reads.logq.device
+    target_logq, top1_logq = reads.logq[:, 0], reads.logq[:, 1]
+    finite = ~target_logq.isnan()  # NaN, +inf, or no finite logit poison the whole row
+    disagree = top1_logq < reads.best  # the baseline's top token lost first place
+    if reads.kl is not None:
+        kl, cut = reads.kl, reads.cut
     else:
+        sampled = ref.tail_idx is not None
         topk_logp = ref.head_logp().to(device)
-        lq = torch.cat(versus)
+        lq = reads.logq[:, 2:]
         k = topk_logp.shape[-1]
         lq, lq_s = lq[:, :k], lq[:, k:]
         # computed as the reference computes the kept mass: bit-equal for an unmodified model
@@ -174,7 +250,7 @@ def token_stats(logits: torch.Tensor, ref: Reference) -> TokenStats:
         disagree=disagree.cpu(),
         p_target=target_logq.exp().cpu(),
         finite=finite.cpu(),
-        window=_windows(logits.shape),
+        window=reads.window,
     )
 
 
@@ -244,7 +320,9 @@ def _tail_kl(
     return torch.where(p_tail > 0, p_tail * term, 0).float()
 
 
-def mean_se(x: torch.Tensor, unit: torch.Tensor | None = None) -> tuple[float, float | None]:
+def mean_se(
+    x: torch.Tensor, unit: torch.Tensor | None = None, level: float = 0.95
+) -> tuple[float, float | None]:
     """Mean of ``x`` and its standard error, with ``unit`` (one label per value, e.g. the
     window of each token) naming the independent draws; None: every value is one.
 
@@ -252,17 +330,21 @@ def mean_se(x: torch.Tensor, unit: torch.Tensor | None = None) -> tuple[float, f
     units' totals, whose variance is G / (G - 1) * sum((Y_u - mean * N_u)^2) / N^2 for G
     units (Cochran 1977, 6.9; the CR1 sandwich). The SE is None with fewer than 2 units.
 
-    The SE returned is calibrated for the one-sided 95% bounds: ``mean +- 1.645 * se`` is
-    ``mean +- t95 * s`` with ``s`` the CR1 standard error and ``t95`` the studentized mean's
-    95% quantile corrected for the units' skewness and kurtosis (see :func:`_t95`), so that
-    the bounds hold their level with tens of units (other confidences scale it linearly).
+    The SE returned is calibrated for one-sided bounds at ``level`` (95% unless told):
+    ``mean +- z * se``, z the normal quantile of ``level``, is ``mean +- t * s`` with ``s`` the
+    CR1 standard error and ``t`` the studentized mean's quantile corrected for the units'
+    skewness and kurtosis (see :func:`_t95`), so that the bounds hold their level with tens of
+    units (other confidences scale the 95% one linearly; early stopping asks for its own level).
     """
-    mean, se, t95 = _cluster(x, unit)
-    return mean, None if se is None else se * t95 / _Z95
+    mean, se, t = _cluster(x, unit, level)
+    return mean, None if se is None else se * t / _normal(level)
 
 
-def _cluster(x: torch.Tensor, unit: torch.Tensor | None) -> tuple[float, float | None, float]:
-    """(mean, CR1 standard error, calibrated one-sided 95% quantile) of ``x`` over ``unit``."""
+def _cluster(
+    x: torch.Tensor, unit: torch.Tensor | None, level: float = 0.95
+) -> tuple[float, float | None, float]:
+    """(mean, CR1 standard error, calibrated one-sided ``level`` quantile) of ``x`` over
+    ``unit``."""
     import torch
 
     x = x.double().reshape(-1)
@@ -275,95 +357,153 @@ def _cluster(x: torch.Tensor, unit: torch.Tensor | None) -> tuple[float, float |
         groups = int(labels.max()) + 1 if n else 0
         totals = torch.zeros(groups, dtype=torch.float64).index_add_(0, labels, x - mean)
     if groups < 2:
-        return mean, None, _Z95
+        return mean, None, _normal(level)
     square = (totals**2).sum().item()
-    return mean, math.sqrt(groups / (groups - 1) * square) / n, _t95(totals, groups)
+    return mean, math.sqrt(groups / (groups - 1) * square) / n, _t95(totals, groups, level)
 
 
 # One-sided 95% normal quantile: the level at which the bounds' standard errors are calibrated.
 _Z95 = 1.6448536269514722
 
 
-def _t95(totals: torch.Tensor, groups: int) -> float:
-    """The one-sided 95% quantile of a studentized mean of ``groups`` units whose centred
-    totals (influence values) are ``totals``, in place of the normal 1.645.
+def _normal(level: float) -> float:
+    """The standard normal quantile of ``level``."""
+    return _Z95 if level == 0.95 else NormalDist().inv_cdf(level)
 
-    Measured over disjoint evaluation sets of 64 windows (benchmarks/bench_coverage.py), the
-    normal bound covered 0.936-0.962: window totals are skewed (0.3-1.0) and heavy-tailed
-    (kurtosis 3-5). Two corrections, each first order: Student's t with the degrees of freedom
-    of a variance estimate under kurtosis k (2 G / (k - 1), Satterthwaite's moment match, at
-    most G - 1), and Hall's (1992, 3.5) Edgeworth term |skew| (2 z^2 + 1) / (6 sqrt(G)) for
-    the skewness of the studentized mean. The skew term is taken by its magnitude: it widens
-    the bound on the side the skew shortens, and the same SE also serves lower bounds (early
-    stopping), whose correction is the mirror image; so both one-sided bounds hold.
+
+def _t95(totals: torch.Tensor, groups: int, level: float = 0.95) -> float:
+    """The one-sided ``level`` quantile (95% unless told) of a studentized mean of ``groups``
+    units whose centred totals (influence values) are ``totals``, in place of the normal one.
+
+    Window totals are skewed (0.3-0.6 for kl_mean, -0.5 for top1_disagreement) and
+    heavy-tailed (kurtosis 3-4.5). The quantile is the studentized mean's Cornish-Fisher
+    expansion to second order (Hall 1992, 2.6), with the skewness and excess kurtosis
+    estimated by their bias-adjusted sample values G1 and G2 (Joanes & Gill 1998):
+
+    * Student's t with the degrees of freedom of a variance estimate under kurtosis
+      (2 G / (G2 + 2), Satterthwaite's moment match, at most G - 1), which widens more than
+      the expansion's own kurtosis term at every level;
+    * Hall's skewness term |G1| (2 z^2 + 1) / (6 sqrt(G)) and its second-order companion
+      (5/72) z G1^2 (4 z^2 - 1) / G;
+    * a plug-in term z (2 z^2 + 1) / 6 * (G2 - 1.5 G1^2) / G: the sample skewness moves with
+      the sample mean (their covariance per unit is the excess kurtosis less 1.5 skewness^2),
+      so on the samples whose mean falls short, those a bound must still cover, the
+      skewness term falls short with it. Only added when positive: at a few units the
+      estimate's sign is noise, and it never narrows the bound.
+
+    Each is a derived term, not a tuned factor. The skew terms are taken by magnitude: they
+    widen the bound on the side the skew shortens, and the same SE also serves lower bounds
+    (early stopping), whose correction is the mirror image; so both one-sided bounds hold.
+    Measured over 51,000 resampled 64-window sets of the bundled model per modification
+    (benchmarks/bench_coverage.py), the 95% bounds cover 0.9502-0.9699 (standard error
+    0.0009); with first-order terms only (raw moments, no second-order or plug-in term)
+    0.9483-0.9676 on the same sets. At level 0.983 on 8 windows (early stopping's first look)
+    0.980-0.996, where the 95% calibration scaled linearly read 0.968-0.991.
     """
     m2 = (totals**2).mean().item()
+    z = _normal(level)
     if m2 <= 0:
-        return _Z95
+        return z
     skew = (totals**3).mean().item() / m2**1.5
-    kurtosis = (totals**4).mean().item() / m2**2
-    dof = min(groups - 1, 2 * groups / max(kurtosis - 1, 1e-12))
-    return _student95(dof) + abs(skew) * (2 * _Z95**2 + 1) / (6 * math.sqrt(groups))
+    excess = (totals**4).mean().item() / m2**2 - 3
+    g = groups
+    if g > 3:  # the adjustments for the sample moments' bias need 4 units
+        skew *= math.sqrt(g * (g - 1)) / (g - 2)
+        excess = ((g + 1) * excess + 6) * (g - 1) / ((g - 2) * (g - 3))
+    dof = min(g - 1, 2 * g / max(excess + 2, 1e-12))
+    a = (2 * z * z + 1) / 6
+    second = 5 / 72 * skew * skew * (4 * z * z - 1) + a * max(excess - 1.5 * skew * skew, 0)
+    return _student95(dof, level) + abs(skew) * a / math.sqrt(g) + z * second / g
 
 
-def _student95(dof: float) -> float:
-    """Student's t one-sided 95% quantile (Cornish-Fisher in 1/dof; within 0.5% for dof >= 3,
-    12% low at dof = 1)."""
-    z, v = _Z95, dof
-    return (
-        z
-        + (z**3 + z) / (4 * v)
-        + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
-        + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3)
-    )
+def _student95(dof: float, level: float = 0.95) -> float:
+    """Student's t one-sided quantile ``level`` (95% unless told) at real ``dof`` >= 1: Hill's
+    algorithm (1970, CACM 396). At levels 0.9-0.9999 it is within 3e-4 (relative) of the exact
+    value from 2 degrees of freedom, exact at 1 and 2, and up to 5% above it in between."""
+    n = max(float(dof), 1.0)
+    p = 2 * (1 - level)  # the two-tailed area
+    if n == 1:
+        return 1 / math.tan(p * math.pi / 2)
+    if n == 2:
+        return math.sqrt(2 / (p * (2 - p)) - 2)
+    a = 1 / (n - 0.5)
+    b = 48 / a**2
+    c = ((20700 * a / b - 98) * a - 16) * a + 96.36
+    d = ((94.5 / (b + c) - 3) / b + 1) * math.sqrt(a * math.pi / 2) * n
+    y = (d * p) ** (2 / n)
+    if y > 0.05 + a:  # the normal-based expansion
+        x = -_normal(1 - p / 2)  # the lower tail's deviate
+        y = x * x
+        if n < 5:
+            c += 0.3 * (n - 4.5) * (x + 0.6)
+        c = (((0.05 * d * x - 5) * x - 7) * x - 2) * x + b + c
+        y = a * ((((((0.4 * y + 6.3) * y + 36) * y + 94.5) / c - y - 3) / b + 1) * x) ** 2
+        y = math.expm1(y) if y > 0.002 else 0.5 * y * y + y
+    else:  # far tail at few degrees of freedom
+        y = (
+            (1 / (((n + 6) / (n * y) - 0.089 * d - 0.822) * (n + 2) * 3) + 0.5 / (n + 4)) * y - 1
+        ) * (n + 1) / (n + 2) + 1 / y
+    return math.sqrt(n * y)
 
 
 def quantile_se(
-    x: torch.Tensor, q: float, unit: torch.Tensor | None = None
+    x: torch.Tensor, q: float, unit: torch.Tensor | None = None, level: float = 0.95
 ) -> tuple[float, float | None]:
-    """Quantile ``q`` of ``x`` and a standard error calibrated for its one-sided upper bound.
+    """Quantile ``q`` of ``x`` and a standard error calibrated for its one-sided upper bound
+    at ``level`` (95% unless told).
 
     Woodruff (1952): the sample CDF at the quantile is a mean of indicators, with a
-    cluster-robust SE ``s_F`` and calibrated quantile ``t95`` (see :func:`mean_se`); the upper
-    95% bound is the sample quantile at ``q + t95 * s_F``, and the SE returned is its distance
-    from the quantile over 1.645, so that ``value + 1.645 * se`` is that bound exactly (other
-    confidences scale it linearly). Infinite when the bound lies beyond the largest value (too
-    few tokens).
+    cluster-robust SE ``s_F`` and calibrated quantile ``t`` (see :func:`mean_se`); the upper
+    bound is the sample quantile at ``q + t * s_F``, and the SE returned is its distance from
+    the quantile over z (the normal quantile of ``level``), so that ``value + z * se`` is that
+    bound exactly (other confidences scale the 95% one linearly). Infinite when the bound lies
+    beyond the largest value (too few tokens).
     """
     x = x.double().reshape(-1)
     if x.numel() == 0:
         return math.nan, None
-    value = x.quantile(q).item()
-    _, s_f, t95 = _cluster((x <= value).double(), unit)
+    ordered = x.sort().values  # one sort for both quantiles
+    value = _quantile(ordered, q)
+    _, s_f, t = _cluster((x <= value).double(), unit, level)
     if s_f is None:
         return value, None
-    top = q + t95 * s_f
+    top = q + t * s_f
     if top > 1:
         return value, math.inf
-    return value, (x.quantile(top).item() - value) / _Z95
+    return value, (_quantile(ordered, top) - value) / _normal(level)
+
+
+def _quantile(ordered: torch.Tensor, q: float) -> float:
+    """Quantile ``q`` of sorted values, interpolated linearly (``torch.quantile``'s default)."""
+    position = q * (len(ordered) - 1)
+    below = min(int(position), len(ordered) - 1)
+    above = min(below + 1, len(ordered) - 1)
+    low, high = ordered[below].item(), ordered[above].item()
+    return low + (high - low) * (position - below)
 
 
 def summarize(
-    stats: TokenStats, ref: Reference
+    stats: TokenStats, ref: Reference, level: float = 0.95
 ) -> tuple[dict[str, float], dict[str, float | None]]:
-    """Aggregate per-token measures into the metrics and their window-level standard errors."""
+    """Aggregate per-token measures into the metrics and their window-level standard errors,
+    calibrated for one-sided bounds at ``level`` (95% unless told; see :func:`mean_se`)."""
     unit = stats.window
     d = stats.nll.double() - ref.targets_nll.double()
-    nll_increase, nll_se = mean_se(d, unit)
+    nll_increase, nll_se = mean_se(d, unit, level)
     ratio = math.exp(nll_increase)
+    z = _normal(level)
     values = {
-        # the bound exp(nll + z se) - 1 with z = 1.645, as value + 1.645 * se (exp is convex:
-        # the delta method's ratio * se would fall short of it)
-        "ppl_increase": (
-            ratio - 1,
-            None if nll_se is None else ratio * math.expm1(_Z95 * nll_se) / _Z95,
-        ),
+        # the bound exp(nll + z se) - 1, as value + z * se (exp is convex: the delta method's
+        # ratio * se would fall short of it)
+        "ppl_increase": (ratio - 1, None if nll_se is None else ratio * math.expm1(z * nll_se) / z),
         "nll_increase": (nll_increase, nll_se),
-        "kl_mean": mean_se(stats.kl, unit),
-        "kl_p99": quantile_se(stats.kl, 0.99, unit),
+        "kl_mean": mean_se(stats.kl, unit, level),
+        "kl_p99": quantile_se(stats.kl, 0.99, unit, level),
         "kl_max": (stats.kl.max().item(), None),
-        "top1_disagreement": mean_se(stats.disagree, unit),
-        "delta_p_mean": mean_se(ref.target_logp.exp().double() - stats.p_target.double(), unit),
+        "top1_disagreement": mean_se(stats.disagree, unit, level),
+        "delta_p_mean": mean_se(
+            ref.target_logp.exp().double() - stats.p_target.double(), unit, level
+        ),
     }
     return {k: v for k, (v, _) in values.items()}, {k: se for k, (_, se) in values.items()}
 

@@ -152,27 +152,54 @@ def test_standard_errors_count_windows_not_tokens():
     mean, se, t95 = _cluster(x, window)
     assert mean == pytest.approx(per_window.mean().item())
     assert se == pytest.approx(per_window.double().std().item() / math.sqrt(20), rel=1e-9)
-    assert t95 == _t95(50 * (per_window - per_window.mean()), 20)  # the windows' totals
+    assert t95 == pytest.approx(_t95(50 * (per_window - per_window.mean()), 20))  # totals
     assert mean_se(x, window) == (mean, pytest.approx(se * t95 / 1.6448536269514722))
     assert _cluster(x, None)[1] == pytest.approx(x.double().std().item() / math.sqrt(1000))
     assert mean_se(x, torch.zeros(1000))[1] is None  # one window: no spread to measure
 
 
-def test_calibrated_quantile_is_students_t_plus_a_skewness_term():
+def test_calibrated_quantile_is_students_t_plus_the_second_order_terms():
     """Symmetric two-point totals (kurtosis 1, no skew) give Student's t with G - 1 degrees of
-    freedom; heavy tails lower the degrees of freedom and skew either way adds Hall's term."""
+    freedom; heavy tails lower the degrees of freedom and add the plug-in term; skew either way
+    adds Hall's term and its second-order companion, all with bias-adjusted moments; any level."""
     from pytest_hemorrhage.metrics import _student95, _t95
 
-    for dof, exact in ((3, 2.353363), (10, 1.812461), (30, 1.697261), (63, 1.669402)):
-        assert _student95(dof) == pytest.approx(exact, rel=5e-3)
+    exact = {(3, 0.95): 2.353363, (10, 0.95): 1.812461, (30, 0.95): 1.697261,
+             (63, 0.95): 1.669402, (10, 0.99): 2.763769, (7, 0.99833): 4.353637,
+             (4, 0.9999): 13.033672, (2.5, 0.95): 2.558219, (1, 0.95): 6.313752}  # fmt: skip
+    for (dof, level), value in exact.items():
+        assert _student95(dof, level) == pytest.approx(value, rel=3e-4), (dof, level)
+    z, g = 1.6448536269514722, 64
+    a = (2 * z * z + 1) / 6
     flat = torch.tensor([-1.0, 1.0]).repeat(32).double()
-    assert _t95(flat, 64) == pytest.approx(_student95(63))
+    assert _t95(flat, g) == pytest.approx(_student95(63))
+    assert _t95(flat, g, 0.99) == pytest.approx(_student95(63, 0.99))
     heavy = torch.tensor([-3.0] + [0.0] * 30 + [3.0]).repeat(2).double()  # kurtosis 16
-    assert _t95(heavy, 64) == pytest.approx(_student95(2 * 64 / 15))
-    right = torch.tensor([-1.0] * 48 + [3.0] * 16).double()  # skewness 1.155
-    hall = 1.1547005 * (2 * 1.6448536269514722**2 + 1) / (6 * 8)
-    assert _t95(right, 64) == pytest.approx(_student95(63) + hall, rel=1e-6)
-    assert _t95(-right, 64) == _t95(right, 64)  # by magnitude: both one-sided bounds widen
+    excess = (65 * 13 + 6) * 63 / (62 * 61)  # Joanes & Gill's G2
+    plug_in = z * a * excess / g
+    assert _t95(heavy, g) == pytest.approx(_student95(2 * g / (excess + 2)) + plug_in)
+    right = torch.tensor([-1.0] * 48 + [3.0] * 16).double()  # skewness 1.1547, kurtosis 2.33
+    skew = 1.1547005 * math.sqrt(64 * 63) / 62  # G1
+    hall = skew * a / 8 + z * 5 / 72 * skew**2 * (4 * z * z - 1) / g
+    assert _t95(right, g) == pytest.approx(_student95(63) + hall, rel=1e-6)
+    assert _t95(-right, g) == _t95(right, g)  # by magnitude: both one-sided bounds widen
+
+
+def test_standard_errors_are_calibrated_at_the_level_asked():
+    """``value + z * se`` is the one-sided bound at ``level``: the same raw SE times the
+    calibrated quantile of that level."""
+    from statistics import NormalDist
+
+    from pytest_hemorrhage.metrics import _cluster, mean_se
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(30, 20, generator=g, dtype=torch.float64).pow(3).flatten()
+    window = torch.arange(30).repeat_interleave(20)
+    for level in (0.95, 0.99, 0.9983):
+        mean, se, t = _cluster(x, window, level)
+        z = NormalDist().inv_cdf(level)
+        assert mean_se(x, window, level) == (mean, pytest.approx(se * t / z))
+    assert _cluster(x, window, 0.99)[2] > _cluster(x, window)[2]
 
 
 def test_token_stats_number_windows_across_batches(logits):
@@ -192,7 +219,9 @@ def test_quantile_bound_is_woodruffs_cluster_interval():
     from pytest_hemorrhage.metrics import mean_se, quantile_se
 
     g = torch.Generator().manual_seed(3)
-    x = torch.rand(40, 100, generator=g) ** 3 * torch.rand(40, 1, generator=g)
+    # windows of their own scale: correlated tokens (a scale near 0 would leave the upper
+    # bound past the largest value)
+    x = torch.rand(40, 100, generator=g) ** 3 * (0.5 + torch.rand(40, 1, generator=g))
     window = torch.arange(40).repeat_interleave(100)
     value, se = quantile_se(x.flatten(), 0.99, window)
     _, s_f = mean_se((x.flatten().double() <= value).double(), window)
