@@ -20,8 +20,8 @@ bundled corpus.
    KL computed in float64 from the full logits (the truth: float32 log-probs round by ~1e-7
    nats per entry, which a kl_mean of ~1e-6 feels). Printed: bytes per token of each storage,
    the mass the top K cover, kl_mean truth, the exact storage's relative error, the compact
-   storage's kl_mean and relative error (target: within 1%), its spread over ``--seeds`` tail-sampling seeds
-   (mean, sd, largest |error|; seed 0 is the harness's own), the relative error with
+   storage's kl_mean and relative error (target: within 1%), its spread over ``--seeds``
+   tail-sampling seeds (mean, sd, largest |error|; seed 0 is the harness's own), the error with
    FORMAT 4's head (the log-probs themselves in float16, same draws) and with the tail taken
    as one outcome (no tail samples), and whether ppl_increase, nll_increase,
    top1_disagreement and delta_p_mean are identical between the two storages. The first
