@@ -55,10 +55,9 @@ llm-compressor pins transformers <= 5.17, so it runs in its own virtualenv:
 
 from __future__ import annotations
 
-import logging
 import time
 
-from compare_llmcompressor_obs import _forward_seconds, _theirs
+from compare_llmcompressor_obs import _theirs, setup
 
 GRID = 20  # this project's alphas i / 20, i < 20; llm-compressor's n_grid=21 adds alpha = 1
 
@@ -259,34 +258,12 @@ def _smoothquant(harness, loaded, windows) -> None:
 def main() -> None:
     import argparse
 
-    import torch
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoothquant-only", action="store_true", help="skip AWQ (minutes)")
     args = parser.parse_args()
 
-    from pytest_hemorrhage.harness import Harness
-    from pytest_hemorrhage.loading import load_model
-    from pytest_hemorrhage.settings import Settings
-
-    torch.set_num_threads(2)
-    for quiet in ("llmcompressor", "compressed_tensors"):
-        logging.getLogger(quiet).setLevel(logging.ERROR)
-    try:
-        from loguru import logger
-
-        logger.remove()
-    except ImportError:
-        pass
-    loaded = load_model("hemorrhage-tiny", device="cpu")
-    harness = Harness(loaded, Settings.defaults(model=loaded.spec, tokens=2048))
-    windows = harness.context.calibration_windows()
-    _forward_seconds(harness, windows)  # warm up
-    forward = min(_forward_seconds(harness, windows) for _ in range(3))
-    print(
-        f"calibration: {len(windows)} windows x {windows.shape[1]} tokens; one forward pass "
-        f"over them {forward * 1000:.0f} ms"
-    )
+    loaded, harness, windows, forward = setup()
     if not args.smoothquant_only:
         _awq(harness, loaded, windows, forward)
     _smoothquant(harness, loaded, windows)

@@ -139,7 +139,9 @@ def _forward_seconds(harness, windows):
     return time.perf_counter() - start
 
 
-def main() -> None:
+def setup():
+    """Quiet llm-compressor, load the bundled model; (loaded, harness, calibration windows,
+    seconds of one forward pass over them). Shared with compare_llmcompressor_awq.py."""
     import torch
 
     from pytest_hemorrhage.harness import Harness
@@ -164,6 +166,13 @@ def main() -> None:
         f"calibration: {len(windows)} windows x {windows.shape[1]} tokens; one forward pass "
         f"over them {forward * 1000:.0f} ms"
     )
+    return loaded, harness, windows, forward
+
+
+def main() -> None:
+    import torch
+
+    loaded, harness, windows, forward = setup()
     costs = []
     for label, extra, actorder in GPTQ_CASES:
         theirs_s, theirs = _theirs(loaded, windows, _gptq_modifier(actorder))
