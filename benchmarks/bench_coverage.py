@@ -106,7 +106,7 @@ def pool_stats(mods, seq_len: int, max_windows: int | None, cache: Path | None):
 
 
 MEANS = ("nll_increase", "kl_mean", "top1_disagreement", "delta_p_mean")
-COLUMNS = ("token", "window", "now")
+COLUMNS = ("token", "window", "now", "scaled")
 
 
 def per_token(stats, reference):
@@ -135,9 +135,10 @@ def bounds(tokens, chosen, level: float, lower: bool):
     for metric in MEANS:
         x = tokens[metric][chosen]
         value, se = mean_se(x.mean(1), None, level)  # equal windows: a mean of window means
+        _, se95 = mean_se(x.mean(1), None)
         _, window_se, _ = _cluster(x.mean(1), None)
         token_se = x.std().item() / math.sqrt(x.numel())
-        out[metric] = (value, *(value + sign * z * s for s in (token_se, window_se, se)))
+        out[metric] = (value, *(value + sign * z * s for s in (token_se, window_se, se, se95)))
     # ppl_increase: the bound exp(nll + z se) - 1 (summarize's ppl SE is defined to give it)
     nll = out["nll_increase"]
     out["ppl_increase"] = (math.expm1(nll[0]), *(math.expm1(b) for b in nll[1:]))
@@ -145,6 +146,7 @@ def bounds(tokens, chosen, level: float, lower: bool):
     window = torch.arange(len(chosen)).repeat_interleave(kl.shape[1])
     kl = kl.reshape(-1)
     value, se = quantile_se(kl, 0.99, window, level)
+    _, se95 = quantile_se(kl, 0.99, window)
     ordered = kl.sort().values
     normal = []
     for unit in (torch.arange(kl.numel()), window):
@@ -152,7 +154,7 @@ def bounds(tokens, chosen, level: float, lower: bool):
         edge = 0.99 + sign * z * s_f
         inside = 0 <= edge <= 1
         normal.append(at(ordered, edge) if inside else sign * math.inf)
-    out["kl_p99"] = (value, *normal, value + sign * z * se)
+    out["kl_p99"] = (value, *normal, value + sign * z * se, value + sign * z * se95)
     return out
 
 
@@ -224,7 +226,7 @@ def _check_against_summarize(stats, reference, chosen, got, level: float, lower:
     )
     values, se = summarize(part, take_windows(reference, chosen, per_window), level)
     z = (-1 if lower else 1) * NormalDist().inv_cdf(level)
-    for m, (value, *_, now) in got.items():
+    for m, (value, _, _, now, _) in got.items():
         assert math.isclose(value, values[m], rel_tol=1e-9, abs_tol=1e-12), m
         if m == "ppl_increase":  # its SE is defined for the upper bound
             continue
@@ -264,9 +266,15 @@ def main() -> None:
             f"\n{name} {params}  ({sets} sets; binomial SE of a coverage at {args.level:.5g}: "
             f"{binomial:.4f})"
         )
-        print(f"  {'metric':<18} {'token':>7} {'window':>7} {'now':>7} {'+-SE':>7} {'width':>6}")
-        for metric, (token, window, now, se, ratio) in table.items():
-            print(f"  {metric:<18} {token:7.4f} {window:7.4f} {now:7.4f} {se:7.4f} {ratio:6.2f}")
+        print(
+            f"  {'metric':<18} {'token':>7} {'window':>7} {'now':>7} {'+-SE':>7} {'width':>6} "
+            f"{'scaled':>7}"
+        )
+        for metric, (token, window, now, scaled, se, ratio) in table.items():
+            print(
+                f"  {metric:<18} {token:7.4f} {window:7.4f} {now:7.4f} {se:7.4f} {ratio:6.2f} "
+                f"{scaled:7.4f}"
+            )
             if now < worst[0]:
                 worst = (now, f"{name} {params} {metric}", se)
         print(f"  {'kl_max':<18} refused: no bound on a maximum holds its level", flush=True)

@@ -85,7 +85,13 @@ class Budget:
 
     def upper(self, result: Result, metric: str) -> float:
         """The value compared with the budget: point estimate, or upper confidence bound
-        (infinite when the measurement has no standard error to bound it with)."""
+        (infinite when the measurement has no standard error to bound it with).
+
+        The bound is ``value + z * se``, z the normal quantile of ``confidence``: exact when the
+        result's standard errors are calibrated at this confidence (``Result.level``; a measure
+        made for this budget is), else the calibration at ``result.level`` scaled linearly,
+        which runs short at higher levels (at 0.99 from 0.95: coverage 0.987-0.991 where the
+        calibrated bounds hold 0.989-0.997; benchmarks/bench_coverage.py --level 0.99)."""
         value = result.metrics[metric]
         if self.confidence is None:
             return value

@@ -221,10 +221,11 @@ def _pairs(sims: torch.Tensor) -> torch.Tensor:
 
 
 def embedding_metrics(
-    ref: EmbeddingReference, embeddings: torch.Tensor
+    ref: EmbeddingReference, embeddings: torch.Tensor, level: float = 0.95
 ) -> tuple[dict[str, float], dict[str, float | None], int]:
     """The four metrics of ``embeddings`` (modified, same texts) against the baseline's, their
-    standard errors, and the number of texts whose embedding is not finite."""
+    standard errors (calibrated at ``level``, see :func:`~pytest_hemorrhage.metrics.mean_se`),
+    and the number of texts whose embedding is not finite."""
     import torch
 
     nonfinite = int((~torch.isfinite(embeddings).all(1)).sum())
@@ -235,9 +236,9 @@ def embedding_metrics(
     found = _neighbours(sims)
     overlap = (ref.neighbours[:, :, None] == found[:, None, :]).any(-1).double().mean(1)
     values = {
-        "emb_cos_drift": mean_se(drift),
-        "emb_cos_p99": quantile_se(drift, 0.99),
-        "retrieval_drop": mean_se(1 - overlap),
+        "emb_cos_drift": mean_se(drift, level=level),
+        "emb_cos_p99": quantile_se(drift, 0.99, level=level),
+        "retrieval_drop": mean_se(1 - overlap, level=level),
         "sim_rank_drop": _rank_drop(ref.pair_sims, _pairs(sims), len(embeddings)),
     }
     return (

@@ -27,7 +27,15 @@ from .embeddings import (
 from .errors import HemorrhageError, first_line
 from .extras import providers
 from .loading import ENCODER, model_logits
-from .metrics import LogitReads, Result, TokenStats, read_logits, score_reads, summarize
+from .metrics import (
+    DEFAULT_LEVEL,
+    LogitReads,
+    Result,
+    TokenStats,
+    read_logits,
+    score_reads,
+    summarize,
+)
 from .modifications.noise import layer_seed
 from .modifications.registry import LogitsProcessor, Modification, Patch, apply, iter_configs
 from .reference import DEFAULT_TOPK, EXACT_VOCAB, Reference, cache_key, load_or_compute
@@ -118,6 +126,8 @@ class Harness:
         self.settings = settings
         self.device = loaded.device
         self.memo: dict[Any, Any] = {}
+        # the one-sided level the measure in progress calibrates its standard errors at
+        self.level = DEFAULT_LEVEL
         self.kind = loaded.kind
         # an encoder is measured on texts (embeddings), a causal LM on token windows
         self.texts = None
@@ -268,7 +278,11 @@ class Harness:
             self._check_versions()
 
     def measure(
-        self, stages: Stages, want: frozenset[str] = frozenset(), budget: Budget | None = None
+        self,
+        stages: Stages,
+        want: frozenset[str] = frozenset(),
+        budget: Budget | None = None,
+        level: float | None = None,
     ) -> Result:
         """Measure ``stages`` against the baseline.
 
@@ -277,7 +291,13 @@ class Harness:
         metrics (see ``metrics.EXTRA_METRICS``) to compute on the total too. With
         ``--hemorrhage-early-stop``, the total stops scoring windows once ``budget``'s verdict
         is settled (see :mod:`pytest_hemorrhage.early_stop`); the stages before it are full.
+        The standard errors are calibrated for one-sided bounds at ``level``: by default the
+        budget's ``confidence``, else 0.95 (``Result.level``).
         """
+        with self._calibrated(level or _level(budget)):
+            return self._measure(stages, want, budget)
+
+    def _measure(self, stages: Stages, want: frozenset[str], budget: Budget | None) -> Result:
         configs = list(iter_configs(_as_list(stages)))
         check_kind(want, self.kind, "hemorrhage.measure")
         reference = self.reference
@@ -316,6 +336,12 @@ class Harness:
         extras as :meth:`measure`. Its vocabulary must be the baseline's (see
         :func:`~pytest_hemorrhage.portable.check_vocabulary`). The result's modification is
         ``"candidate"`` and its params are ``params``. ``budget``: as for :meth:`measure`."""
+        with self._calibrated(_level(budget)):
+            return self._measure_model(candidate, params, want, budget)
+
+    def _measure_model(
+        self, candidate: Any, params: dict[str, Any], want: frozenset[str], budget: Budget | None
+    ) -> Result:
         from .portable import check_vocabulary, vocab_list
 
         model = candidate.model
@@ -356,6 +382,15 @@ class Harness:
                 result.details.update(details)
         result.modification, result.params = "candidate", params
         return result
+
+    @contextmanager
+    def _calibrated(self, level: float) -> Iterator[None]:
+        """``self.level`` is ``level`` for the measure in progress (its extras read it too)."""
+        before, self.level = self.level, level
+        try:
+            yield
+        finally:
+            self.level = before
 
     def _own_rng(self) -> contextlib.AbstractContextManager[None]:
         """torch's global RNG (CPU, and the model's accelerator) as it was on entry, on exit.
@@ -406,7 +441,7 @@ class Harness:
             # the per-token measures once over every batch: one pass of each small operation
             # per measure, not per batch (the same bits; see metrics.score_reads)
             stats = score_reads(LogitReads.cat(parts), reference)
-        metrics, stderr = summarize(stats, reference)
+        metrics, stderr = summarize(stats, reference, self.level)
         return Result(
             **_naming(configs),
             metrics=metrics,
@@ -417,6 +452,7 @@ class Harness:
             nonfinite=int((~stats.finite).sum()),
             details={} if stop is None else {"early_stop": stop.details(stats.nll.numel())},
             configs=list(configs),
+            level=self.level,
         )
 
     def _score_sequentially(
@@ -456,7 +492,7 @@ class Harness:
                 f"{(decoding or [configs[-1].name])[0]}: changes next-token decoding, which an "
                 "encoder does not have; measure it on a causal LM"
             )
-        metrics, stderr, nonfinite = embedding_metrics(reference, self.embed())
+        metrics, stderr, nonfinite = embedding_metrics(reference, self.embed(), self.level)
         texts = len(reference.embeddings)
         return Result(
             **_naming(configs),
@@ -468,6 +504,7 @@ class Harness:
             nonfinite=nonfinite,
             details={"kind": ENCODER, "texts": texts},
             configs=list(configs),
+            level=self.level,
         )
 
     def _accept_reseated(self, reseated: dict[int, int]) -> None:
@@ -708,6 +745,11 @@ def _vocab_size(model: Any, probe: torch.Tensor) -> int:
     if head is not None and hasattr(head, "weight"):
         return head.weight.shape[0]
     return model_logits(model, probe).shape[-1]  # plain modules: ask them
+
+
+def _level(budget: Budget | None) -> float:
+    """The level a measure for ``budget`` calibrates its standard errors at."""
+    return (budget.confidence if budget is not None else None) or DEFAULT_LEVEL
 
 
 def _naming(configs: Sequence[Modification]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .reference import Reference
 
 __all__ = [
+    "DEFAULT_LEVEL",
     "EXTRA_METRICS",
     "METRICS",
     "SKEW",
@@ -40,6 +41,9 @@ __all__ = [
     "summarize",
     "token_stats",
 ]
+
+# The one-sided level of standard errors when no budget asks for another confidence.
+DEFAULT_LEVEL = 0.95
 
 METRICS: dict[str, str] = {
     "ppl_increase": "perplexity ratio minus 1: ppl_modified / ppl_baseline - 1",
@@ -334,7 +338,8 @@ def mean_se(
     ``mean +- z * se``, z the normal quantile of ``level``, is ``mean +- t * s`` with ``s`` the
     CR1 standard error and ``t`` the studentized mean's quantile corrected for the units'
     skewness and kurtosis (see :func:`_t95`), so that the bounds hold their level with tens of
-    units (other confidences scale the 95% one linearly; early stopping asks for its own level).
+    units. A measure for a budget with ``confidence`` asks for that level (``Result.level``),
+    early stopping for each look's.
     """
     mean, se, t = _cluster(x, unit, level)
     return mean, None if se is None else se * t / _normal(level)
@@ -456,7 +461,7 @@ def quantile_se(
     cluster-robust SE ``s_F`` and calibrated quantile ``t`` (see :func:`mean_se`); the upper
     bound is the sample quantile at ``q + t * s_F``, and the SE returned is its distance from
     the quantile over z (the normal quantile of ``level``), so that ``value + z * se`` is that
-    bound exactly (other confidences scale the 95% one linearly). Infinite when the bound lies
+    bound exactly. Infinite when the bound lies
     beyond the largest value (too few tokens).
     """
     x = x.double().reshape(-1)
@@ -512,7 +517,9 @@ def summarize(
 class Result:
     """One measurement of a modified model against the baseline.
 
-    ``stages`` holds the cumulative measurement after each stage of a composition.
+    ``stages`` holds the cumulative measurement after each stage of a composition. ``level``
+    is the one-sided level the standard errors are calibrated at (``summarize``'s): the
+    budget's ``confidence`` when the measure had one, else 0.95.
     """
 
     modification: str
@@ -526,6 +533,7 @@ class Result:
     stages: list[Result] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
     configs: list[Any] = field(default_factory=list, repr=False)  # to re-apply (diagnostics)
+    level: float = 0.95
 
     def violations(self, budget: Budget) -> list[str]:
         """One line per metric over ``budget``; empty when within it."""
@@ -537,6 +545,7 @@ class Result:
             "params": self.params,
             "metrics": self.metrics,
             "stderr": self.stderr,
+            "stderr_level": self.level,
             "baseline_ppl": self.baseline_ppl,
             "modified_ppl": self.modified_ppl,
             "tokens": self.tokens,

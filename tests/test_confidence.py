@@ -87,3 +87,18 @@ def test_confidence_fails_only_on_the_upper_bound(task_harness, pytester):
         result.stdout.fnmatch_lines([
             f"*{metric}: {value:.4f} (upper 95% bound {bound:.4f}) > {limits[metric]:.4f} (*"])
     result.stdout.fnmatch_lines(["*test_upper_bound*", "*hemorrhage begins at block *"])
+
+
+def test_a_budget_bounds_at_its_own_confidence(task_harness):
+    """A budget with confidence=0.99 is checked with standard errors calibrated at 0.99, token
+    metrics and extras alike: the calibration's skewness and kurtosis terms grow faster than
+    the normal quantile, so the 95% ones scaled to 0.99 would run short."""
+    from pytest_hemorrhage.budget import Budget
+
+    r95 = task_harness.measure(MODIFICATION, TASK_METRICS)
+    r99 = task_harness.measure(MODIFICATION, TASK_METRICS, budget=Budget({"kl_mean": 1.0}, 0.99))
+    assert (r95.level, r99.level) == (0.95, 0.99)
+    assert r99.to_dict()["stderr_level"] == 0.99
+    assert r99.metrics == r95.metrics
+    for metric in ("kl_mean", "top1_disagreement", "kl_p99", "flip_rate"):
+        assert r99.stderr[metric] > 1.005 * r95.stderr[metric], metric

@@ -152,7 +152,9 @@ def find_threshold(hemorrhage: Hemorrhage, name: str, param: str, *,
     seen: dict[float, dict[str, float]] = {}
 
     def measure(x: Any) -> tuple[bool, float]:
-        result = hemorrhage.harness.measure([(name, {**fixed, param: x})], want)
+        result = hemorrhage.harness.measure(
+            [(name, {**fixed, param: x})], want, level=budget.confidence
+        )
         seen[x] = dict(result.metrics)
         advance()
         return bool(budget.violations(result)), result.metrics.get(metric, math.nan)

@@ -111,7 +111,9 @@ def sweep(hemorrhage: Hemorrhage, name: str, param: str, values: Sequence[Any], 
     broke: list[bool] = []
     with progress(hemorrhage, len(values), f"{name} {param}: sweep") as advance:
         for v in values:
-            result = hemorrhage.harness.measure([(name, {**fixed, param: v})], want)
+            result = hemorrhage.harness.measure(
+                [(name, {**fixed, param: v})], want, level=budget.confidence
+            )
             measured.append(dict(result.metrics))
             broke.append(bool(budget.violations(result)))
             advance()

@@ -186,7 +186,7 @@ def generation_metrics(
     metrics, stderr = {}, {}
     for name, per_prompt in (("gen_mismatch", mismatch), ("gen_first_divergence", divergence)):
         # the prompt is the sampling unit: its tokens' mismatches are one draw
-        metrics[name], stderr[name] = mean_se(per_prompt)
+        metrics[name], stderr[name] = mean_se(per_prompt, level=harness.level)
     worst = int(first.argmin())  # the earliest divergence makes the telling example
 
     def text(tokens: torch.Tensor) -> str:

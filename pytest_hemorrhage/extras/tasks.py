@@ -323,7 +323,7 @@ def task_metrics(harness: Harness, patch: Patch) -> tuple[
             "acc": flip_table(base.acc, now.acc),
             "acc_norm": flip_table(base.acc_norm, now.acc_norm),
         }
-    drop, drop_se = mean_se(torch.cat(drops))
-    flip, flip_se = mean_se(torch.cat(flips))
+    drop, drop_se = mean_se(torch.cat(drops), level=harness.level)
+    flip, flip_se = mean_se(torch.cat(flips), level=harness.level)
     return ({"accuracy_drop": drop, "flip_rate": flip},
             {"accuracy_drop": drop_se, "flip_rate": flip_se}, {"tasks": details})
