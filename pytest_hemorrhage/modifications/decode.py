@@ -221,7 +221,8 @@ def repetition_penalty(value: float) -> LogitsProcessor:
 def apply_temperature(config: Temperature, model: nn.Module, patch: Patch, context: Any) -> None:
     from transformers import TemperatureLogitsWarper
 
-    patch.logits_processors.append(per_position(TemperatureLogitsWarper(config.value)))
+    if config.value != 1:  # dividing by 1 changes no bit: no pass over the logits for it
+        patch.logits_processors.append(per_position(TemperatureLogitsWarper(config.value)))
 
 
 @register_modification("decode.top_k", TopK)
