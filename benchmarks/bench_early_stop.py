@@ -19,8 +19,13 @@ On the bundled model (64 windows of 128 tokens by default), for several modifica
    early verdicts can happen: per budget factor, the rate of verdicts that differ from the full
    evaluation's with its binomial standard error, the tokens used, and the share of orders
    that stopped by a quarter of the tokens; then all factors together against the stated rate.
+3. Skewed windows: synthetic evaluations of 64 windows x 32 tokens whose window means are
+   gamma-distributed (shape 8 and 1: skewness 0.7 and 2; the bundled model's are 0.3-1.0) with
+   exponential tokens around them, the budget at the population mean, so every settled verdict
+   is wrong: the rate on each side against the stated 5%, where the bounds' second-order
+   correction for skewness runs short.
 
-Run: python benchmarks/bench_early_stop.py [--seeds 20] [--tokens 8192]
+Run: python benchmarks/bench_early_stop.py [--seeds 20] [--tokens 8192] [--runs 3000]
 """
 
 from __future__ import annotations
@@ -77,6 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=20, help="window orders per case (part 2)")
     parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--runs", type=int, default=3000, help="synthetic evaluations (part 3)")
     args = parser.parse_args()
 
     import torch
@@ -226,6 +232,49 @@ def main() -> None:
         f"   all: {_rate(wrong, total)} differ (stated rate: <= 0.05 per metric), "
         f"{time.perf_counter() - t0:.0f} s"
     )
+
+    # 3. skewed synthetic windows, the budget at the mean
+    t0 = time.perf_counter()
+    print(f"3. synthetic skewed windows, budget at the mean, {args.runs} evaluations each")
+    for shape in (8.0, 1.0):
+        wrong_sides = skewed(shape, args.runs)
+        shown = ", ".join(f"{side} {_rate(k, args.runs)}" for side, k in wrong_sides.items())
+        print(f"   skewness {2 / math.sqrt(shape):.1f}: settled wrong {shown}", flush=True)
+    print(f"   stated rate: <= 0.05 per side, {time.perf_counter() - t0:.0f} s")
+
+
+def skewed(shape: float, runs: int, windows: int = 64, per_window: int = 32) -> dict[str, int]:
+    """How often early stopping settles "over" and "under" a budget at the population mean of
+    window means drawn from a gamma of ``shape`` (mean 1), exponential tokens around them."""
+    import torch
+
+    from pytest_hemorrhage.budget import Budget
+    from pytest_hemorrhage.early_stop import EarlyStop
+    from pytest_hemorrhage.metrics import TokenStats
+    from pytest_hemorrhage.reference import Reference
+
+    g = torch.Generator().manual_seed(1)
+    n = windows * per_window
+    zeros = torch.zeros(n, dtype=torch.long)
+    reference = Reference(targets=zeros, target_logp=torch.zeros(n), top1=zeros)
+    budget = Budget({"kl_mean": 1.0})
+    wrong = {"over": 0, "under": 0}
+    for run in range(runs):
+        means = torch._standard_gamma(torch.full((windows,), shape), generator=g) / shape
+        kl = (means[:, None] * -torch.rand(windows, per_window, generator=g).log()).flatten()
+
+        def score(chosen, kl=kl):
+            token = (chosen[:, None] * per_window + torch.arange(per_window)).flatten()
+            m = len(token)
+            window = torch.arange(len(chosen)).repeat_interleave(per_window)
+            ones = torch.ones(m, dtype=torch.bool)
+            return [TokenStats(kl[token], torch.zeros(m), ~ones, torch.ones(m), ones, window)]
+
+        stop = EarlyStop(budget, windows, per_window, seed=run)
+        stop.run(score, reference)
+        if stop.stopped_at:
+            wrong[stop.verdicts["kl_mean"]] += 1
+    return wrong
 
 
 if __name__ == "__main__":

@@ -1,34 +1,38 @@
 """``--hemorrhage-early-stop``: score windows in a seeded order, stop once the verdict is settled.
 
 The sequential test: interim looks after 1/8, 1/4 and 1/2 of the evaluation windows (each at
-least ``MIN_WINDOWS`` windows; coinciding looks merge, so 16 windows have one look, at 8). At
-look k a budgeted metric is settled when its one-sided bound at level 1 - alpha / K, K the
-number of looks, lies wholly below or wholly above its budget: a lower bound above it settles
-"over", an upper bound below it "under". The bounds are the calibrated ones of every result
-(window-level standard errors, the studentized mean's quantile at that level with its
-skewness and kurtosis terms: ``metrics.summarize(..., level=)``). Each look spends alpha / K
-on each side and the looks are combined by the union bound (Bonferroni), which needs no
-assumption on how the looks correlate: for each budgeted metric, the chance that early
-stopping ever settles on the wrong side of its budget is at most alpha = 1 - confidence (the
-marker's, or 0.95). A measure stops when every budgeted token metric is settled; otherwise it
-scores every window, and its verdict is the full evaluation's.
+least ``MIN_WINDOWS`` windows; coinciding looks merge, their shares of alpha added, so 16
+windows have one look, at 8). Look k spends a share a_k of alpha (``LOOKS``: 1/8, 3/4, 1/8,
+renormalized over the looks an evaluation has): a budgeted metric is settled there when its
+one-sided bound at level 1 - a_k lies wholly below or wholly above its budget: a lower bound
+above it settles "over", an upper bound below it "under". The bounds are the calibrated ones
+of every result (window-level standard errors, the studentized mean's quantile at that level
+with its skewness and kurtosis terms: ``metrics.summarize(..., level=)``). The looks are
+combined by the union bound (Bonferroni), which needs no assumption on how they correlate:
+the shares sum to alpha, so for each budgeted metric the chance that early stopping ever
+settles on the wrong side of its budget is at most alpha = 1 - confidence (the marker's, or
+0.95). A measure stops when every budgeted token metric is settled; otherwise it scores every
+window, and its verdict is the full evaluation's.
 
-Why these looks: a clear verdict should stop by a quarter of the windows, so the error is
-spent where it buys that (the looks at 1/8 and 1/4), with one more look at 1/2 for verdicts
-closer to the budget; three looks at alpha / 3 settle more early than six at linearly spent
-shares (which left 1/16 of alpha to the look at 1/4). ``MIN_WINDOWS``: the skewness and
+Why these looks: a clear verdict should stop by a quarter of the windows, so most of the error
+is spent there, with a look at 1/8 for the very clear and one at 1/2 for verdicts closer to
+the budget. On the bundled model (benchmarks/bench_early_stop.py), 3/4 of alpha at the look at
+1/4 settled 75 of 84 clear verdicts by a quarter of the tokens, as many as all of alpha there
+(the best any allocation can do), against 72 with equal thirds and 69 with six looks at
+linearly spent shares. ``MIN_WINDOWS``: the skewness and
 kurtosis terms of the bounds rest on the looks' window totals; below 8 windows the moments of
 a handful of numbers make the bounds twice the plain window-level ones (at 4 windows), so a
 look there would spend alpha for little.
 
 The stated rate holds to the accuracy of those bounds: they assume window means near enough
-to normal that a second-order correction for their skewness suffices. At level 0.983 (a look
-of three at alpha = 0.05) on 8 and 16 of the bundled model's windows, resampled
-(benchmarks/bench_coverage.py), upper bounds cover 0.979-0.996 (lower bounds on 8: 0.989-0.997):
-the upper bounds of right-skewed metrics fall short by up to a quarter of their error
-(delta_p_mean under 50% magnitude pruning, windows of skewness 1.0: 0.979-0.980; kl_mean,
-skewness 0.3-0.6: 0.982 at worst). On synthetic windows of skewness 2, early stopping settled
-on the wrong side 6.7% of the time for a stated 5%.
+to normal that a second-order correction for their skewness suffices. On 16 of the bundled
+model's windows at level 0.9625 (the look at 1/4 at alpha = 0.05), resampled
+(benchmarks/bench_coverage.py), upper bounds cover 0.9536-0.9856 (lower 0.9680-0.9898), on 8
+at 0.99375 (the look at 1/8) 0.9924-0.9992: the upper bounds of right-skewed metrics fall
+short by up to a quarter of their error (delta_p_mean under 50% magnitude pruning, windows of
+skewness 1.0: 0.9536; kl_mean, skewness 0.3-0.6: 0.9614 at worst). On synthetic windows of
+skewness 2 with the budget at the mean, early stopping settled "under" 8.8% of the time for a
+stated 5% (skewness 0.7: 4.9%; benchmarks/bench_early_stop.py).
 
 Per metric: ``ppl_increase`` is decided on the log scale (``nll_increase`` against
 ``log1p(budget)``, the same event); ``kl_p99`` with its Woodruff bound (its upper distance
@@ -66,13 +70,13 @@ __all__ = [
     "take_windows",
 ]
 
-# Interim looks, as fractions of the evaluation windows.
-LOOKS = (1 / 8, 1 / 4, 1 / 2)
+# Interim looks: (fraction of the evaluation windows, share of alpha spent there).
+LOOKS = ((1 / 8, 1 / 8), (1 / 4, 3 / 4), (1 / 2, 1 / 8))
 # Fewest windows at a look: fewer make the calibrated bounds too wide to settle (see above).
 MIN_WINDOWS = 8
 METHOD = (
-    "one-sided bounds at 1 - alpha/K at looks after 1/8, 1/4 and 1/2 of the windows "
-    "(K looks, union bound), window-level calibrated standard errors"
+    "one-sided bounds at looks after 1/8, 1/4 and 1/2 of the windows spending 1/8, 3/4 and "
+    "1/8 of alpha (union bound), window-level calibrated standard errors"
 )
 DEFAULT_CONFIDENCE = 0.95
 NO_BUDGET = (
@@ -81,14 +85,20 @@ NO_BUDGET = (
 )
 
 
-def look_schedule(windows: int) -> list[int]:
-    """Window counts of the interim looks for ``windows`` evaluation windows (maybe none)."""
-    looks: list[int] = []
-    for t in LOOKS:
+def look_schedule(windows: int) -> list[tuple[int, float]]:
+    """The interim looks for ``windows`` evaluation windows (maybe none): their window counts
+    and shares of alpha (summing to 1: a look too late for the windows gives its share to the
+    others)."""
+    looks: list[tuple[int, float]] = []
+    for t, share in LOOKS:
         n = max(MIN_WINDOWS, round(windows * t))
-        if n < windows and (not looks or n > looks[-1]):
-            looks.append(n)
-    return looks
+        if n >= windows:
+            continue
+        if looks and n == looks[-1][0]:
+            n, share = n, looks.pop()[1] + share
+        looks.append((n, share))
+    total = sum(share for _, share in looks)
+    return [(n, share / total) for n, share in looks]
 
 
 def decide(
@@ -144,7 +154,8 @@ class EarlyStop:
     """One measure's sequential evaluation plan and outcome.
 
     ``order`` is the seeded permutation of the windows, ``looks`` the window counts at which
-    the verdict is checked; :meth:`check` returns True when the measure may stop.
+    the verdict is checked, ``shares`` their shares of alpha; :meth:`check` returns True when
+    the measure may stop.
     """
 
     budget: Budget | None
@@ -153,6 +164,7 @@ class EarlyStop:
     seed: int
     order: torch.Tensor = field(init=False)
     looks: list[int] = field(init=False)
+    shares: list[float] = field(init=False)
     alpha: float = field(init=False)
     verdicts: dict[str, str] = field(default_factory=dict)
     reason: str = ""
@@ -167,14 +179,16 @@ class EarlyStop:
         confidence = (self.budget.confidence if self.budget else None) or DEFAULT_CONFIDENCE
         self.alpha = 1 - confidence
         self.budgeted = self.budget is not None and any(m in METRICS for m in self.budget.limits)
-        self.looks = look_schedule(self.windows) if self.budgeted else []
+        schedule = look_schedule(self.windows) if self.budgeted else []
+        self.looks = [n for n, _ in schedule]
+        self.shares = [share for _, share in schedule]
         if not self.budgeted:
             self.reason = NO_BUDGET
 
     def spend(self, look: int) -> float:
-        """The one-sided error spent at interim look ``look`` (an index into ``looks``): an
-        equal share of alpha for each look (the union bound)."""
-        return self.alpha / len(self.looks)
+        """The one-sided error spent at interim look ``look`` (an index into ``looks``): its
+        share of alpha (the shares sum to 1: the union bound)."""
+        return self.alpha * self.shares[look]
 
     def check(self, look: int, stats: TokenStats, reference: Reference) -> bool:
         """At interim look ``look``, with ``stats`` of the windows scored so far and their

@@ -30,15 +30,17 @@ def pair(tiny):
 
 
 def test_look_schedule():
-    assert look_schedule(64) == [8, 16, 32]
-    assert look_schedule(1000) == [125, 250, 500]
-    assert look_schedule(16) == [8]  # the looks at 1/8 and 1/4 merge into the 8-window minimum
+    assert look_schedule(64) == [(8, 1 / 8), (16, 3 / 4), (32, 1 / 8)]
+    assert [n for n, _ in look_schedule(1000)] == [125, 250, 500]
+    # the looks at 1/8 and 1/4 merge into the 8-window minimum, their shares added
+    assert look_schedule(32) == [(8, pytest.approx(7 / 8)), (16, pytest.approx(1 / 8))]
+    assert look_schedule(16) == [(8, 1.0)]  # all three at the minimum
     assert look_schedule(8) == []  # too few windows for an interim look
 
 
-def test_each_look_spends_an_equal_share_of_alpha():
+def test_the_looks_spend_alpha_mostly_at_a_quarter():
     stop = EarlyStop(Budget({"kl_mean": 0.1}, 0.99), 64, 127, seed=0)
-    assert [stop.spend(k) for k in range(3)] == pytest.approx([0.01 / 3] * 3)
+    assert [stop.spend(k) for k in range(3)] == pytest.approx([0.01 / 8, 0.0075, 0.01 / 8])
     assert EarlyStop(Budget({"kl_mean": 0.1}), 16, 127, seed=0).spend(0) == pytest.approx(0.05)
 
 
@@ -46,9 +48,9 @@ def test_wrong_verdicts_stay_within_the_stated_rate():
     """A budget exactly at the population mean: every settled verdict is wrong, "over" and
     "under" each at most alpha = 5% by construction. 600 evaluations of 64 windows whose
     means are skewed (window-level skewness ~1, kurtosis ~4.6: more than the bundled model's
-    0.3-0.6) and whose tokens are exponential around them. Measured: 1.0% over, 4.2% under
-    (a wrong side each look's bound allows at most 1/3 of alpha); spending alpha on every look
-    instead reads 12% under."""
+    0.3-0.6) and whose tokens are exponential around them. Measured: 1.7% over, 5.5% under
+    (over 3,000 such evaluations, benchmarks/bench_early_stop.py: 1.0% and 4.9% +- 0.4%);
+    spending alpha on every look instead of sharing it reads 12% under."""
     windows, per_window, runs = 64, 32, 600
     g = torch.Generator().manual_seed(0)
     n = windows * per_window
