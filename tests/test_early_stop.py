@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+from pathlib import Path
 from statistics import NormalDist
 
 import pytest
-import torch
 
 from pytest_hemorrhage.budget import Budget
 from pytest_hemorrhage.early_stop import NO_BUDGET, EarlyStop, decide, look_schedule
-from pytest_hemorrhage.metrics import TokenStats
-from pytest_hemorrhage.reference import Reference
 
 RTN4 = [("quant.rtn", {"bits": 4})]
+
+
+def _bench():
+    """benchmarks/bench_early_stop.py, whose synthetic skewed evaluations the test runs."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_early_stop.py"
+    spec = importlib.util.spec_from_file_location("bench_early_stop", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -51,28 +59,8 @@ def test_wrong_verdicts_stay_within_the_stated_rate():
     0.3-0.6) and whose tokens are exponential around them. Measured: 1.7% over, 5.5% under
     (over 3,000 such evaluations, benchmarks/bench_early_stop.py: 1.0% and 4.9% +- 0.4%);
     spending alpha on every look instead of sharing it reads 12% under."""
-    windows, per_window, runs = 64, 32, 600
-    g = torch.Generator().manual_seed(0)
-    n = windows * per_window
-    zeros = torch.zeros(n, dtype=torch.long)
-    reference = Reference(targets=zeros, target_logp=torch.zeros(n), top1=zeros)
-    budget = Budget({"kl_mean": 1.0})  # the mean of the window means below
-    wrong = {"over": 0, "under": 0}
-    for run in range(runs):
-        means = torch._standard_gamma(torch.full((windows,), 8.0), generator=g) / 8
-        kl = (means[:, None] * -torch.rand(windows, per_window, generator=g).log()).flatten()
-
-        def score(chosen, kl=kl):
-            token = (chosen[:, None] * per_window + torch.arange(per_window)).flatten()
-            m = len(token)
-            window = torch.arange(len(chosen)).repeat_interleave(per_window)
-            ones = torch.ones(m, dtype=torch.bool)
-            return [TokenStats(kl[token], torch.zeros(m), ~ones, torch.ones(m), ones, window)]
-
-        stop = EarlyStop(budget, windows, per_window, seed=run)
-        stop.run(score, reference)
-        if stop.stopped_at:
-            wrong[stop.verdicts["kl_mean"]] += 1
+    runs = 600
+    wrong = _bench().skewed(8.0, runs, seed=0)
     # each side: alpha plus two binomial standard errors of 600 runs at 5% (0.0089)
     assert wrong["over"] / runs <= 0.05 + 2 * 0.0089, wrong
     assert wrong["under"] / runs <= 0.05 + 2 * 0.0089, wrong
