@@ -90,8 +90,8 @@ class Budget:
         The bound is ``value + z * se``, z the normal quantile of ``confidence``: exact when the
         result's standard errors are calibrated at this confidence (``Result.level``; a measure
         made for this budget is), else the calibration at ``result.level`` scaled linearly,
-        which runs short at higher levels (at 0.99 from 0.95: coverage 0.987-0.991 where the
-        calibrated bounds hold 0.989-0.997; benchmarks/bench_coverage.py --level 0.99)."""
+        which runs short at higher levels (0.95 scaled to 0.99: coverage 0.9870-0.9968, the
+        bounds calibrated at 0.99 0.9887-0.9974; benchmarks/bench_coverage.py --level 0.99)."""
         value = result.metrics[metric]
         if self.confidence is None:
             return value
