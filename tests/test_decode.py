@@ -38,9 +38,10 @@ def test_temperature_divides_the_logits(harness, ids, logits):
     out, count = _processed(harness, [("decode.temperature", {"value": 0.5})], ids, logits)
     assert count == 1
     torch.testing.assert_close(out, logits / 0.5)
-    # 1 changes no bit, so it costs no pass over the logits
-    out, count = _processed(harness, [("decode.temperature", {"value": 1.0})], ids, logits)
-    assert count == 0 and torch.equal(out, logits)
+    # 1 changes no bit, so it costs no pass over the logits (nor does a repetition penalty of 1)
+    for neutral in ("decode.temperature", "decode.repetition_penalty"):
+        out, count = _processed(harness, [(neutral, {"value": 1.0})], ids, logits)
+        assert count == 0 and torch.equal(out, logits), neutral
 
 
 def test_top_k_keeps_the_k_largest_and_masks_the_rest(harness, ids, logits):

@@ -244,7 +244,8 @@ def apply_top_p(config: TopP, model: nn.Module, patch: Patch, context: Any) -> N
 def apply_repetition_penalty(
     config: RepetitionPenalty, model: nn.Module, patch: Patch, context: Any
 ) -> None:
-    patch.logits_processors.append(repetition_penalty(config.value))
+    if config.value != 1:  # 1 multiplies or divides by 1: no bit changes, no pass needed
+        patch.logits_processors.append(repetition_penalty(config.value))
 
 
 @register_modification("decode.sampling", Sampling)
