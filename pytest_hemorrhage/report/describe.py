@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from statistics import NormalDist
 from typing import Any
 
-__all__ = ["DEFAULT_METRICS", "describe_fallbacks", "describe_modification"]
+__all__ = ["DEFAULT_METRICS", "compared_value", "describe_fallbacks", "describe_modification"]
 
 DEFAULT_METRICS = ("ppl_increase", "kl_mean")  # shown for results measured without a budget
 
@@ -34,3 +36,17 @@ def describe_fallbacks(record: Mapping[str, Any]) -> list[str]:
         for name, info in fallbacks.items()
         if isinstance(info, Mapping) and info.get("summary")
     ]
+
+
+def compared_value(record: Mapping[str, Any], metric: str) -> float | None:
+    """What the record's budget compares for ``metric``, as ``Budget.upper`` does: the value,
+    or with ``confidence`` its upper bound ``value + z * stderr`` (infinite without a standard
+    error). None when the metric was not measured."""
+    value = (record.get("metrics") or {}).get(metric)
+    confidence = (record.get("budget") or {}).get("confidence")
+    if not confidence or value is None or not math.isfinite(value):
+        return value
+    se = (record.get("stderr") or {}).get(metric)
+    if se is None:
+        return math.inf
+    return value + NormalDist().inv_cdf(confidence) * se

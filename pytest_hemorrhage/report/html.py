@@ -20,10 +20,9 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from statistics import NormalDist
 from typing import Any
 
-from .describe import DEFAULT_METRICS, describe_fallbacks, describe_modification
+from .describe import DEFAULT_METRICS, compared_value, describe_fallbacks, describe_modification
 
 __all__ = ["render_html", "write_html"]
 
@@ -321,9 +320,7 @@ def _result_rows(index: int, record: Mapping[str, Any], blamed: bool) -> str:
     lines = []
     for metric in names:
         value, limit, se = metrics.get(metric), budget.get(metric), stderr.get(metric)
-        compared = value
-        if confidence and _finite(value) and _finite(se):
-            compared = value + NormalDist().inv_cdf(confidence) * se
+        compared = compared_value(record, metric)
         margin = limit - compared if _finite(limit) and _finite(compared) else None
         verdict = ""
         if limit is not None:
@@ -336,7 +333,7 @@ def _result_rows(index: int, record: Mapping[str, Any], blamed: bool) -> str:
             )
         bound = (
             f' <span class="note">(upper {confidence:.0%} bound {_num(compared)})</span>'
-            if compared is not value and compared is not None
+            if compared != value and _finite(compared)
             else ""
         )
         lines.append(

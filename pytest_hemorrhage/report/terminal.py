@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .describe import DEFAULT_METRICS, describe_fallbacks, describe_modification
+from .describe import DEFAULT_METRICS, compared_value, describe_fallbacks, describe_modification
 
 __all__ = [
     "closest_metric",
@@ -41,13 +41,14 @@ def _what(record: Mapping[str, Any]) -> str:
 
 def closest_metric(record: Mapping[str, Any]) -> tuple[str, float | None, float | None]:
     """The budgeted metric of ``record`` nearest to (or furthest past) its budget, as
-    ``(metric, value, limit)``: the largest value/limit ratio. Without a budget: kl_mean (or
-    the first metric), with no limit."""
+    ``(metric, value, limit)``: the largest ratio of what the budget compares (the value, or
+    its upper bound with ``confidence``) to the limit. Without a budget: kl_mean (or the first
+    metric), with no limit."""
     budget = {k: v for k, v in record["budget"].items() if k != "confidence"}
     metrics = record["metrics"]
 
     def ratio(metric: str) -> float:
-        value, limit = metrics.get(metric), budget[metric]
+        value, limit = compared_value(record, metric), budget[metric]
         if value is None or not math.isfinite(value):
             return math.inf
         return value / limit if limit > 0 else (math.inf if value > 0 else 0.0)
@@ -81,9 +82,14 @@ def render_results(records: Sequence[Mapping[str, Any]], *, width: int = 80,
         worst = max(mine, key=lambda r: _severity(r))
         metric, value, limit = closest_metric(worst)
         what = _what(worst) + (f" +{len(mine) - 1} more" if len(mine) > 1 else "")
-        margin = (f"{limit - value:+.3g}" if limit is not None and value is not None
-                  and math.isfinite(value) else "")
-        shown = f"{metric} {_g3(value)}" + (f" ≤ {limit:.3g}" if limit is not None else "")
+        compared = compared_value(worst, metric) if limit is not None else value
+        margin = (f"{limit - compared:+.3g}" if limit is not None and compared is not None
+                  and math.isfinite(compared) else "")
+        shown = f"{metric} {_g3(value)}" + (
+            f" (bound {_g3(compared)})"
+            if compared is not None and math.isfinite(compared) and compared != value
+            else ""
+        ) + (f" ≤ {limit:.3g}" if limit is not None else "")
         rows.append((_verdict(worst), nodeid.rpartition("::")[2] or nodeid, what, shown, margin))
     header = ("verdict", "test", "modification", "closest to budget", "margin")
     table = _table("hemorrhage (one row per test; -v: every measure)", header, rows,
@@ -128,7 +134,8 @@ def render_notes(records: Sequence[Mapping[str, Any]], *, width: int = 80) -> st
 
 
 def _severity(record: Mapping[str, Any]) -> float:
-    metric, value, limit = closest_metric(record)
+    metric, _, limit = closest_metric(record)
+    value = compared_value(record, metric) if limit is not None else record["metrics"].get(metric)
     if value is None or not math.isfinite(value):
         return math.inf
     return value / limit if limit else value
@@ -191,7 +198,8 @@ def _print(renderable: Any, width: int, color: bool) -> str:
 
 def render_table(records: list[dict[str, Any]], *, width: int = 80, color: bool = False) -> str:
     """Per result: a heading (test, outcome, modification), then one line per budgeted metric
-    with value, budget, margin (budget - value) and verdict."""
+    with value, budget, margin and verdict; with ``confidence``, margin and verdict are the
+    upper bound's (what the check compared), shown after the verdict."""
     paint = (lambda text, style: f"{_ANSI[style]}{text}{_RESET}") if color else (
         lambda text, style: text)
     lines = [f"{_BOLD}hemorrhage{_RESET}" if color else "hemorrhage"]
@@ -210,10 +218,14 @@ def render_table(records: list[dict[str, Any]], *, width: int = 80, color: bool 
             value, limit = record["metrics"].get(metric), budget.get(metric)
             margin, verdict = "", ""
             if limit is not None:
-                finite = value is not None and math.isfinite(value)
-                margin = f"{limit - value:+.4f}" if finite else ""
-                over = not finite or value > limit
+                compared = compared_value(record, metric)
+                finite = compared is not None and math.isfinite(compared)
+                margin = f"{limit - compared:+.4f}" if finite else ""
+                over = not finite or compared > limit
                 verdict = paint("over", "red") if over else paint("ok", "green")
+                if compared != value and finite:
+                    level = record["budget"]["confidence"]
+                    verdict += f" (upper {level:.0%} bound {_number(compared)})"
             rows.append((metric, _number(value), "" if limit is None else f"≤ {limit:.4f}",
                          margin, verdict))
         if record.get("nonfinite_tokens"):
