@@ -3,6 +3,7 @@ lines when the terminal is too narrow for a table."""
 
 from __future__ import annotations
 
+from pytest_hemorrhage.report.markdown import render_markdown
 from pytest_hemorrhage.report.terminal import closest_metric, render_results
 
 
@@ -52,7 +53,8 @@ def test_a_terminal_too_narrow_for_a_table_gets_plain_lines():
 
 def test_with_confidence_the_margin_and_verdict_are_the_upper_bounds():
     """A point estimate under its budget whose 95% bound is over it failed the check: the
-    summary's margin and the verbose verdict say so, showing the bound, as the HTML page does."""
+    summary's margin, the verbose verdict and the CI Markdown say so, showing the bound, as the
+    HTML page does."""
     record = _record("t.py::test_bound", {"kl_mean": 0.09}, {"kl_mean": 0.1, "confidence": 0.95},
                      outcome="failed")
     record["stderr"] = {"kl_mean": 0.01}  # bound 0.09 + 1.645 * 0.01 = 0.1064
@@ -62,5 +64,7 @@ def test_with_confidence_the_margin_and_verdict_are_the_upper_bounds():
     assert "kl_mean 0.09 (bound 0.106) ≤ 0.1" in row and row.endswith("-0.00645")
     text = render_results([record], width=100, verbose=True)
     assert "kl_mean" in text and "-0.0064 over (upper 95% bound 0.1064)" in text
+    markdown = render_markdown({"results": [record]})
+    assert "| kl_mean | 0.09 (upper 95% bound 0.1064) | 0.1 | -0.006449 |" in markdown
     record["stderr"] = {"kl_mean": None}  # no standard error: no bound holds, never ok
     assert "over" in render_results([record], width=100, verbose=True).split("kl_mean")[1]

@@ -1,6 +1,7 @@
 """The Markdown summary a CI job shows: appended to ``$GITHUB_STEP_SUMMARY`` when it is set.
 
-Results with their budgets, margins (budget - value, per budgeted metric) and verdicts; the
+Results with their budgets, margins (budget - value, or - its upper bound with ``confidence``,
+per budgeted metric) and verdicts; the
 comparison with an earlier report (old value and change per compared metric, unmatched results
 noted); and the thresholds found. GitHub renders the file on the run's summary page.
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .comparison import shown_metrics
-from .describe import DEFAULT_METRICS, describe_modification
+from .describe import DEFAULT_METRICS, compared_value, describe_modification
 
 __all__ = ["append_step_summary", "render_markdown"]
 
@@ -53,14 +54,19 @@ def _results(records: list[Mapping[str, Any]]) -> list[str]:
         test = record.get("nodeid", "").rpartition("::")[2] or record.get("nodeid", "")
         for i, metric in enumerate(shown):
             value, limit = metrics.get(metric), budget.get(metric)
+            compared = compared_value(record, metric) if limit is not None else value
             margin = (
-                _num(limit - value)
-                if isinstance(limit, (int, float)) and isinstance(value, (int, float))
+                _num(limit - compared)
+                if isinstance(limit, (int, float)) and isinstance(compared, (int, float))
                 else "–"
             )
+            shown_value = _num(value)
+            if isinstance(compared, float) and math.isfinite(compared) and compared != value:
+                level = record["budget"]["confidence"]
+                shown_value += f" (upper {level:.0%} bound {_num(compared)})"
             first = (_verdict(record), f"`{_cell(test)}`", _cell(what)) if i == 0 else ("", "", "")
             lines.append(
-                f"| {' | '.join(first)} | {metric} | {_num(value)} | {_num(limit)} | {margin} |"
+                f"| {' | '.join(first)} | {metric} | {shown_value} | {_num(limit)} | {margin} |"
             )
     return lines
 
