@@ -94,8 +94,8 @@ def look_schedule(windows: int) -> list[tuple[int, float]]:
         n = max(MIN_WINDOWS, round(windows * t))
         if n >= windows:
             continue
-        if looks and n == looks[-1][0]:
-            n, share = n, looks.pop()[1] + share
+        if looks and n == looks[-1][0]:  # coinciding looks merge
+            share += looks.pop()[1]
         looks.append((n, share))
     total = sum(share for _, share in looks)
     return [(n, share / total) for n, share in looks]
