@@ -118,10 +118,9 @@ def _forward(h: Any, windows: Any) -> float:
 
 
 @contextlib.contextmanager
-def _recording_solves(calls: list[tuple[Callable[..., Any], tuple[Any, ...]]]) -> Iterator[None]:
-    """Record each per-layer solve's function and inputs (cloned) while a first apply runs."""
-    import torch
-
+def _wrapping_solves(wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Iterator[None]:
+    """The per-layer solves (``obs.gptq_quantize``, ``obs.sparsegpt_prune``,
+    ``awq.search_scale``) replaced by ``wrap(solve)`` while the block runs, then put back."""
     from pytest_hemorrhage.modifications import awq, obs
 
     real = {
@@ -129,6 +128,20 @@ def _recording_solves(calls: list[tuple[Callable[..., Any], tuple[Any, ...]]]) -
         (obs, "sparsegpt_prune"): obs.sparsegpt_prune,
         (awq, "search_scale"): awq.search_scale,
     }
+    for (module, name), fn in real.items():
+        setattr(module, name, wrap(fn))
+    try:
+        yield
+    finally:
+        for (module, name), fn in real.items():
+            setattr(module, name, fn)
+
+
+def _recording_solves(
+    calls: list[tuple[Callable[..., Any], tuple[Any, ...]]],
+) -> contextlib.AbstractContextManager[None]:
+    """Record each per-layer solve's function and inputs (cloned) while a first apply runs."""
+    import torch
 
     def spy(fn: Callable[..., Any]) -> Callable[..., Any]:
         def record(*args: Any, **kwargs: Any) -> Any:  # kwargs: ``overwrite``, not repeated
@@ -137,13 +150,7 @@ def _recording_solves(calls: list[tuple[Callable[..., Any], tuple[Any, ...]]]) -
 
         return record
 
-    for (module, name), fn in real.items():
-        setattr(module, name, spy(fn))
-    try:
-        yield
-    finally:
-        for (module, name), fn in real.items():
-            setattr(module, name, fn)
+    return _wrapping_solves(spy)
 
 
 def _solves(calls: list[tuple[Callable[..., Any], tuple[Any, ...]]]) -> float:
@@ -258,17 +265,9 @@ class PeakMeter:
         return _status_bytes("VmHWM") - self.base
 
 
-@contextlib.contextmanager
-def _timing_solves(seconds: list[float]) -> Iterator[None]:
+def _timing_solves(seconds: list[float]) -> contextlib.AbstractContextManager[None]:
     """Add the time of each per-layer solve to ``seconds[0]`` (nothing kept: memory is measured
     around it)."""
-    from pytest_hemorrhage.modifications import awq, obs
-
-    real = {
-        (obs, "gptq_quantize"): obs.gptq_quantize,
-        (obs, "sparsegpt_prune"): obs.sparsegpt_prune,
-        (awq, "search_scale"): awq.search_scale,
-    }
 
     def timed(fn: Callable[..., Any]) -> Callable[..., Any]:
         def run(*args: Any, **kwargs: Any) -> Any:
@@ -280,13 +279,7 @@ def _timing_solves(seconds: list[float]) -> Iterator[None]:
 
         return run
 
-    for (module, name), fn in real.items():
-        setattr(module, name, timed(fn))
-    try:
-        yield
-    finally:
-        for (module, name), fn in real.items():
-            setattr(module, name, fn)
+    return _wrapping_solves(timed)
 
 
 def measure_large(name: str, params: dict[str, Any]) -> dict[str, Any]:
