@@ -73,36 +73,48 @@ def main() -> None:
     model = harness.model
     harness.reference  # noqa: B018  (computed before timing)
 
-    print(f"model {args.model}: {len(harness.windows.eval)} evaluation windows of "
-          f"{harness.settings.seq_len} tokens, batch {harness.batch_size}")
+    print(
+        f"model {args.model}: {len(harness.windows.eval)} evaluation windows of "
+        f"{harness.settings.seq_len} tokens, batch {harness.batch_size}"
+    )
     result, measure_calls, measure_s = counted(model, lambda: harness.measure(STAGES))
     _, first_calls, first_s = counted(model, lambda: diagnose(harness, result), repeat=1)
     _, blame_calls, blame_s = counted(model, lambda: diagnose(harness, result))
-    _, attr_calls, attr_s = counted(model, lambda: diagnose(harness, result, attribution=True),
-                                    repeat=1)
+    _, attr_calls, attr_s = counted(
+        model, lambda: diagnose(harness, result, attribution=True), repeat=1
+    )
     print("\nblame (quant.rtn bits=3)")
     print(f"  measure                    {measure_calls:4d} forward calls  {measure_s:7.3f} s")
-    print(f"  blame, first in session    {first_calls:4d} forward calls  {first_s:7.3f} s"
-          "  (baseline pass memoized + modified pass)")
-    print(f"  blame                      {blame_calls:4d} forward calls  {blame_s:7.3f} s"
-          f"  -> +{blame_calls} forward ({blame_calls / measure_calls:.2f}x a measurement's), "
-          f"{blame_s / measure_s:.2f}x its time")
-    print(f"  blame with attribution     {attr_calls:4d} forward calls  {attr_s:7.3f} s"
-          f"  -> {attr_s / measure_s:.1f}x a measurement's time (one per block + the pass)")
+    print(
+        f"  blame, first in session    {first_calls:4d} forward calls  {first_s:7.3f} s"
+        "  (baseline pass memoized + modified pass)"
+    )
+    print(
+        f"  blame                      {blame_calls:4d} forward calls  {blame_s:7.3f} s"
+        f"  -> +{blame_calls} forward ({blame_calls / measure_calls:.2f}x a measurement's), "
+        f"{blame_s / measure_s:.2f}x its time"
+    )
+    print(
+        f"  blame with attribution     {attr_calls:4d} forward calls  {attr_s:7.3f} s"
+        f"  -> {attr_s / measure_s:.1f}x a measurement's time (one per block + the pass)"
+    )
 
     task = load_task(DEFAULT_TASK)
     encoded = encode_task(task, loaded.tokenizer, 512)
     choices = sum(len(c) for c in encoded.continuations)
     tokens = harness.batch_size * harness.settings.seq_len
     batched, batched_calls, batched_s = counted(
-        model, lambda: score_task(model, encoded, device="cpu", batch_tokens=tokens).loglik)
+        model, lambda: score_task(model, encoded, device="cpu", batch_tokens=tokens).loglik
+    )
     naive, naive_calls, naive_s = counted(model, lambda: per_choice(model, encoded), repeat=1)
     gap = (batched - naive).abs().max().item()
     print(f"\ntask scoring ({task.name}: {len(task.items)} items, {choices} choices)")
     print(f"  batched items              {batched_calls:4d} forward calls  {batched_s:7.3f} s")
     print(f"  one forward per choice     {naive_calls:4d} forward calls  {naive_s:7.3f} s")
-    print(f"  -> {naive_calls / batched_calls:.0f}x fewer forward calls, "
-          f"{naive_s / batched_s:.1f}x faster; largest log-likelihood gap {gap:.1e}")
+    print(
+        f"  -> {naive_calls / batched_calls:.0f}x fewer forward calls, "
+        f"{naive_s / batched_s:.1f}x faster; largest log-likelihood gap {gap:.1e}"
+    )
 
 
 if __name__ == "__main__":

@@ -100,7 +100,7 @@ def pytest_sessionfinish(session):
     Path(os.environ["BENCH_OUT"]).write_text(json.dumps(STATS))
 '''
 
-TESTS = '''
+TESTS = """
 import pytest
 from hypothesis import given, settings
 from pytest_hemorrhage import strategies as hst
@@ -110,17 +110,19 @@ from pytest_hemorrhage import strategies as hst
 @given(sparsity=hst.sparsities(max_value={max_sparsity}))
 def test_property(hemorrhage, sparsity):
     hemorrhage.check(hemorrhage.measure("prune.magnitude", sparsity=sparsity))
-'''
+"""
 
 
-def run_pytest(directory: Path, tokens: int, *, budget: float, max_sparsity: float,
-               examples: int) -> dict[str, float]:
+def run_pytest(
+    directory: Path, tokens: int, *, budget: float, max_sparsity: float, examples: int
+) -> dict[str, float]:
     """One in-process pytest run of the property; its counters."""
     import pytest
 
     (directory / "conftest.py").write_text(CONFTEST)
-    (directory / "test_bench.py").write_text(textwrap.dedent(TESTS.format(
-        budget=budget, examples=examples, max_sparsity=max_sparsity)))
+    (directory / "test_bench.py").write_text(
+        textwrap.dedent(TESTS.format(budget=budget, examples=examples, max_sparsity=max_sparsity))
+    )
     out = directory / "stats.json"
     os.environ["BENCH_OUT"] = str(out)
     cwd = os.getcwd()
@@ -128,10 +130,24 @@ def run_pytest(directory: Path, tokens: int, *, budget: float, max_sparsity: flo
     try:
         for name in ("conftest", "test_bench"):
             sys.modules.pop(name, None)
-        pytest.main(["-q", "-p", "no:cacheprovider", "--no-header", "-o", "addopts=",
-                     "--hemorrhage-model=hemorrhage-tiny", f"--hemorrhage-tokens={tokens}",
-                     f"--hemorrhage-cache-dir={directory / 'cache'}", "-W", "ignore",
-                     "--tb=no", "--no-summary", "test_bench.py"])
+        pytest.main(
+            [
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "--no-header",
+                "-o",
+                "addopts=",
+                "--hemorrhage-model=hemorrhage-tiny",
+                f"--hemorrhage-tokens={tokens}",
+                f"--hemorrhage-cache-dir={directory / 'cache'}",
+                "-W",
+                "ignore",
+                "--tb=no",
+                "--no-summary",
+                "test_bench.py",
+            ]
+        )
     finally:
         os.chdir(cwd)
     return json.loads(out.read_text())
@@ -157,31 +173,43 @@ def main() -> None:
     harness = Harness(loaded, Settings.defaults(model="hemorrhage-tiny", tokens=args.tokens))
     windows = harness.windows.eval
     batches = -(-len(windows) // harness.batch_size)
-    print(f"bundled model, {len(windows)} windows x {windows.shape[1]} tokens, "
-          f"{batches} forward call(s) per pass, torch threads {torch.get_num_threads()}, "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(
+        f"bundled model, {len(windows)} windows x {windows.shape[1]} tokens, "
+        f"{batches} forward call(s) per pass, torch threads {torch.get_num_threads()}, "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         # fill the reference cache first, so the runs below measure the steady state
         run_pytest(directory, args.tokens, budget=10.0, max_sparsity=0.1, examples=1)
         runs = [
-            ("property holds (generation only)",
-             dict(budget=10.0, max_sparsity=0.3, examples=args.examples)),
-            ("property breaks (generation + shrinking)",
-             dict(budget=0.10, max_sparsity=0.9, examples=args.examples)),
+            (
+                "property holds (generation only)",
+                dict(budget=10.0, max_sparsity=0.3, examples=args.examples),
+            ),
+            (
+                "property breaks (generation + shrinking)",
+                dict(budget=0.10, max_sparsity=0.9, examples=args.examples),
+            ),
         ]
         for label, options in runs:
             stats = run_pytest(directory, args.tokens, **options)
             n = stats["examples"]
             print(f"\n{label}: {n} examples")
-            print(f"  forward calls: {stats['forward']} vs {n * batches} for {n} bare passes "
-                  f"-> ratio {stats['forward'] / (n * batches):.2f} (target <= 1.3)")
-            print(f"  time: {stats['seconds']:.1f} s vs {stats['bare']:.1f} s for {n} paired "
-                  f"bare passes -> ratio {stats['seconds'] / stats['bare']:.2f} (target <= 1.3)")
-            print(f"  of which harness.measure() itself: {stats['measure'] / stats['bare']:.2f}x "
-                  f"a bare pass; hypothesis + pytest + check() on top: "
-                  f"{stats['seconds'] / stats['measure']:.2f}x")
+            print(
+                f"  forward calls: {stats['forward']} vs {n * batches} for {n} bare passes "
+                f"-> ratio {stats['forward'] / (n * batches):.2f} (target <= 1.3)"
+            )
+            print(
+                f"  time: {stats['seconds']:.1f} s vs {stats['bare']:.1f} s for {n} paired "
+                f"bare passes -> ratio {stats['seconds'] / stats['bare']:.2f} (target <= 1.3)"
+            )
+            print(
+                f"  of which harness.measure() itself: {stats['measure'] / stats['bare']:.2f}x "
+                f"a bare pass; hypothesis + pytest + check() on top: "
+                f"{stats['seconds'] / stats['measure']:.2f}x"
+            )
 
     node = SimpleNamespace(nodeid="bench::bisection", user_properties=[], config=None)
     for name in ("prune.magnitude", "prune.wanda"):
@@ -192,9 +220,11 @@ def main() -> None:
         seconds = time.perf_counter() - start
         passing, failing = threshold.bracket
         width = (failing - passing) if None not in (passing, failing) else float("nan")
-        print(f"\nbisection {name} sparsity, ppl_increase <= 0.10, tol 0.01 on [0, 1]: "
-              f"{threshold.evaluations} measures (target <= 8), threshold {threshold.value:.4f}, "
-              f"bracket width {width:.4f}, {seconds:.1f} s, monotone={threshold.monotone}")
+        print(
+            f"\nbisection {name} sparsity, ppl_increase <= 0.10, tol 0.01 on [0, 1]: "
+            f"{threshold.evaluations} measures (target <= 8), threshold {threshold.value:.4f}, "
+            f"bracket width {width:.4f}, {seconds:.1f} s, monotone={threshold.monotone}"
+        )
 
 
 if __name__ == "__main__":

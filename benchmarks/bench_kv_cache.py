@@ -56,18 +56,24 @@ def main() -> None:
             result = harness.measure(stages)
             ratios[c].append((time.perf_counter() - start) / base)
             damage[c] = result.metrics["kl_mean"]
-    print(f"bundled model, {harness.windows.eval.numel()} tokens in windows of "
-          f"{harness.windows.eval.shape[1]}; {args.rounds} rounds")
-    print("chunk  kv_cache(4 bits)/plain measure  kl_mean   scored tokens reading the cache  "
-          "positions quantized per window")
+    print(
+        f"bundled model, {harness.windows.eval.numel()} tokens in windows of "
+        f"{harness.windows.eval.shape[1]}; {args.rounds} rounds"
+    )
+    print(
+        "chunk  kv_cache(4 bits)/plain measure  kl_mean   scored tokens reading the cache  "
+        "positions quantized per window"
+    )
     seq = harness.windows.eval.shape[1]
     for c in chunks:
         scored = seq - 1  # the last token of a window is only a target
         reading = max(0, scored - c)
         n = -(-seq // c)
         volume = c * n * (n - 1) // 2
-        print(f"{c:5d}  {statistics.median(ratios[c]):30.2f}x  {damage[c]:.5f}   "
-              f"{reading:3d}/{scored} ({reading / scored:.0%}){'':15s}{volume}")
+        print(
+            f"{c:5d}  {statistics.median(ratios[c]):30.2f}x  {damage[c]:.5f}   "
+            f"{reading:3d}/{scored} ({reading / scored:.0%}){'':15s}{volume}"
+        )
 
 
 if __name__ == "__main__":

@@ -45,11 +45,18 @@ def _load(which: str) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=tiny.model.config.vocab_size, hidden_size=640,
-                         intermediate_size=1728, num_hidden_layers=10, num_attention_heads=10,
-                         num_key_value_heads=5, tie_word_embeddings=False)
-    return LoadedModel(model=LlamaForCausalLM(config).eval(), tokenizer=tiny.tokenizer,
-                       spec="random-50m")
+    config = LlamaConfig(
+        vocab_size=tiny.model.config.vocab_size,
+        hidden_size=640,
+        intermediate_size=1728,
+        num_hidden_layers=10,
+        num_attention_heads=10,
+        num_key_value_heads=5,
+        tie_word_embeddings=False,
+    )
+    return LoadedModel(
+        model=LlamaForCausalLM(config).eval(), tokenizer=tiny.tokenizer, spec="random-50m"
+    )
 
 
 def _register_all_families() -> list[str]:
@@ -146,8 +153,13 @@ def measure(harness: Any, name: str, repeat: int) -> dict[str, float]:
         with harness.modified([config]):
             memory.mark()
             _forward(harness)
-    return {"apply": seconds, "baseline": baseline, "forward": modified, "kept": memory.at_mark,
-            "peak": memory.peak}
+    return {
+        "apply": seconds,
+        "baseline": baseline,
+        "forward": modified,
+        "kept": memory.at_mark,
+        "peak": memory.peak,
+    }
 
 
 def main() -> None:
@@ -155,8 +167,12 @@ def main() -> None:
     parser.add_argument("--model", choices=("tiny", "50m"), default="tiny")
     parser.add_argument("--tokens", type=int, default=8192, help="evaluation tokens")
     parser.add_argument("--repeat", type=int, default=3, help="timings keep the best of N")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads (default: torch's); 1 steadies a busy machine")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (default: torch's); 1 steadies a busy machine",
+    )
     args = parser.parse_args()
 
     import torch
@@ -176,14 +192,19 @@ def main() -> None:
     forward = _seconds(lambda: _forward(harness), args.repeat)
     with Allocations(harness.device) as baseline:
         _forward(harness)
-    print(f"model {loaded.spec}: {model_bytes / 2**20:.1f} MiB, {len(harness.windows.eval)} "
-          f"windows of {harness.settings.seq_len} tokens, forward {forward:.3f} s, "
-          f"forward peak {baseline.peak / model_bytes:.2f}x model, "
-          f"{torch.get_num_threads()} threads, {harness.device}")
-    print(f"{'modification':28} {'apply+restore':>13} {'forward':>9} {'kept':>7} "
-          f"{'extra peak':>10}")
-    print(f"{'(default parameters)':28} {'/ forward':>13} {'slowdown':>9} {'/ model':>7} "
-          f"{'/ model':>10}")
+    print(
+        f"model {loaded.spec}: {model_bytes / 2**20:.1f} MiB, {len(harness.windows.eval)} "
+        f"windows of {harness.settings.seq_len} tokens, forward {forward:.3f} s, "
+        f"forward peak {baseline.peak / model_bytes:.2f}x model, "
+        f"{torch.get_num_threads()} threads, {harness.device}"
+    )
+    print(
+        f"{'modification':28} {'apply+restore':>13} {'forward':>9} {'kept':>7} {'extra peak':>10}"
+    )
+    print(
+        f"{'(default parameters)':28} {'/ forward':>13} {'slowdown':>9} {'/ model':>7} "
+        f"{'/ model':>10}"
+    )
     for name in names:
         try:
             row = measure(harness, name, args.repeat)
@@ -191,9 +212,11 @@ def main() -> None:
             print(f"{name:28} n/a: {type(exc).__name__}: {str(exc).splitlines()[0][:60]}")
             continue
         extra = max(0, row["peak"] - baseline.peak)
-        print(f"{name:28} {row['apply'] / row['baseline']:12.3f}x "
-              f"{row['forward'] / row['baseline']:8.2f}x "
-              f"{row['kept'] / model_bytes:6.3f}x {extra / model_bytes:9.3f}x")
+        print(
+            f"{name:28} {row['apply'] / row['baseline']:12.3f}x "
+            f"{row['forward'] / row['baseline']:8.2f}x "
+            f"{row['kept'] / model_bytes:6.3f}x {extra / model_bytes:9.3f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -44,8 +44,7 @@ def _tensors(obj, seen: set[int]):
     elif isinstance(obj, (list, tuple)):
         for value in obj:
             yield from _tensors(value, seen)
-    elif hasattr(obj, "__dict__") and type(obj).__module__.split(".")[0] in ("bitsandbytes",
-                                                                             "hqq"):
+    elif hasattr(obj, "__dict__") and type(obj).__module__.split(".")[0] in ("bitsandbytes", "hqq"):
         yield from _tensors(vars(obj), seen)
 
 
@@ -79,28 +78,41 @@ def run(large: bool) -> None:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=tiny.model.config.vocab_size, hidden_size=640,
-                             intermediate_size=1728, num_hidden_layers=10,
-                             num_attention_heads=10, num_key_value_heads=5,
-                             tie_word_embeddings=False)
-        loaded = LoadedModel(model=LlamaForCausalLM(config).eval(), tokenizer=tiny.tokenizer,
-                             spec="random-50m")
+        config = LlamaConfig(
+            vocab_size=tiny.model.config.vocab_size,
+            hidden_size=640,
+            intermediate_size=1728,
+            num_hidden_layers=10,
+            num_attention_heads=10,
+            num_key_value_heads=5,
+            tie_word_embeddings=False,
+        )
+        loaded = LoadedModel(
+            model=LlamaForCausalLM(config).eval(), tokenizer=tiny.tokenizer, spec="random-50m"
+        )
     h = Harness(loaded, Settings.defaults(tokens=2048))
     h.reference  # noqa: B018
     h.measure([("quant.dtype", {})])  # warm up
-    original = {t.name: t.weight.numel() * t.weight.element_size()
-                for t in make("quant.rtn", {}).targets(h.model)}
+    original = {
+        t.name: t.weight.numel() * t.weight.element_size()
+        for t in make("quant.rtn", {}).targets(h.model)
+    }
     weight_bytes = sum(original.values())
     times = {}
-    print(f"model {loaded.spec}: {len(original)} target layers, {weight_bytes / 2**20:.2f} MiB "
-          "of target weights")
+    print(
+        f"model {loaded.spec}: {len(original)} target layers, {weight_bytes / 2**20:.2f} MiB "
+        "of target weights"
+    )
     print(f"{'modification':60s} {'added/weights':>13s} {'target':>7s} {'time/dtype':>10s}")
     for name, params, bits in SETTINGS:
         with h.modified([(name, params)]):
             now = {n for n, _ in h.model.named_modules()}
-            swapped = {n for n in original if n in now and
-                       type(h.model.get_submodule(n)).__name__ not in ("Linear",
-                                                                       "ParametrizedLinear")}
+            swapped = {
+                n
+                for n in original
+                if n in now
+                and type(h.model.get_submodule(n)).__name__ not in ("Linear", "ParametrizedLinear")
+            }
             added = held_bytes(h.model, swapped)
         start = time.perf_counter()
         h.measure([(name, params)])
@@ -109,8 +121,10 @@ def run(large: bool) -> None:
         target = 0.0 if bits is None else bits / 32 + 0.1
         base = times.get(("quant.dtype", str({"dtype": "bfloat16"})), times[name, str(params)])
         label = f"{name} {params}"
-        print(f"{label:60s} {ratio:13.3f} {target:7.3f} {times[name, str(params)] / base:9.2f}x"
-              f"{'' if ratio <= target + 1e-9 else '  OVER'}")
+        print(
+            f"{label:60s} {ratio:13.3f} {target:7.3f} {times[name, str(params)] / base:9.2f}x"
+            f"{'' if ratio <= target + 1e-9 else '  OVER'}"
+        )
 
 
 def main() -> None:

@@ -258,7 +258,6 @@ def _smoothquant(harness, loaded, windows) -> None:
 def main() -> None:
     import argparse
 
-
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoothquant-only", action="store_true", help="skip AWQ (minutes)")
     args = parser.parse_args()

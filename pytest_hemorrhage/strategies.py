@@ -73,8 +73,9 @@ def _grid(lo: float, hi: float, resolution: float, *, toward: str) -> SearchStra
     return st.integers(0, steps).map(lambda i: round(hi - i * resolution, digits))
 
 
-def sparsities(*, min_value: float = 0.0, max_value: float = 1.0,
-               resolution: float = 0.01) -> SearchStrategy[float]:
+def sparsities(
+    *, min_value: float = 0.0, max_value: float = 1.0, resolution: float = 0.01
+) -> SearchStrategy[float]:
     """Fractions in [min_value, max_value] on a grid, shrinking toward ``min_value``.
 
     Args:
@@ -84,13 +85,16 @@ def sparsities(*, min_value: float = 0.0, max_value: float = 1.0,
             the breaking point.
     """
     if min_value < 0 or max_value > 1:
-        raise HemorrhageError(f"sparsities(min_value={min_value}, max_value={max_value}): "
-                              "a sparsity is a fraction in [0, 1]")
+        raise HemorrhageError(
+            f"sparsities(min_value={min_value}, max_value={max_value}): "
+            "a sparsity is a fraction in [0, 1]"
+        )
     return _grid(min_value, max_value, resolution, toward="lo")
 
 
-def bit_widths(*, min_value: int = 1, max_value: int = 8,
-               choices: Sequence[int] | None = None) -> SearchStrategy[int]:
+def bit_widths(
+    *, min_value: int = 1, max_value: int = 8, choices: Sequence[int] | None = None
+) -> SearchStrategy[int]:
     """Bits per weight, shrinking toward the MOST bits (the gentlest quantization).
 
     Args:
@@ -104,13 +108,16 @@ def bit_widths(*, min_value: int = 1, max_value: int = 8,
             raise HemorrhageError("bit_widths(choices=...) needs at least one width")
         return st.sampled_from(widths)
     if not 1 <= min_value <= max_value:
-        raise HemorrhageError(f"bit_widths(min_value={min_value}, max_value={max_value}): "
-                              "need 1 <= min_value <= max_value")
+        raise HemorrhageError(
+            f"bit_widths(min_value={min_value}, max_value={max_value}): "
+            "need 1 <= min_value <= max_value"
+        )
     return st.integers(0, max_value - min_value).map(lambda i: max_value - i)
 
 
-def group_sizes(*, min_value: int = 16, max_value: int = 256,
-                per_row: bool = False) -> SearchStrategy[int]:
+def group_sizes(
+    *, min_value: int = 16, max_value: int = 256, per_row: bool = False
+) -> SearchStrategy[int]:
     """Powers of two in [min_value, max_value], shrinking toward the smallest (gentlest) group.
 
     Args:
@@ -119,17 +126,21 @@ def group_sizes(*, min_value: int = 16, max_value: int = 256,
         per_row: also draw 0 (one scale per output row, the coarsest), as the harshest value.
     """
     if not 1 <= min_value <= max_value:
-        raise HemorrhageError(f"group_sizes(min_value={min_value}, max_value={max_value}): "
-                              "need 1 <= min_value <= max_value")
-    sizes = [2**k for k in range(math.ceil(math.log2(min_value)),
-                                 math.floor(math.log2(max_value)) + 1)]
+        raise HemorrhageError(
+            f"group_sizes(min_value={min_value}, max_value={max_value}): "
+            "need 1 <= min_value <= max_value"
+        )
+    sizes = [
+        2**k for k in range(math.ceil(math.log2(min_value)), math.floor(math.log2(max_value)) + 1)
+    ]
     if not sizes:
         raise HemorrhageError(f"group_sizes: no power of two in [{min_value}, {max_value}]")
     return st.sampled_from(sizes + ([0] if per_row else []))
 
 
-def nm_patterns(*, min_m: int = 4, max_m: int = 8,
-                max_sparsity: float = 0.75) -> SearchStrategy[tuple[int, int]]:
+def nm_patterns(
+    *, min_m: int = 4, max_m: int = 8, max_sparsity: float = 0.75
+) -> SearchStrategy[tuple[int, int]]:
     """Semi-structured N:M patterns ``(n, m)``: keep n weights of every m consecutive inputs.
 
     Ordered gentlest first, which is where shrinking goes: lower sparsity 1 - n/m first, then
@@ -141,11 +152,15 @@ def nm_patterns(*, min_m: int = 4, max_m: int = 8,
         max_sparsity: largest sparsity 1 - n/m drawn.
     """
     ms = [m for m in (2**k for k in range(1, 8)) if min_m <= m <= max_m]
-    patterns = sorted(((n, m) for m in ms for n in range(1, m) if 1 - n / m <= max_sparsity),
-                      key=lambda nm: (1 - nm[0] / nm[1], -nm[1]))
+    patterns = sorted(
+        ((n, m) for m in ms for n in range(1, m) if 1 - n / m <= max_sparsity),
+        key=lambda nm: (1 - nm[0] / nm[1], -nm[1]),
+    )
     if not patterns:
-        raise HemorrhageError(f"nm_patterns(min_m={min_m}, max_m={max_m}, max_sparsity="
-                              f"{max_sparsity}): no pattern; widen the bounds")
+        raise HemorrhageError(
+            f"nm_patterns(min_m={min_m}, max_m={max_m}, max_sparsity="
+            f"{max_sparsity}): no pattern; widen the bounds"
+        )
     return st.sampled_from(patterns)
 
 
@@ -162,14 +177,16 @@ def _param_strategy(name: str, param: str) -> SearchStrategy[Any] | None:
         return bit_widths(choices=valid) if valid else None
     if param == "group_size":
         return group_sizes(min_value=int(domain.lo), max_value=int(domain.hi)).filter(
-            lambda g: accepts(name, {param: g}))
+            lambda g: accepts(name, {param: g})
+        )
     if domain.hi is None:
         return None  # model-dependent upper bound (layers): ask the caller for it
     lo, hi = valid_range(name, param, domain)
     if domain.integer:
         strategy = st.integers(0, int(hi - lo))
-        return strategy.map((lambda i: int(lo) + i) if domain.increasing else
-                            (lambda i: int(hi) - i))
+        return strategy.map(
+            (lambda i: int(lo) + i) if domain.increasing else (lambda i: int(hi) - i)
+        )
     return _grid(lo, hi, domain.resolution, toward="lo" if domain.increasing else "hi")
 
 
@@ -179,18 +196,23 @@ def _explored(name: str) -> list[str | tuple[str, str]]:
     explored = MODIFICATION_PARAMS.get(name)
     if explored is None:
         explored = tuple(p for p in fields if domain_for(name, p) or p in CHOICES)
-    return [p for p in explored
-            if (all(q in fields for q in p) if isinstance(p, tuple) else p in fields)]
+    return [
+        p
+        for p in explored
+        if (all(q in fields for q in p) if isinstance(p, tuple) else p in fields)
+    ]
 
 
 def _fields(name: str) -> dict[str, dataclasses.Field[Any]]:
     config_cls, _ = registry.get(name)
-    return {f.name: f for f in dataclasses.fields(config_cls)
-            if f.name not in ("include", "exclude")}
+    return {
+        f.name: f for f in dataclasses.fields(config_cls) if f.name not in ("include", "exclude")
+    }
 
 
-def _config_strategy(name: str, params: Mapping[str, SearchStrategy[Any]],
-                     fixed: Mapping[str, Any]) -> SearchStrategy[Modification]:
+def _config_strategy(
+    name: str, params: Mapping[str, SearchStrategy[Any]], fixed: Mapping[str, Any]
+) -> SearchStrategy[Modification]:
     """Configs of ``name``: the explored parameters drawn, ``params`` as given, ``fixed`` kept."""
     given = set(params) | set(fixed)
     drawn: dict[str, SearchStrategy[Any]] = {}
@@ -205,16 +227,23 @@ def _config_strategy(name: str, params: Mapping[str, SearchStrategy[Any]],
         if strategy is None:
             raise HemorrhageError(
                 f"modifications(): no known values for {name}'s parameter {p!r}; pass "
-                f"params={{'{name}': {{'{p}': <strategy>}}}} or {p}=<value>")
+                f"params={{'{name}': {{'{p}': <strategy>}}}} or {p}=<value>"
+            )
         drawn[p] = strategy
     drawn.update(params)
     covered = given | {q for k in drawn for q in k.split(",")}
-    missing = [p for p, f in _fields(name).items() if p not in covered
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [
+        p
+        for p, f in _fields(name).items()
+        if p not in covered
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise HemorrhageError(
             f"modifications(): no known values for {name}'s required parameter(s) "
-            f"{', '.join(missing)}; pass params={{'{name}': {{'{missing[0]}': <strategy>}}}}")
+            f"{', '.join(missing)}; pass params={{'{name}': {{'{missing[0]}': <strategy>}}}}"
+        )
 
     @st.composite
     def build(draw: Callable[[SearchStrategy[Any]], Any]) -> Modification:
@@ -236,9 +265,12 @@ def _config_strategy(name: str, params: Mapping[str, SearchStrategy[Any]],
     return build()
 
 
-def modifications(*, names: Sequence[str] | None = None,
-                  params: Mapping[str, Mapping[str, SearchStrategy[Any]]] | None = None,
-                  **fixed: Any) -> SearchStrategy[Modification]:
+def modifications(
+    *,
+    names: Sequence[str] | None = None,
+    params: Mapping[str, Mapping[str, SearchStrategy[Any]]] | None = None,
+    **fixed: Any,
+) -> SearchStrategy[Modification]:
     """Configs of registered modifications with valid parameters, ready for ``measure()``.
 
     Args:
@@ -261,8 +293,11 @@ def modifications(*, names: Sequence[str] | None = None,
     for name in registry.names() if names is None else names:
         known = set(_fields(name)) | {"include", "exclude"}
         try:
-            strategies.append(_config_strategy(
-                name, params.get(name, {}), {k: v for k, v in fixed.items() if k in known}))
+            strategies.append(
+                _config_strategy(
+                    name, params.get(name, {}), {k: v for k, v in fixed.items() if k in known}
+                )
+            )
         except HemorrhageError:
             if names is not None:
                 raise
@@ -272,9 +307,14 @@ def modifications(*, names: Sequence[str] | None = None,
     return st.one_of(strategies)
 
 
-def quant_configs(*, names: Sequence[str] | None = None, min_bits: int = 1, max_bits: int = 8,
-                  params: Mapping[str, Mapping[str, SearchStrategy[Any]]] | None = None,
-                  **fixed: Any) -> SearchStrategy[Modification]:
+def quant_configs(
+    *,
+    names: Sequence[str] | None = None,
+    min_bits: int = 1,
+    max_bits: int = 8,
+    params: Mapping[str, Mapping[str, SearchStrategy[Any]]] | None = None,
+    **fixed: Any,
+) -> SearchStrategy[Modification]:
     """Configs of the registered quantizers (``quant.*``), bits in [min_bits, max_bits].
 
     Args:
@@ -290,15 +330,20 @@ def quant_configs(*, names: Sequence[str] | None = None, min_bits: int = 1, max_
         if _has_field(name, "bits"):
             valid = [b for b in range(min_bits, max_bits + 1) if accepts(name, {"bits": b})]
             if not valid:
-                raise HemorrhageError(f"quant_configs: {name} accepts no bit width in "
-                                      f"[{min_bits}, {max_bits}]")
+                raise HemorrhageError(
+                    f"quant_configs: {name} accepts no bit width in [{min_bits}, {max_bits}]"
+                )
             bits[name] = {"bits": bit_widths(choices=valid)}
     return modifications(names=names, params=_merge(bits, params), **fixed)
 
 
-def prune_configs(*, names: Sequence[str] | None = None, max_sparsity: float = 1.0,
-                  params: Mapping[str, Mapping[str, SearchStrategy[Any]]] | None = None,
-                  **fixed: Any) -> SearchStrategy[Modification]:
+def prune_configs(
+    *,
+    names: Sequence[str] | None = None,
+    max_sparsity: float = 1.0,
+    params: Mapping[str, Mapping[str, SearchStrategy[Any]]] | None = None,
+    **fixed: Any,
+) -> SearchStrategy[Modification]:
     """Configs of the registered pruners (``prune.*``), sparsity up to ``max_sparsity``.
 
     Args:
@@ -339,17 +384,25 @@ def _has_field(name: str, param: str) -> bool:
     return any(f.name == param for f in dataclasses.fields(config_cls))
 
 
-def _merge(ours: Mapping[str, Mapping[str, Any]], theirs: Mapping[str, Mapping[str, Any]] | None
-           ) -> dict[str, dict[str, Any]]:
+def _merge(
+    ours: Mapping[str, Mapping[str, Any]], theirs: Mapping[str, Mapping[str, Any]] | None
+) -> dict[str, dict[str, Any]]:
     out = {k: dict(v) for k, v in ours.items()}
     for name, strategies in (theirs or {}).items():
         out.setdefault(name, {}).update(strategies)
     return out
 
 
-def near_threshold(name: str, param: str, *, lo: float | None = None, hi: float | None = None,
-                   width: float | None = None, estimate: float | None = None,
-                   **fixed: Any) -> SearchStrategy[Any]:
+def near_threshold(
+    name: str,
+    param: str,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    width: float | None = None,
+    estimate: float | None = None,
+    **fixed: Any,
+) -> SearchStrategy[Any]:
     """Values of ``param`` concentrated around this model's threshold, covering the range.
 
     Half of the draws fall within ``width`` of the threshold estimated for this model, data,
@@ -375,8 +428,9 @@ def near_threshold(name: str, param: str, *, lo: float | None = None, hi: float 
         grid = [v for v in range(int(lo), int(hi) + 1) if accepts(name, {**fixed, param: v})]
     else:
         digits = max(0, -math.floor(math.log10(step)) + 2)
-        grid = [round(lo + i * step, digits)
-                for i in range(math.floor((hi - lo) / step + 1e-9) + 1)]
+        grid = [
+            round(lo + i * step, digits) for i in range(math.floor((hi - lo) / step + 1e-9) + 1)
+        ]
     if not domain.increasing:
         grid.reverse()  # index 0 is always the gentlest value: shrinking goes there
     steps = len(grid) - 1

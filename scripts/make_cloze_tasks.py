@@ -54,7 +54,7 @@ def sentences(text: str) -> list[tuple[str, str]]:
 
 
 def spans(words: list[str]) -> list[str]:
-    return [" " + " ".join(words[i: i + SPAN]) for i in range(len(words) - SPAN + 1)]
+    return [" " + " ".join(words[i : i + SPAN]) for i in range(len(words) - SPAN + 1)]
 
 
 def make_items(text: str, count: int, seed: int) -> list[dict[str, object]]:
@@ -75,15 +75,17 @@ def make_items(text: str, count: int, seed: int) -> list[dict[str, object]]:
         previous, sentence = usable[index]
         words = sentence.split()
         cut = rng.randint(MIN_PREFIX, len(words) - SPAN)
-        answer = " " + " ".join(words[cut: cut + SPAN])
+        answer = " " + " ".join(words[cut : cut + SPAN])
         context = " ".join(filter(None, [previous, " ".join(words[:cut])]))
         if len(context) > MAX_CONTEXT:
             context = context[-MAX_CONTEXT:].partition(" ")[2]
         low, high = len(answer) * (1 - LENGTH_SLACK), len(answer) * (1 + LENGTH_SLACK)
         own = set(spans(words))
         target = rarity(answer)
-        near = sorted((s for s in pool if low <= len(s) <= high and s not in own),
-                      key=lambda s: (abs(pool_rarity[s] - target), s))[:NEAREST]
+        near = sorted(
+            (s for s in pool if low <= len(s) <= high and s not in own),
+            key=lambda s: (abs(pool_rarity[s] - target), s),
+        )[:NEAREST]
         choices = rng.sample(near, CHOICES - 1)
         position = rng.randrange(CHOICES)
         choices.insert(position, answer)

@@ -41,8 +41,15 @@ def gpt2(tiny):
     from pytest_hemorrhage.settings import Settings
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tiny.tokenizer), n_positions=128, n_embd=64, n_layer=2,
-                        n_head=4, bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        vocab_size=len(tiny.tokenizer),
+        n_positions=128,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     model = GPT2LMHeadModel(config).eval()
     with torch.no_grad():  # random init leaves biases at zero; give them values to matter
         for name, param in model.named_parameters():

@@ -34,7 +34,8 @@ def test_every_metric_has_a_paired_standard_error(task_harness):
     # paired: a model identical to the baseline has no spread to report, whatever the data
     same = task_harness.measure([("prune.magnitude", {"sparsity": 0.0})], TASK_METRICS)
     assert {m: same.stderr[m] for m in same.metrics if m not in missing} == {
-        m: 0.0 for m in same.metrics if m not in missing}
+        m: 0.0 for m in same.metrics if m not in missing
+    }
 
 
 def test_token_metrics_count_windows_as_the_independent_draws(harness):
@@ -77,15 +78,19 @@ def test_confidence_fails_only_on_the_upper_bound(task_harness, pytester):
         """
     )
     settings = task_harness.settings
-    result = pytester.runpytest("--hemorrhage-model=hemorrhage-tiny",
-                                f"--hemorrhage-tokens={settings.tokens}",
-                                f"--hemorrhage-tasks={settings.tasks[0]}",
-                                "-p", "no:cacheprovider")
+    result = pytester.runpytest(
+        "--hemorrhage-model=hemorrhage-tiny",
+        f"--hemorrhage-tokens={settings.tokens}",
+        f"--hemorrhage-tasks={settings.tasks[0]}",
+        "-p",
+        "no:cacheprovider",
+    )
     result.assert_outcomes(passed=1, failed=1)
     for metric in limits:
         value, bound = r.metrics[metric], r.metrics[metric] + z * r.stderr[metric]
-        result.stdout.fnmatch_lines([
-            f"*{metric}: {value:.4f} (upper 95% bound {bound:.4f}) > {limits[metric]:.4f} (*"])
+        result.stdout.fnmatch_lines(
+            [f"*{metric}: {value:.4f} (upper 95% bound {bound:.4f}) > {limits[metric]:.4f} (*"]
+        )
     result.stdout.fnmatch_lines(["*test_upper_bound*", "*hemorrhage begins at block *"])
 
 

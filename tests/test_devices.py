@@ -176,9 +176,16 @@ def test_what_touches_offloaded_weights_is_refused(offloaded, stages):
 
 
 # what measures a disk-offloaded model, everything else being refused in one line
-WORKS_OFFLOADED = {"decode.repetition_penalty", "decode.sampling", "decode.temperature",
-                   "decode.top_k", "decode.top_p", "expand.layers", "prune.layers",
-                   "quant.kv_cache"}
+WORKS_OFFLOADED = {
+    "decode.repetition_penalty",
+    "decode.sampling",
+    "decode.temperature",
+    "decode.top_k",
+    "decode.top_p",
+    "expand.layers",
+    "prune.layers",
+    "quant.kv_cache",
+}
 
 
 @pytest.mark.parametrize(

@@ -111,8 +111,14 @@ def test_nonfinite_embeddings_are_counted():
 
 
 def test_split_texts_lines_then_sentences_short_pieces_and_repeats_dropped():
-    text = "First sentence here. Second one follows!\nok\n\nA third line stays\nFirst sentence here."
-    assert split_texts(text) == ["First sentence here.", "Second one follows!", "A third line stays"]
+    text = (
+        "First sentence here. Second one follows!\nok\n\nA third line stays\nFirst sentence here."
+    )
+    assert split_texts(text) == [
+        "First sentence here.",
+        "Second one follows!",
+        "A third line stays",
+    ]
 
 
 def test_mean_pooling_ignores_padding_and_normalizes():

@@ -25,8 +25,14 @@ from pytest_hemorrhage.report import plots, terminal
 from pytest_hemorrhage.session import HemorrhageSession
 from pytest_hemorrhage.settings import Settings
 
-MODEL = ("--hemorrhage-model=hemorrhage-tiny", "--hemorrhage-tokens=1024", "-p",
-         "no:cacheprovider", "--hypothesis-profile=hemorrhage-ci")
+MODEL = (
+    "--hemorrhage-model=hemorrhage-tiny",
+    "--hemorrhage-tokens=1024",
+    "-p",
+    "no:cacheprovider",
+    "--hypothesis-profile=hemorrhage-ci",
+)
+
 
 # Until plugin.py calls these itself, the pytester runs get the same wiring from a conftest.
 # A modification whose damage grows with x except for a dip where it vanishes (non-monotone).
@@ -102,8 +108,10 @@ def test_bisection_reaches_tol_in_eight_measures(small, request):
 
 
 def test_integer_parameters_search_in_the_damage_direction(small, request):
-    budget = (_ppl(small, "quant.rtn", bits=2, group_size=32)
-              + _ppl(small, "quant.rtn", bits=8, group_size=32)) / 2
+    budget = (
+        _ppl(small, "quant.rtn", bits=2, group_size=32)
+        + _ppl(small, "quant.rtn", bits=8, group_size=32)
+    ) / 2
     h = _fixture(small, request, ppl_increase=budget)
     t = h.find_threshold("quant.rtn", "bits", group_size=32)
     assert t.evaluations <= 4  # 1 + log2(7 gaps)
@@ -146,8 +154,10 @@ def _profile(x: np.ndarray, y: np.ndarray, s0: float) -> tuple[np.ndarray, float
     by least squares with s0 fixed, written out independently of explore.fit:
     ((log a, b, c), residual sum of squares)."""
     below = x <= s0
-    design = np.stack([np.ones_like(x), np.where(below, np.log(x), np.log(s0)),
-                       np.where(below, 0.0, x - s0)], axis=1)
+    design = np.stack(
+        [np.ones_like(x), np.where(below, np.log(x), np.log(s0)), np.where(below, 0.0, x - s0)],
+        axis=1,
+    )
     coef, *_ = np.linalg.lstsq(design, np.log(y), rcond=None)
     return coef, float(np.sum((design @ coef - np.log(y)) ** 2))
 
@@ -163,9 +173,11 @@ def test_sweep_says_why_magnitude_pruning_has_no_transition_here(small, request)
     # On the bundled model the curve bends at ~0.5 sparsity, but not sharply enough: the
     # exponential's rate is under twice the power law's there, so no transition is reported.
     assert s.s0 is None and s.s0_stderr is None and not s.fit.transition
-    found = re.fullmatch(r"the exponential rate c=(\S+) is not clearly larger than the power "
-                         r"law's local growth b/s0=(\S+) \(for a kink at x=(\S+)\)",
-                         s.fit.reason)
+    found = re.fullmatch(
+        r"the exponential rate c=(\S+) is not clearly larger than the power "
+        r"law's local growth b/s0=(\S+) \(for a kink at x=(\S+)\)",
+        s.fit.reason,
+    )
     assert found, s.fit.reason
     c, local, kink = (float(v) for v in found.groups())
     # the kink is where the piecewise law fits best among those keeping 3 points on each side
@@ -193,8 +205,10 @@ def test_bits_are_fitted_on_the_bits_removed_axis(small, request):
     no_damage = sum(m <= 0 for m in s.curve)
     assert s.curve[0] <= 0 < min(s.curve[1:]) and no_damage == 1
     assert s.s0 is None and s.fit.n_points == 4
-    assert s.fit.reason == ("too few points: 4 usable, need 3 on each side of s0 (1 point(s) "
-                            "dropped: non-finite, x <= 0 or no damage above baseline)")
+    assert s.fit.reason == (
+        "too few points: 4 usable, need 3 on each side of s0 (1 point(s) "
+        "dropped: non-finite, x <= 0 or no damage above baseline)"
+    )
 
 
 def test_collect_shrinking_reduces_examples_to_the_breaking_point():
@@ -202,14 +216,37 @@ def test_collect_shrinking_reduces_examples_to_the_breaking_point():
     item = SimpleNamespace(nodeid="t.py::test_x", user_properties=[])
     budget = {"ppl_increase": 0.1}
     # (sparsity, ppl_increase): non-monotone at 0.55 (passes above a break)
-    for x, m in [(0.9, 0.5), (0.3, 0.01), (0.6, 0.2), (0.45, 0.05), (0.5, 0.12),
-                 (0.55, 0.08), (0.5, 0.12)]:
-        session.records.append({"nodeid": item.nodeid, "modification": "prune.magnitude",
-                                "params": {"sparsity": x, "scope": "layer"},
-                                "metrics": {"ppl_increase": m}, "budget": budget,
-                                "violations": ["over"] if m > 0.1 else [], "outcome": None})
-    session.records.append({"nodeid": "other", "modification": "x", "params": {},
-                            "metrics": {}, "budget": {}, "violations": [], "outcome": None})
+    for x, m in [
+        (0.9, 0.5),
+        (0.3, 0.01),
+        (0.6, 0.2),
+        (0.45, 0.05),
+        (0.5, 0.12),
+        (0.55, 0.08),
+        (0.5, 0.12),
+    ]:
+        session.records.append(
+            {
+                "nodeid": item.nodeid,
+                "modification": "prune.magnitude",
+                "params": {"sparsity": x, "scope": "layer"},
+                "metrics": {"ppl_increase": m},
+                "budget": budget,
+                "violations": ["over"] if m > 0.1 else [],
+                "outcome": None,
+            }
+        )
+    session.records.append(
+        {
+            "nodeid": "other",
+            "modification": "x",
+            "params": {},
+            "metrics": {},
+            "budget": {},
+            "violations": [],
+            "outcome": None,
+        }
+    )
     explore.hypothesis.collect_shrinking(item, session)
     [record] = session.explorations
     assert (record["value"], record["bracket"], record["evaluations"]) == (0.5, [0.45, 0.5], 6)
@@ -222,10 +259,17 @@ def test_noise_around_zero_damage_is_not_called_non_monotone():
     session = HemorrhageSession(Settings.defaults())
     item = SimpleNamespace(nodeid="t.py::test_y", user_properties=[])
     for x, m in [(0.0, 0.0), (0.02, -6e-5), (0.1, 0.01), (0.2, 0.03)]:
-        session.records.append({"nodeid": item.nodeid, "modification": "prune.wanda",
-                                "params": {"sparsity": x}, "metrics": {"ppl_increase": m},
-                                "budget": {"ppl_increase": 0.1}, "violations": [],
-                                "outcome": None})
+        session.records.append(
+            {
+                "nodeid": item.nodeid,
+                "modification": "prune.wanda",
+                "params": {"sparsity": x},
+                "metrics": {"ppl_increase": m},
+                "budget": {"ppl_increase": 0.1},
+                "violations": [],
+                "outcome": None,
+            }
+        )
     explore.hypothesis.collect_shrinking(item, session)
     [record] = session.explorations
     assert record["value"] is None and record["bracket"] == [0.2, None]
@@ -275,7 +319,8 @@ def test_plots_are_written_per_curve(small, request, tmp_path):
     paths = plots.write_plots(h._session.explorations, tmp_path / "plots")
     assert [p.name for p in paths] == [
         "test_plots_are_written_per_curve-sweep-prune.magnitude-sparsity.png",
-        "test_plots_are_written_per_curve-threshold-quant.rtn-bits.png"]
+        "test_plots_are_written_per_curve-threshold-quant.rtn-bits.png",
+    ]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
 
 
@@ -287,7 +332,7 @@ def test_missing_matplotlib_names_the_extra(monkeypatch):
 
 # The database is the default one, named explicitly: in-process pytester runs share the outer
 # run's hypothesis, whose default directory was fixed when it was first imported.
-SHRINK_VS_BISECT = '''
+SHRINK_VS_BISECT = """
 import json, pytest
 from hypothesis import given, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
@@ -305,9 +350,9 @@ def test_shrink(hemorrhage, sparsity):
 def test_bisect(hemorrhage):
     t = hemorrhage.find_threshold("prune.magnitude", "sparsity", lo=0.3, hi=0.95)
     assert t.evaluations <= 8
-'''
+"""
 
-NEAR = '''
+NEAR = """
 import pytest
 from hypothesis import given, settings, Phase
 from pytest_hemorrhage import strategies as hst
@@ -318,13 +363,16 @@ from pytest_hemorrhage import strategies as hst
 def test_near(hemorrhage, sparsity):
     with open("drawn.txt", "a") as f:
         f.write(f"{{sparsity}}\\n")
-'''
+"""
 
 
 def _falsifying(output: str) -> float:
     # hypothesis >= 6.16x says "Failing test case", older releases "Falsifying example"
-    match = re.search(r"(?:Falsifying example|Failing test case): test_shrink\(.*?sparsity=([0-9.]+)",
-                      output, re.S)
+    match = re.search(
+        r"(?:Falsifying example|Failing test case): test_shrink\(.*?sparsity=([0-9.]+)",
+        output,
+        re.S,
+    )
     assert match, output
     return float(match.group(1))
 
@@ -334,8 +382,9 @@ def test_shrinking_and_bisection_agree_and_the_database_replays(pytester, small,
     # a budget that magnitude pruning crosses mid-range on this model, whatever its training
     budget = round(_ppl(small, "prune.magnitude", sparsity=0.7), 6)
     pytester.makepyfile(test_explore_me=SHRINK_VS_BISECT.format(budget=budget))
-    result = pytester.runpytest(*MODEL, "--hemorrhage-report=report.json",
-                                "--hemorrhage-plot=plots")
+    result = pytester.runpytest(
+        *MODEL, "--hemorrhage-report=report.json", "--hemorrhage-plot=plots"
+    )
     result.assert_outcomes(passed=1, failed=1)
     output = result.stdout.str()
     assert "FailedHealthCheck" not in output and "DeadlineExceeded" not in output

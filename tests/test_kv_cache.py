@@ -15,8 +15,9 @@ GENERATION = frozenset({"gen_mismatch"})
 @pytest.fixture(scope="module")
 def by_bits(harness):
     before = snapshot(harness.model)
-    measured = {b: harness.measure([("quant.kv_cache", {"bits": b})], GENERATION)
-                for b in (8, 4, 2)}
+    measured = {
+        b: harness.measure([("quant.kv_cache", {"bits": b})], GENERATION) for b in (8, 4, 2)
+    }
     assert_restored(harness.model, before)
     assert "forward" not in vars(harness.model)  # the wrapper is gone, not shadowed by a copy
     return measured
@@ -52,8 +53,9 @@ def test_kept_residual_tokens_stay_in_full_precision(harness):
 
 
 @pytest.mark.parametrize("residual_length", [0, 40])
-def test_the_last_chunk_is_not_requantized_and_no_logit_changes(harness, monkeypatch,
-                                                                 residual_length):
+def test_the_last_chunk_is_not_requantized_and_no_logit_changes(
+    harness, monkeypatch, residual_length
+):
     """Nothing reads what the last chunk caches: transformers' QuantizedCache fed every chunk
     as is gives the same logits bit for bit, with one re-quantization per layer more."""
     from transformers.cache_utils import HQQQuantizedLayer
@@ -66,15 +68,21 @@ def test_the_last_chunk_is_not_requantized_and_no_logit_changes(harness, monkeyp
 
     calls = []
     real = HQQQuantizedLayer._quantize
-    monkeypatch.setattr(HQQQuantizedLayer, "_quantize",
-                        lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    monkeypatch.setattr(
+        HQQQuantizedLayer, "_quantize", lambda self, *a, **k: calls.append(1) or real(self, *a, **k)
+    )
     config = make("quant.kv_cache", {"bits": 2, "chunk": 32, "residual_length": residual_length})
     model, ids = harness.model, harness.windows.eval[:4]
     with torch.inference_mode():
         cache, as_is = _new_cache(config, model), []
         for start in range(0, ids.shape[1], 32):
-            as_is.append(model(input_ids=ids[:, start : start + 32], use_cache=True,
-                               **{_cache_keyword(model): cache}).logits)
+            as_is.append(
+                model(
+                    input_ids=ids[:, start : start + 32],
+                    use_cache=True,
+                    **{_cache_keyword(model): cache},
+                ).logits
+            )
         fed, calls[:] = len(calls), []
         ours = quantized_forward(config, model)(input_ids=ids).logits
     assert torch.equal(ours, torch.cat(as_is, 1))
@@ -124,7 +132,14 @@ def test_an_encoder_is_refused(harness):
 
     from pytest_hemorrhage.modifications.registry import Patch, apply
 
-    bert = BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
-                                num_attention_heads=2, intermediate_size=64)).eval()
+    bert = BertModel(
+        BertConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+        )
+    ).eval()
     with pytest.raises(HemorrhageError, match="does not generate \\(an encoder\\)"):
         apply(make("quant.kv_cache"), bert, Patch(bert), harness.context)

@@ -101,8 +101,10 @@ def test_truncated_weights_stop_the_session_once_with_one_line(pytester, tmp_pat
     out = result.stdout.str()
     assert out.count("its weights are damaged") == 1  # once, not per test
     result.stdout.fnmatch_lines(
-        [f"*hemorrhage: --hemorrhage-model={damaged}: its weights are damaged (*); save them "
-         "again with model.save_pretrained(dir), or re-download them*"]
+        [
+            f"*hemorrhage: --hemorrhage-model={damaged}: its weights are damaged (*); save them "
+            "again with model.save_pretrained(dir), or re-download them*"
+        ]
     )
     assert "SafetensorError" not in out and "Traceback" not in out
 

@@ -50,15 +50,23 @@ def encoder(minilm):
 
 # calibrated methods on one block only: the layout is what is tested, and all six take minutes
 ONE_BLOCK = {"include": ("encoder.layer.0.*",)}
-SLOW = {"quant.gptq", "quant.awq", "quant.hqq", "prune.sparsegpt", "lowrank.asvd",
-        "lowrank.svd", "prune.gradient"}
+SLOW = {
+    "quant.gptq",
+    "quant.awq",
+    "quant.hqq",
+    "prune.sparsegpt",
+    "lowrank.asvd",
+    "lowrank.svd",
+    "prune.gradient",
+}
 REFUSED = {  # a rotation that needs RMSNorm, and what an encoder has not
     "prune.slicegpt": "is not a Llama-style RMSNorm model",
     "quant.kv_cache": "does not generate",
     "decode.": "changes next-token decoding, which an encoder does not have",
 }
-BUILT_IN = [n for n in registry.names()
-            if registry.get(n)[1].__module__.startswith("pytest_hemorrhage.")]
+BUILT_IN = [
+    n for n in registry.names() if registry.get(n)[1].__module__.startswith("pytest_hemorrhage.")
+]
 
 
 @pytest.mark.parametrize("name", BUILT_IN)
@@ -84,14 +92,20 @@ def test_zeroed_heads_and_channels_of_bert_equal_their_removal_despite_biases(en
 
     model = encoder.model
     for name, params, consumer, cols in [
-        ("prune.heads", {"heads": [(0, 1), (2, 5)]}, "attention.output.dense",
-         {0: (32, 64), 2: (160, 192)}),
+        (
+            "prune.heads",
+            {"heads": [(0, 1), (2, 5)]},
+            "attention.output.dense",
+            {0: (32, 64), 2: (160, 192)},
+        ),
         ("prune.channels", {"fraction": 0.25, "importance": "weight"}, "output.dense", None),
     ]:
         with encoder.modified([(name, params)]):
             pruned = encoder.embed()
-            dead = {i: (model.get_submodule(f"encoder.layer.{i}.{consumer}").weight == 0).all(0)
-                    for i in range(6)}
+            dead = {
+                i: (model.get_submodule(f"encoder.layer.{i}.{consumer}").weight == 0).all(0)
+                for i in range(6)
+            }
         if cols:
             assert {i for i, d in dead.items() if d.any()} == set(cols)
             for i, (a, b) in cols.items():
@@ -170,8 +184,11 @@ def test_texts_fewer_than_the_retrieval_k_are_refused(minilm, tmp_path):
 def test_the_encoder_given_as_a_causal_lm_is_refused_naming_its_random_head(tmp_path):
     """Today's silent garbage: transformers loads the MiniLM folder as BertLMHeadModel with a
     randomly initialized prediction head."""
-    with pytest.raises(HemorrhageError, match=r"BertLMHeadModel left 6 weight\(s\) randomly "
-                       r"initialized.*cls\.predictions.*no language-model head"):
+    with pytest.raises(
+        HemorrhageError,
+        match=r"BertLMHeadModel left 6 weight\(s\) randomly "
+        r"initialized.*cls\.predictions.*no language-model head",
+    ):
         load_model(str(minilm_dir()), device="cpu", as_kind=CAUSAL)
     # the same folder whose config claims an LM head is detected as a causal LM, and refused
     folder = tmp_path / "bert-lm"
@@ -192,8 +209,11 @@ def test_a_causal_lm_without_its_lm_head_is_refused(tmp_path):
     weights = load_file(folder / "model.safetensors")
     del weights["lm_head.weight"]
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(HemorrhageError, match=r"LlamaForCausalLM left 1 weight\(s\) randomly "
-                       r"initialized.*\(lm_head\.weight\).*no language-model head"):
+    with pytest.raises(
+        HemorrhageError,
+        match=r"LlamaForCausalLM left 1 weight\(s\) randomly "
+        r"initialized.*\(lm_head\.weight\).*no language-model head",
+    ):
         load_model(str(folder), device="cpu")
 
 
@@ -243,22 +263,29 @@ def test_two_bits_bleed(hemorrhage):
 def test_the_plugin_measures_an_encoder_shows_its_kind_and_refuses_token_budgets(pytester):
     pytester.makepyfile(test_encoder=PLUGIN_TESTS)
     result = pytester.runpytest(
-        f"--hemorrhage-model={MINILM_NAME}", "--hemorrhage-tokens=400", "-p", "no:randomly",
+        f"--hemorrhage-model={MINILM_NAME}",
+        "--hemorrhage-tokens=400",
+        "-p",
+        "no:randomly",
         "--hemorrhage-report=r.json",
     )
     result.assert_outcomes(passed=1, failed=1, errors=1)
-    result.stdout.fnmatch_lines([
-        "hemorrhage over budget for quant.rtn bits=2*",  # and where the encoder bleeds
-        "*emb_cos_drift: * > 0.0100*",
-        "*hemorrhage begins at block *",
-        "*drift by block (relative L2 of the residual stream): 0:* 5:*",
-    ])
-    result.stdout.fnmatch_lines([
-        "*test_token_metric*kl_mean measure(s) a causal LM, but the model under test is an "
-        "encoder; the metrics that apply: emb_cos_drift, emb_cos_p99, retrieval_drop, "
-        "sim_rank_drop*",
-        f"*{MINILM_NAME}*encoder*",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "hemorrhage over budget for quant.rtn bits=2*",  # and where the encoder bleeds
+            "*emb_cos_drift: * > 0.0100*",
+            "*hemorrhage begins at block *",
+            "*drift by block (relative L2 of the residual stream): 0:* 5:*",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "*test_token_metric*kl_mean measure(s) a causal LM, but the model under test is an "
+            "encoder; the metrics that apply: emb_cos_drift, emb_cos_p99, retrieval_drop, "
+            "sim_rank_drop*",
+            f"*{MINILM_NAME}*encoder*",
+        ]
+    )
     report = json.loads((pytester.path / "r.json").read_text())
     assert report["model"]["kind"] == ENCODER
     assert report["model"]["pooling"] == "sentence-transformers: mean pooling, normalized"
@@ -291,6 +318,8 @@ def test_x(hemorrhage):
     result = pytester.runpytest("--hemorrhage-model=hemorrhage-tiny", "--hemorrhage-tokens=512")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(
-        ["*retrieval_drop measure(s) an encoder, but the model under test is a causal LM; "
-         "the metrics that apply: ppl_increase*"]
+        [
+            "*retrieval_drop measure(s) an encoder, but the model under test is a causal LM; "
+            "the metrics that apply: ppl_increase*"
+        ]
     )

@@ -53,8 +53,9 @@ def test_smoothquant_cuts_w8a8_drift_more_than_twofold(encoder):
     assert plain / smoothed > 2.0, (smoothed, plain)  # measured 2.3x
 
 
-@pytest.mark.parametrize(("sparsity", "wanda_gain", "gradient_gain"),
-                         [(0.5, 1.6, 1.4), (0.7, 1.35, 1.25)])
+@pytest.mark.parametrize(
+    ("sparsity", "wanda_gain", "gradient_gain"), [(0.5, 1.6, 1.4), (0.7, 1.35, 1.25)]
+)
 def test_activation_and_gradient_aware_pruning_beat_magnitude(
     encoder, sparsity, wanda_gain, gradient_gain
 ):

@@ -384,6 +384,7 @@ def test_solves_overwrite_only_hessians_no_one_else_reads(harness):
     targets = make("quant.gptq", {"include": ("*.layers.0.*", "*.layers.1.*")}).targets(
         harness.model
     )
+
     def solve(target, hessian):
         received[target.name] = hessian.clone()
         obs.gptq_quantize(target.weight, hessian, obs.GPTQ(bits=3), target.name, overwrite=True)

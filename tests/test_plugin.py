@@ -156,9 +156,7 @@ def test_json_report_and_junit_properties(pytester):
     assert properties["hemorrhage.quant.rtn.kl_mean"] == pytest.approx(second["metrics"]["kl_mean"])
 
 
-def test_the_model_is_bit_identical_after_a_test_fails_inside_a_modification(
-    pytester, monkeypatch
-):
+def test_the_model_is_bit_identical_after_a_test_fails_inside_a_modification(pytester, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")  # the short summary keeps the error message
     pytester.makepyfile("""
         import torch
@@ -281,7 +279,9 @@ def test_jsonl_data_and_text_directories(pytester):
     )
     seen = {}
     for source in ("d.jsonl", "texts", "c.txt"):
-        result = pytester.runpytest(*MODEL, f"--hemorrhage-data={source}", "--hemorrhage-report=r.json")
+        result = pytester.runpytest(
+            *MODEL, f"--hemorrhage-data={source}", "--hemorrhage-report=r.json"
+        )
         result.assert_outcomes(passed=1)
         seen[source] = json.loads((pytester.path / "r.json").read_text())["data"]
     # the report names each source; the same text read three ways gives the same windows

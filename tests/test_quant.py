@@ -47,8 +47,11 @@ SETTINGS = {
 
 def _differences(model, before) -> list[str]:
     after = model.state_dict()
-    return [k for k, (t, ptr) in before.items()
-            if k not in after or after[k].data_ptr() != ptr or not torch.equal(after[k], t)]
+    return [
+        k
+        for k, (t, ptr) in before.items()
+        if k not in after or after[k].data_ptr() != ptr or not torch.equal(after[k], t)
+    ]
 
 
 def _harness(loaded, **settings):
@@ -71,8 +74,11 @@ def _layer(kind: str, in_features: int = 128, out_features: int = 96) -> nn.Modu
     from transformers.pytorch_utils import Conv1D
 
     g = torch.Generator().manual_seed(1)
-    layer = nn.Linear(in_features, out_features) if kind == "linear" else Conv1D(out_features,
-                                                                                 in_features)
+    layer = (
+        nn.Linear(in_features, out_features)
+        if kind == "linear"
+        else Conv1D(out_features, in_features)
+    )
     with torch.no_grad():
         layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * 0.05)
         layer.bias.copy_(torch.randn(out_features, generator=g) * 0.1)
@@ -122,11 +128,11 @@ def test_rtn_zero_point_and_binary_match_by_hand():
     q = rtn_quantize(w, bits=2, group_size=6, symmetric=False)
     for row in range(3):
         for start in (0, 6):
-            g = w[row, start:start + 6]
+            g = w[row, start : start + 6]
             scale = (g.max() - g.min()) / 3
             zero = (-g.min() / scale).round()
             expected = [(min(max(round(float(v / scale)) + zero, 0), 3) - zero) * scale for v in g]
-            assert torch.allclose(q[row, start:start + 6], torch.stack(expected), atol=1e-6)
+            assert torch.allclose(q[row, start : start + 6], torch.stack(expected), atol=1e-6)
     binary = rtn_quantize(w, bits=1, group_size=0, symmetric=True)
     assert torch.allclose(binary, w.sign() * w.abs().mean(1, keepdim=True))
 
@@ -163,6 +169,7 @@ def test_bnb_int8_is_llm_int8_computed_by_hand(kind):
     w, b, x = _weight(layer), layer.bias.detach(), _x()
     modified, _, patch = _swapped("quant.bnb_int8", {"threshold": 0.0}, layer)
     import bitsandbytes as bnb  # after the swap, which imports it quietly
+
     int8 = modified.layer
     assert isinstance(int8, bnb.nn.Linear8bitLt)
     cb, scb, _ = bnb.functional.int8_vectorwise_quant(w.half().contiguous())
@@ -202,11 +209,12 @@ def test_bnb_4bit_runs_on_the_library_dequantized_weight(kind, quant_type, doubl
     params = {"quant_type": quant_type, "double_quant": double_quant, "blocksize": 32}
     modified, _, patch = _swapped("quant.bnb_4bit", params, layer)
     import bitsandbytes as bnb
+
     assert isinstance(modified, bnb.nn.Linear4bit)
     deq = bnb.functional.dequantize_4bit(modified.weight.data, modified.weight.quant_state)
-    packed, state = bnb.functional.quantize_4bit(w.contiguous(), blocksize=32,
-                                                 compress_statistics=double_quant,
-                                                 quant_type=quant_type)
+    packed, state = bnb.functional.quantize_4bit(
+        w.contiguous(), blocksize=32, compress_statistics=double_quant, quant_type=quant_type
+    )
     assert torch.equal(deq, bnb.functional.dequantize_4bit(packed, state))  # (out, in) of W
     with torch.inference_mode():
         y = modified(x)
@@ -220,12 +228,19 @@ def test_bnb_4bit_runs_on_the_library_dequantized_weight(kind, quant_type, doubl
 def test_hqq_runs_on_the_library_dequantized_weight(kind, bits, axis):
     layer = _layer(kind)
     w, b, x = _weight(layer).clone(), layer.bias.detach(), _x()
-    modified, _, patch = _swapped("quant.hqq", {"bits": bits, "group_size": 32, "axis": axis},
-                                  layer)
+    modified, _, patch = _swapped(
+        "quant.hqq", {"bits": bits, "group_size": 32, "axis": axis}, layer
+    )
     from hqq.core.quantize import BaseQuantizeConfig, HQQLinear  # imported quietly by the swap
+
     assert isinstance(modified, HQQLinear)
-    own = HQQLinear.from_weights(w.clone(), None, BaseQuantizeConfig(bits, 32, axis=axis),
-                                 compute_dtype=torch.float32, device="cpu")
+    own = HQQLinear.from_weights(
+        w.clone(),
+        None,
+        BaseQuantizeConfig(bits, 32, axis=axis),
+        compute_dtype=torch.float32,
+        device="cpu",
+    )
     with torch.inference_mode():
         deq = modified.dequantize()
         y = modified(x)
@@ -258,8 +273,9 @@ def test_w8a8_smoothing_moves_range_from_inputs_to_weights():
     w = torch.randn(16, 8, generator=torch.Generator().manual_seed(3))
     x = torch.randn(5, 8, generator=torch.Generator().manual_seed(4)) * torch.arange(1.0, 9.0)
     s = smooth_scales(x.abs().amax(0), w, alpha=0.5)
-    by_hand = torch.tensor([math.sqrt(float(x[:, j].abs().max()) / float(w[:, j].abs().max()))
-                            for j in range(8)])
+    by_hand = torch.tensor(
+        [math.sqrt(float(x[:, j].abs().max()) / float(w[:, j].abs().max())) for j in range(8)]
+    )
     torch.testing.assert_close(s, by_hand)
     smoothed = W8A8Linear(w, None, s)
     xq, xs = int8_per_row(x / s)
@@ -274,8 +290,10 @@ def test_int8_kernels_in_token_chunks_compute_each_token_as_in_one_call():
     g = torch.Generator().manual_seed(5)
     layer = nn.Linear(24, 40)
     x = torch.randn(2, 37, 24, generator=g)
-    whole, chunked = W8A8Linear(layer.weight, layer.bias), W8A8Linear(layer.weight, layer.bias,
-                                                                     rows=8)
+    whole, chunked = (
+        W8A8Linear(layer.weight, layer.bias),
+        W8A8Linear(layer.weight, layer.bias, rows=8),
+    )
     assert torch.equal(chunked(x), whole(x)) and chunked(x).shape == (2, 37, 40)
     int8 = make("quant.bnb_int8", {"threshold": 0.0, "include": ("0",)})  # per token only
     model = nn.Sequential(nn.Linear(24, 40))
@@ -294,7 +312,8 @@ def _input_abs_max(harness, name: str) -> torch.Tensor:
     module = harness.model.get_submodule(name)
     seen = []
     handle = module.register_forward_pre_hook(
-        lambda _, args: seen.append(args[0].detach().abs().reshape(-1, args[0].shape[-1])))
+        lambda _, args: seen.append(args[0].detach().abs().reshape(-1, args[0].shape[-1]))
+    )
     try:
         with torch.inference_mode():
             harness.model(harness.context.calibration_windows())
@@ -344,7 +363,6 @@ def test_eight_bit_formats_are_nearly_lossless(measured):
     assert fp8["fp8-e4m3"] < fp8["fp8-e5m2"] < 0.02  # 3 mantissa bits beat 2
 
 
-
 # (parameter, {choice: SETTINGS key}): each choice measured on the bundled model.
 CHOICE_KEYS = {
     "dtype": {"float16": "float16", "bfloat16": "bfloat16"},
@@ -366,9 +384,13 @@ def test_strategies_shrink_toward_the_choice_that_measures_gentlest(measured, pa
     gentlest = min(kl, key=kl.get)
     assert CHOICES[param][0] == gentlest, kl
     name = SETTINGS[CHOICE_KEYS[param][gentlest]][0]
-    shrunk = find(hst.modifications(names=[name]), lambda c: True,
-                  settings=settings(database=None, max_examples=50))
+    shrunk = find(
+        hst.modifications(names=[name]),
+        lambda c: True,
+        settings=settings(database=None, max_examples=50),
+    )
     assert getattr(shrunk, param) == gentlest
+
 
 @pytest.mark.parametrize("family", ["rtn", "hqq"])
 def test_fewer_bits_more_damage(measured, family):
@@ -421,12 +443,26 @@ def test_measure_restores_the_model_bit_for_bit(measured, key):
 
 
 # NF4's 16 code values (QLoRA, appendix E): a block's weights over its absmax are these.
-NF4_CODES = torch.tensor([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-])
+NF4_CODES = torch.tensor(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ]
+)
 
 
 def _on_grid(key: str, layer: nn.Module, w: torch.Tensor) -> None:
@@ -484,8 +520,11 @@ def test_gpt2_conv1d_layers_quantize_and_restore(gpt2, key):
 
     name, params = SETTINGS[key]
     model = gpt2.model
-    conv = {n: m.weight.detach().t().clone() for n, m in model.named_modules()
-            if isinstance(m, Conv1D) and n.startswith("transformer.h.")}
+    conv = {
+        n: m.weight.detach().t().clone()
+        for n, m in model.named_modules()
+        if isinstance(m, Conv1D) and n.startswith("transformer.h.")
+    }
     assert len(conv) == 8 and any(w.shape[0] != w.shape[1] for w in conv.values())
     ids = gpt2.windows.eval[:2]
     before = snapshot(model)
@@ -506,9 +545,11 @@ def test_gpt2_conv1d_layers_quantize_and_restore(gpt2, key):
 
 def test_a_composition_failing_halfway_restores_every_stage(harness):
     before = snapshot(harness.model)
-    stages = [("quant.bnb_4bit", {"include": ("*.mlp.*",)}),
-              ("quant.w8a8", {"include": ("*.o_proj",), "smooth": False}),
-              ("quant.hqq", {"include": ("*.k_proj",), "group_size": 16384})]
+    stages = [
+        ("quant.bnb_4bit", {"include": ("*.mlp.*",)}),
+        ("quant.w8a8", {"include": ("*.o_proj",), "smooth": False}),
+        ("quant.hqq", {"include": ("*.k_proj",), "group_size": 16384}),
+    ]
     with pytest.raises(HemorrhageError, match=r"layers\.0\.self_attn\.k_proj \(64x128\)"):
         harness.measure(stages)
     assert not _differences(harness.model, before)
@@ -517,10 +558,12 @@ def test_a_composition_failing_halfway_restores_every_stage(harness):
 
 def test_include_and_exclude_choose_the_swapped_layers(harness):
     with harness.modified([("quant.hqq", {"include": ("*.mlp.*",), "exclude": ("*.layers.0.*",)})]):
-        swapped = {n for n, m in harness.model.named_modules()
-                   if type(m).__name__ == "HQQLinear"}
-    assert swapped == {f"model.layers.{i}.mlp.{p}" for i in (1, 2, 3)
-                       for p in ("gate_proj", "up_proj", "down_proj")}
+        swapped = {n for n, m in harness.model.named_modules() if type(m).__name__ == "HQQLinear"}
+    assert swapped == {
+        f"model.layers.{i}.mlp.{p}"
+        for i in (1, 2, 3)
+        for p in ("gate_proj", "up_proj", "down_proj")
+    }
 
 
 @pytest.mark.parametrize(

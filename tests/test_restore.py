@@ -54,21 +54,23 @@ def registered(name, config, handler):
         registry._REGISTRY.update(saved)
 
 
-
-
-
 def _configs(model) -> st.SearchStrategy[Modification]:
     """Every registered modification with valid random parameters (the project's strategies),
     plus values for the parameters they cannot guess for this model."""
     blocks = len(registry.blocks(model)[1])
     extra = {
-        "expand.layers": {"positions": st.lists(st.integers(-blocks, blocks - 1), min_size=1,
-                                                max_size=3).map(tuple)},
+        "expand.layers": {
+            "positions": st.lists(st.integers(-blocks, blocks - 1), min_size=1, max_size=3).map(
+                tuple
+            )
+        },
         "prune.layers": {"count": st.integers(0, blocks - 1)},
     }
     params = {n: p for n, p in extra.items() if n in names()}
-    return st.one_of(hst.modifications(params=params),
-                     hst.modifications(params=params, exclude=("*.layers.0.*",)))
+    return st.one_of(
+        hst.modifications(params=params),
+        hst.modifications(params=params, exclude=("*.layers.0.*",)),
+    )
 
 
 def test_any_sequence_with_any_failure_restores_the_baseline_bit_for_bit(harness):
@@ -77,11 +79,20 @@ def test_any_sequence_with_any_failure_restores_the_baseline_bit_for_bit(harness
     configs = _configs(model)
     ids = harness.windows.eval[:2]
 
-    @settings(max_examples=20, deadline=None, derandomize=True, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
-    @given(stages=st.lists(configs, min_size=1, max_size=3),
-           failure=st.sampled_from(["none", "handler", "body"]),
-           where=st.integers(0, 3), via_measure=st.booleans(), generate=st.booleans())
+    @settings(
+        max_examples=20,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    )
+    @given(
+        stages=st.lists(configs, min_size=1, max_size=3),
+        failure=st.sampled_from(["none", "handler", "body"]),
+        where=st.integers(0, 3),
+        via_measure=st.booleans(),
+        generate=st.booleans(),
+    )
     def check(stages, failure, where, via_measure, generate):
         stages = list(stages)
         if failure == "handler":
@@ -94,8 +105,12 @@ def test_any_sequence_with_any_failure_restores_the_baseline_bit_for_bit(harness
                 with harness.modified(stages), torch.no_grad():
                     harness.context.logits(ids)
                     if generate:
-                        model.generate(ids[:1, :6], max_new_tokens=2, do_sample=False,
-                                       attention_mask=torch.ones_like(ids[:1, :6]))
+                        model.generate(
+                            ids[:1, :6],
+                            max_new_tokens=2,
+                            do_sample=False,
+                            attention_mask=torch.ones_like(ids[:1, :6]),
+                        )
                     if failure == "body":
                         raise Injected("inside the block")
         except Exception as exc:

@@ -22,8 +22,11 @@ QUIET = settings(database=None, max_examples=200)
 
 
 def test_all_is_complete():
-    public = {n for n, v in vars(hst).items() if not n.startswith("_") and callable(v)
-              and getattr(v, "__module__", "") == hst.__name__}
+    public = {
+        n
+        for n, v in vars(hst).items()
+        if not n.startswith("_") and callable(v) and getattr(v, "__module__", "") == hst.__name__
+    }
     assert public <= set(hst.__all__)
     assert all(hasattr(hst, n) for n in hst.__all__)
 
@@ -55,16 +58,14 @@ def test_sparsities_stay_on_their_grid_and_bounds():
 
 def test_group_sizes_shrink_toward_the_smallest_group():
     assert find(hst.group_sizes(), lambda g: True, settings=QUIET) == 16
-    assert find(hst.group_sizes(per_row=True), lambda g: g == 0 or g >= 64,
-                settings=QUIET) == 64
+    assert find(hst.group_sizes(per_row=True), lambda g: g == 0 or g >= 64, settings=QUIET) == 64
     assert find(hst.group_sizes(per_row=True), lambda g: g == 0, settings=QUIET) == 0
 
 
 def test_nm_patterns_shrink_toward_low_sparsity_then_larger_groups():
     assert find(hst.nm_patterns(), lambda nm: True, settings=QUIET) == (7, 8)
     # the gentlest 50% pattern is 4:8, not 2:4
-    assert find(hst.nm_patterns(), lambda nm: 1 - nm[0] / nm[1] >= 0.5,
-                settings=QUIET) == (4, 8)
+    assert find(hst.nm_patterns(), lambda nm: 1 - nm[0] / nm[1] >= 0.5, settings=QUIET) == (4, 8)
     for n, m in [(2, 4), (1, 4), (3, 8)]:
         make("prune.nm", {"n": n, "m": m})  # the patterns mean what prune.nm means
 
@@ -114,20 +115,24 @@ def test_every_drawn_config_is_valid(name):
 def test_modifications_shrink_to_the_gentlest_setting():
     config = find(hst.modifications(names=["quant.rtn"]), lambda c: True, settings=QUIET)
     assert (config.bits, config.group_size, config.symmetric) == (8, 16, True)
-    config = find(hst.modifications(names=["prune.magnitude"]), lambda c: c.sparsity >= 0.4,
-                  settings=QUIET)
+    config = find(
+        hst.modifications(names=["prune.magnitude"]), lambda c: c.sparsity >= 0.4, settings=QUIET
+    )
     assert (config.sparsity, config.scope) == (0.4, "layer")
-    hqq = find(hst.quant_configs(names=["quant.hqq"], max_bits=6), lambda c: True,
-               settings=QUIET)
+    hqq = find(hst.quant_configs(names=["quant.hqq"], max_bits=6), lambda c: True, settings=QUIET)
     assert hqq.bits == 6
     pruned = find(hst.prune_configs(max_sparsity=0.5), lambda c: True, settings=QUIET)
     assert pruned.name.startswith("prune.")
 
 
 def test_fixed_parameters_and_custom_strategies():
-    config = find(hst.modifications(names=["quant.rtn"], group_size=32,
-                                    params={"quant.rtn": {"bits": st.just(3)}}),
-                  lambda c: True, settings=QUIET)
+    config = find(
+        hst.modifications(
+            names=["quant.rtn"], group_size=32, params={"quant.rtn": {"bits": st.just(3)}}
+        ),
+        lambda c: True,
+        settings=QUIET,
+    )
     assert (config.bits, config.group_size) == (3, 32)
 
 
@@ -160,8 +165,11 @@ def test_near_threshold_concentrates_and_still_covers_the_range():
     near = sum(abs(x - 0.4) <= 0.05 + 1e-9 for x in drawn)
     assert near >= 0.3 * len(drawn)  # uniform draws would put ~10% there
     assert any(x < 0.3 for x in drawn) and any(x > 0.5 for x in drawn)
-    found = find(hst.near_threshold("prune.wanda", "sparsity", estimate=0.4),
-                 lambda x: x >= 0.37, settings=QUIET)
+    found = find(
+        hst.near_threshold("prune.wanda", "sparsity", estimate=0.4),
+        lambda x: x >= 0.37,
+        settings=QUIET,
+    )
     assert found == 0.37  # shrinking still lands on the breaking point
 
 

@@ -22,8 +22,11 @@ from pytest_hemorrhage.extras.tasks import (
 
 TASK_METRICS = frozenset({"accuracy_drop", "flip_rate"})
 ITEMS = [
-    {"context": "Return the number of", "choices": [" bytes read.", " zebra cloud", " x"],
-     "answer": 0},
+    {
+        "context": "Return the number of",
+        "choices": [" bytes read.", " zebra cloud", " x"],
+        "answer": 0,
+    },
     {"context": "Open the file and ", "choices": ["read it.", "lines", "the of the"], "answer": 1},
     {"context": "", "choices": [" The module", " )))"], "answer": 0},
 ]
@@ -36,10 +39,10 @@ def write_task(path, items) -> None:
 def by_hand(model, tokenizer, context: str, choice: str) -> float:
     """Sum of log-probs of the choice's tokens, one unpadded sequence, as lm-eval does."""
     stripped = context.rstrip()
-    choice = context[len(stripped):] + choice
+    choice = context[len(stripped) :] + choice
     ctx = tokenizer(stripped, add_special_tokens=False)["input_ids"]
     whole = tokenizer(stripped + choice, add_special_tokens=False)["input_ids"]
-    cont = whole[len(ctx):]
+    cont = whole[len(ctx) :]
     ctx = ctx or [tokenizer.eos_token_id]
     ids = torch.tensor([ctx + cont])
     with torch.inference_mode():
@@ -59,15 +62,19 @@ def test_scores_equal_a_by_hand_log_likelihood(tiny, tmp_path):
         hook.remove()
     assert len(calls) == 1  # every choice of every item in one padded batch
     for i, item in enumerate(ITEMS):
-        expected = [by_hand(tiny.model, tiny.tokenizer, item["context"], choice)
-                    for choice in item["choices"]]
+        expected = [
+            by_hand(tiny.model, tiny.tokenizer, item["context"], choice)
+            for choice in item["choices"]
+        ]
         assert scores.loglik[i, : len(expected)].tolist() == pytest.approx(expected, abs=1e-4)
         sizes = [len(c.encode()) for c in item["choices"]]
-        assert bool(scores.acc[i]) == (max(range(len(expected)), key=expected.__getitem__)
-                                       == item["answer"])
+        assert bool(scores.acc[i]) == (
+            max(range(len(expected)), key=expected.__getitem__) == item["answer"]
+        )
         norm = [e / s for e, s in zip(expected, sizes, strict=True)]
-        assert bool(scores.acc_norm[i]) == (max(range(len(norm)), key=norm.__getitem__)
-                                            == item["answer"])
+        assert bool(scores.acc_norm[i]) == (
+            max(range(len(norm)), key=norm.__getitem__) == item["answer"]
+        )
     assert scores.loglik[2, 2] == -math.inf  # an item with fewer choices is padded
 
 
@@ -131,7 +138,8 @@ def test_gentle_and_heavy_damage(harness):
     flips = cloze["acc"]["correct_to_incorrect"] + cloze["acc"]["incorrect_to_correct"]
     assert flips == round(heavy.metrics["flip_rate"] * cloze["items"])
     assert cloze["acc"]["baseline"] - cloze["acc"]["modified"] == pytest.approx(
-        heavy.metrics["accuracy_drop"])
+        heavy.metrics["accuracy_drop"]
+    )
     assert set(cloze["acc_norm"]) == set(cloze["acc"])
     assert cloze["acc"]["mcnemar_p"] < 0.05
 
@@ -140,16 +148,21 @@ LONG = " ".join(["word"] * 600)
 BAD = {
     "missing field": ({"context": "a", "choices": [" b", " c"]}, "missing 'answer'"),
     "not json": ("{context: 1", "not valid JSON"),
-    "answer out of range": ({"context": "a", "choices": [" b", " c"], "answer": 2},
-                            "answer=2 is out of range"),
+    "answer out of range": (
+        {"context": "a", "choices": [" b", " c"], "answer": 2},
+        "answer=2 is out of range",
+    ),
     "bool answer": ({"context": "a", "choices": [" b", " c"], "answer": True}, "answer=True"),
     "empty choices": ({"context": "a", "choices": [], "answer": 0}, "choices is empty"),
-    "choice not a string": ({"context": "a", "choices": [" b", 3], "answer": 0},
-                            "list of strings"),
-    "empty choice": ({"context": "a", "choices": [" b", ""], "answer": 0},
-                     "choice 1 ('') encodes to no tokens"),
-    "prompt too long": ({"context": LONG, "choices": [" b", " c"], "answer": 0},
-                        "more than the model's 512 positions"),
+    "choice not a string": ({"context": "a", "choices": [" b", 3], "answer": 0}, "list of strings"),
+    "empty choice": (
+        {"context": "a", "choices": [" b", ""], "answer": 0},
+        "choice 1 ('') encodes to no tokens",
+    ),
+    "prompt too long": (
+        {"context": LONG, "choices": [" b", " c"], "answer": 0},
+        "more than the model's 512 positions",
+    ),
 }
 
 
@@ -176,8 +189,9 @@ def test_tasks_option_end_to_end(pytester):
     """Two task files through --hemorrhage-tasks; a bad one fails its test with file and line."""
     write_task(pytester.path / "small.jsonl", ITEMS)
     write_task(pytester.path / "other.jsonl", ITEMS[:2])
-    write_task(pytester.path / "bad.jsonl", [ITEMS[0], {"context": "a", "choices": [" b"],
-                                                         "answer": 0}])
+    write_task(
+        pytester.path / "bad.jsonl", [ITEMS[0], {"context": "a", "choices": [" b"], "answer": 0}]
+    )
     pytester.makepyfile(
         """
         import pytest
@@ -190,10 +204,15 @@ def test_tasks_option_end_to_end(pytester):
             hemorrhage.check(r)
         """
     )
-    args = ["--hemorrhage-model=hemorrhage-tiny", "--hemorrhage-tokens=1024", "-p",
-            "no:cacheprovider"]
-    result = pytester.runpytest(*args, "--hemorrhage-tasks=small.jsonl,other.jsonl",
-                                "--hemorrhage-report=r.json")
+    args = [
+        "--hemorrhage-model=hemorrhage-tiny",
+        "--hemorrhage-tokens=1024",
+        "-p",
+        "no:cacheprovider",
+    ]
+    result = pytester.runpytest(
+        *args, "--hemorrhage-tasks=small.jsonl,other.jsonl", "--hemorrhage-report=r.json"
+    )
     result.assert_outcomes(passed=1)
     # the flip rate the user gets is over both files' items, and it is within the budget
     [row] = json.loads((pytester.path / "r.json").read_text())["results"]

@@ -8,16 +8,28 @@ from pytest_hemorrhage.report.terminal import closest_metric, render_results
 
 
 def _record(nodeid, metrics, budget, outcome="passed", params=None):
-    return {"nodeid": nodeid, "modification": "quant.rtn",
-            "params": params or {"bits": 4, "group_size": 64, "symmetric": True},
-            "metrics": metrics, "budget": budget, "violations": [], "outcome": outcome}
+    return {
+        "nodeid": nodeid,
+        "modification": "quant.rtn",
+        "params": params or {"bits": 4, "group_size": 64, "symmetric": True},
+        "metrics": metrics,
+        "budget": budget,
+        "violations": [],
+        "outcome": outcome,
+    }
 
 
 RECORDS = [
-    _record("t.py::test_a_rather_long_test_name_that_will_not_fit", {"kl_mean": 0.01,
-            "ppl_increase": 0.04}, {"kl_mean": 0.1, "ppl_increase": 0.05}),
-    _record("t.py::test_a_rather_long_test_name_that_will_not_fit", {"kl_mean": 0.02,
-            "ppl_increase": 0.01}, {"kl_mean": 0.1, "ppl_increase": 0.05}),
+    _record(
+        "t.py::test_a_rather_long_test_name_that_will_not_fit",
+        {"kl_mean": 0.01, "ppl_increase": 0.04},
+        {"kl_mean": 0.1, "ppl_increase": 0.05},
+    ),
+    _record(
+        "t.py::test_a_rather_long_test_name_that_will_not_fit",
+        {"kl_mean": 0.02, "ppl_increase": 0.01},
+        {"kl_mean": 0.1, "ppl_increase": 0.05},
+    ),
     _record("t.py::test_two", {"kl_mean": 3.0}, {"kl_mean": 0.5}, outcome="failed"),
 ]
 
@@ -47,20 +59,29 @@ def test_verbose_shows_every_measure_and_every_budgeted_metric():
 def test_a_terminal_too_narrow_for_a_table_gets_plain_lines():
     text = render_results(RECORDS, width=40)
     assert "─" not in text
-    assert ("failed · test_two · quant.rtn(bits=4, group_size=64, symmetric=True) · "
-            "kl_mean 3 ≤ 0.5 · -2.5") in text.splitlines()
+    assert (
+        "failed · test_two · quant.rtn(bits=4, group_size=64, symmetric=True) · "
+        "kl_mean 3 ≤ 0.5 · -2.5"
+    ) in text.splitlines()
 
 
 def test_with_confidence_the_margin_and_verdict_are_the_upper_bounds():
     """A point estimate under its budget whose 95% bound is over it failed the check: the
     summary's margin, the verbose verdict and the CI Markdown say so, showing the bound, as the
     HTML page does."""
-    record = _record("t.py::test_bound", {"kl_mean": 0.09}, {"kl_mean": 0.1, "confidence": 0.95},
-                     outcome="failed")
+    record = _record(
+        "t.py::test_bound",
+        {"kl_mean": 0.09},
+        {"kl_mean": 0.1, "confidence": 0.95},
+        outcome="failed",
+    )
     record["stderr"] = {"kl_mean": 0.01}  # bound 0.09 + 1.645 * 0.01 = 0.1064
     assert closest_metric(record) == ("kl_mean", 0.09, 0.1)
-    row = next(line for line in render_results([record], width=100).splitlines()
-               if line.startswith(" failed"))
+    row = next(
+        line
+        for line in render_results([record], width=100).splitlines()
+        if line.startswith(" failed")
+    )
     assert "kl_mean 0.09 (bound 0.106) ≤ 0.1" in row and row.endswith("-0.00645")
     text = render_results([record], width=100, verbose=True)
     assert "kl_mean" in text and "-0.0064 over (upper 95% bound 0.1064)" in text

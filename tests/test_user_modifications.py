@@ -9,8 +9,13 @@ import pytest
 
 from pytest_hemorrhage.modifications import registry
 
-ARGS = ("--hemorrhage-model=hemorrhage-tiny", "--hemorrhage-tokens=512", "-p", "no:cacheprovider",
-        "--hemorrhage-report=report.json")
+ARGS = (
+    "--hemorrhage-model=hemorrhage-tiny",
+    "--hemorrhage-tokens=512",
+    "-p",
+    "no:cacheprovider",
+    "--hemorrhage-report=report.json",
+)
 
 # A user's modification: a frozen config that validates itself, and a handler that records
 # its change on the patch. Both registration styles below share it.
@@ -44,7 +49,7 @@ def shrink_then_fail(config, model, patch, context):
     raise RuntimeError("the user's handler failed halfway")
 '''
 
-TESTS = '''
+TESTS = """
 import pytest
 import torch
 
@@ -85,7 +90,7 @@ def test_failing_handler_restores(hemorrhage):
 
 def test_bad_parameter(hemorrhage):
     hemorrhage.measure("{name}", factor=2)
-'''
+"""
 
 
 @pytest.fixture(autouse=True)
@@ -101,11 +106,13 @@ def _isolated_registry(monkeypatch, tiny):
 def _check_run(pytester: pytest.Pytester, name: str) -> None:
     result = pytester.runpytest(*ARGS)
     result.assert_outcomes(passed=2, failed=2)
-    result.stdout.fnmatch_lines([
-        f"*hemorrhage over budget for {name} factor=0.5:*",
-        "*kl_mean: * > 0.0000 (baseline ppl *",
-        f"*HemorrhageError: {name}: factor=2 is out of range; use a number in (0, 1]*",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            f"*hemorrhage over budget for {name} factor=0.5:*",
+            "*kl_mean: * > 0.0000 (baseline ppl *",
+            f"*HemorrhageError: {name}: factor=2 is out of range; use a number in (0, 1]*",
+        ]
+    )
     report = json.loads((pytester.path / "report.json").read_text())
     mine = [r for r in report["results"] if r["modification"] == name]
     assert [r["outcome"] for r in mine] == ["passed", "failed"]
@@ -116,7 +123,9 @@ def _check_run(pytester: pytest.Pytester, name: str) -> None:
 
 
 def test_register_modification_decorator_in_a_conftest(pytester: pytest.Pytester):
-    pytester.makeconftest(CONFIG + '''
+    pytester.makeconftest(
+        CONFIG
+        + """
 from pytest_hemorrhage.modifications import register_modification
 
 register_modification("user.shrink", Shrink)(shrink)
@@ -128,13 +137,16 @@ class Broken(Shrink):
 
 
 register_modification("user.shrink.broken", Broken)(shrink_then_fail)
-''')
+"""
+    )
     pytester.makepyfile(TESTS.replace("{name}", "user.shrink"))
     _check_run(pytester, "user.shrink")
 
 
 def test_pytest_hemorrhage_modifications_hook_in_a_conftest(pytester: pytest.Pytester):
-    pytester.makeconftest(CONFIG + '''
+    pytester.makeconftest(
+        CONFIG
+        + """
 
 @dataclass(frozen=True, kw_only=True)
 class Broken(Shrink):
@@ -144,7 +156,7 @@ class Broken(Shrink):
 def pytest_hemorrhage_modifications(register):
     register("user.hooked", Shrink)(shrink)
     register("user.hooked.broken", Broken)(shrink_then_fail)
-''')
+"""
+    )
     pytester.makepyfile(TESTS.replace("{name}", "user.hooked"))
     _check_run(pytester, "user.hooked")
-

@@ -92,8 +92,21 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "importance": ("activation", "taylor", "weight"),  # measured gentlest first, README
     "act_order": (True, False),
     # quant.gguf's types by bits per weight (mixtures just above their base type)
-    "type": ("Q8_0", "Q6_K", "Q5_1", "Q5_K_M", "Q5_K", "Q5_0", "Q4_1", "Q4_K_M", "Q4_K", "Q4_0",
-             "Q3_K_M", "Q3_K", "Q2_K"),  # on was gentler at 4 bits: kl_mean 0.0276 vs 0.0288
+    "type": (
+        "Q8_0",
+        "Q6_K",
+        "Q5_1",
+        "Q5_K_M",
+        "Q5_K",
+        "Q5_0",
+        "Q4_1",
+        "Q4_K_M",
+        "Q4_K",
+        "Q4_0",
+        "Q3_K_M",
+        "Q3_K",
+        "Q2_K",
+    ),  # on was gentler at 4 bits: kl_mean 0.0276 vs 0.0288
 }
 
 # Which parameters modifications() explores per registered name (the others keep their
@@ -138,16 +151,23 @@ def accepts(name: str, params: Mapping[str, Any]) -> bool:
     return True
 
 
-def valid_range(name: str, param: str, domain: Domain, lo: float | None = None,
-                hi: float | None = None, *, fixed: Mapping[str, Any] | None = None
-                ) -> tuple[float, float]:
+def valid_range(
+    name: str,
+    param: str,
+    domain: Domain,
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    fixed: Mapping[str, Any] | None = None,
+) -> tuple[float, float]:
     """[lo, hi] (the domain's by default), moved in by one grid step at an end that the
     config of ``name`` rejects, e.g. a sparsity that must stay below 1."""
     lo = domain.lo if lo is None else lo
     hi = domain.hi if hi is None else hi
     if hi is None:
-        raise HemorrhageError(f"{name}: the range of {param!r} depends on the model; "
-                              "pass hi=..., e.g. hi=3")
+        raise HemorrhageError(
+            f"{name}: the range of {param!r} depends on the model; pass hi=..., e.g. hi=3"
+        )
     if lo > hi:
         raise HemorrhageError(f"{name}: need lo <= hi for {param!r}, got lo={lo}, hi={hi}")
     registry.get(name)  # unknown name: the registry's error, which lists the valid ones
@@ -161,6 +181,7 @@ def valid_range(name: str, param: str, domain: Domain, lo: float | None = None,
         try:
             registry.make(name, {**fixed, param: end})
         except HemorrhageError as exc:
-            raise HemorrhageError(f"{exc} (exploring {param} in [{lo}, {hi}]; pass lo=/hi= "
-                                  "inside the valid range)") from None
+            raise HemorrhageError(
+                f"{exc} (exploring {param} in [{lo}, {hi}]; pass lo=/hi= inside the valid range)"
+            ) from None
     return lo, hi

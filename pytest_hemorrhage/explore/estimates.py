@@ -27,12 +27,19 @@ ESTIMATES_FILE = "thresholds.json"
 _ESTIMATES: dict[Path, dict[str, Any]] = {}  # cache file -> its entries, read once per process
 
 
-def estimate_key(harness: Harness, budget: Budget, name: str, param: str,
-                  fixed: Mapping[str, Any]) -> str:
+def estimate_key(
+    harness: Harness, budget: Budget, name: str, param: str, fixed: Mapping[str, Any]
+) -> str:
     params = make(name, dict(fixed)).params()  # defaults filled in: one key however it's called
     params.pop(param, None)
-    parts = [harness.loaded.fingerprint, harness.data_fingerprint, name, param, params,
-             budget.to_dict()]
+    parts = [
+        harness.loaded.fingerprint,
+        harness.data_fingerprint,
+        name,
+        param,
+        params,
+        budget.to_dict(),
+    ]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -45,15 +52,27 @@ def read_estimates(path: Path) -> dict[str, Any]:
     return _ESTIMATES[path]
 
 
-def save_estimate(harness: Harness, budget: Budget, name: str, param: str,
-                   fixed: Mapping[str, Any], threshold: Threshold) -> None:
+def save_estimate(
+    harness: Harness,
+    budget: Budget,
+    name: str,
+    param: str,
+    fixed: Mapping[str, Any],
+    threshold: Threshold,
+) -> None:
     cache_dir = harness.settings.cache_dir
     if cache_dir is None or threshold.value is None:
         return
     path = Path(cache_dir) / ESTIMATES_FILE
     key = estimate_key(harness, budget, name, param, fixed)
-    entry = {"value": threshold.value, "bracket": list(threshold.bracket), "modification": name,
-             "param": param, "budget": budget.to_dict(), "updated": time.time()}
+    entry = {
+        "value": threshold.value,
+        "bracket": list(threshold.bracket),
+        "modification": name,
+        "param": param,
+        "budget": budget.to_dict(),
+        "updated": time.time(),
+    }
     read_estimates(path)[key] = entry
     try:
         from filelock import FileLock

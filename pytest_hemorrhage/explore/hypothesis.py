@@ -42,15 +42,19 @@ __all__ = [
 # where its own "ci" profile turns it off), so a breaking point found once is replayed first
 # by the next run: keep the .hypothesis/ directory between CI runs (e.g. a CI cache).
 PROFILES: dict[str, dict[str, Any]] = {
-    "hemorrhage-ci": {"max_examples": 10, "print_blob": True,
-                      "phases": ("explicit", "reuse", "generate", "shrink")},
+    "hemorrhage-ci": {
+        "max_examples": 10,
+        "print_blob": True,
+        "phases": ("explicit", "reuse", "generate", "shrink"),
+    },
     "hemorrhage-explore": {"max_examples": 60},
 }
 
 
 # The running hypothesis test of ours and its session (for near_threshold's estimates).
 _CURRENT: contextvars.ContextVar[tuple[Any, Any] | None] = contextvars.ContextVar(
-    "hemorrhage_current_test", default=None)
+    "hemorrhage_current_test", default=None
+)
 
 
 def register_profiles() -> None:
@@ -74,9 +78,12 @@ def register_profiles() -> None:
         if "phases" in options:
             options["phases"] = tuple(Phase[p] for p in options["phases"])
         settings.register_profile(
-            name, parent, deadline=None,
+            name,
+            parent,
+            deadline=None,
             suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-            **options)
+            **options,
+        )
 
 
 def configure(config: pytest.Config) -> None:
@@ -98,8 +105,10 @@ def adapt_settings(test: Any) -> None:
     current = getattr(fn, "_hypothesis_internal_use_settings", None)
     if current is None or getattr(fn, "_hemorrhage_adapted", False):
         return
-    own_deadline = (getattr(fn, "_hypothesis_internal_settings_applied", False)
-                    and current.deadline != settings.default.deadline)
+    own_deadline = (
+        getattr(fn, "_hypothesis_internal_settings_applied", False)
+        and current.deadline != settings.default.deadline
+    )
     fn._hypothesis_internal_use_settings = settings(
         current,
         deadline=current.deadline if own_deadline else None,
@@ -118,8 +127,11 @@ def hypothesis_call(item: pytest.Item, session: Any) -> Iterator[None]:
     """
     test = getattr(item, "obj", None)
     current = _CURRENT.get()
-    if "hemorrhage" not in getattr(item, "fixturenames", ()) or not getattr(
-            test, "is_hypothesis_test", False) or (current is not None and current[0] is item):
+    if (
+        "hemorrhage" not in getattr(item, "fixturenames", ())
+        or not getattr(test, "is_hypothesis_test", False)
+        or (current is not None and current[0] is item)
+    ):
         yield  # not a hypothesis test of ours, or already wrapped
         return
     adapt_settings(test)
@@ -196,24 +208,36 @@ def collect_shrinking(item: pytest.Item, session: Any) -> None:
         seen: dict[float, dict[str, Any]] = {}
         for record in records:  # hypothesis replays examples: first measurement of each value
             seen.setdefault(record["params"][param], record)
-        points = [(x, r["metrics"].get(metric, math.nan), bool(r["violations"]))
-                  for x, r in seen.items()]
+        points = [
+            (x, r["metrics"].get(metric, math.nan), bool(r["violations"])) for x, r in seen.items()
+        ]
         threshold = threshold_from_points(points, domain, param, "hypothesis shrinking")
         value, passing = threshold.value, threshold.bracket[0]
         for x in (value, passing):
             if x is not None:
                 keep.add(id(seen[x]))
-        fixed = _non_default(name, {k: v for k, v in records[0]["params"].items()
-                                    if k != param})
+        fixed = _non_default(name, {k: v for k, v in records[0]["params"].items() if k != param})
         budget = records[0]["budget"]
-        session.record_exploration(item, "threshold", threshold_record(
-            name, param, fixed, budget, metric, "shrinking", domain.increasing, threshold,
-            [seen[x]["metrics"] for x, _, _ in threshold.measurements]))
+        session.record_exploration(
+            item,
+            "threshold",
+            threshold_record(
+                name,
+                param,
+                fixed,
+                budget,
+                metric,
+                "shrinking",
+                domain.increasing,
+                threshold,
+                [seen[x]["metrics"] for x, _, _ in threshold.measurements],
+            ),
+        )
         if value is not None and session.settings.cache_dir is not None:
-            save_estimate(session.harness(), budget_from_dict(budget), name, param, fixed,
-                           threshold)
-    session.records[:] = [r for r in session.records
-                          if r["nodeid"] != item.nodeid or id(r) in keep]
+            save_estimate(
+                session.harness(), budget_from_dict(budget), name, param, fixed, threshold
+            )
+    session.records[:] = [r for r in session.records if r["nodeid"] != item.nodeid or id(r) in keep]
 
 
 def _given_names(item: pytest.Item) -> set[str]:
@@ -235,11 +259,18 @@ def _explored_param(records: list[dict[str, Any]], drawn: set[str]) -> str | Non
     """
     if "stages" in records[0]["params"]:
         return None
-    numeric = [k for k, v in records[0]["params"].items()
-               if all(isinstance(r["params"].get(k), (int, float))
-                      and not isinstance(r["params"].get(k), bool) for r in records)]
-    varying = [k for k in records[0]["params"]
-               if len({_hashable(r["params"].get(k)) for r in records}) > 1]
+    numeric = [
+        k
+        for k, v in records[0]["params"].items()
+        if all(
+            isinstance(r["params"].get(k), (int, float))
+            and not isinstance(r["params"].get(k), bool)
+            for r in records
+        )
+    ]
+    varying = [
+        k for k in records[0]["params"] if len({_hashable(r["params"].get(k)) for r in records}) > 1
+    ]
     if varying:
         return varying[0] if len(varying) == 1 and varying[0] in numeric else None
     named = [k for k in numeric if k in drawn]
@@ -261,7 +292,6 @@ def _hashable(value: Any) -> Any:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-
 def cached_estimate(name: str, param: str, fixed: Mapping[str, Any]) -> float | None:
     """The threshold of ``param`` found earlier for the running test's model, data and budget
     (this session or a previous one), or None outside a hemorrhage test or when none is known."""
@@ -276,4 +306,3 @@ def cached_estimate(name: str, param: str, fixed: Mapping[str, Any]) -> float | 
     key = estimate_key(session.harness(), session.budget_for(item), name, param, fixed)
     entry = read_estimates(Path(session.settings.cache_dir) / ESTIMATES_FILE).get(key)
     return None if entry is None else entry.get("value")
-

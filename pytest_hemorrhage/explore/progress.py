@@ -15,8 +15,7 @@ __all__ = ["progress"]
 
 
 @contextmanager
-def progress(hemorrhage: Hemorrhage, total: int, description: str
-              ) -> Iterator[Callable[[], None]]:
+def progress(hemorrhage: Hemorrhage, total: int, description: str) -> Iterator[Callable[[], None]]:
     """``advance()`` per step; a transient rich bar on the terminal once the run looks long.
 
     The bar appears only on an interactive terminal, after the first step predicts more than
@@ -25,9 +24,12 @@ def progress(hemorrhage: Hemorrhage, total: int, description: str
     stream = sys.__stderr__
     config = getattr(getattr(hemorrhage, "node", None), "config", None)
     capman = config.pluginmanager.getplugin("capturemanager") if config is not None else None
-    state: dict[str, Any] = {"done": 0, "start": time.perf_counter(), "bar": None,
-                             "interactive": stream is not None
-                             and not hasattr(config, "workerinput")}
+    state: dict[str, Any] = {
+        "done": 0,
+        "start": time.perf_counter(),
+        "bar": None,
+        "interactive": stream is not None and not hasattr(config, "workerinput"),
+    }
 
     def outside() -> Any:
         return capman.global_and_fixture_disabled() if capman is not None else nullcontext()
@@ -49,8 +51,13 @@ def progress(hemorrhage: Hemorrhage, total: int, description: str
                 state["interactive"] = console.is_interactive
                 if not state["interactive"]:
                     return
-                bar = Progress(console=console, transient=True, auto_refresh=False,
-                               redirect_stdout=False, redirect_stderr=False)
+                bar = Progress(
+                    console=console,
+                    transient=True,
+                    auto_refresh=False,
+                    redirect_stdout=False,
+                    redirect_stderr=False,
+                )
                 state["bar"] = bar
                 state["task"] = bar.add_task(description, total=total, completed=state["done"])
                 bar.start()
@@ -64,5 +71,3 @@ def progress(hemorrhage: Hemorrhage, total: int, description: str
         if state["bar"] is not None:
             with outside():
                 state["bar"].stop()
-
-

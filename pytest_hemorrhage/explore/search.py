@@ -39,8 +39,9 @@ def budget_from_dict(data: Mapping[str, Any]) -> Budget:
     return Budget(limits, data.get("confidence"))
 
 
-def threshold_from_points(points: Sequence[tuple[float, float, bool]], domain: Domain,
-                           param: str, method: str) -> Threshold:
+def threshold_from_points(
+    points: Sequence[tuple[float, float, bool]], domain: Domain, param: str, method: str
+) -> Threshold:
     """The threshold that a set of measured points shows: gentlest break, nearest pass."""
     order = sorted(points, key=lambda p: p[0] if domain.increasing else -p[0])
     broken = [x for x, _, b in order if b]
@@ -49,29 +50,38 @@ def threshold_from_points(points: Sequence[tuple[float, float, bool]], domain: D
         passing = order[-1][0] if order else None
         note = f"no break: every {param} measured passes, up to {param}={_fmt(passing)}"
     else:
-        gentler = [x for x, _, b in order if not b and (
-            x < value if domain.increasing else x > value)]
+        gentler = [
+            x for x, _, b in order if not b and (x < value if domain.increasing else x > value)
+        ]
         passing = gentler[-1] if gentler else None
-        note = (f"breaks at {param}={_fmt(value)}" +
-                (f" (passes at {param}={_fmt(passing)})" if passing is not None else
-                 " (no gentler value measured)"))
+        note = f"breaks at {param}={_fmt(value)}" + (
+            f" (passes at {param}={_fmt(passing)})"
+            if passing is not None
+            else " (no gentler value measured)"
+        )
     # a metric below 0 (slightly better than the baseline) is no damage, not less damage:
     # without this, noise around 0 at the gentle end reads as non-monotone
     clamped = [(x, max(m, 0.0) if math.isfinite(m) else m, b) for x, m, b in points]
-    monotone, warning = monotonicity(clamped, increasing=domain.increasing,
-                                      higher_is_worse=True, rtol=0.02)
-    return Threshold(value=value, bracket=(passing, value), evaluations=len(points),
-                     measurements=list(order), monotone=monotone,
-                     note=f"{note} by {method}" + (f"; {warning}" if warning else ""))
+    monotone, warning = monotonicity(
+        clamped, increasing=domain.increasing, higher_is_worse=True, rtol=0.02
+    )
+    return Threshold(
+        value=value,
+        bracket=(passing, value),
+        evaluations=len(points),
+        measurements=list(order),
+        monotone=monotone,
+        note=f"{note} by {method}" + (f"; {warning}" if warning else ""),
+    )
 
 
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.4g}"
 
 
-
-def _resolve_budget(hemorrhage: Hemorrhage, budget: Budget | Mapping[str, Any] | None,
-                    what: str) -> Budget:
+def _resolve_budget(
+    hemorrhage: Hemorrhage, budget: Budget | Mapping[str, Any] | None, what: str
+) -> Budget:
     if budget is None:
         budget = hemorrhage.budget
     elif not isinstance(budget, Budget):
@@ -79,16 +89,19 @@ def _resolve_budget(hemorrhage: Hemorrhage, budget: Budget | Mapping[str, Any] |
     if not budget.limits:
         raise HemorrhageError(
             f"{hemorrhage.node.nodeid}: {what} needs a budget to break: mark the test "
-            "@pytest.mark.hemorrhage(ppl_increase=0.10) or pass budget={'ppl_increase': 0.10}")
+            "@pytest.mark.hemorrhage(ppl_increase=0.10) or pass budget={'ppl_increase': 0.10}"
+        )
     return budget
 
 
-def resolve_domain(name: str, param: str, *, integer: bool | None,
-                   increasing: bool | None) -> Domain:
+def resolve_domain(
+    name: str, param: str, *, integer: bool | None, increasing: bool | None
+) -> Domain:
     """The search domain of ``param``: known per name (``domains.domain_for``), else a
     fraction in [0, 1] whose damage grows with it; ``integer``/``increasing`` override."""
-    fields = [f.name for f in dataclasses.fields(get(name)[0])
-              if f.name not in ("include", "exclude")]
+    fields = [
+        f.name for f in dataclasses.fields(get(name)[0]) if f.name not in ("include", "exclude")
+    ]
     if param not in fields:
         raise HemorrhageError(f"{name} has no parameter {param!r}; valid: {', '.join(fields)}")
     domain = domain_for(name, param) or Domain(0.0, 1.0)
@@ -105,11 +118,20 @@ def _model_bound(hemorrhage: Hemorrhage, param: str) -> int | None:
     return None
 
 
-def find_threshold(hemorrhage: Hemorrhage, name: str, param: str, *,
-                   budget: Budget | Mapping[str, float] | None = None,
-                   lo: float | None = None, hi: float | None = None, tol: float = 0.01,
-                   metric: str | None = None, integer: bool | None = None,
-                   increasing: bool | None = None, **fixed: Any) -> Threshold:
+def find_threshold(
+    hemorrhage: Hemorrhage,
+    name: str,
+    param: str,
+    *,
+    budget: Budget | Mapping[str, float] | None = None,
+    lo: float | None = None,
+    hi: float | None = None,
+    tol: float = 0.01,
+    metric: str | None = None,
+    integer: bool | None = None,
+    increasing: bool | None = None,
+    **fixed: Any,
+) -> Threshold:
     """The gentlest value of ``param`` whose modification breaks the budget (bisection).
 
     Assumes damage is monotone in ``param``; the measured points are checked for evidence
@@ -159,36 +181,67 @@ def find_threshold(hemorrhage: Hemorrhage, name: str, param: str, *,
         advance()
         return bool(budget.violations(result)), result.metrics.get(metric, math.nan)
 
-    steps = math.ceil(math.log2(max(2, len(values) if values else (hi - lo) / (
-        1 if domain.integer else tol)))) + 2
+    steps = (
+        math.ceil(
+            math.log2(max(2, len(values) if values else (hi - lo) / (1 if domain.integer else tol)))
+        )
+        + 2
+    )
     with progress(hemorrhage, steps, f"{name} {param}: threshold") as advance:
         if values is None:
-            threshold = bisect_threshold(measure, lo=lo, hi=hi, tol=tol,
-                                         integer=domain.integer, increasing=domain.increasing)
+            threshold = bisect_threshold(
+                measure, lo=lo, hi=hi, tol=tol, integer=domain.integer, increasing=domain.increasing
+            )
         else:  # gaps (e.g. a quantizer without 5-7 bits): bisect over the valid values' order
-            index = bisect_threshold(lambda i: measure(values[int(i)]), lo=0,
-                                     hi=len(values) - 1, integer=True,
-                                     increasing=domain.increasing)
+            index = bisect_threshold(
+                lambda i: measure(values[int(i)]),
+                lo=0,
+                hi=len(values) - 1,
+                integer=True,
+                increasing=domain.increasing,
+            )
             points = [(values[int(i)], m, b) for i, m, b in index.measurements]
             threshold = threshold_from_points(points, domain, param, "bisection")
             threshold = replace(threshold, measurements=points)
-    hemorrhage.record_exploration("threshold", threshold_record(
-        name, param, fixed, budget.to_dict(), metric, "bisection", domain.increasing, threshold,
-        [seen[x] for x, _, _ in threshold.measurements]))
+    hemorrhage.record_exploration(
+        "threshold",
+        threshold_record(
+            name,
+            param,
+            fixed,
+            budget.to_dict(),
+            metric,
+            "bisection",
+            domain.increasing,
+            threshold,
+            [seen[x] for x, _, _ in threshold.measurements],
+        ),
+    )
     save_estimate(hemorrhage.harness, budget, name, param, fixed, threshold)
     return threshold
 
 
-def threshold_record(name: str, param: str, fixed: Mapping[str, Any],
-                      budget: Mapping[str, Any], metric: str, method: str, increasing: bool,
-                      threshold: Threshold, metrics: Sequence[Mapping[str, float]]
-                      ) -> dict[str, Any]:
+def threshold_record(
+    name: str,
+    param: str,
+    fixed: Mapping[str, Any],
+    budget: Mapping[str, Any],
+    metric: str,
+    method: str,
+    increasing: bool,
+    threshold: Threshold,
+    metrics: Sequence[Mapping[str, float]],
+) -> dict[str, Any]:
     data = threshold.to_dict()
     for point, values in zip(data["measurements"], metrics, strict=True):
         point["metrics"] = {k: jsonable(v) for k, v in values.items()}
-    return {"modification": name, "param": param, "fixed": dict(fixed), "method": method,
-            "increasing": increasing, "metric": metric, "budget": dict(budget), **data}
-
-
-
-
+    return {
+        "modification": name,
+        "param": param,
+        "fixed": dict(fixed),
+        "method": method,
+        "increasing": increasing,
+        "metric": metric,
+        "budget": dict(budget),
+        **data,
+    }

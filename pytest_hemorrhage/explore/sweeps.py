@@ -63,19 +63,33 @@ class Sweep:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: the curve, every metric per point, and the fit."""
         return {
-            "modification": self.modification, "param": self.param, "fixed": self.fixed,
-            "metric": self.metric, "budget": self.budget,
-            "points": [{"value": v, "x": x, "broke": b,
-                        "metrics": {k: jsonable(m) for k, m in ms.items()}}
-                       for v, x, b, ms in zip(self.values, self.compression, self.broke,
-                                              self.metrics, strict=True)],
-            "fit": self.fit.to_dict(), "s0": self.s0, "s0_stderr": self.s0_stderr,
+            "modification": self.modification,
+            "param": self.param,
+            "fixed": self.fixed,
+            "metric": self.metric,
+            "budget": self.budget,
+            "points": [
+                {"value": v, "x": x, "broke": b, "metrics": {k: jsonable(m) for k, m in ms.items()}}
+                for v, x, b, ms in zip(
+                    self.values, self.compression, self.broke, self.metrics, strict=True
+                )
+            ],
+            "fit": self.fit.to_dict(),
+            "s0": self.s0,
+            "s0_stderr": self.s0_stderr,
         }
 
 
-def sweep(hemorrhage: Hemorrhage, name: str, param: str, values: Sequence[Any], *,
-          metric: str = "ppl_increase", increasing: bool | None = None,
-          **fixed: Any) -> Sweep:
+def sweep(
+    hemorrhage: Hemorrhage,
+    name: str,
+    param: str,
+    values: Sequence[Any],
+    *,
+    metric: str = "ppl_increase",
+    increasing: bool | None = None,
+    **fixed: Any,
+) -> Sweep:
     """Measure ``param`` at each of ``values`` and fit the phase transition of ``metric``.
 
     The fit (power law up to s0, exponential above; see
@@ -97,8 +111,9 @@ def sweep(hemorrhage: Hemorrhage, name: str, param: str, values: Sequence[Any], 
         The :class:`Sweep`; also recorded (with its curve) for the summary, report and plots.
     """
     if metric not in METRICS and metric not in EXTRA_METRICS:
-        raise HemorrhageError(f"sweep: unknown metric {metric!r}; valid: "
-                              f"{', '.join([*METRICS, *EXTRA_METRICS])}")
+        raise HemorrhageError(
+            f"sweep: unknown metric {metric!r}; valid: {', '.join([*METRICS, *EXTRA_METRICS])}"
+        )
     values = list(values)
     if len(values) < 2:
         raise HemorrhageError(f"sweep: {param} needs several values, got {values!r}")
@@ -119,13 +134,24 @@ def sweep(hemorrhage: Hemorrhage, name: str, param: str, values: Sequence[Any], 
             advance()
     x = [round(domain.compression(v), 12) for v in values]
     fit = fit_phase_transition(x, [m.get(metric, math.nan) for m in measured])
-    s0 = None if fit.s0 is None else (
-        domain.origin + fit.s0 if domain.increasing else domain.origin - fit.s0)
-    result_sweep = Sweep(modification=name, param=param, metric=metric, values=values,
-                         metrics=measured, broke=broke, compression=x, fit=fit,
-                         s0=s0, s0_stderr=fit.s0_stderr, fixed=dict(fixed),
-                         budget=budget.to_dict())
+    s0 = (
+        None
+        if fit.s0 is None
+        else (domain.origin + fit.s0 if domain.increasing else domain.origin - fit.s0)
+    )
+    result_sweep = Sweep(
+        modification=name,
+        param=param,
+        metric=metric,
+        values=values,
+        metrics=measured,
+        broke=broke,
+        compression=x,
+        fit=fit,
+        s0=s0,
+        s0_stderr=fit.s0_stderr,
+        fixed=dict(fixed),
+        budget=budget.to_dict(),
+    )
     hemorrhage.record_exploration("sweep", result_sweep.to_dict())
     return result_sweep
-
-

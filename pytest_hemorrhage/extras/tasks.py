@@ -78,10 +78,14 @@ def load_task(path: str | Path) -> Task:
     except FileNotFoundError:
         raise HemorrhageError(f"--hemorrhage-tasks: {path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise HemorrhageError(f"--hemorrhage-tasks: {path}: cannot read it as UTF-8 "
-                              f"({exc})") from None
-    items = [_item(path, number, line) for number, line in enumerate(text.splitlines(), 1)
-             if line.strip()]
+        raise HemorrhageError(
+            f"--hemorrhage-tasks: {path}: cannot read it as UTF-8 ({exc})"
+        ) from None
+    items = [
+        _item(path, number, line)
+        for number, line in enumerate(text.splitlines(), 1)
+        if line.strip()
+    ]
     if not items:
         raise HemorrhageError(f"{path}: no items; {_FIELDS}")
     return Task(path.stem, path, tuple(items))
@@ -107,8 +111,10 @@ def _item(path: Path, number: int, line: str) -> Item:
         what = "empty" if not choices else "a single choice"
         raise HemorrhageError(f"{where}: choices is {what}; give at least 2 choices")
     if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
-        raise HemorrhageError(f"{where}: answer={answer!r} is out of range; it is the index of "
-                              f"the right choice, 0 to {len(choices) - 1}")
+        raise HemorrhageError(
+            f"{where}: answer={answer!r} is out of range; it is the index of "
+            f"the right choice, 0 to {len(choices) - 1}"
+        )
     return Item(context, tuple(choices), answer, number)
 
 
@@ -132,27 +138,34 @@ def encode_task(task: Task, tokenizer: Any, max_positions: int) -> EncodedTask:
     """
     unk = getattr(tokenizer, "unk_token_id", None)
     special = {getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "pad")}
-    start = next((t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id) if t is not None),
-                 None)
+    start = next(
+        (t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id) if t is not None), None
+    )
     contexts, continuations, sizes = [], [], []
     for item in task.items:
         where = f"{task.path}:{item.line}"
         context = item.context.rstrip()
-        moved = item.context[len(context):]  # trailing spaces belong to the continuation
+        moved = item.context[len(context) :]  # trailing spaces belong to the continuation
         encoded_context = _encode(tokenizer, context)
         ctx = encoded_context or ([start] if start is not None else [])
         if not ctx:
-            raise HemorrhageError(f"{where}: the context encodes to no tokens and the tokenizer "
-                                  "has no bos/eos token to start from; give a context")
+            raise HemorrhageError(
+                f"{where}: the context encodes to no tokens and the tokenizer "
+                "has no bos/eos token to start from; give a context"
+            )
         conts = []
         for j, choice in enumerate(item.choices):
-            cont = _encode(tokenizer, context + moved + choice)[len(encoded_context):]
+            cont = _encode(tokenizer, context + moved + choice)[len(encoded_context) :]
             if not cont:
-                raise HemorrhageError(f"{where}: choice {j} ({choice!r}) encodes to no tokens; "
-                                      "give every choice some text the tokenizer can encode")
+                raise HemorrhageError(
+                    f"{where}: choice {j} ({choice!r}) encodes to no tokens; "
+                    "give every choice some text the tokenizer can encode"
+                )
             if unk is not None and unk not in special and unk in cont:
-                raise HemorrhageError(f"{where}: choice {j} ({choice!r}) encodes to the unknown "
-                                      "token; remove the characters the tokenizer lacks")
+                raise HemorrhageError(
+                    f"{where}: choice {j} ({choice!r}) encodes to the unknown "
+                    "token; remove the characters the tokenizer lacks"
+                )
             length = len(ctx) + len(cont) - 1
             if length > max_positions:
                 raise HemorrhageError(
@@ -179,8 +192,10 @@ class TaskScores:
     acc_norm: torch.Tensor  # (items,) bool
 
     def to_dict(self) -> dict[str, float]:
-        return {"acc": self.acc.double().mean().item(),
-                "acc_norm": self.acc_norm.double().mean().item()}
+        return {
+            "acc": self.acc.double().mean().item(),
+            "acc_norm": self.acc_norm.double().mean().item(),
+        }
 
 
 @torch.inference_mode()
@@ -194,8 +209,10 @@ def score_task(model: Any, encoded: EncodedTask, *, device: Any, batch_tokens: i
     n = len(encoded.contexts)
     width = max(len(c) for c in encoded.continuations)
     loglik = torch.full((n, width), -math.inf, dtype=torch.float64)
-    rows = [[(*ctx, *cont) for cont in conts]
-            for ctx, conts in zip(encoded.contexts, encoded.continuations, strict=True)]
+    rows = [
+        [(*ctx, *cont) for cont in conts]
+        for ctx, conts in zip(encoded.contexts, encoded.continuations, strict=True)
+    ]
     order = sorted(range(n), key=lambda i: -max(map(len, rows[i])))
     batch: list[int] = []
     count = longest = 0
@@ -214,12 +231,21 @@ def score_task(model: Any, encoded: EncodedTask, *, device: Any, batch_tokens: i
         sizes[i, : len(s)] = torch.tensor(s, dtype=torch.float64)
     finite = torch.isfinite(loglik.gather(1, answers[:, None]).squeeze(1))  # nan is never right
     clean = torch.nan_to_num(loglik, nan=-math.inf)
-    return TaskScores(loglik, (clean.argmax(1) == answers) & finite,
-                      ((clean / sizes).argmax(1) == answers) & finite)
+    return TaskScores(
+        loglik,
+        (clean.argmax(1) == answers) & finite,
+        ((clean / sizes).argmax(1) == answers) & finite,
+    )
 
 
-def _score_batch(model: Any, encoded: EncodedTask, rows: list[list[tuple[int, ...]]],
-                 batch: list[int], loglik: torch.Tensor, device: Any) -> None:
+def _score_batch(
+    model: Any,
+    encoded: EncodedTask,
+    rows: list[list[tuple[int, ...]]],
+    batch: list[int],
+    loglik: torch.Tensor,
+    device: Any,
+) -> None:
     flat = [(i, j, row) for i in batch for j, row in enumerate(rows[i])]
     length = max(len(row) for *_, row in flat) - 1
     ids = torch.zeros(len(flat), length, dtype=torch.long)
@@ -229,8 +255,8 @@ def _score_batch(model: Any, encoded: EncodedTask, rows: list[list[tuple[int, ..
         ids[r, : len(row) - 1] = torch.tensor(row[:-1])
         start = len(encoded.contexts[i]) - 1  # the logits at start predict the first choice token
         cont = encoded.continuations[i][j]
-        targets[r, start: start + len(cont)] = torch.tensor(cont)
-        mask[r, start: start + len(cont)] = True
+        targets[r, start : start + len(cont)] = torch.tensor(cont)
+        mask[r, start : start + len(cont)] = True
     logits = model_logits(model, ids.to(device)).float()
     logp = torch.log_softmax(logits, -1).gather(-1, targets.to(device)[..., None]).squeeze(-1)
     sums = torch.where(mask.to(device), logp, 0).double().sum(-1).cpu()
@@ -272,8 +298,10 @@ def _tasks(harness: Harness) -> list[EncodedTask]:
         names = [t.name for t in tasks]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
-            raise HemorrhageError(f"--hemorrhage-tasks: several files named {twice[0]!r}; a "
-                                  "task is named by its file's stem, so rename one")
+            raise HemorrhageError(
+                f"--hemorrhage-tasks: several files named {twice[0]!r}; a "
+                "task is named by its file's stem, so rename one"
+            )
         limit = _max_positions(harness)
         return [encode_task(t, harness.loaded.tokenizer, limit) for t in tasks]
 
@@ -293,25 +321,30 @@ def _score(harness: Harness, encoded: EncodedTask, model: Any = None) -> TaskSco
     """Scores of ``model`` (default: the baseline, as modified now)."""
     tokens = harness.batch_size * harness.settings.seq_len
     model = harness.model if model is None else model
-    return score_task(model, encoded, device=next(model.parameters()).device,
-                      batch_tokens=tokens)
+    return score_task(model, encoded, device=next(model.parameters()).device, batch_tokens=tokens)
 
 
 def baseline_scores(harness: Harness) -> dict[str, TaskScores]:
     """The unmodified model's scores per task, computed once per session."""
-    return {e.task.name: harness.context.memo(("task-baseline", str(e.task.path)),
-                                              lambda e=e: _score(harness, e))
-            for e in _tasks(harness)}
+    return {
+        e.task.name: harness.context.memo(
+            ("task-baseline", str(e.task.path)), lambda e=e: _score(harness, e)
+        )
+        for e in _tasks(harness)
+    }
 
 
-def task_metrics(harness: Harness, patch: Patch) -> tuple[
-        dict[str, float], dict[str, float | None], dict[str, Any]]:
+def task_metrics(
+    harness: Harness, patch: Patch
+) -> tuple[dict[str, float], dict[str, float | None], dict[str, Any]]:
     """``accuracy_drop`` and ``flip_rate`` of the modified model, with per-task details; the
     item is the sampling unit of their standard errors (one value per item)."""
     keys = [("task-baseline", str(e.task.path)) for e in _tasks(harness)]
     if not all(k in harness.memo for k in keys):
-        raise RuntimeError("task baselines must be scored before the model is modified "
-                           "(Harness.measure runs the provider's baseline first)")
+        raise RuntimeError(
+            "task baselines must be scored before the model is modified "
+            "(Harness.measure runs the provider's baseline first)"
+        )
     drops, flips, details = [], [], {}
     for encoded, key in zip(_tasks(harness), keys, strict=True):
         base, now = harness.memo[key], _score(harness, encoded, patch.model)
@@ -325,5 +358,8 @@ def task_metrics(harness: Harness, patch: Patch) -> tuple[
         }
     drop, drop_se = mean_se(torch.cat(drops), level=harness.level)
     flip, flip_se = mean_se(torch.cat(flips), level=harness.level)
-    return ({"accuracy_drop": drop, "flip_rate": flip},
-            {"accuracy_drop": drop_se, "flip_rate": flip_se}, {"tasks": details})
+    return (
+        {"accuracy_drop": drop, "flip_rate": flip},
+        {"accuracy_drop": drop_se, "flip_rate": flip_se},
+        {"tasks": details},
+    )

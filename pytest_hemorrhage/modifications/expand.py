@@ -51,8 +51,11 @@ class LayerExpansion(Modification):
         value = self.positions
         if isinstance(value, int) and not isinstance(value, bool):
             value = (value,)
-        if (not isinstance(value, (tuple, list)) or not value
-                or not all(isinstance(p, int) and not isinstance(p, bool) for p in value)):
+        if (
+            not isinstance(value, (tuple, list))
+            or not value
+            or not all(isinstance(p, int) and not isinstance(p, bool) for p in value)
+        ):
             raise HemorrhageError(
                 f"{self.name}: positions={self.positions!r} must be block indices, e.g. "
                 "positions=(2, 3) to duplicate blocks 2 and 3 (negative indices count from the end)"
@@ -69,8 +72,9 @@ def _clone(module: nn.Module, layer_idx: int) -> nn.Module:
     cloned only where a ``layer_idx`` lies below; ``layer_idx`` attributes are set on the way."""
     clone = object.__new__(type(module))
     # own containers (so registering on the clone leaves the original alone), shared contents
-    clone.__dict__ = {k: copy.copy(v) if isinstance(v, (dict, set)) else v
-                      for k, v in module.__dict__.items()}
+    clone.__dict__ = {
+        k: copy.copy(v) if isinstance(v, (dict, set)) else v for k, v in module.__dict__.items()
+    }
     for name, child in module._modules.items():
         if child is not None and _has_layer_idx(child):
             clone._modules[name] = _clone(child, layer_idx)
@@ -80,8 +84,10 @@ def _clone(module: nn.Module, layer_idx: int) -> nn.Module:
 
 
 def _index(block: nn.Module, fallback: int) -> int:
-    return next((m.layer_idx for m in block.modules()
-                 if isinstance(getattr(m, "layer_idx", None), int)), fallback)
+    return next(
+        (m.layer_idx for m in block.modules() if isinstance(getattr(m, "layer_idx", None), int)),
+        fallback,
+    )
 
 
 @register_modification("expand.layers", LayerExpansion)
@@ -90,13 +96,16 @@ def apply_expand(config: LayerExpansion, model: nn.Module, patch: Patch, context
     n = len(layers)
     wrong = [p for p in config.positions if not -n <= p < n]
     if wrong:
-        raise HemorrhageError(f"{config.name}: positions {wrong} out of range for {n} blocks "
-                              f"({prefix}); use indices in [{-n}, {n - 1}]")
+        raise HemorrhageError(
+            f"{config.name}: positions {wrong} out of range for {n} blocks "
+            f"({prefix}); use indices in [{-n}, {n - 1}]"
+        )
     copies = Counter(p % n for p in config.positions)
     for i in list(copies):
         name = f"{prefix}.{i}"
-        if ((config.include and not any(fnmatch.fnmatchcase(name, p) for p in config.include))
-                or any(fnmatch.fnmatchcase(name, p) for p in config.exclude)):
+        if (
+            config.include and not any(fnmatch.fnmatchcase(name, p) for p in config.include)
+        ) or any(fnmatch.fnmatchcase(name, p) for p in config.exclude):
             del copies[i]
     if not copies:
         raise HemorrhageError(

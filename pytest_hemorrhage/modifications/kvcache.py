@@ -141,8 +141,9 @@ def quantized_forward(config: KVCache, model: nn.Module) -> Any:
         if kwargs.get(keyword) is not None:  # a later generation step: the cache is ours
             return original(*args, input_ids=input_ids, **kwargs)
         if kwargs.get("use_cache"):  # a generation prefill: fill a quantized cache
-            return original(*args, input_ids=input_ids, **kwargs, **{keyword: _new_cache(
-                config, model)})
+            return original(
+                *args, input_ids=input_ids, **kwargs, **{keyword: _new_cache(config, model)}
+            )
         if input_ids is None:
             raise HemorrhageError("quant.kv_cache: the model was called without input_ids")
         kwargs.pop("use_cache", None)
@@ -151,8 +152,12 @@ def quantized_forward(config: KVCache, model: nn.Module) -> Any:
         for start in starts:
             if start == starts[-1] and start:
                 _keep_last(cache)
-            out = original(input_ids=input_ids[:, start : start + config.chunk],
-                           use_cache=True, **kwargs, **{keyword: cache})
+            out = original(
+                input_ids=input_ids[:, start : start + config.chunk],
+                use_cache=True,
+                **kwargs,
+                **{keyword: cache},
+            )
             parts.append(out.logits)
         out.logits = torch.cat(parts, 1)
         return out

@@ -29,8 +29,10 @@ __all__ = ["BitFlip", "GaussianNoise", "layer_seed"]
 def _check_seed(config: Modification) -> None:
     value = config.seed  # type: ignore[attr-defined]
     if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-        raise HemorrhageError(f"{config.name}: seed={value!r} is not valid; use an integer, or "
-                              "None for --hemorrhage-seed")
+        raise HemorrhageError(
+            f"{config.name}: seed={value!r} is not valid; use an integer, or "
+            "None for --hemorrhage-seed"
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,8 +133,10 @@ def apply_bitflip(config: BitFlip, model: nn.Module, patch: Patch, context: Cont
     sizes = [t.weight.numel() * bits for t, bits in zip(targets, widths, strict=True)]
     total = sum(sizes)
     if config.count > total:
-        raise HemorrhageError(f"{config.name}: count={config.count} exceeds the {total} bits of "
-                              "the target weights; use a count <= that")
+        raise HemorrhageError(
+            f"{config.name}: count={config.count} exceeds the {total} bits of "
+            "the target weights; use a count <= that"
+        )
     if config.count == 0:
         return
     seed, stage = _stage_seed(config, context)
@@ -151,5 +155,6 @@ def apply_bitflip(config: BitFlip, model: nn.Module, patch: Patch, context: Cont
         if width < 64:  # the unsigned pattern as the signed integer of the same bits
             masks = torch.where(masks >= 1 << (width - 1), masks - (1 << width), masks)
         device = targets[i].weight.device
-        patch.parametrize(targets[i], _flipper(positions.to(device),
-                                               masks.to(_INT_VIEW[width // 8]).to(device)))
+        patch.parametrize(
+            targets[i], _flipper(positions.to(device), masks.to(_INT_VIEW[width // 8]).to(device))
+        )

@@ -276,13 +276,17 @@ def _accumulate(sums: dict[str, torch.Tensor], calls: list, grads: tuple, window
             by_name.setdefault(name, []).append((x, g))
     with torch.no_grad():
         for name, pairs in by_name.items():
-            per_window = [(g.reshape(windows, -1, g.shape[-1]), x.reshape(windows, -1, x.shape[-1]))
-                          for x, g in pairs]
+            per_window = [
+                (g.reshape(windows, -1, g.shape[-1]), x.reshape(windows, -1, x.shape[-1]))
+                for x, g in pairs
+            ]
             # a few windows at a time: (chunk, out, in) stays under ~64 MB of float32
             chunk = max(1, (1 << 24) // sums[name].numel())
             for b in range(0, windows, chunk):
-                grad_w = sum(torch.bmm(g[b: b + chunk].float().transpose(1, 2),
-                                       x[b: b + chunk].float()) for g, x in per_window)
+                grad_w = sum(
+                    torch.bmm(g[b : b + chunk].float().transpose(1, 2), x[b : b + chunk].float())
+                    for g, x in per_window
+                )
                 sums[name] += grad_w.abs_().sum(0).cpu()
 
 
@@ -376,7 +380,9 @@ def apply_nm(config: NMPruning, model: nn.Module, patch: Patch, context: Context
                 f"{config.name}: layer {target.name!r} has {columns} inputs, not a multiple of "
                 f"m={config.m}; choose an m that divides it or exclude the layer with exclude=(...)"
             )
-    norms = [input_norms(model, context, t, config.name) if config.score == "wanda" else None
-             for t in targets]
+    norms = [
+        input_norms(model, context, t, config.name) if config.score == "wanda" else None
+        for t in targets
+    ]
     for target, l2 in zip(targets, norms, strict=True):
         patch.parametrize(target, _nm_mask(config.n, config.m, l2))

@@ -280,12 +280,19 @@ def _int8_layer(target: Target, threshold: float, rows: int) -> nn.Module:
     weight = target.weight.detach()
     out_features, in_features = weight.shape
     bias = bias_copy(target, torch.float16)
-    layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=bias is not None,
-                                has_fp16_weights=False, threshold=threshold, device="meta")
+    layer = bnb.nn.Linear8bitLt(
+        in_features,
+        out_features,
+        bias=bias is not None,
+        has_fp16_weights=False,
+        threshold=threshold,
+        device="meta",
+    )
     with torch.no_grad():
         cb, scb, _ = bnb.functional.int8_vectorwise_quant(weight.to(torch.float16).contiguous())
-    layer.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False,
-                                     CB=cb, SCB=scb)
+    layer.weight = bnb.nn.Int8Params(
+        cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb
+    )
     layer.bias = bias
     return ComputeIn(layer.eval(), torch.float16, rows)
 
@@ -331,17 +338,30 @@ def _four_bit_layer(target: Target, config: BnbFourBit) -> nn.Module:
     weight = target.weight.detach()
     out_features, in_features = weight.shape
     bias = bias_copy(target, weight.dtype)
-    layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None,
-                              compute_dtype=weight.dtype, compress_statistics=config.double_quant,
-                              quant_type=config.quant_type, device="meta")
+    layer = bnb.nn.Linear4bit(
+        in_features,
+        out_features,
+        bias=bias is not None,
+        compute_dtype=weight.dtype,
+        compress_statistics=config.double_quant,
+        quant_type=config.quant_type,
+        device="meta",
+    )
     with torch.no_grad():
         packed, state = bnb.functional.quantize_4bit(
-            weight.contiguous(), blocksize=config.blocksize,
-            compress_statistics=config.double_quant, quant_type=config.quant_type,
+            weight.contiguous(),
+            blocksize=config.blocksize,
+            compress_statistics=config.double_quant,
+            quant_type=config.quant_type,
         )
     layer.weight = bnb.nn.Params4bit(
-        packed, requires_grad=False, quant_state=state, blocksize=config.blocksize,
-        compress_statistics=config.double_quant, quant_type=config.quant_type, module=layer,
+        packed,
+        requires_grad=False,
+        quant_state=state,
+        blocksize=config.blocksize,
+        compress_statistics=config.double_quant,
+        quant_type=config.quant_type,
+        module=layer,
         bnb_quantized=True,
     )
     layer.quant_state = state
@@ -433,8 +453,11 @@ def _hqq_layer(target: Target, config: Hqq, group: int) -> nn.Module:
     quant_config = hqq.BaseQuantizeConfig(nbits=config.bits, group_size=group, axis=config.axis)
     # hqq rebinds the weight of the layer it is given and then deletes it: give it a copy
     return hqq.HQQLinear.from_weights(
-        weight.clone(memory_format=torch.contiguous_format), bias_copy(target), quant_config,
-        compute_dtype=weight.dtype, device=str(weight.device),
+        weight.clone(memory_format=torch.contiguous_format),
+        bias_copy(target),
+        quant_config,
+        compute_dtype=weight.dtype,
+        device=str(weight.device),
     )
 
 
@@ -541,8 +564,13 @@ class W8A8Linear(nn.Module):
     quantized on its own, so chunking changes no result.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
-                 smooth: torch.Tensor | None = None, rows: int = 4096) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        smooth: torch.Tensor | None = None,
+        rows: int = 4096,
+    ) -> None:
         super().__init__()
         w = weight.detach().float()
         if smooth is not None:

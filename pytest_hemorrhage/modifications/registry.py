@@ -201,9 +201,7 @@ def blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return max(lists, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))
 
 
-def replace_blocks(
-    patch: Patch, prefix: str, new: list[nn.Module], sources: list[int]
-) -> None:
+def replace_blocks(patch: Patch, prefix: str, new: list[nn.Module], sources: list[int]) -> None:
     """Swap the block list at ``prefix`` for ``new`` (blocks dropped, duplicated or reordered).
 
     ``sources[i]`` is the index ``new[i]`` had before. Keeps transformers' conventions, through
@@ -350,12 +348,16 @@ def iter_configs(stages: Any) -> Iterator[Modification]:
             yield stage
         elif isinstance(stage, str):
             yield make(stage)
-        elif (isinstance(stage, (tuple, list)) and len(stage) == 2
-              and isinstance(stage[0], (str, Modification))
-              and isinstance(stage[1], Mapping)):
+        elif (
+            isinstance(stage, (tuple, list))
+            and len(stage) == 2
+            and isinstance(stage[0], (str, Modification))
+            and isinstance(stage[1], Mapping)
+        ):
             yield make(*stage)
         else:
             raise HemorrhageError(
                 f"stage {stage!r} is not (name, {{params}}): write e.g. "
-                "[(\"prune.magnitude\", {\"sparsity\": 0.5}), (\"quant.rtn\", {\"bits\": 4})], "
-                "a name, or a config object")
+                '[("prune.magnitude", {"sparsity": 0.5}), ("quant.rtn", {"bits": 4})], '
+                "a name, or a config object"
+            )

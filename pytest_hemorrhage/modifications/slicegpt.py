@@ -143,8 +143,11 @@ def _check_rewritable(model: nn.Module, layout: _Layout, context: Context) -> No
             "blocks and widths; put prune.slicegpt before structural stages in a composition"
         )
     _, layers = blocks(model)
-    names = [f"{layout.prefix}.{i}.{n}" for i in range(len(layers))
-             for n in (*_ATTENTION_READERS, *_WRITERS, *layout.mlp_readers)]
+    names = [
+        f"{layout.prefix}.{i}.{n}"
+        for i in range(len(layers))
+        for n in (*_ATTENTION_READERS, *_WRITERS, *layout.mlp_readers)
+    ]
     for name in [layout.embed, layout.head, *names]:
         module = model.get_submodule(name)
         if not isinstance(module, (nn.Linear, nn.Embedding)):

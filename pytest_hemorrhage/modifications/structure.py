@@ -165,9 +165,16 @@ class LayerPruning(Modification):
 def _pairs(config: Any, field: str) -> None:
     value = getattr(config, field)
     try:
-        pairs = tuple((int(a), int(b)) for a, b in value
-                      if not isinstance(a, bool) and not isinstance(b, bool)
-                      and a == int(a) and b == int(b) and a >= 0 and b >= 0)
+        pairs = tuple(
+            (int(a), int(b))
+            for a, b in value
+            if not isinstance(a, bool)
+            and not isinstance(b, bool)
+            and a == int(a)
+            and b == int(b)
+            and a >= 0
+            and b >= 0
+        )
     except (TypeError, ValueError):
         pairs = None
     if isinstance(value, str) or pairs is None or len(pairs) != len(value):
@@ -216,12 +223,21 @@ class MLP:
     width: int
 
 
-_SEPARATE_QKV = (("q_proj", "k_proj", "v_proj"), ("self.query", "self.key", "self.value"),
-                 ("q_lin", "k_lin", "v_lin"))
+_SEPARATE_QKV = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("self.query", "self.key", "self.value"),
+    ("q_lin", "k_lin", "v_lin"),
+)
 _OUT_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "output.dense", "out_lin")
-_MLP_NAMES = (("gate_proj", "up_proj", "down_proj"), ("up_proj", "down_proj"), ("c_fc", "c_proj"),
-              ("fc1", "fc2"), ("dense_h_to_4h", "dense_4h_to_h"),
-              ("intermediate.dense", "output.dense"), ("lin1", "lin2"))
+_MLP_NAMES = (
+    ("gate_proj", "up_proj", "down_proj"),
+    ("up_proj", "down_proj"),
+    ("c_fc", "c_proj"),
+    ("fc1", "fc2"),
+    ("dense_h_to_4h", "dense_4h_to_h"),
+    ("intermediate.dense", "output.dense"),
+    ("lin1", "lin2"),
+)
 
 
 def _target(name: str, module: nn.Module) -> Target:
@@ -248,8 +264,11 @@ def _head_geometry(model: nn.Module, attention: nn.Module) -> tuple[int, int, in
     if not heads:
         return None
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = (getattr(attention, "head_dim", None) or getattr(config, "head_dim", None)
-                or getattr(config, "hidden_size", 0) // heads)
+    head_dim = (
+        getattr(attention, "head_dim", None)
+        or getattr(config, "head_dim", None)
+        or getattr(config, "hidden_size", 0) // heads
+    )
     return heads, kv_heads, head_dim
 
 
@@ -298,9 +317,11 @@ def attention_layouts(model: nn.Module, what: str = "") -> list[tuple[str, Atten
             shapes_ok = fused.weight.shape[0] == 3 * width and kv_heads == heads
         else:
             qkv = tuple((_target(base + n, linear[n]), 0) for n in separate)
-            shapes_ok = (qkv[0][0].weight.shape[0] == heads * head_dim
-                         and qkv[1][0].weight.shape[0] == kv_heads * head_dim
-                         and qkv[2][0].weight.shape[0] == kv_heads * head_dim)
+            shapes_ok = (
+                qkv[0][0].weight.shape[0] == heads * head_dim
+                and qkv[1][0].weight.shape[0] == kv_heads * head_dim
+                and qkv[2][0].weight.shape[0] == kv_heads * head_dim
+            )
         if shapes_ok and o.weight.shape[1] == heads * head_dim and heads % kv_heads == 0:
             return Attention(index, *qkv, o, heads, kv_heads, head_dim)
         return None
@@ -339,8 +360,11 @@ class _Zeroing:
     def _plan(self, target: Target) -> tuple[Target, torch.Tensor, torch.Tensor]:
         if target.name not in self.plans:
             out_features, in_features = target.weight.shape
-            self.plans[target.name] = (target, torch.ones(out_features, dtype=torch.bool),
-                                       torch.ones(in_features, dtype=torch.bool))
+            self.plans[target.name] = (
+                target,
+                torch.ones(out_features, dtype=torch.bool),
+                torch.ones(in_features, dtype=torch.bool),
+            )
         return self.plans[target.name]
 
     def rows(self, target: Target, start: int, stop: int) -> None:
@@ -413,8 +437,9 @@ def _row_norms(target: Target) -> torch.Tensor:
 # --- heads -------------------------------------------------------------------------------------
 
 
-def _head_scores(config: HeadPruning, model: nn.Module, context: Context,
-                 layouts: list[Attention]) -> list[tuple[float, tuple[int, int]]]:
+def _head_scores(
+    config: HeadPruning, model: nn.Module, context: Context, layouts: list[Attention]
+) -> list[tuple[float, tuple[int, int]]]:
     scores = []
     taylor = {}
     if config.importance == "taylor":
@@ -433,7 +458,7 @@ def _head_scores(config: HeadPruning, model: nn.Module, context: Context,
                 per_head = contribution.view(a.heads, d).sum(1).sqrt()
             else:
                 v, start = a.v
-                v_norms = _row_norms(v)[start: start + a.kv_heads * d].view(a.kv_heads, d)
+                v_norms = _row_norms(v)[start : start + a.kv_heads * d].view(a.kv_heads, d)
                 v_per_head = v_norms.square().sum(1).sqrt().repeat_interleave(group)
                 per_head = o_norms.view(a.heads, d).square().sum(1).sqrt() * v_per_head
             scores += [(float(s), (a.block, h)) for h, s in enumerate(per_head.tolist())]
@@ -495,8 +520,9 @@ def apply_heads(config: HeadPruning, model: nn.Module, patch: Patch, context: Co
 # --- MLP channels ------------------------------------------------------------------------------
 
 
-def _channel_scores(config: ChannelPruning, model: nn.Module, context: Context,
-                    layouts: list[MLP]) -> list[tuple[float, tuple[int, int]]]:
+def _channel_scores(
+    config: ChannelPruning, model: nn.Module, context: Context, layouts: list[MLP]
+) -> list[tuple[float, tuple[int, int]]]:
     scores = []
     taylor = {}
     if config.importance == "taylor":
@@ -587,9 +613,11 @@ def apply_layers(config: LayerPruning, model: nn.Module, patch: Patch, context: 
     prefix, layers = blocks(model)
     total = len(layers)
     names = [f"{prefix}.{i}" for i in range(total)]
-    eligible = [i for i, n in enumerate(names)
-                if (not config.include or _matches(n, config.include))
-                and not _matches(n, config.exclude)]
+    eligible = [
+        i
+        for i, n in enumerate(names)
+        if (not config.include or _matches(n, config.include)) and not _matches(n, config.exclude)
+    ]
     if config.indices:
         bad = [i for i in config.indices if i >= total]
         if bad:
@@ -606,7 +634,7 @@ def apply_layers(config: LayerPruning, model: nn.Module, patch: Patch, context: 
                 f"{min(len(eligible), total - 1)}"
             )
         if config.selection == "last":
-            dropped = eligible[len(eligible) - config.count:] if config.count else []
+            dropped = eligible[len(eligible) - config.count :] if config.count else []
         else:
             similarity = block_similarity(model, context)
             dropped = sorted(eligible, key=lambda i: -similarity[i])[: config.count]

@@ -28,12 +28,17 @@ def require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise HemorrhageError(f"--hemorrhage-plot needs matplotlib, which is not installed; "
-                              f"run `{INSTALL}` or drop the option") from None
+        raise HemorrhageError(
+            f"--hemorrhage-plot needs matplotlib, which is not installed; "
+            f"run `{INSTALL}` or drop the option"
+        ) from None
 
 
-def write_plots(explorations: Sequence[Mapping[str, Any]], directory: Path | str,
-                results: Sequence[Mapping[str, Any]] = ()) -> list[Path]:
+def write_plots(
+    explorations: Sequence[Mapping[str, Any]],
+    directory: Path | str,
+    results: Sequence[Mapping[str, Any]] = (),
+) -> list[Path]:
     """Write one PNG per recorded threshold search or sweep, and one per result with blame
     figures, into ``directory``.
 
@@ -85,8 +90,11 @@ def _stem(record: Mapping[str, Any]) -> str:
     return re.sub(r"_?-_?", "-", re.sub(r"[^A-Za-z0-9_.-]+", "_", raw)).strip("_")[:150]
 
 
-def plot_curve(path: Path | str | BinaryIO, record: Mapping[str, Any],
-               budget: Mapping[str, float] | None = None) -> Path | str | BinaryIO:
+def plot_curve(
+    path: Path | str | BinaryIO,
+    record: Mapping[str, Any],
+    budget: Mapping[str, float] | None = None,
+) -> Path | str | BinaryIO:
     """Draw one exploration record: its metric vs the parameter, the budget, and the
     phase-transition point (sweep) or threshold and bracket (threshold search).
 
@@ -117,30 +125,53 @@ def plot_curve(path: Path | str | BinaryIO, record: Mapping[str, Any],
         if s0 is not None:
             se = record.get("s0_stderr") or 0.0
             ax.axvspan(s0 - se, s0 + se, color="tab:orange", alpha=0.2, lw=0)
-            ax.axvline(s0, color="tab:orange", ls="--",
-                       label=f"PTP {param}={s0:.3g}" + (f" ± {se:.2g}" if se else ""))
-        title = f"{record['modification']} sweep" + ("" if s0 is not None else
-                                                      " (no phase transition)")
+            ax.axvline(
+                s0,
+                color="tab:orange",
+                ls="--",
+                label=f"PTP {param}={s0:.3g}" + (f" ± {se:.2g}" if se else ""),
+            )
+        title = f"{record['modification']} sweep" + (
+            "" if s0 is not None else " (no phase transition)"
+        )
     else:
         points = record["measurements"]
-        xs, ys, broke = ([p["x"] for p in points], [_y(p["metric"]) for p in points],
-                         [p["broke"] for p in points])
+        xs, ys, broke = (
+            [p["x"] for p in points],
+            [_y(p["metric"]) for p in points],
+            [p["broke"] for p in points],
+        )
         increasing = record.get("increasing", True)
         passing, value = record["bracket"]
         if value is not None:
             ax.axvline(value, color="tab:red", ls="--", label=f"breaks at {param}={value:g}")
             if passing is not None:
-                ax.axvspan(min(passing, value), max(passing, value), color="tab:red",
-                           alpha=0.12, lw=0, label=f"bracket ({passing:g}, {value:g}]")
+                ax.axvspan(
+                    min(passing, value),
+                    max(passing, value),
+                    color="tab:red",
+                    alpha=0.12,
+                    lw=0,
+                    label=f"bracket ({passing:g}, {value:g}]",
+                )
         title = f"{record['modification']} threshold ({record.get('method', '')})"
         order = sorted(range(len(xs)), key=lambda i: xs[i])
         ax.plot([xs[i] for i in order], [ys[i] for i in order], color="0.8", lw=1, zorder=1)
-    ax.scatter([x for x, b in zip(xs, broke, strict=True) if not b],
-               [y for y, b in zip(ys, broke, strict=True) if not b],
-               color="tab:green", zorder=3, label="within budget")
-    ax.scatter([x for x, b in zip(xs, broke, strict=True) if b],
-               [y for y, b in zip(ys, broke, strict=True) if b],
-               color="tab:red", marker="x", zorder=3, label="over budget")
+    ax.scatter(
+        [x for x, b in zip(xs, broke, strict=True) if not b],
+        [y for y, b in zip(ys, broke, strict=True) if not b],
+        color="tab:green",
+        zorder=3,
+        label="within budget",
+    )
+    ax.scatter(
+        [x for x, b in zip(xs, broke, strict=True) if b],
+        [y for y, b in zip(ys, broke, strict=True) if b],
+        color="tab:red",
+        marker="x",
+        zorder=3,
+        label="over budget",
+    )
     limit = (budget or {}).get(metric)
     if limit is not None:
         ax.axhline(limit, color="black", lw=1, ls=":", label=f"budget {metric} ≤ {limit:g}")
@@ -185,8 +216,14 @@ def _fit_line(ax: Any, record: Mapping[str, Any], increasing: bool) -> None:
     first = record["points"][0]
     origin = first["value"] - first["x"] if increasing else first["value"] + first["x"]
     values = origin + grid if increasing else origin - grid
-    ax.plot(values, transition.predict(grid), color="tab:blue", lw=1.5, zorder=2,
-            label="power law → exponential fit")
+    ax.plot(
+        values,
+        transition.predict(grid),
+        color="tab:blue",
+        lw=1.5,
+        zorder=2,
+        label="power law → exponential fit",
+    )
 
 
 def plot_blame(path: Path | str, blame: Mapping[str, Any]) -> Path:
@@ -212,8 +249,13 @@ def plot_blame(path: Path | str, blame: Mapping[str, Any]) -> Path:
     axes = fig.subplots(panels, 1, squeeze=False)
     ax = axes[0][0]
     ax.bar(x, [b["drift_l2"] for b in blocks], color="tab:red")
-    ax.axhline(blame["threshold"], color="gray", linestyle="--", linewidth=1,
-               label=f"bleeding above {blame['threshold']:.3g}")
+    ax.axhline(
+        blame["threshold"],
+        color="gray",
+        linestyle="--",
+        linewidth=1,
+        label=f"bleeding above {blame['threshold']:.3g}",
+    )
     ax.set_ylabel("relative L2 drift")
     ax.set_title(f"{blame['modification']}: where the hemorrhage starts")
     ax.legend(loc="lower right", fontsize="small", framealpha=0.9)

@@ -64,8 +64,13 @@ def _verdict(record: Mapping[str, Any]) -> str:
     return record.get("outcome") or ("over" if record.get("violations") else "measured")
 
 
-def render_results(records: Sequence[Mapping[str, Any]], *, width: int = 80,
-                   color: bool = False, verbose: bool = False) -> str:
+def render_results(
+    records: Sequence[Mapping[str, Any]],
+    *,
+    width: int = 80,
+    color: bool = False,
+    verbose: bool = False,
+) -> str:
     """The results part of the summary: one row per test, or every measure with ``verbose``;
     then, once each, what modifications applied other than asked (:func:`render_notes`)."""
     if verbose:
@@ -83,17 +88,30 @@ def render_results(records: Sequence[Mapping[str, Any]], *, width: int = 80,
         metric, value, limit = closest_metric(worst)
         what = _what(worst) + (f" +{len(mine) - 1} more" if len(mine) > 1 else "")
         compared = compared_value(worst, metric) if limit is not None else value
-        margin = (f"{limit - compared:+.3g}" if limit is not None and compared is not None
-                  and math.isfinite(compared) else "")
-        shown = f"{metric} {_g3(value)}" + (
-            f" (bound {_g3(compared)})"
-            if compared is not None and math.isfinite(compared) and compared != value
+        margin = (
+            f"{limit - compared:+.3g}"
+            if limit is not None and compared is not None and math.isfinite(compared)
             else ""
-        ) + (f" ≤ {limit:.3g}" if limit is not None else "")
+        )
+        shown = (
+            f"{metric} {_g3(value)}"
+            + (
+                f" (bound {_g3(compared)})"
+                if compared is not None and math.isfinite(compared) and compared != value
+                else ""
+            )
+            + (f" ≤ {limit:.3g}" if limit is not None else "")
+        )
         rows.append((_verdict(worst), nodeid.rpartition("::")[2] or nodeid, what, shown, margin))
     header = ("verdict", "test", "modification", "closest to budget", "margin")
-    table = _table("hemorrhage (one row per test; -v: every measure)", header, rows,
-                   width=width, color=color, flexible=(1, 2))
+    table = _table(
+        "hemorrhage (one row per test; -v: every measure)",
+        header,
+        rows,
+        width=width,
+        color=color,
+        flexible=(1, 2),
+    )
     return table + render_notes(records, width=width) + early_stop_note(records)
 
 
@@ -107,15 +125,18 @@ def early_stop_note(records: Sequence[Mapping[str, Any]]) -> str:
     parts = []
     if stopped:
         share = sum(e["tokens"] for e in stopped) / sum(e["tokens_max"] for e in stopped)
-        parts.append(f"{len(stopped)} of {len(runs)} measures settled early on {share:.0%} of "
-                     "their tokens")
+        parts.append(
+            f"{len(stopped)} of {len(runs)} measures settled early on {share:.0%} of their tokens"
+        )
     unbudgeted = sum(not e["budgeted"] for e in runs)
     close = len(runs) - len(stopped) - unbudgeted
     if close:
         parts.append(f"{close} too close to call used every token")
     if unbudgeted:
-        parts.append(f"{unbudgeted} had no budgeted token metric to decide on and used every "
-                     "token (early stopping needs a budget)")
+        parts.append(
+            f"{unbudgeted} had no budgeted token metric to decide on and used every "
+            "token (early stopping needs a budget)"
+        )
     return "early stop: " + "; ".join(parts) + "\n"
 
 
@@ -126,8 +147,13 @@ def render_notes(records: Sequence[Mapping[str, Any]], *, width: int = 80) -> st
 
     lines = dict.fromkeys(line for record in records for line in describe_fallbacks(record))
     wrapped = [
-        textwrap.fill(line, max(width - 1, 40), subsequent_indent="    ",
-                      break_long_words=False, break_on_hyphens=False)
+        textwrap.fill(
+            line,
+            max(width - 1, 40),
+            subsequent_indent="    ",
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
         for line in lines
     ]
     return "".join(f"{text}\n" for text in wrapped)
@@ -141,12 +167,25 @@ def _severity(record: Mapping[str, Any]) -> float:
     return value / limit if limit else value
 
 
-_STYLES = {"passed": "green", "failed": "red", "xfailed": "yellow", "over": "red",
-           "xpassed": "yellow", "error": "red"}
+_STYLES = {
+    "passed": "green",
+    "failed": "red",
+    "xfailed": "yellow",
+    "over": "red",
+    "xpassed": "yellow",
+    "error": "red",
+}
 
 
-def _table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]], *, width: int,
-           color: bool, flexible: Sequence[int]) -> str:
+def _table(
+    title: str,
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    *,
+    width: int,
+    color: bool,
+    flexible: Sequence[int],
+) -> str:
     """A borderless table that fits ``width``: fixed columns take their widest cell, the
     ``flexible`` ones share the rest and cut what does not fit with an ellipsis. Plain
     ``a · b · c`` lines below ``NARROW`` columns."""
@@ -158,7 +197,7 @@ def _table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]], *, 
     spare = max(len(flexible) * 8, width - 1 - fixed - 2 * (len(header) - 1))
     widths = list(natural)
     for n, i in enumerate(flexible):  # the first flexible column first, up to its natural width
-        others = sum(natural[j] for j in flexible[n + 1:])
+        others = sum(natural[j] for j in flexible[n + 1 :])
         widths[i] = min(natural[i], max(spare // len(flexible), spare - others, 8))
         spare -= widths[i]
     for i in flexible:  # what a column left goes to the others, in order
@@ -191,8 +230,9 @@ def _print(renderable: Any, width: int, color: bool) -> str:
     from rich.console import Console
 
     out = io.StringIO()
-    Console(file=out, width=width, force_terminal=color, no_color=not color,
-            highlight=False).print(renderable)
+    Console(file=out, width=width, force_terminal=color, no_color=not color, highlight=False).print(
+        renderable
+    )
     return out.getvalue()
 
 
@@ -200,8 +240,11 @@ def render_table(records: list[dict[str, Any]], *, width: int = 80, color: bool 
     """Per result: a heading (test, outcome, modification), then one line per budgeted metric
     with value, budget, margin and verdict; with ``confidence``, margin and verdict are the
     upper bound's (what the check compared), shown after the verdict."""
-    paint = (lambda text, style: f"{_ANSI[style]}{text}{_RESET}") if color else (
-        lambda text, style: text)
+    paint = (
+        (lambda text, style: f"{_ANSI[style]}{text}{_RESET}")
+        if color
+        else (lambda text, style: text)
+    )
     lines = [f"{_BOLD}hemorrhage{_RESET}" if color else "hemorrhage"]
     for record in records:
         budget = {k: v for k, v in record["budget"].items() if k != "confidence"}
@@ -226,18 +269,27 @@ def render_table(records: list[dict[str, Any]], *, width: int = 80, color: bool 
                 if compared != value and finite:
                     level = record["budget"]["confidence"]
                     verdict += f" (upper {level:.0%} bound {_number(compared)})"
-            rows.append((metric, _number(value), "" if limit is None else f"≤ {limit:.4f}",
-                         margin, verdict))
+            rows.append(
+                (metric, _number(value), "" if limit is None else f"≤ {limit:.4f}", margin, verdict)
+            )
         if record.get("nonfinite_tokens"):
-            rows.append(("non-finite tokens", str(record["nonfinite_tokens"]), "≤ 0", "",
-                         paint("over", "red")))
+            rows.append(
+                (
+                    "non-finite tokens",
+                    str(record["nonfinite_tokens"]),
+                    "≤ 0",
+                    "",
+                    paint("over", "red"),
+                )
+            )
         for metric, value, limit, margin, verdict in rows:
             lines.append(f"      {metric:<20} {value:>9} {limit:>9} {margin:>9} {verdict}".rstrip())
     return "\n".join(lines) + "\n"
 
 
-def render_explorations(explorations: Sequence[Mapping[str, Any]], *, width: int = 80,
-                        color: bool = False) -> str:
+def render_explorations(
+    explorations: Sequence[Mapping[str, Any]], *, width: int = 80, color: bool = False
+) -> str:
     """Per threshold search, sweep or calibration: a heading line (test, what was explored)
     and the finding on the line below, wrapped at word boundaries, never inside a cell."""
     from rich.console import Group
@@ -251,16 +303,22 @@ def render_explorations(explorations: Sequence[Mapping[str, Any]], *, width: int
         if record["kind"] == "decoding_calibration":
             before, after = record["kl_mean"]
             top_p = f", top_p {record['top_p']:g}" if record["top_p"] is not None else ""
-            what, found = "decoding calibration", (
-                f"temperature {record['temperature']:.3g}{top_p}: "
-                f"kl_mean {before:.4f} → {after:.4f}")
+            what, found = (
+                "decoding calibration",
+                (
+                    f"temperature {record['temperature']:.3g}{top_p}: "
+                    f"kl_mean {before:.4f} → {after:.4f}"
+                ),
+            )
         else:
             fixed = ", ".join(f"{k}={v}" for k, v in record.get("fixed", {}).items())
-            what = (f"{record['modification']}({fixed}) {record['param']}" if fixed
-                    else f"{record['modification']} {record['param']}")
+            what = (
+                f"{record['modification']}({fixed}) {record['param']}"
+                if fixed
+                else f"{record['modification']} {record['param']}"
+            )
             found = _describe(record)
-        heading = Text.from_markup(f"[bold]{escape(test)}[/] · {escape(what)}",
-                                   overflow="ellipsis")
+        heading = Text.from_markup(f"[bold]{escape(test)}[/] · {escape(what)}", overflow="ellipsis")
         heading.no_wrap = True
         parts.append(heading)
         parts.append(Padding(Text.from_markup(found), (0, 0, 0, 2)))
@@ -277,21 +335,30 @@ def _describe(record: Mapping[str, Any]) -> str:
         if record["s0"] is None:
             return f"[yellow]no phase transition[/] ({n} points): {escape(fit['reason'])}"
         se = record["s0_stderr"]
-        return (f"phase transition at {param}={record['s0']:.3g}"
-                + (f" ± {se:.2g}" if se is not None else "")
-                + f" (fit R² {fit['r2']:.2f}, {n} points, {escape(record['metric'])})")
+        return (
+            f"phase transition at {param}={record['s0']:.3g}"
+            + (f" ± {se:.2g}" if se is not None else "")
+            + f" (fit R² {fit['r2']:.2f}, {n} points, {escape(record['metric'])})"
+        )
     how = {"bisection": "bisection", "shrinking": "hypothesis"}.get(record["method"], "")
     limit = record["budget"].get(record["metric"])
     over = f" ({record['metric']} > {limit:g})" if limit is not None else ""
     if record["value"] is None:
-        text = (f"no break: passes up to {param}={_fmt(record['bracket'][0])}; "
-                f"{_measures(record['evaluations'])} by {how}")
+        text = (
+            f"no break: passes up to {param}={_fmt(record['bracket'][0])}; "
+            f"{_measures(record['evaluations'])} by {how}"
+        )
     else:
         passing = record["bracket"][0]
-        text = (f"[bold]breaks at {param}={_fmt(record['value'])}[/]{over}; "
-                + (f"passes at {param}={_fmt(passing)}" if passing is not None else
-                   "breaks at every value measured")
-                + f"; {_measures(record['evaluations'])} by {how}")
+        text = (
+            f"[bold]breaks at {param}={_fmt(record['value'])}[/]{over}; "
+            + (
+                f"passes at {param}={_fmt(passing)}"
+                if passing is not None
+                else "breaks at every value measured"
+            )
+            + f"; {_measures(record['evaluations'])} by {how}"
+        )
     if not record["monotone"]:
         note = record["note"].partition("non-monotone damage: ")[2] or record["note"]
         text += f"\n[yellow]non-monotone:[/] {escape(note)}"
