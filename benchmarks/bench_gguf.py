@@ -40,7 +40,7 @@ def run(spec: str, widen: bool = False) -> None:
     from pytest_hemorrhage.harness import Harness
     from pytest_hemorrhage.loading import LoadedModel, load_model
     from pytest_hemorrhage.modifications import make
-    from pytest_hemorrhage.modifications.gguf import Gguf, plan
+    from pytest_hemorrhage.modifications.quant.gguf import Gguf, plan
     from pytest_hemorrhage.settings import Settings
 
     torch.set_num_threads(1)  # a second thread straggles on a shared machine

@@ -1,4 +1,5 @@
-"""Cost and memory of GPTQ, SparseGPT (modifications/obs.py) and AWQ (awq.py), side by side in one
+"""Cost and memory of GPTQ, SparseGPT (quant/gptq.py, prune/sparsegpt.py) and AWQ (quant/awq.py),
+side by side in one
 run (issue 10's targets). Every figure runs on one torch thread, both sides of every ratio alike
 (on this shared 2-core machine a second thread straggles behind other processes' work).
 
@@ -7,7 +8,7 @@ the numerator over the denominator measured in the same round, so machine noise 
   * first apply: a fresh harness (empty session memo) writing a fresh disk cache, as a first
     pytest run does; / (one forward pass over the calibration windows + the per-layer solves
     timed in isolation: the solver functions called alone on the inputs a first apply gave them,
-    ``obs.gptq_quantize``, ``obs.sparsegpt_prune``, ``awq.search_scale``). Target <= 3x.
+    ``gptq.gptq_quantize``, ``sparsegpt.sparsegpt_prune``, ``awq.search_scale``). Target <= 3x.
     Also printed: the part outside the solves, (first - solves) / forward, the stricter reading
     (3 forward passes, plus the solves at their own cost).
   * cached: a second run (new harness, empty memo, the disk cache warm) applies and restores;
@@ -119,13 +120,14 @@ def _forward(h: Any, windows: Any) -> float:
 
 @contextlib.contextmanager
 def _wrapping_solves(wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Iterator[None]:
-    """The per-layer solves (``obs.gptq_quantize``, ``obs.sparsegpt_prune``,
+    """The per-layer solves (``gptq.gptq_quantize``, ``sparsegpt.sparsegpt_prune``,
     ``awq.search_scale``) replaced by ``wrap(solve)`` while the block runs, then put back."""
-    from pytest_hemorrhage.modifications import awq, obs
+    from pytest_hemorrhage.modifications.prune import sparsegpt
+    from pytest_hemorrhage.modifications.quant import awq, gptq
 
     real = {
-        (obs, "gptq_quantize"): obs.gptq_quantize,
-        (obs, "sparsegpt_prune"): obs.sparsegpt_prune,
+        (gptq, "gptq_quantize"): gptq.gptq_quantize,
+        (sparsegpt, "sparsegpt_prune"): sparsegpt.sparsegpt_prune,
         (awq, "search_scale"): awq.search_scale,
     }
     for (module, name), fn in real.items():

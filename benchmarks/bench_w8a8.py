@@ -28,7 +28,8 @@ def _emulated(base: type) -> type:
     """W8A8Linear with the forward it had before: float32 F.linear over integer-valued floats."""
     import torch
 
-    from pytest_hemorrhage.modifications.quant import by_token_chunks, int8_per_row
+    from pytest_hemorrhage.modifications.quant.kernels import by_token_chunks
+    from pytest_hemorrhage.modifications.quant.w8a8 import int8_per_row
 
     class Emulated(base):
         emulated = True
@@ -54,7 +55,7 @@ def _exact(layer: Any, x: Any) -> bool:
     """Whether the accumulator of ``layer``'s path equals the int64 dot product."""
     import torch
 
-    from pytest_hemorrhage.modifications.quant import int8_matmul, int8_per_row
+    from pytest_hemorrhage.modifications.quant.w8a8 import int8_matmul, int8_per_row
 
     q, _ = int8_per_row(x.reshape(-1, x.shape[-1]))
     exact = q.long() @ layer.qweight.long().t()
@@ -83,7 +84,7 @@ def layers(repeat: int) -> None:
     import torch
     from bench_modifications import Allocations
 
-    from pytest_hemorrhage.modifications.quant import W8A8Linear
+    from pytest_hemorrhage.modifications.quant.w8a8 import W8A8Linear
 
     emulated = _emulated(W8A8Linear)
     print(
@@ -119,7 +120,7 @@ def model(repeat: int) -> None:
     import torch
     from bench_modifications import _forward
 
-    import pytest_hemorrhage.modifications.quant as quant
+    import pytest_hemorrhage.modifications.quant.w8a8 as quant
     from pytest_hemorrhage.harness import Harness
     from pytest_hemorrhage.loading import load_model
     from pytest_hemorrhage.settings import Settings

@@ -136,9 +136,9 @@ def _awq(harness, loaded, windows, forward) -> None:
     import torch
 
     from pytest_hemorrhage.modifications import make
-    from pytest_hemorrhage.modifications.awq import awq_scales, input_grams
     from pytest_hemorrhage.modifications.calibration import input_stats
-    from pytest_hemorrhage.modifications.quant import quant_grid
+    from pytest_hemorrhage.modifications.quant.awq import awq_scales, input_grams
+    from pytest_hemorrhage.modifications.quant.rtn import quant_grid
 
     theirs_s, theirs, chosen = _awq_theirs(loaded, windows)
     config = make("quant.awq", {"bits": 4, "group_size": 128, "symmetric": False, "grid": GRID})
@@ -210,7 +210,7 @@ def _smoothquant(harness, loaded, windows) -> None:
     import torch
 
     from pytest_hemorrhage.modifications.calibration import input_stats
-    from pytest_hemorrhage.modifications.quant import int8_per_row, smooth_scales
+    from pytest_hemorrhage.modifications.quant.w8a8 import int8_per_row, smooth_scales
 
     _, theirs, chosen = _smoothquant_theirs(loaded, windows)
     stats = input_stats(harness.model, harness.context)

@@ -1,4 +1,5 @@
-"""GPTQ and SparseGPT (modifications/obs.py) against llm-compressor on the bundled model.
+"""GPTQ and SparseGPT (quant/gptq.py, prune/sparsegpt.py) against llm-compressor on the bundled
+model.
 
 Same model, same calibration windows (the harness's 16 windows of 128 tokens, unshuffled, one
 window per forward as llm-compressor's default), same settings (damp 0.01, 128-column blocks,

@@ -46,7 +46,14 @@ if TYPE_CHECKING:
     from .portable import PortableReference
     from .settings import Settings
 
-__all__ = ["ENCODER_BATCH", "RESTORE_COPY_BYTES", "Context", "Harness", "Stages", "auto_batch"]
+__all__ = [
+    "ENCODER_BATCH",
+    "RESTORE_COPY_BYTES",
+    "Harness",
+    "HarnessContext",
+    "Stages",
+    "auto_batch",
+]
 
 # Models up to this size keep a host copy of their weights to restore a write made outside
 # modified(); larger ones are reloaded from their spec instead (no host memory held).
@@ -58,8 +65,9 @@ ENCODER_BATCH = 64
 Stages = str | Modification | Sequence[Any]
 
 
-class Context:
-    """What a modification handler may use besides the model: data, seeds, a memo."""
+class HarnessContext:
+    """The handler contract (:class:`~pytest_hemorrhage.modifications.handler.Context`) served
+    by a harness: its tokenizer, seeds, calibration windows and session memo."""
 
     def __init__(self, harness: Harness) -> None:
         self._harness = harness
@@ -162,7 +170,7 @@ class Harness:
             self.batch_size = settings.batch_size or auto_batch(settings.seq_len, self.vocab)
             self.topk = settings.topk or (self.vocab if self.vocab <= EXACT_VOCAB else DEFAULT_TOPK)
         self.portable = portable
-        self.context = Context(self)
+        self.context = HarnessContext(self)
         self.reference_cached = False
         if self.model is None:  # only a reference file: nothing to modify or restore
             return
@@ -562,7 +570,11 @@ class Harness:
 
 
 def _apply_offloaded(
-    config: Modification, model: Any, patch: Patch, context: Context, offloaded: dict[int, str]
+    config: Modification,
+    model: Any,
+    patch: Patch,
+    context: HarnessContext,
+    offloaded: dict[int, str],
 ) -> None:
     """Apply ``config`` to a model with offloaded weights, or refuse it (naming the
     modification, the offloaded modules and why): weights held on the meta device between

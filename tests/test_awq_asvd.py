@@ -20,10 +20,10 @@ from bit_identity import assert_restored, snapshot
 
 from pytest_hemorrhage.errors import HemorrhageError
 from pytest_hemorrhage.modifications import make
-from pytest_hemorrhage.modifications.awq import awq_scales, input_grams
 from pytest_hemorrhage.modifications.calibration import input_stats
 from pytest_hemorrhage.modifications.lowrank import asvd_scale, kept_rank
-from pytest_hemorrhage.modifications.quant import rtn_quantize
+from pytest_hemorrhage.modifications.quant.awq import awq_scales, input_grams
+from pytest_hemorrhage.modifications.quant.rtn import rtn_quantize
 
 BLOCK0 = "model.layers.0"
 
@@ -99,7 +99,7 @@ def test_awq_scales_are_memoized_and_cached_on_disk(tiny, tmp_path, monkeypatch)
     """A second apply in the session and a second session (new harness, same cache directory)
     both apply AWQ without calibrating, to the same weights, and restore exactly."""
     from pytest_hemorrhage.harness import Harness
-    from pytest_hemorrhage.modifications import awq
+    from pytest_hemorrhage.modifications.quant import awq
     from pytest_hemorrhage.settings import Settings
 
     def fresh():

@@ -20,7 +20,7 @@ from pytest_hemorrhage.errors import HemorrhageError
 from pytest_hemorrhage.explore import hypothesis  # noqa: F401
 from pytest_hemorrhage.fixture import Hemorrhage
 from pytest_hemorrhage.modifications import Modification, register_modification
-from pytest_hemorrhage.modifications.quant import rtn_quantize
+from pytest_hemorrhage.modifications.quant.rtn import rtn_quantize
 from pytest_hemorrhage.report import plots, terminal
 from pytest_hemorrhage.session import HemorrhageSession
 from pytest_hemorrhage.settings import Settings

@@ -19,7 +19,7 @@ from widened import widened
 
 from pytest_hemorrhage.errors import HemorrhageError
 from pytest_hemorrhage.modifications import Patch, apply, make
-from pytest_hemorrhage.modifications.gguf import (
+from pytest_hemorrhage.modifications.quant.gguf import (
     BITS_PER_WEIGHT,
     BLOCK_TYPES,
     GGUF_TYPES,

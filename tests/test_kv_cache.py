@@ -60,7 +60,7 @@ def test_the_last_chunk_is_not_requantized_and_no_logit_changes(
     as is gives the same logits bit for bit, with one re-quantization per layer more."""
     from transformers.cache_utils import HQQQuantizedLayer
 
-    from pytest_hemorrhage.modifications.kvcache import (
+    from pytest_hemorrhage.modifications.quant.kv_cache import (
         _cache_keyword,
         _new_cache,
         quantized_forward,

@@ -8,8 +8,8 @@ from bit_identity import assert_restored, snapshot
 
 from pytest_hemorrhage.errors import HemorrhageError
 from pytest_hemorrhage.modifications import make, names
-from pytest_hemorrhage.modifications.prune import global_threshold
-from pytest_hemorrhage.modifications.quant import rtn_quantize
+from pytest_hemorrhage.modifications.prune.unstructured import global_threshold
+from pytest_hemorrhage.modifications.quant.rtn import rtn_quantize
 
 
 def test_rtn_matches_round_to_nearest_by_hand():
@@ -64,7 +64,7 @@ def test_measure_restores_the_model_bit_for_bit(harness):
 
 def test_restore_after_a_handler_that_raises_halfway(harness, monkeypatch):
     from pytest_hemorrhage.modifications import register_modification, registry
-    from pytest_hemorrhage.modifications.quant import RTN
+    from pytest_hemorrhage.modifications.quant.rtn import RTN
 
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # keep it test-local
 

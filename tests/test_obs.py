@@ -1,4 +1,4 @@
-"""GPTQ and SparseGPT (modifications/obs.py): the solver against its definition, sequential
+"""GPTQ and SparseGPT (modifications/hessian.py, quant/gptq.py, prune/sparsegpt.py): the solver against its definition, sequential
 calibration, caching, both architectures, exact restore, clear errors, and the papers' headline
 comparisons on the bundled model."""
 
@@ -9,8 +9,10 @@ import torch
 from bit_identity import assert_restored, snapshot
 
 from pytest_hemorrhage.errors import HemorrhageError
-from pytest_hemorrhage.modifications import Patch, apply, make, obs
-from pytest_hemorrhage.modifications.quant import rtn_quantize
+from pytest_hemorrhage.modifications import Patch, apply, hessian, make, state
+from pytest_hemorrhage.modifications.prune import sparsegpt
+from pytest_hemorrhage.modifications.quant import gptq
+from pytest_hemorrhage.modifications.quant.rtn import rtn_quantize
 from pytest_hemorrhage.modifications.registry import is_conv1d
 
 BLOCK1_Q = "model.layers.1.self_attn.q_proj"
@@ -67,32 +69,32 @@ def test_gptq_with_an_identity_hessian_is_rtn(symmetric, group_size):
     """No correlation between inputs: no error to compensate, so GPTQ rounds exactly as
     quant.rtn does (same grid, same integers)."""
     w, _ = _random_layer()
-    config = obs.GPTQ(bits=3, group_size=group_size, symmetric=symmetric)
-    state = obs.gptq_quantize(w, torch.eye(w.shape[1]), config)
+    config = gptq.GPTQ(bits=3, group_size=group_size, symmetric=symmetric)
+    state = gptq.gptq_quantize(w, torch.eye(w.shape[1]), config)
     expected = rtn_quantize(w, 3, group_size, symmetric)
-    assert torch.equal(obs.gptq_weight(state, 3, symmetric), expected)
+    assert torch.equal(gptq.gptq_weight(state, 3, symmetric), expected)
 
 
 def test_gptq_lowers_the_layer_reconstruction_error_below_rtn():
     w, h = _random_layer()
     for act_order in (False, True):
-        config = obs.GPTQ(bits=3, group_size=64, act_order=act_order, symmetric=False)
-        gptq = obs.gptq_weight(obs.gptq_quantize(w, h, config), 3, False)
+        config = gptq.GPTQ(bits=3, group_size=64, act_order=act_order, symmetric=False)
+        solved = gptq.gptq_weight(gptq.gptq_quantize(w, h, config), 3, False)
         rtn = rtn_quantize(w, 3, 64, False)
 
         def error(q):
             return torch.trace((q - w) @ h @ (q - w).t()).item()
 
-        assert error(gptq) < 0.8 * error(rtn), (act_order, error(gptq), error(rtn))
+        assert error(solved) < 0.8 * error(rtn), (act_order, error(solved), error(rtn))
 
 
 def test_gptq_codes_pack_to_bits_per_weight_and_back():
     w, h = _random_layer(columns=128)
-    config = obs.GPTQ(bits=3, group_size=32, act_order=True, symmetric=False)
-    state = obs.gptq_quantize(w, h, config)
-    packed = obs._pack_codes(state, 3)
+    config = gptq.GPTQ(bits=3, group_size=32, act_order=True, symmetric=False)
+    state = gptq.gptq_quantize(w, h, config)
+    packed = gptq._pack_codes(state, 3)
     assert packed["codes"].numel() == w.numel() * 3 // 8
-    assert torch.equal(obs.gptq_weight(packed, 3, False), obs.gptq_weight(state, 3, False))
+    assert torch.equal(gptq.gptq_weight(packed, 3, False), gptq.gptq_weight(state, 3, False))
     # dynamic groups under act_order: each group is 32 consecutive columns in processing order
     assert torch.equal(torch.bincount(state["g_idx"].long()), torch.full((4,), 32))
 
@@ -101,7 +103,9 @@ def test_sparsegpt_with_an_identity_hessian_is_block_magnitude_pruning():
     """Without correlations SparseGPT's score is |w| and nothing is compensated: each block of
     128 columns loses its smallest weights, the survivors keep their values."""
     w, _ = _random_layer()
-    new, keep = obs.sparsegpt_prune(w, torch.eye(w.shape[1]), obs.SparseGPT(sparsity=0.5))
+    new, keep = sparsegpt.sparsegpt_prune(
+        w, torch.eye(w.shape[1]), sparsegpt.SparseGPT(sparsity=0.5)
+    )
     assert torch.equal(new[keep], w[keep])
     assert (new[~keep] == 0).all()
     for start in (0, 128):
@@ -113,7 +117,7 @@ def test_sparsegpt_with_an_identity_hessian_is_block_magnitude_pruning():
 
 def test_sparsegpt_compensates_and_keeps_n_of_every_m():
     w, h = _random_layer()
-    new, keep = obs.sparsegpt_prune(w, h, obs.SparseGPT(n=2, m=4))
+    new, keep = sparsegpt.sparsegpt_prune(w, h, sparsegpt.SparseGPT(n=2, m=4))
     assert (keep.view(len(w), -1, 4).sum(-1) == 2).all()
     assert (new[~keep] == 0).all()
     assert not torch.equal(new[keep], w[keep])  # the survivors moved: error compensation
@@ -127,10 +131,10 @@ def test_sparsegpt_compensates_and_keeps_n_of_every_m():
 def test_singular_hessian_names_the_layer_and_a_larger_damp():
     w, h = _random_layer(rank=8)  # rank 8 of 256: singular without dampening
     with pytest.raises(HemorrhageError, match=r"layer 'x.y'.*singular.*damp=0.*damp=0.01"):
-        obs.gptq_quantize(w, h, obs.GPTQ(damp=0.0), "x.y")
+        gptq.gptq_quantize(w, h, gptq.GPTQ(damp=0.0), "x.y")
     with pytest.raises(HemorrhageError, match=r"layer 'x.y'.*singular"):
-        obs.sparsegpt_prune(w, h, obs.SparseGPT(damp=0.0), "x.y")
-    obs.gptq_quantize(w, h, obs.GPTQ(damp=0.01), "x.y")  # the suggested fix works
+        sparsegpt.sparsegpt_prune(w, h, sparsegpt.SparseGPT(damp=0.0), "x.y")
+    gptq.gptq_quantize(w, h, gptq.GPTQ(damp=0.01), "x.y")  # the suggested fix works
 
 
 @pytest.mark.parametrize(
@@ -163,7 +167,7 @@ def test_block_hessians_come_from_the_blocks_before_as_already_quantized(harness
         seen[target.name] = hessian.clone()
         return rtn_quantize(target.weight.detach(), 3, 128, True)
 
-    obs.sequential_hessians(harness.model, harness.context, targets, solve)
+    hessian.sequential_hessians(harness.model, harness.context, targets, solve)
     baseline = _hessian_by_hook(harness, BLOCK1_Q)
     with harness.modified([("quant.rtn", {"bits": 3, "include": ("*.layers.0.*",)})]):
         after_block0 = _hessian_by_hook(harness, BLOCK1_Q)
@@ -263,13 +267,13 @@ def test_nm_needs_m_to_divide_every_layer(harness):
 
 def test_a_sweep_shares_block0_hessians_and_reuses_results(harness, monkeypatch):
     collected = []
-    real = obs._accumulate_hessians
+    real = hessian._accumulate_hessians
 
     def spy(modules, run):
         collected.append(sorted(modules))
         return real(modules, run)
 
-    monkeypatch.setattr(obs, "_accumulate_hessians", spy)
+    monkeypatch.setattr(hessian, "_accumulate_hessians", spy)
     harness.memo.pop(("obs.recent",), None)
     for sparsity in (0.3, 0.4):
         with harness.modified([("prune.sparsegpt", {"sparsity": sparsity})]):
@@ -301,7 +305,7 @@ def test_disk_cache_applies_without_calibrating(tiny, tmp_path, monkeypatch):
     def no_calibration(*args, **kwargs):
         raise AssertionError("calibrated again")
 
-    monkeypatch.setattr(obs, "sequential_hessians", no_calibration)
+    monkeypatch.setattr(gptq, "sequential_hessians", no_calibration)
     second = fresh()
     before = snapshot(second.model)
     with second.modified(config):
@@ -320,15 +324,15 @@ def test_the_shared_disk_cache_rebuilds_a_damaged_entry(tmp_path):
         calls.append(1)
         return {"layer": {"values": torch.arange(3.0)}}
 
-    assert cached("k", tmp_path, compute, name="obs", format=obs.FORMAT)[1] is False
-    states, hit = cached("k", tmp_path, compute, name="obs", format=obs.FORMAT)
+    assert cached("k", tmp_path, compute, name="obs", format=state.FORMAT)[1] is False
+    states, hit = cached("k", tmp_path, compute, name="obs", format=state.FORMAT)
     assert hit and torch.equal(states["layer"]["values"], torch.arange(3.0))
     (tmp_path / "obs-k.pt").write_bytes(b"garbage")
     with pytest.warns(UserWarning, match="unreadable"):
-        assert cached("k", tmp_path, compute, name="obs", format=obs.FORMAT)[1] is False
+        assert cached("k", tmp_path, compute, name="obs", format=state.FORMAT)[1] is False
     assert len(calls) == 2
     with pytest.warns(UserWarning, match="old format"):
-        assert cached("k", tmp_path, compute, name="obs", format=obs.FORMAT + 1)[1] is False
+        assert cached("k", tmp_path, compute, name="obs", format=state.FORMAT + 1)[1] is False
     assert len(calls) == 3
 
 
@@ -367,14 +371,14 @@ def test_packed_states_round_trip_exactly():
         "a.b": {"x": torch.randn(3, 5), "n": torch.tensor(7), "m": torch.arange(6).to(torch.uint8)},
         "c": {"x": torch.randn(0), "i": torch.arange(4, dtype=torch.int32).view(2, 2)},
     }
-    back = obs.unpack_states(obs.pack_states(states))
+    back = state.unpack_states(state.pack_states(states))
     assert back.keys() == states.keys()
     for name, keys in states.items():
         assert back[name].keys() == keys.keys()
         for key, value in keys.items():
             assert back[name][key].dtype == value.dtype
             assert torch.equal(back[name][key], value), (name, key)
-    flat = obs.unpack_states(obs.pack_states({"q": torch.ones(2), "k": torch.zeros(3)}))
+    flat = state.unpack_states(state.pack_states({"q": torch.ones(2), "k": torch.zeros(3)}))
     assert torch.equal(flat["q"], torch.ones(2)) and torch.equal(flat["k"], torch.zeros(3))
 
 
@@ -387,13 +391,13 @@ def test_solves_overwrite_only_hessians_no_one_else_reads(harness):
 
     def solve(target, hessian):
         received[target.name] = hessian.clone()
-        obs.gptq_quantize(target.weight, hessian, obs.GPTQ(bits=3), target.name, overwrite=True)
+        gptq.gptq_quantize(target.weight, hessian, gptq.GPTQ(bits=3), target.name, overwrite=True)
         return rtn_quantize(target.weight.detach(), 3, 128, True)
 
     walks = []
     for _ in range(2):  # the second walk reads block 0's Hessians from the session memo
         received = {}
-        obs.sequential_hessians(harness.model, harness.context, targets, solve)
+        hessian.sequential_hessians(harness.model, harness.context, targets, solve)
         walks.append(received)
         for block in (0, 1):
             attn, mlp = f"model.layers.{block}.self_attn.", f"model.layers.{block}.mlp."
@@ -403,15 +407,15 @@ def test_solves_overwrite_only_hessians_no_one_else_reads(harness):
                 (mlp + "gate_proj", mlp + "up_proj"),
             ]:
                 assert torch.equal(received[a], received[b]), (a, b)
-    for name, hessian in walks[0].items():  # the first walk's solves left the memo intact
-        assert torch.equal(walks[1][name], hessian), name
+    for name, first in walks[0].items():  # the first walk's solves left the memo intact
+        assert torch.equal(walks[1][name], first), name
 
 
 def test_awq_block_walk_sees_what_a_whole_forward_pass_sees(harness):
-    """AWQ's Grams come block by block (obs.walk_blocks, one block's alive at a time); the
+    """AWQ's Grams come block by block (hessian.walk_blocks, one block's alive at a time); the
     scales equal a search over the Grams of whole forward passes, bit for bit."""
-    from pytest_hemorrhage.modifications import awq
     from pytest_hemorrhage.modifications.calibration import input_stats
+    from pytest_hemorrhage.modifications.quant import awq
 
     config = make("quant.awq", {"bits": 3, "grid": 4})
     targets = config.targets(harness.model)

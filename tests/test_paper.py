@@ -19,7 +19,7 @@ method. Where it does not (stated, printed, not asserted): Wanda does not beat m
 term matter; the paper's 6.31 vs 14.90); and SliceGPT loses more than LLM-Pruner-style channel
 and head pruning (2.20 vs 1.35), where the paper has SliceGPT far ahead at 50% (19.5 vs 317
 ppl): this SliceGPT takes one basis per block from the unsliced model's stream (see
-modifications/slicegpt.py), and on a 128-wide residual stream half the principal components
+modifications/prune/slicegpt.py), and on a 128-wide residual stream half the principal components
 carry more than half the signal. Low-rank ≈ structured: ASVD (1.95) falls between the two
 structured methods (1.35, 2.20).
 """

@@ -11,9 +11,10 @@ from bit_identity import assert_restored, snapshot
 
 from pytest_hemorrhage.errors import HemorrhageError
 from pytest_hemorrhage.modifications import Patch, apply, make
-from pytest_hemorrhage.modifications.prune import pack_bits, taylor_scores, unpack_bits
+from pytest_hemorrhage.modifications.prune.structured import block_similarity
+from pytest_hemorrhage.modifications.prune.unstructured import taylor_scores
 from pytest_hemorrhage.modifications.registry import Target, is_conv1d
-from pytest_hemorrhage.modifications.structure import block_similarity
+from pytest_hemorrhage.modifications.state import pack_bits, unpack_bits
 
 LAYER = "model.layers.1.mlp.down_proj"  # a layer whose rows are long enough to rank (384 inputs)
 

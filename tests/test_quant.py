@@ -12,13 +12,8 @@ from torch import nn
 
 from pytest_hemorrhage.errors import HemorrhageError
 from pytest_hemorrhage.modifications import Patch, apply, make
-from pytest_hemorrhage.modifications.quant import (
-    W8A8Linear,
-    fp8_quantize,
-    int8_per_row,
-    rtn_quantize,
-    smooth_scales,
-)
+from pytest_hemorrhage.modifications.quant.rtn import fp8_quantize, rtn_quantize
+from pytest_hemorrhage.modifications.quant.w8a8 import W8A8Linear, int8_per_row, smooth_scales
 
 # One setting per name: the figures of test (b), and every modification's restore check.
 SETTINGS = {

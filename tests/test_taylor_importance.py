@@ -23,8 +23,8 @@ from bit_identity import assert_restored, snapshot
 
 from pytest_hemorrhage.errors import HemorrhageError
 from pytest_hemorrhage.modifications import make
-from pytest_hemorrhage.modifications.prune import taylor_scores
-from pytest_hemorrhage.modifications.structure import attention_layouts, mlp_layouts
+from pytest_hemorrhage.modifications.prune.structured import attention_layouts, mlp_layouts
+from pytest_hemorrhage.modifications.prune.unstructured import taylor_scores
 
 ATTENTION, MLP = ("*.self_attn.*",), ("*.mlp.*",)
 

@@ -52,7 +52,7 @@ def _dequantization_error_is_within_half_a_step(weight: torch.Tensor, original: 
 def test_torchao_quantizes_copies_with_its_own_subclasses_and_restores(request, model, config):
     from torchao.quantization import quantize_
 
-    from pytest_hemorrhage.modifications.torchao import TorchaoLinear, torchao_config
+    from pytest_hemorrhage.modifications.quant.torchao import TorchaoLinear, torchao_config
 
     h = request.getfixturevalue(model)
     params = {"config": config, **CPU[config]}
@@ -201,8 +201,8 @@ def test_exploration_draws_valid_torchao_configs_over_bits(config):
 def test_token_chunks_compute_each_token_as_in_one_call(config):
     """Activations are quantized per token, so the chunks that bound memory change no bit of
     the int8 x int8 product; a float GEMM (weight-only) may round differently per batch shape."""
+    from pytest_hemorrhage.modifications.quant.torchao import _quantized, torchao_config
     from pytest_hemorrhage.modifications.registry import Target
-    from pytest_hemorrhage.modifications.torchao import _quantized, torchao_config
 
     g = torch.Generator().manual_seed(4)
     layer = nn.Linear(64, 48)

@@ -10,7 +10,7 @@ from bit_identity import assert_restored, snapshot
 from torch import nn
 
 from pytest_hemorrhage.modifications import make
-from pytest_hemorrhage.modifications.quant import W8A8Linear, int8_matmul, int8_per_row
+from pytest_hemorrhage.modifications.quant.w8a8 import W8A8Linear, int8_matmul, int8_per_row
 
 EPS = torch.finfo(torch.float32).eps
 

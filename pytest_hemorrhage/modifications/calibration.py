@@ -11,16 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import HemorrhageError
+from .handler import Context
 from .registry import Target, is_linear
-
-if TYPE_CHECKING:
-    from ..harness import Context
 
 __all__ = ["InputStats", "calibration_forwards", "input_norms", "input_stats"]
 

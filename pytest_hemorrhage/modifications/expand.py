@@ -18,15 +18,12 @@ import copy
 import fnmatch
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from torch import nn
 
 from ..errors import HemorrhageError
+from .handler import Context
 from .registry import Modification, Patch, blocks, register_modification, replace_blocks
-
-if TYPE_CHECKING:
-    from ..harness import Context
 
 __all__ = ["LayerExpansion"]
 

@@ -28,18 +28,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import HemorrhageError
 from .calibration import input_stats
+from .handler import Context
 from .registry import Modification, Patch, Target, register_modification
 from .validate import check_number
-
-if TYPE_CHECKING:
-    from ..harness import Context
 
 __all__ = ["ASVD", "LowRank", "Subspace", "asvd_scale", "kept_rank", "rebuild", "truncate"]
 

@@ -11,17 +11,14 @@ import hashlib
 import math
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..errors import HemorrhageError
+from .handler import Context
 from .registry import Modification, Patch, register_modification
 from .validate import check_int, check_number
-
-if TYPE_CHECKING:
-    from ..harness import Context
 
 __all__ = ["BitFlip", "GaussianNoise", "layer_seed"]
 

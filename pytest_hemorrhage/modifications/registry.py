@@ -11,16 +11,14 @@ import dataclasses
 import fnmatch
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import HemorrhageError
-
-if TYPE_CHECKING:
-    from ..harness import Context
+from .handler import Context
 
 __all__ = [
     "LogitsProcessor",

@@ -1,10 +1,9 @@
-"""Quantization: fake-quantized weights and the real kernels of bitsandbytes and hqq.
+"""The real kernels of bitsandbytes (``quant.bnb_int8``, ``quant.bnb_4bit``) and hqq
+(``quant.hqq``).
 
-Weight-only formats that a float matmul can run exactly (``rtn``, ``fp8``, ``dtype``) are
-parametrizations: the weight is rounded on every use and the original stays untouched.
-Library formats (``bnb_int8``, ``bnb_4bit``, ``hqq``) and ``w8a8`` swap each target layer for a
-module holding only the quantized weight and running the library's own kernels; the swap is
-undone by putting the original module back.
+Each target layer is swapped for a module holding only the quantized weight and running the
+library's own kernels; the swap is undone by putting the original module back. The helpers that
+feed a kernel (a dtype it computes in, inputs split by token chunks) serve ``quant.torchao`` too.
 """
 
 from __future__ import annotations
@@ -13,170 +12,32 @@ import logging
 import warnings
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ..errors import HemorrhageError
-from .registry import Modification, Patch, Target, register_modification
-from .validate import check_choice, check_int, check_number
+from ...errors import HemorrhageError
+from ..registry import Modification, Patch, Target, register_modification
+from ..validate import check_choice, check_int, check_number
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from ..harness import Context
-
 __all__ = [
     "BNB_BLOCKSIZES",
-    "FP8_FORMATS",
     "HQQ_BITS",
-    "RTN",
     "BnbFourBit",
     "BnbInt8",
     "ComputeIn",
-    "Dtype",
-    "Fp8",
     "Hqq",
-    "W8A8",
-    "W8A8Linear",
     "bias_copy",
     "by_token_chunks",
     "chunk_rows",
-    "fp8_quantize",
-    "int8_matmul",
-    "int8_per_row",
-    "quant_grid",
-    "rtn_quantize",
-    "smooth_groups",
-    "smooth_scales",
 ]
 
 BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes 0.45-0.50
 HQQ_BITS = (1, 2, 3, 4, 5, 6, 8)  # hqq.core.quantize.Quantizer.SUPPORTED_BITS, integers
-FP8_FORMATS = {"e4m3": "float8_e4m3fn", "e5m2": "float8_e5m2"}
-_DTYPES = ("float16", "bfloat16")
-
-
-# --- round to nearest ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class RTN(Modification):
-    """Round-to-nearest weight quantization with one scale per group of input channels.
-
-    Args:
-        bits: bits per weight, 1-8.
-        group_size: input channels sharing a scale; 0 means one scale per output row.
-        symmetric: absmax scaling around zero; otherwise min/max with a zero point.
-    """
-
-    bits: int = 8
-    group_size: int = 128
-    symmetric: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_int(self, "bits", 1, 8)
-        check_int(self, "group_size", 0)
-        check_choice(self, "symmetric", (True, False))
-
-
-def quant_grid(
-    group: torch.Tensor, bits: int, symmetric: bool
-) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """The round-to-nearest grid of each row of ``group`` (..., columns): scale and zero point
-    (...,) and the integer range [lo, hi]; a weight becomes ``(clamp(round(w / s) + z, lo, hi)
-    - z) * s``. Symmetric: absmax / (2^(bits-1) - 1), no zero point; otherwise min/max over
-    2^bits - 1 levels with a rounded zero point. ``quant.rtn``, ``quant.awq`` and GPTQ's grids.
-    """
-    if symmetric:
-        qmax = 2 ** (bits - 1) - 1
-        scale = group.abs().amax(-1).clamp_min(1e-12) / qmax
-        return scale, torch.zeros_like(scale), -qmax - 1, qmax
-    levels = 2**bits - 1
-    lo, hi = group.amin(-1), group.amax(-1)
-    scale = (hi - lo).clamp_min(1e-12) / levels
-    return scale, (-lo / scale).round(), 0, levels
-
-
-def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
-    """Fake-quantize ``w`` (out, in): quantize each group of ``group_size`` inputs, dequantize."""
-    out_features, in_features = w.shape
-    size = group_size or in_features
-    pad = -in_features % size
-    g = nn.functional.pad(w.float(), (0, pad)).reshape(out_features, -1, size)
-    if symmetric and bits == 1:  # binary: sign times the mean magnitude (one level each side)
-        scale = g.abs().mean(-1, keepdim=True)
-        q = torch.where(g >= 0, scale, -scale)
-    else:
-        scale, zero, lo, hi = quant_grid(g, bits, symmetric)
-        scale, zero = scale[..., None], zero[..., None]
-        # One fresh tensor, then in place: this runs on every forward of a parametrized layer
-        q = g.div(scale).round_().add_(zero).clamp_(lo, hi).sub_(zero).mul_(scale)
-    return q.reshape(out_features, -1)[:, :in_features].to(w.dtype)
-
-
-@register_modification("quant.rtn", RTN)
-def apply_rtn(config: RTN, model: nn.Module, patch: Patch, context: object) -> None:
-    for target in config.targets(model):
-        patch.parametrize(
-            target, lambda w: rtn_quantize(w, config.bits, config.group_size, config.symmetric)
-        )
-
-
-# --- float formats (parametrized round trips) -------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class Fp8(Modification):
-    """FP8 weights with one float32 scale per output row (amax maps to the format's largest value).
-
-    Args:
-        format: ``"e4m3"`` (torch.float8_e4m3fn: more precision) or ``"e5m2"`` (more range).
-    """
-
-    format: str = "e4m3"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_choice(self, "format", tuple(FP8_FORMATS))
-
-
-def fp8_quantize(w: torch.Tensor, format: str) -> torch.Tensor:
-    """Round-trip ``w`` (out, in) through FP8 ``format`` with a per-output-row scale."""
-    fp8 = getattr(torch, FP8_FORMATS[format])
-    wf = w.float()
-    scale = wf.abs().amax(-1, keepdim=True).clamp_min(1e-12) / torch.finfo(fp8).max
-    return ((wf / scale).to(fp8).float() * scale).to(w.dtype)
-
-
-@register_modification("quant.fp8", Fp8)
-def apply_fp8(config: Fp8, model: nn.Module, patch: Patch, context: object) -> None:
-    for target in config.targets(model):
-        patch.parametrize(target, lambda w: fp8_quantize(w, config.format))
-
-
-@dataclass(frozen=True, kw_only=True)
-class Dtype(Modification):
-    """Weights rounded to a lower-precision float dtype (computation stays in the model's dtype).
-
-    Args:
-        dtype: ``"float16"`` or ``"bfloat16"``.
-    """
-
-    dtype: str = "float16"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_choice(self, "dtype", _DTYPES)
-
-
-@register_modification("quant.dtype", Dtype)
-def apply_dtype(config: Dtype, model: nn.Module, patch: Patch, context: object) -> None:
-    low = getattr(torch, config.dtype)
-    for target in config.targets(model):
-        patch.parametrize(target, lambda w: w.to(low).to(w.dtype))
 
 
 # --- bitsandbytes -----------------------------------------------------------------------------
@@ -467,156 +328,3 @@ def apply_hqq(config: Hqq, model: nn.Module, patch: Patch, context: object) -> N
     groups = [_hqq_group(t, config) for t in targets]  # every check before the first swap
     for target, group in zip(targets, groups, strict=True):
         patch.swap_module(target.name, _hqq_layer(target, config, group))
-
-
-# --- W8A8 with SmoothQuant --------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class W8A8(Modification):
-    """int8 weights (per output channel) times int8 activations (per token, computed on the fly).
-
-    With ``smooth`` (SmoothQuant), activation outliers are migrated into the weights before
-    both are quantized: per input channel j, ``s_j = max|X_j|**alpha / max|W_j|**(1-alpha)``
-    from calibration data, the weight becomes ``W diag(s)`` and the input ``X diag(1/s)``.
-    This is the seed paper's "dynamic quantization scaling" mitigation.
-
-    Args:
-        smooth: migrate activation outliers into the weights first.
-        alpha: migration strength, 0-1: the share of the quantization difficulty moved from
-            the activations to the weights (0.5, SmoothQuant's default, balances the two).
-    """
-
-    smooth: bool = True
-    alpha: float = 0.5
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_choice(self, "smooth", (True, False))
-        check_number(self, "alpha", 0.0, 1.0)
-
-
-def int8_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 quantization of each row (last dim): integers (as float) and scales."""
-    scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-5) / 127
-    return (x / scale).round_().clamp_(-127, 127), scale
-
-
-def smooth_scales(act_max: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
-    """SmoothQuant's per-input-channel factors ``max|X_j|**alpha / max|W_j|**(1-alpha)``.
-
-    Args:
-        act_max: (in,) largest input magnitude per channel over the calibration tokens.
-        weight: (out, in) weight.
-        alpha: migration strength.
-    """
-    w_max = weight.detach().abs().amax(0).float().clamp_min(1e-5)
-    a_max = act_max.to(w_max.device).float()
-    return (a_max.pow(alpha) / w_max.pow(1 - alpha)).clamp_min(1e-5)
-
-
-def smooth_groups(targets: list[Target], stats: dict[str, Any]) -> list[list[Target]]:
-    """``targets`` grouped by the input they read (q/k/v, gate/up): one smoothing factor per
-    group, as SmoothQuant folds ``1/s`` into the one operation that feeds them all.
-
-    Layers that read the same tensor saw identical calibration maxima; that is the test, so no
-    architecture's layer names are assumed.
-    """
-    groups: list[list[Target]] = []
-    for target in targets:
-        act_max = stats[target.name].abs_max
-        same = (g for g in groups if torch.equal(stats[g[0].name].abs_max, act_max))
-        group = next(same, None)
-        if group is None:
-            groups.append([target])
-        else:
-            group.append(target)
-    return groups
-
-
-def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b.T`` for int8 ``a`` (m, k) and ``b`` (n, k) on torch's int8 GEMM, in int32.
-
-    Every product and sum is an integer: the result is the exact dot product while it fits int32
-    (k * 127**2 < 2**31, i.e. k < 133,000 for operands in [-127, 127]). ``torch._int_mm`` takes
-    any shape on CPU; its CUDA kernel wants m > 16 and k, n multiples of 8, so there the
-    operands are zero-padded (zeros add nothing to a dot product) and the result cut back.
-    """
-    m, k = a.shape
-    n = b.shape[0]
-    if a.device.type != "cuda":
-        return torch._int_mm(a, b.t())
-    pad_m, pad_k, pad_n = max(0, 17 - m), -k % 8, -n % 8
-    if pad_m or pad_k:
-        a = nn.functional.pad(a, (0, pad_k, 0, pad_m))
-    if pad_k or pad_n:
-        b = nn.functional.pad(b, (0, pad_k, 0, pad_n))
-    return torch._int_mm(a, b.t())[:m, :n]
-
-
-class W8A8Linear(nn.Module):
-    """A linear layer computed as int8 x int8 on an int8 GEMM (``int8_matmul``), then rescaled.
-
-    Holds the int8 weight and its per-row scales only (computed once, from ``W diag(s)``).
-    The integer products are accumulated exactly in int32 at any layer width; the
-    accumulator is then converted to float32 and multiplied by the token's and the output
-    row's scales. Tokens go through ``rows`` at a time (see ``by_token_chunks``); each is
-    quantized on its own, so chunking changes no result.
-    """
-
-    def __init__(
-        self,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        smooth: torch.Tensor | None = None,
-        rows: int = 4096,
-    ) -> None:
-        super().__init__()
-        w = weight.detach().float()
-        if smooth is not None:
-            w = w * smooth
-        qweight, scale = int8_per_row(w)
-        self.register_buffer("qweight", qweight.to(torch.int8))
-        self.register_buffer("weight_scale", scale.reshape(-1))
-        self.register_buffer("smooth", smooth)
-        self.bias = bias
-        self.rows = rows
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        def product(h: torch.Tensor) -> torch.Tensor:
-            h = h.reshape(-1, h.shape[-1]).float()
-            if self.smooth is not None:
-                h = h / self.smooth
-            q, x_scale = int8_per_row(h)
-            acc = int8_matmul(q.to(torch.int8), self.qweight)
-            out = acc.float().mul_(x_scale).mul_(self.weight_scale)
-            return out if self.bias is None else out.add_(self.bias.float())
-
-        shape = x.shape[:-1]
-        return by_token_chunks(product, x, self.rows, x.dtype).reshape(*shape, -1)
-
-
-@register_modification("quant.w8a8", W8A8)
-def apply_w8a8(config: W8A8, model: nn.Module, patch: Patch, context: Context) -> None:
-    targets = config.targets(model)
-    stats: dict[str, Any] = {}
-    if config.smooth:
-        from .calibration import input_stats
-
-        stats = input_stats(model, context)
-        missing = [t.name for t in targets if t.name not in stats]
-        if missing:
-            raise HemorrhageError(
-                f"{config.name}: no calibration activations reached {missing[0]}; exclude it "
-                "or use smooth=False"
-            )
-    rows = chunk_rows(model, targets)
-    for group in smooth_groups(targets, stats) if config.smooth else [[t] for t in targets]:
-        smooth = None
-        if config.smooth:  # the group's largest weight per input channel (its stacked rows)
-            weights = torch.cat([t.weight.detach() for t in group])
-            smooth = smooth_scales(stats[group[0].name].abs_max, weights, config.alpha)
-        for target in group:
-            bias = getattr(target.module, "bias", None)
-            layer = W8A8Linear(target.weight.detach(), bias, smooth, rows)
-            patch.swap_module(target.name, layer)

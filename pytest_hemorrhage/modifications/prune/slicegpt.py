@@ -26,18 +26,16 @@ LayerNorm-to-RMSNorm conversion first, which is not implemented, and are refused
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import HemorrhageError
-from .calibration import calibration_forwards
-from .registry import Modification, Patch, blocks, register_modification
-from .validate import check_number
-
-if TYPE_CHECKING:
-    from ..harness import Context
+from ...errors import HemorrhageError
+from ..calibration import calibration_forwards
+from ..handler import Context
+from ..registry import Modification, Patch, blocks, register_modification
+from ..validate import check_number
 
 __all__ = ["SliceGPT", "SlicedRMSNorm", "residual_covariances"]
 

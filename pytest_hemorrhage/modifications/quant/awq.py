@@ -27,24 +27,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import HemorrhageError
-from .calibration import calibration_forwards, input_stats
-from .obs import calibrated, pack_states, walk_blocks
-from .quant import rtn_quantize
-from .registry import Modification, Patch, Target, register_modification
-from .validate import check_choice, check_int
-
-if TYPE_CHECKING:
-    from ..harness import Context
+from ...errors import HemorrhageError
+from ..calibration import calibration_forwards, input_stats
+from ..handler import Context
+from ..hessian import walk_blocks
+from ..registry import Modification, Patch, Target, register_modification
+from ..state import calibrated, pack_states
+from ..validate import check_choice, check_int
+from .rtn import rtn_quantize
 
 __all__ = ["AWQ", "FORMAT", "InputGram", "awq_scales", "input_grams", "search_scale"]
 
-FORMAT = 2  # bump when the cached scales change meaning or layout (2: obs.Arena's)
+FORMAT = 2  # bump when the cached scales change meaning or layout (2: state.Arena's)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -171,10 +170,10 @@ def awq_scales(
 ) -> dict[str, torch.Tensor]:
     """Per target, the searched input-channel scale (float32, on the CPU).
 
-    The Grams come block by block (``obs.walk_blocks``, on the unmodified model: each block's
+    The Grams come block by block (``hessian.walk_blocks``, on the unmodified model: each block's
     inputs are the baseline's), each block's searched and let go before the next: holding every
     layer's Gram at once would take about the model's own size again. Kept in the session memo
-    and on disk next to the reference (``obs.calibrated``): a second pytest run applies AWQ
+    and on disk next to the reference (``state.calibrated``): a second pytest run applies AWQ
     without a calibration pass.
     """
 

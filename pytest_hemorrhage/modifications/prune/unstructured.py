@@ -3,24 +3,22 @@
 Every mask is recomputed on each forward pass from the original weight and a little state
 (a threshold per layer or per output row, an input-norm vector), or, for the gradient scores
 that no small state can reproduce, from one bit per weight; no full-size mask or weight copy
-is kept. Structured pruning (heads, MLP channels, whole blocks) lives in ``structure.py``.
+is kept. Structured pruning (heads, MLP channels, whole blocks) lives in ``structured.py``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ..errors import HemorrhageError
-from .calibration import input_norms
-from .registry import Modification, Patch, Target, register_modification
-from .validate import check_choice, check_int, check_number
-
-if TYPE_CHECKING:
-    from ..harness import Context
+from ...errors import HemorrhageError
+from ..calibration import input_norms
+from ..handler import Context
+from ..registry import Modification, Patch, Target, register_modification
+from ..state import pack_bits, unpack_bits
+from ..validate import check_choice, check_int, check_number
 
 __all__ = [
     "GradientPruning",
@@ -311,23 +309,6 @@ def _gradient_ranks(
 
     key = ("prune.gradient", context.applied, tuple(t.name for t in targets))
     return context.memo(key, compute)
-
-
-_BITS = 8
-
-
-def pack_bits(keep: torch.Tensor) -> torch.Tensor:
-    """A bool (out, in) mask as uint8 (out, ceil(in / 8)): one bit per weight."""
-    pad = -keep.shape[1] % _BITS
-    bits = nn.functional.pad(keep, (0, pad)).view(keep.shape[0], -1, _BITS).to(torch.uint8)
-    shifts = torch.arange(_BITS, dtype=torch.uint8, device=keep.device)
-    return (bits << shifts).sum(-1, dtype=torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, columns: int) -> torch.Tensor:
-    """Inverse of ``pack_bits``: the bool (out, columns) mask."""
-    shifts = torch.arange(_BITS, dtype=torch.uint8, device=packed.device)
-    return ((packed.unsqueeze(-1) >> shifts) & 1).bool().view(packed.shape[0], -1)[:, :columns]
 
 
 def _bit_mask(packed: torch.Tensor):

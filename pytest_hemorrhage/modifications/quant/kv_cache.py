@@ -35,17 +35,15 @@ import functools
 import inspect
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import HemorrhageError
-from .registry import Modification, Patch, register_modification
-from .validate import check_choice, check_int
-
-if TYPE_CHECKING:
-    from ..harness import Context
+from ...errors import HemorrhageError
+from ..handler import Context
+from ..registry import Modification, Patch, register_modification
+from ..validate import check_choice, check_int
 
 __all__ = ["KV_BACKENDS", "KVCache", "quantized_forward"]
 

@@ -11,18 +11,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import HemorrhageError
-from .quant import bias_copy, by_token_chunks, chunk_rows
-from .registry import Modification, Patch, Target, register_modification
-from .validate import check_choice, check_int
-
-if TYPE_CHECKING:
-    from ..harness import Context
+from ...errors import HemorrhageError
+from ..handler import Context
+from ..registry import Modification, Patch, Target, register_modification
+from ..validate import check_choice, check_int
+from .kernels import bias_copy, by_token_chunks, chunk_rows
 
 __all__ = ["CPU_CONFIGS", "CUDA_CONFIGS", "Torchao", "TorchaoLinear", "torchao_config"]
 

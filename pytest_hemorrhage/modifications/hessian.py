@@ -1,0 +1,317 @@
+"""The Optimal Brain Surgeon machinery GPTQ and SparseGPT share (Frantar et al. 2022; Frantar &
+Alistarh 2023):
+
+  * the per-layer Hessian ``H = 2 X^T X / tokens`` of the squared reconstruction error, from the
+    layer's inputs on the calibration windows;
+  * dampening (``damp`` times the mean of diag(H) added to the diagonal; inputs that never fire
+    get H_jj = 1 and a zero weight column), then the upper Cholesky factor of H^-1;
+  * sequential calibration, block by block as in the papers: the Hessians of block i come from
+    the inputs that blocks < i produce *after* their own quantization or pruning. While it runs,
+    solved layers are swapped, on a private ``Patch`` that is always undone, for stand-ins that
+    rebuild their weight from the compact state on each call; the caller's patch only receives
+    the final parametrizations once every layer is solved, so an error (a singular Hessian, too
+    little calibration data) leaves the model untouched.
+
+Block 0's Hessians do not depend on the config, so every GPTQ or SparseGPT config of a session
+(a sweep over ``sparsity`` or ``bits``) reuses them. The column-by-column solves themselves live
+with their methods (``quant/gptq.py``, ``prune/sparsegpt.py``); their compact results are kept
+by ``state.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import HemorrhageError
+from .handler import Context
+from .registry import Patch, Target, blocks
+
+__all__ = [
+    "COLUMNS",
+    "solver_inputs",
+    "inverse_hessian_factor",
+    "sequential_hessians",
+    "walk_blocks",
+]
+
+COLUMNS = 128  # columns per lazy batch update (both papers' block size)
+_BATCH = 8  # calibration windows per forward call
+
+
+def solver_inputs(
+    weight: torch.Tensor, hessian: torch.Tensor, overwrite: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a column-by-column solve works on: a float32 copy of ``weight`` (out, in), and
+    ``hessian`` (in, in) in float32 on its device, copied unless ``overwrite`` (then the caller's
+    Hessian memory holds the factor: one Hessian-sized buffer fewer)."""
+    w = weight.detach().to(torch.float32, copy=True)
+    return w, hessian.to(w.device, torch.float32, copy=not overwrite)
+
+
+def inverse_hessian_factor(
+    hessian: torch.Tensor, weight: torch.Tensor, damp: float, name: str, what: str
+) -> torch.Tensor:
+    """The upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, in ``hessian``'s memory.
+
+    ``hessian`` (in, in) and ``weight`` (out, in) are modified in place: inputs that never fire
+    (H_jj == 0) get H_jj = 1 and a zero weight column, as in both papers; ``hessian`` is then
+    overwritten by its factors (each step in place: no second Hessian-sized buffer is kept, and
+    the values are those of the out-of-place calls) and is the returned factor.
+
+    Raises:
+        HemorrhageError: H is not positive definite even after dampening.
+    """
+    if not torch.isfinite(hessian).all():
+        raise HemorrhageError(
+            f"{what}: layer {name!r} saw non-finite calibration activations, so its Hessian "
+            "is undefined; exclude it with exclude=(...) or fix the model's overflow first"
+        )
+    diag = torch.arange(len(hessian), device=hessian.device)
+    dead = hessian[diag, diag] == 0
+    hessian[diag[dead], diag[dead]] = 1
+    weight[:, dead] = 0
+    hessian[diag, diag] += damp * hessian[diag, diag].mean()
+    info = torch.zeros((), dtype=torch.int32, device=hessian.device)
+    torch.linalg.cholesky_ex(hessian, out=(hessian, info))  # lower factor L
+    if not info:
+        torch.cholesky_inverse(hessian, out=hessian)  # H^-1 from L
+        torch.linalg.cholesky_ex(hessian, upper=True, out=(hessian, info))
+    if info or not torch.isfinite(hessian).all():
+        raise HemorrhageError(
+            f"{what}: the Hessian of layer {name!r} is singular even after dampening "
+            f"(damp={damp:g}); use a larger damp, e.g. damp={max(10 * damp, 0.01):g}, or more "
+            "calibration windows"
+        )
+    return hessian
+
+
+# --- sequential calibration ----------------------------------------------------------------------
+
+
+class _Captured(Exception):
+    """Stops the forward pass at the first block, carrying that block's inputs."""
+
+
+@dataclass
+class _Batch:
+    """One batch of calibration windows at a block's input."""
+
+    hidden: torch.Tensor
+    args: tuple[Any, ...]  # the block's other positional arguments (the same for every block)
+    kwargs: dict[str, Any]  # masks, position embeddings, ... (the same for every block)
+    positional: bool  # whether the hidden states came positionally
+
+    def run(self, block: nn.Module) -> torch.Tensor:
+        if self.positional:
+            out = block(self.hidden, *self.args, **self.kwargs)
+        else:
+            out = block(hidden_states=self.hidden, **self.kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def _first_block_inputs(
+    model: nn.Module, context: Context, first: nn.Module, windows: torch.Tensor
+) -> list[_Batch]:
+    """The first block's inputs for each batch of ``windows`` (only the embeddings run)."""
+
+    def grab(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if args:
+            raise _Captured(_Batch(args[0], args[1:], dict(kwargs), True))
+        kwargs = dict(kwargs)
+        raise _Captured(_Batch(kwargs.pop("hidden_states"), (), kwargs, False))
+
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    batches = []
+    try:
+        for ids in windows.split(_BATCH):
+            try:
+                context.logits(ids)
+            except _Captured as captured:
+                batches.append(captured.args[0])
+            else:
+                raise HemorrhageError(
+                    f"{type(model).__name__}: its forward pass never reached the first block, "
+                    "so GPTQ/SparseGPT cannot calibrate it; pass include=(...) patterns naming "
+                    "the layers to modify"
+                )
+    finally:
+        handle.remove()
+    return batches
+
+
+def _accumulate_hessians(
+    modules: dict[str, nn.Module], run: Callable[[], None]
+) -> dict[str, torch.Tensor]:
+    """``2 X^T X / tokens`` of each module's input over the calls ``run`` makes.
+
+    Modules fed the same tensor one after the other (q/k/v; gate/up) share one Hessian object.
+    Only the latest input is kept (to recognize it by identity): keeping every input seen until
+    the end, as a table by ``id`` must, held a block's activations for all the windows.
+    """
+    sums: dict[str, torch.Tensor] = {}
+    tokens: dict[int, int] = {}
+    last: list[Any] = [None, ""]  # the latest input a module read, and whose Hessian it fed
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0]
+            if x is last[0]:  # another reader of the same input
+                sums.setdefault(name, sums[last[1]])
+                return
+            last[0], last[1] = x, name
+            flat = x.detach().reshape(-1, x.shape[-1]).float()
+            total = sums.setdefault(name, flat.new_zeros(flat.shape[1], flat.shape[1]))
+            total.addmm_(flat.t(), flat)
+            tokens[id(total)] = tokens.get(id(total), 0) + len(flat)
+
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+        last.clear()
+    for total in {id(t): t for t in sums.values()}.values():
+        total.mul_(2 / tokens[id(total)])
+    return sums
+
+
+def _run_all(block: nn.Module, batches: list[_Batch], moved: list[bool] | None = None) -> None:
+    """Run ``block`` over every batch; given ``moved`` (once: it is then set), the outputs
+    become the batches' hidden states, the next block's inputs."""
+    advance = moved is not None and not moved[0]
+    for batch in batches:
+        out = batch.run(block)
+        if advance:
+            batch.hidden = out
+    if moved is not None:
+        moved[0] = True
+
+
+def _run_model(context: Context, windows: torch.Tensor) -> None:
+    for ids in windows.split(_BATCH):
+        context.logits(ids)
+
+
+class _Solved(nn.Module):
+    """A solved layer during calibration, in place of the original: the new (out, in) weight,
+    or a function rebuilding it from the compact state on every call (so no solved layer keeps
+    a dense copy of its weight: they would add up to the targets' whole size), and the original
+    bias."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor | Callable[[], torch.Tensor],
+        dtype: torch.dtype,
+        bias: torch.Tensor | None,
+    ) -> None:
+        super().__init__()
+        self.new = weight.to(dtype) if isinstance(weight, torch.Tensor) else weight
+        self.dtype, self.bias = dtype, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.new if isinstance(self.new, torch.Tensor) else self.new().to(self.dtype)
+        return nn.functional.linear(x, weight, self.bias)
+
+
+Solve = Callable[[Target, torch.Tensor], torch.Tensor | Callable[[], torch.Tensor]]
+Visit = Callable[[int | None, list[Target], Callable[[], None], Patch], None]
+
+
+def walk_blocks(
+    model: nn.Module,
+    context: Context,
+    targets: list[Target],
+    visit: Visit,
+    *,
+    observe_only: bool = False,
+) -> None:
+    """Run the calibration windows through the model one block at a time, every window through
+    a block before the next block, and let ``visit`` calibrate each block's targets.
+
+    For each block holding targets, ``visit(index, chosen, run, swaps)``: ``run()`` runs that
+    block over every batch of windows (hooks ``visit`` registers see its layers' inputs), and
+    what ``visit`` swaps in on ``swaps`` is what the block then runs with to produce the next
+    block's inputs. With ``observe_only`` (``visit`` swaps nothing and calls ``run`` once), that
+    one run's outputs are the next block's inputs: one pass per block instead of two. Targets
+    outside the blocks are visited last (``index`` None), ``run`` being a pass of the whole
+    model as the visits left it. Only the windows' hidden states between two blocks and one
+    block's activations are alive at once. The model is unchanged on return (``swaps`` is
+    private and always undone).
+    """
+    windows = context.calibration_windows()  # too little data fails here, before any work
+    prefix, layers = blocks(model)
+    by_block: dict[int, list[Target]] = {}
+    rest = []
+    for t in targets:
+        head, _, tail = t.name.partition(prefix + ".")
+        index = tail.split(".", 1)[0]
+        if head == "" and tail and index.isdigit():
+            by_block.setdefault(int(index), []).append(t)
+        else:
+            rest.append(t)
+    last = len(layers) - 1 if rest else max(by_block, default=-1)
+    swaps = Patch(model)
+    try:
+        with torch.no_grad():
+            batches = _first_block_inputs(model, context, layers[0], windows) if last >= 0 else []
+            for i in range(last + 1):
+                block, chosen = layers[i], by_block.get(i, [])
+                moved = [False] if observe_only and i < last else None
+                if chosen:
+                    visit(i, chosen, functools.partial(_run_all, block, batches, moved), swaps)
+                if i < last and not (moved and moved[0]):
+                    for batch in batches:
+                        batch.hidden = batch.run(block)
+            del batches
+            if rest:
+                visit(None, rest, functools.partial(_run_model, context, windows), swaps)
+    finally:
+        swaps.undo()
+
+
+def sequential_hessians(
+    model: nn.Module, context: Context, targets: list[Target], solve: Solve
+) -> None:
+    """Calibrate ``targets`` block by block (``walk_blocks``): collect each block's Hessians
+    from the outputs of the blocks before it as already solved, call ``solve(target, hessian)``
+    for each of its targets (it returns the new (out, in) weight, or a function that rebuilds
+    it), then run the block again with those weights to produce the next block's inputs.
+    Targets outside the blocks are solved last, from one pass of the whole model with every
+    block solved. The model is unchanged on return.
+
+    ``solve`` owns the Hessian it receives and may overwrite it: a layer's Hessian is handed
+    over as is when nothing else needs it, a copy when the session memo or another layer
+    reading the same input does, so at most two Hessians of a layer are alive during a solve.
+    """
+
+    def visit(
+        index: int | None, chosen: list[Target], run: Callable[[], None], swaps: Patch
+    ) -> None:
+        modules = {t.name: t.module for t in chosen}
+        memoized = index == 0
+        if memoized:  # independent of the config: shared by every config
+            shape = context.calibration_windows().shape
+            key = ("obs.hessians", context.applied, tuple(modules), shape)
+            hessians = dict(
+                context.memo(key, functools.partial(_accumulate_hessians, modules, run))
+            )
+        else:
+            hessians = _accumulate_hessians(modules, run)
+        for t in chosen:
+            hessian = hessians.pop(t.name)
+            if memoized or any(hessian is other for other in hessians.values()):
+                hessian = hessian.clone()
+            new = solve(t, hessian)
+            del hessian  # (its memory held the solve's factor) freed before the next layer
+            swaps.swap_module(t.name, _Solved(new, t.weight.dtype, t.module.bias))
+
+    walk_blocks(model, context, targets, visit)
