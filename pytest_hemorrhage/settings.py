@@ -113,7 +113,7 @@ OPTIONS = [
     Option(
         "topk",
         "Baseline log-probs stored per token. Default: auto (all of them up to "
-        "512 tokens of vocabulary, else 160).",
+        "512 tokens of vocabulary, else 124: 1 KB per token).",
         0,
         _count,
         "K",

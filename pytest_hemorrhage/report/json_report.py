@@ -1,4 +1,4 @@
-"""``--hemorrhage-report=PATH``: the run as strict JSON (schema in the README)."""
+"""``--hemorrhage-report=PATH``: the run as strict JSON (schema in docs/reports.md)."""
 
 from __future__ import annotations
 
