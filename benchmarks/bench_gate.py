@@ -76,7 +76,7 @@ import torch, transformers  # the same imports in every process
 from pytest_hemorrhage.loading import load_candidate, load_model
 from pytest_hemorrhage.settings import Settings
 from pytest_hemorrhage.harness import Harness
-from pytest_hemorrhage.portable import AbsentBaseline, PortableReference
+from pytest_hemorrhage.reference_file import AbsentBaseline, PortableReference
 import os, threading, time
 page = os.sysconf("SC_PAGE_SIZE")
 def rss():
@@ -135,7 +135,7 @@ def memory(folder: Path) -> None:
     from pytest_hemorrhage.data import read_text
     from pytest_hemorrhage.harness import Harness
     from pytest_hemorrhage.loading import BUNDLED_MODEL, load_model
-    from pytest_hemorrhage.portable import PortableReference, text_hash, vocab_list
+    from pytest_hemorrhage.reference_file import PortableReference, text_hash, vocab_list
     from pytest_hemorrhage.settings import Settings
 
     tiny = load_model("hemorrhage-tiny", device="cpu")
@@ -202,7 +202,7 @@ def size(folder: Path, candidate_path: Path | None = None) -> None:
     from pytest_hemorrhage.harness import Harness
     from pytest_hemorrhage.loading import load_candidate, load_model
     from pytest_hemorrhage.metrics import TokenStats, summarize, token_stats
-    from pytest_hemorrhage.portable import PortableReference, vocab_list
+    from pytest_hemorrhage.reference_file import PortableReference, vocab_list
     from pytest_hemorrhage.reference import DEFAULT_TOPK, Reference
     from pytest_hemorrhage.settings import Settings
 

@@ -121,8 +121,8 @@ class Hemorrhage:
 
     def calibrate_decoding(self, target: Any, **options: Any) -> Any:
         """Fit a decoding temperature that brings ``target`` back toward the baseline; see
-        :func:`pytest_hemorrhage.decoding.calibrate_decoding`."""
-        from .decoding import calibrate_decoding
+        :func:`pytest_hemorrhage.decoding_calibration.calibrate_decoding`."""
+        from .decoding_calibration import calibrate_decoding
 
         self._needs_baseline("calibrate_decoding")
         calibration = calibrate_decoding(self, target, **options)

@@ -43,7 +43,7 @@ from .reference import DEFAULT_TOPK, EXACT_VOCAB, Reference, cache_key, load_or_
 if TYPE_CHECKING:
     from .budget import Budget
     from .loading import LoadedModel
-    from .portable import PortableReference
+    from .reference_file import PortableReference
     from .settings import Settings
 
 __all__ = [
@@ -342,7 +342,7 @@ class Harness:
         """Measure a separately produced model (a loaded candidate: ``.model``, ``.tokenizer``,
         ``.spec``) against the baseline's reference, with the same metrics, standard errors and
         extras as :meth:`measure`. Its vocabulary must be the baseline's (see
-        :func:`~pytest_hemorrhage.portable.check_vocabulary`). The result's modification is
+        :func:`~pytest_hemorrhage.reference_file.check_vocabulary`). The result's modification is
         ``"candidate"`` and its params are ``params``. ``budget``: as for :meth:`measure`."""
         with self._calibrated(_level(budget)):
             return self._measure_model(candidate, params, want, budget)
@@ -350,7 +350,7 @@ class Harness:
     def _measure_model(
         self, candidate: Any, params: dict[str, Any], want: frozenset[str], budget: Budget | None
     ) -> Result:
-        from .portable import check_vocabulary, vocab_list
+        from .reference_file import check_vocabulary, vocab_list
 
         model = candidate.model
 

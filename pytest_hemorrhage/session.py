@@ -12,11 +12,11 @@ from .errors import HemorrhageError
 if TYPE_CHECKING:
     import pytest
 
-    from .compare import OldReport, Tolerance
+    from .regressions import OldReport, Tolerance
     from .harness import Harness
     from .loading import LoadedModel
     from .metrics import Result
-    from .portable import PortableReference
+    from .reference_file import PortableReference
     from .settings import Settings
 
 __all__ = ["REPORT_SCHEMA", "HemorrhageSession"]
@@ -56,7 +56,7 @@ class HemorrhageSession:
                 "--hemorrhage-compare=OLD_REPORT.json too"
             )
         if s.compare is not None:
-            from .compare import OldReport, parse_tolerances
+            from .regressions import OldReport, parse_tolerances
 
             self.tolerances = parse_tolerances(s.compare_fail) if s.compare_fail else ()
             self.old_report = OldReport.load(s.compare)
@@ -66,7 +66,7 @@ class HemorrhageSession:
                 "pass --hemorrhage-model too"
             )
         if s.reference is not None:
-            from .portable import PortableReference
+            from .reference_file import PortableReference
 
             self.portable = PortableReference.load(s.reference)
 
@@ -150,7 +150,7 @@ class HemorrhageSession:
             return self.loaded()
         from .data import read_text
         from .loading import quiet
-        from .portable import AbsentBaseline
+        from .reference_file import AbsentBaseline
 
         try:
             self.portable.check_settings(self.settings, read_text(self.settings.data))
@@ -225,7 +225,7 @@ class HemorrhageSession:
     def save_reference(self) -> None:
         """``--hemorrhage-save-reference``: write the baseline's reference file."""
         from .data import read_text
-        from .portable import PortableReference, text_hash, vocab_list
+        from .reference_file import PortableReference, text_hash, vocab_list
 
         path = self.settings.save_reference
         assert path is not None

@@ -228,7 +228,7 @@ def test_bad_parameters_name_the_value_and_the_fix(name, params, fragment):
 
 
 def test_calibration_recovers_a_pure_temperature_change_exactly(harness):
-    from pytest_hemorrhage.decoding import calibrate_decoding
+    from pytest_hemorrhage.decoding_calibration import calibrate_decoding
 
     calibration = calibrate_decoding(harness, [("decode.temperature", {"value": 0.5})])
     assert calibration.temperature == pytest.approx(2.0, rel=1e-3)
@@ -240,7 +240,7 @@ def test_calibration_lowers_the_kl_of_an_overconfident_quantized_model(harness):
     """2-bit RTN: its top token gets more probability from itself than from the baseline, so
     the KL-optimal temperature is above 1, fitted on calibration windows, lowering kl_mean on
     the evaluation windows."""
-    from pytest_hemorrhage.decoding import calibrate_decoding
+    from pytest_hemorrhage.decoding_calibration import calibrate_decoding
 
     target = harness.measure([("quant.rtn", {"bits": 2, "group_size": 32})])
     calibration = calibrate_decoding(harness, target)
@@ -256,7 +256,7 @@ def test_calibration_lowers_the_kl_of_an_overconfident_quantized_model(harness):
 
 
 def test_calibration_with_top_p_is_never_worse_on_the_calibration_windows(harness):
-    from pytest_hemorrhage.decoding import TOP_P_GRID, calibrate_decoding
+    from pytest_hemorrhage.decoding_calibration import TOP_P_GRID, calibrate_decoding
 
     stages = [("prune.magnitude", {"sparsity": 0.7})]
     plain = calibrate_decoding(harness, stages, windows=4)
@@ -274,7 +274,7 @@ def test_calibration_with_top_p_is_never_worse_on_the_calibration_windows(harnes
     ],
 )
 def test_calibration_bad_input_says_what_to_pass(harness, target, options, fragment):
-    from pytest_hemorrhage.decoding import calibrate_decoding
+    from pytest_hemorrhage.decoding_calibration import calibrate_decoding
 
     with pytest.raises(HemorrhageError, match="calibrate_decoding") as info:
         calibrate_decoding(harness, target, **options)

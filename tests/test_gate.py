@@ -291,7 +291,7 @@ def _startup_error(pytester, *args: str) -> str:
 def saved_reference(tmp_path_factory, harness):
     """A reference file of the bundled baseline (the conftest's 2048-token harness)."""
     from pytest_hemorrhage.data import read_text
-    from pytest_hemorrhage.portable import PortableReference, text_hash, vocab_list
+    from pytest_hemorrhage.reference_file import PortableReference, text_hash, vocab_list
 
     s = harness.settings
     path = tmp_path_factory.mktemp("reference") / "baseline.ref"

@@ -1,5 +1,6 @@
-"""``--hemorrhage-compare`` / ``--hemorrhage-compare-fail``: every result against the matching
-one of an earlier JSON report (the last release's), and the tolerated worsening.
+"""Regressions against an earlier run (``--hemorrhage-compare`` / ``--hemorrhage-compare-fail``):
+every result against the matching one of an earlier JSON report (the last release's), and the
+tolerated worsening.
 
 A result matches the old report's result with the same test node id, modification and params;
 a candidate matches by its label (its fingerprint changes with every rebuild). A matched result
@@ -10,7 +11,8 @@ the baseline and grows with damage, so a rise is a regression. An unmatched resu
 never failed.
 
 This is a core module (not ``report/``) because its verdict fails the test: the check and the
-test's report need it while the test runs, as they need the budget.
+test's report need it while the test runs, as they need the budget. ``report/comparison.py``
+only renders the comparison this module computes.
 """
 
 from __future__ import annotations
