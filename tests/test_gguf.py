@@ -1,6 +1,6 @@
 """quant.gguf: llama.cpp's block formats against the gguf package, its per-tensor mixtures and
 width fallbacks, both layouts, exact restore, and the damage ladder on a 256-wide model (the
-bundled model widened by duplication, tests/widened.py)."""
+bundled model widened by duplication, benchmarks/models.py)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 from torch import nn
-from widened import widened
 
+from benchmarks.models import widened
 from pytest_hemorrhage.errors import HemorrhageError
 from pytest_hemorrhage.modifications import Patch, apply, make
 from pytest_hemorrhage.modifications.quant.gguf import (
@@ -94,7 +94,7 @@ def _measure(harness, **params):
 
 @pytest.fixture(scope="module")
 def wide(tiny):
-    """The bundled model widened by duplication to rows of 256 and 768 (tests/widened.py): the
+    """The bundled model widened by duplication to rows of 256 and 768 (benchmarks/models.py): the
     same function and trained weights, and no K-quant falls back."""
     from pytest_hemorrhage.loading import LoadedModel
 
