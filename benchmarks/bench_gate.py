@@ -41,8 +41,9 @@ def _best(fn, repeat: int = 5) -> float:
 def speed(candidate_dir: Path) -> None:
     import torch
 
+    from pytest_hemorrhage.candidates import load_candidate
     from pytest_hemorrhage.harness import Harness
-    from pytest_hemorrhage.loading import load_candidate, load_model, model_logits
+    from pytest_hemorrhage.loading import load_model, model_logits
     from pytest_hemorrhage.settings import Settings
 
     base = load_model("hemorrhage-tiny", device="cpu")
@@ -73,7 +74,8 @@ _PEAK = """
 import json, sys
 sys.path.insert(0, {root!r})
 import torch, transformers  # the same imports in every process
-from pytest_hemorrhage.loading import load_candidate, load_model
+from pytest_hemorrhage.candidates import load_candidate
+from pytest_hemorrhage.loading import load_model
 from pytest_hemorrhage.settings import Settings
 from pytest_hemorrhage.harness import Harness
 from pytest_hemorrhage.reference_file import AbsentBaseline, PortableReference
@@ -199,11 +201,12 @@ def memory(folder: Path) -> None:
 def size(folder: Path, candidate_path: Path | None = None) -> None:
     import torch
 
+    from pytest_hemorrhage.candidates import load_candidate
     from pytest_hemorrhage.harness import Harness
-    from pytest_hemorrhage.loading import load_candidate, load_model
+    from pytest_hemorrhage.loading import load_model
     from pytest_hemorrhage.metrics import TokenStats, summarize, token_stats
-    from pytest_hemorrhage.reference_file import PortableReference, vocab_list
     from pytest_hemorrhage.reference import DEFAULT_TOPK, Reference
+    from pytest_hemorrhage.reference_file import PortableReference, vocab_list
     from pytest_hemorrhage.settings import Settings
 
     tiny = load_model("hemorrhage-tiny", device="cpu")

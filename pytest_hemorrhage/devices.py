@@ -2,30 +2,37 @@
 device per pytest-xdist worker, and ``--hemorrhage-device-map`` (accelerate) parsed and checked.
 
 Every check here runs at startup, so a device that does not exist is one usage error naming the
-ones that do, not a torch assertion in every test.
+ones that do, not a torch assertion in every test. Where a loaded model's tensors are (offloaded
+or not) is asked of ``placement``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import HemorrhageError
+from .loading import kind, model_source, quiet
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 __all__ = [
+    "ACCELERATE_EXTRA",
     "MAP_KEYWORDS",
     "available",
     "check_device",
+    "check_devices",
     "check_map_devices",
-    "execution_device",
-    "offloaded_modules",
-    "offloaded_value",
     "parse_device_map",
-    "state_tensors",
     "unplaced",
     "worker_device",
 ]
+
+ACCELERATE_EXTRA = "pytest-hemorrhage[accelerate]"
 
 MAP_KEYWORDS = ("auto", "balanced", "balanced_low_0", "sequential")
 _WORKER = re.compile(r"^gw(\d+)$")
@@ -113,50 +120,60 @@ def unplaced(device_map: dict[str, Any], names: list[str]) -> list[str]:
     return [n for n in names if not any(k == "" or n == k or n.startswith(k + ".") for k in keys)]
 
 
-def execution_device(model: Any) -> Any:
-    """Where inputs go: the device of the model's input embedding as accelerate runs it (its
-    hook's execution device when its weights are offloaded), else the first parameter's."""
-    import torch
+def check_devices(settings: Settings, workerid: str | None = None) -> Settings:
+    """Startup checks of ``--hemorrhage-device`` and ``--hemorrhage-device-map``; returns the
+    settings with this pytest-xdist worker's device (``auto`` with several CUDA devices: worker
+    ``gwN`` gets ``cuda:(N mod count)``).
 
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    hook = getattr(embed, "_hf_hook", None)
-    if getattr(hook, "execution_device", None) is not None:
-        return torch.device(hook.execution_device)
-    for p in (embed or model).parameters():
-        if not p.is_meta:
-            return p.device
-    return torch.device("cpu")
+    Refuses a device that does not exist, a device map that does not parse, names a device
+    that does not exist, or leaves weights of the model unplaced; each names what exists.
+    """
+    loads = settings.model or settings.candidate or settings.reference
+    if settings.device_map is None and (settings.device == "cpu" or not loads):
+        if settings.device in ("auto", "cpu"):
+            return settings  # nothing to look up: torch is not even imported
+    with quiet():
+        import torch
+
+    devices = available()
+    check_device(settings.device, devices)
+    if settings.device == "auto":
+        assigned = worker_device(workerid, torch.cuda.device_count())
+        if assigned is not None:
+            settings = dataclasses.replace(settings, device=assigned)
+    if settings.device_map is None:
+        return settings
+    device_map = parse_device_map(settings.device_map)
+    if importlib.util.find_spec("accelerate") is None:
+        raise HemorrhageError(
+            f"--hemorrhage-device-map={settings.device_map}: needs accelerate; "
+            f"pip install '{ACCELERATE_EXTRA}'"
+        )
+    check_map_devices(device_map, devices)
+    if isinstance(device_map, dict) and settings.model and kind(settings.model) != "factory":
+        names = _weight_names(model_source(settings.model), settings)
+        missing = unplaced(device_map, names)
+        if missing:
+            shown = ", ".join(missing[:3]) + (
+                f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            )
+            raise HemorrhageError(
+                f"--hemorrhage-device-map leaves {len(missing)} weight(s) of {settings.model} "
+                f"on no device ({shown}); map every module (a key places the module and "
+                "everything under it), or use auto"
+            )
+    return settings
 
 
-def offloaded_modules(model: Any) -> dict[int, str]:
-    """``id(module) -> name`` of every module whose own weights accelerate offloaded (held on
-    the meta device between forward passes, loaded from CPU memory or disk by its hook)."""
-    return {
-        id(m): name
-        for name, m in model.named_modules()
-        if any(t.is_meta for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)))
-    }
+def _weight_names(source: str, settings: Settings) -> list[str]:
+    """Names of the model's parameters and buffers, from its config alone (no weights read)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-
-def offloaded_value(model: Any, name: str) -> Any:
-    """The value of offloaded parameter or buffer ``name`` (meta in the model), read from the
-    CPU memory or disk where accelerate keeps it; None when no hook holds it."""
-    module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name) if module_name else model
-    hook = getattr(module, "_hf_hook", None)
-    for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
-        weights = getattr(h, "weights_map", None)
-        if weights is not None and attr in weights:
-            return weights[attr]
-    return None
-
-
-def state_tensors(model: Any) -> dict[str, Any]:
-    """``model.state_dict()`` with offloaded entries read from where accelerate keeps them."""
-    state = dict(model.state_dict())
-    for name, t in state.items():
-        if t.is_meta:
-            value = offloaded_value(model, name)
-            if value is not None:
-                state[name] = value
-    return state
+    with quiet():
+        config = AutoConfig.from_pretrained(source, trust_remote_code=settings.trust_remote_code)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(
+                config, trust_remote_code=settings.trust_remote_code
+            )
+    return [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]

@@ -74,7 +74,7 @@ class Hemorrhage:
         when the next one is. The result's modification is ``"candidate"``, its params the
         ``label`` (default: the directory or file name), the spec and the content fingerprint.
         """
-        from .loading import candidate_label
+        from .candidates import candidate_label
 
         loaded = self._session.candidate(str(candidate)) if _is_spec(candidate) else None
         if loaded is None:

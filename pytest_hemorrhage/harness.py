@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .data import make_windows, read_text
-from .devices import offloaded_modules
 from .early_stop import EarlyStop, take_windows
 from .embeddings import (
     EmbeddingReference,
@@ -38,6 +37,7 @@ from .metrics import (
 )
 from .modifications.noise import layer_seed
 from .modifications.registry import LogitsProcessor, Modification, Patch, apply, iter_configs
+from .placement import offloaded_modules
 from .reference import DEFAULT_TOPK, EXACT_VOCAB, Reference, cache_key, load_or_compute
 
 if TYPE_CHECKING:

@@ -1,8 +1,12 @@
-"""``--hemorrhage-model``: a local directory, the bundled model, ``module:factory`` or a hub id."""
+"""``--hemorrhage-model``: the baseline from a local directory, the bundled model,
+``module:factory`` or a hub id; quiet loading for every model the plugin loads.
+
+Candidates (``--hemorrhage-candidate``) load in ``candidates``; the device checks are in
+``devices``.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib
 import importlib.util
@@ -16,25 +20,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .devices import (
-    available,
-    check_device,
-    check_map_devices,
-    execution_device,
-    parse_device_map,
-    state_tensors,
-    unplaced,
-    worker_device,
-)
 from .errors import HemorrhageError, first_line
-
-if TYPE_CHECKING:
-    from .settings import Settings
+from .placement import execution_device, state_tensors
 
 __all__ = [
-    "ACCELERATE_EXTRA",
     "BUNDLED_MODEL",
     "BUNDLED_NAME",
     "CAUSAL",
@@ -43,13 +34,10 @@ __all__ = [
     "MINILM_NAME",
     "LoadedModel",
     "Pooling",
-    "candidate_label",
-    "check_candidate",
-    "check_devices",
     "check_spec",
-    "load_candidate",
     "load_model",
     "model_logits",
+    "model_source",
     "quiet",
 ]
 
@@ -197,7 +185,7 @@ def load_model(
                 model.eval()
                 return LoadedModel(model, tokenizer, spec, kind=ENCODER, pooling=Pooling())
         else:
-            source = _source(spec, how)
+            source = model_source(spec)
             found = as_kind if as_kind != "auto" else detect_kind(source, spec, trust_remote_code)
             placement = (
                 {}
@@ -235,8 +223,9 @@ def _is_encoder(model: Any) -> bool:
     return hasattr(model, "config") and callable(head) and head() is None
 
 
-def _source(spec: str, how: str) -> str:
+def model_source(spec: str) -> str:
     """Where transformers reads ``spec`` from: a directory or a hub id."""
+    how = kind(spec)
     if how == "bundled":
         return str(BUNDLED_MODEL)
     if how == "minilm":
@@ -516,164 +505,3 @@ def quiet() -> Iterator[None]:
             from transformers.utils import logging as hf_logging
 
             hf_logging.enable_progress_bar()
-
-
-# -- candidates: separately produced models gated against the baseline (measure_model) --------
-
-_CANDIDATE_SPECS = (
-    "a .gguf file, a directory saved with save_pretrained, a hub id or package.module:factory"
-)
-
-
-def _as_candidate(exc: HemorrhageError) -> HemorrhageError:
-    """A baseline loading error, worded for ``--hemorrhage-candidate``."""
-    return HemorrhageError(str(exc).replace("--hemorrhage-model=", "--hemorrhage-candidate=", 1))
-
-
-def candidate_label(spec: str) -> str:
-    """A candidate's default label: the directory or file name, else the spec itself."""
-    path = Path(spec).expanduser()
-    if spec.endswith(".gguf") or path.is_dir():
-        return path.name or spec
-    return spec
-
-
-def check_candidate(spec: str) -> None:
-    """Cheap startup check of one ``--hemorrhage-candidate`` (no torch, no download)."""
-    if spec.endswith(".gguf"):
-        if not Path(spec).expanduser().is_file():
-            raise HemorrhageError(
-                f"--hemorrhage-candidate={spec}: no such file; give {_CANDIDATE_SPECS}"
-            )
-        return
-    if kind(spec) == "missing":
-        raise HemorrhageError(
-            f"--hemorrhage-candidate={spec}: no such file or directory; give {_CANDIDATE_SPECS}"
-        )
-    try:
-        check_spec(spec)
-    except HemorrhageError as exc:
-        raise _as_candidate(exc) from None
-
-
-def load_candidate(
-    spec: str,
-    *,
-    device: str = "auto",
-    dtype: str = "auto",
-    trust_remote_code: bool = False,
-    allow_pickle: bool = False,
-) -> LoadedModel:
-    """Load a candidate causal LM: a ``.gguf`` file through transformers' GGUF support (which
-    dequantizes it), anything else as :func:`load_model` loads the baseline; a quantized
-    checkpoint loads through its ``quantization_config`` (compressed-tensors, bitsandbytes,
-    HQQ, torchao, ...), which needs that library installed."""
-    check_candidate(spec)
-    if not spec.endswith(".gguf"):
-        try:
-            return load_model(
-                spec,
-                device=device,
-                dtype=dtype,
-                trust_remote_code=trust_remote_code,
-                allow_pickle=allow_pickle,
-                as_kind=CAUSAL,
-            )
-        except HemorrhageError as exc:
-            raise _as_candidate(exc) from None
-        except ImportError as exc:  # a quantization_config whose library is not installed
-            raise HemorrhageError(
-                f"--hemorrhage-candidate={spec}: its quantization format needs a library that is "
-                f"not installed ({first_line(exc)}); pip install 'pytest-hemorrhage[gate]'"
-            ) from None
-    with quiet():
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        path = Path(spec).expanduser()
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        torch_dtype = torch.float32 if dtype == "auto" else getattr(torch, dtype)
-        where = f"--hemorrhage-candidate={spec}"
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(path.parent), gguf_file=path.name, dtype=torch_dtype
-            )
-            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        except ImportError as exc:
-            raise HemorrhageError(
-                f"{where}: reading GGUF needs the gguf package ({first_line(exc)}); "
-                "pip install 'pytest-hemorrhage[gate]'"
-            ) from None
-        except Exception as exc:  # any parse or architecture failure: one line, no traceback
-            raise HemorrhageError(
-                f"{where}: transformers cannot load this GGUF file ({type(exc).__name__}: "
-                f"{first_line(exc)}); convert a supported architecture, or give the "
-                "save_pretrained directory instead"
-            ) from None
-        model = model.to(device).eval()
-        return LoadedModel(model=model, tokenizer=tokenizer, spec=spec)
-
-
-# -- devices: checked at startup ---------------------------------------------------------------
-
-ACCELERATE_EXTRA = "pytest-hemorrhage[accelerate]"
-
-
-def check_devices(settings: Settings, workerid: str | None = None) -> Settings:
-    """Startup checks of ``--hemorrhage-device`` and ``--hemorrhage-device-map``; returns the
-    settings with this pytest-xdist worker's device (``auto`` with several CUDA devices: worker
-    ``gwN`` gets ``cuda:(N mod count)``).
-
-    Refuses a device that does not exist, a device map that does not parse, names a device
-    that does not exist, or leaves weights of the model unplaced; each names what exists.
-    """
-    loads = settings.model or settings.candidate or settings.reference
-    if settings.device_map is None and (settings.device == "cpu" or not loads):
-        if settings.device in ("auto", "cpu"):
-            return settings  # nothing to look up: torch is not even imported
-    with quiet():
-        import torch
-
-    devices = available()
-    check_device(settings.device, devices)
-    if settings.device == "auto":
-        assigned = worker_device(workerid, torch.cuda.device_count())
-        if assigned is not None:
-            settings = dataclasses.replace(settings, device=assigned)
-    if settings.device_map is None:
-        return settings
-    device_map = parse_device_map(settings.device_map)
-    if importlib.util.find_spec("accelerate") is None:
-        raise HemorrhageError(
-            f"--hemorrhage-device-map={settings.device_map}: needs accelerate; "
-            f"pip install '{ACCELERATE_EXTRA}'"
-        )
-    check_map_devices(device_map, devices)
-    if isinstance(device_map, dict) and settings.model and kind(settings.model) != "factory":
-        names = _weight_names(_source(settings.model, kind(settings.model)), settings)
-        missing = unplaced(device_map, names)
-        if missing:
-            shown = ", ".join(missing[:3]) + (
-                f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-            )
-            raise HemorrhageError(
-                f"--hemorrhage-device-map leaves {len(missing)} weight(s) of {settings.model} "
-                f"on no device ({shown}); map every module (a key places the module and "
-                "everything under it), or use auto"
-            )
-    return settings
-
-
-def _weight_names(source: str, settings: Settings) -> list[str]:
-    """Names of the model's parameters and buffers, from its config alone (no weights read)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with quiet():
-        config = AutoConfig.from_pretrained(source, trust_remote_code=settings.trust_remote_code)
-        with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(
-                config, trust_remote_code=settings.trust_remote_code
-            )
-    return [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]

@@ -72,7 +72,7 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     try:
         settings = Settings.from_config(config)
-        from .loading import check_devices  # a device that does not exist: a usage error
+        from .devices import check_devices  # a device that does not exist: a usage error
 
         settings = check_devices(settings, getattr(config, "workerinput", {}).get("workerid"))
         if settings.model and not hasattr(config, "workerinput"):
@@ -80,7 +80,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
             check_spec(settings.model)
         if not hasattr(config, "workerinput"):
-            from .loading import check_candidate
+            from .candidates import check_candidate
 
             for spec in settings.candidate:  # a missing path: a usage error, like the model's
                 check_candidate(spec)
@@ -126,7 +126,7 @@ def hemorrhage_candidate(request: pytest.FixtureRequest) -> str:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "hemorrhage_candidate" not in metafunc.fixturenames:
         return
-    from .loading import candidate_label
+    from .candidates import candidate_label
 
     specs = metafunc.config.stash[session_key].settings.candidate
     if not specs:

@@ -12,11 +12,11 @@ from .errors import HemorrhageError
 if TYPE_CHECKING:
     import pytest
 
-    from .regressions import OldReport, Tolerance
     from .harness import Harness
     from .loading import LoadedModel
     from .metrics import Result
     from .reference_file import PortableReference
+    from .regressions import OldReport, Tolerance
     from .settings import Settings
 
 __all__ = ["REPORT_SCHEMA", "HemorrhageSession"]
@@ -189,7 +189,7 @@ class HemorrhageSession:
 
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        from .loading import load_candidate
+        from .candidates import load_candidate
 
         s = self.settings
         self._candidate = load_candidate(

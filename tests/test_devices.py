@@ -35,7 +35,7 @@ def test_worker_device_assignment():
 
 def test_check_devices_assigns_the_worker_its_device(monkeypatch):
     """The device count simulated: workers gw0..gw3 on two CUDA devices."""
-    from pytest_hemorrhage.loading import check_devices
+    from pytest_hemorrhage.devices import check_devices
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     settings = Settings.defaults(model="hemorrhage-tiny")

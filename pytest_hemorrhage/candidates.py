@@ -1,0 +1,109 @@
+"""``--hemorrhage-candidate`` and ``measure_model``: separately produced models gated against the
+baseline (a ``.gguf`` file, a saved directory, quantized or not, a hub id, ``module:factory``).
+
+A candidate loads as the baseline does (``loading``), except a ``.gguf`` file, which
+transformers' GGUF support dequantizes; its errors name ``--hemorrhage-candidate``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import HemorrhageError, first_line
+from .loading import CAUSAL, LoadedModel, check_spec, kind, load_model, quiet
+
+__all__ = ["candidate_label", "check_candidate", "load_candidate"]
+
+_CANDIDATE_SPECS = (
+    "a .gguf file, a directory saved with save_pretrained, a hub id or package.module:factory"
+)
+
+
+def _as_candidate(exc: HemorrhageError) -> HemorrhageError:
+    """A baseline loading error, worded for ``--hemorrhage-candidate``."""
+    return HemorrhageError(str(exc).replace("--hemorrhage-model=", "--hemorrhage-candidate=", 1))
+
+
+def candidate_label(spec: str) -> str:
+    """A candidate's default label: the directory or file name, else the spec itself."""
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf") or path.is_dir():
+        return path.name or spec
+    return spec
+
+
+def check_candidate(spec: str) -> None:
+    """Cheap startup check of one ``--hemorrhage-candidate`` (no torch, no download)."""
+    if spec.endswith(".gguf"):
+        if not Path(spec).expanduser().is_file():
+            raise HemorrhageError(
+                f"--hemorrhage-candidate={spec}: no such file; give {_CANDIDATE_SPECS}"
+            )
+        return
+    if kind(spec) == "missing":
+        raise HemorrhageError(
+            f"--hemorrhage-candidate={spec}: no such file or directory; give {_CANDIDATE_SPECS}"
+        )
+    try:
+        check_spec(spec)
+    except HemorrhageError as exc:
+        raise _as_candidate(exc) from None
+
+
+def load_candidate(
+    spec: str,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> LoadedModel:
+    """Load a candidate causal LM: a ``.gguf`` file through transformers' GGUF support (which
+    dequantizes it), anything else as :func:`load_model` loads the baseline; a quantized
+    checkpoint loads through its ``quantization_config`` (compressed-tensors, bitsandbytes,
+    HQQ, torchao, ...), which needs that library installed."""
+    check_candidate(spec)
+    if not spec.endswith(".gguf"):
+        try:
+            return load_model(
+                spec,
+                device=device,
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+                allow_pickle=allow_pickle,
+                as_kind=CAUSAL,
+            )
+        except HemorrhageError as exc:
+            raise _as_candidate(exc) from None
+        except ImportError as exc:  # a quantization_config whose library is not installed
+            raise HemorrhageError(
+                f"--hemorrhage-candidate={spec}: its quantization format needs a library that is "
+                f"not installed ({first_line(exc)}); pip install 'pytest-hemorrhage[gate]'"
+            ) from None
+    with quiet():
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(spec).expanduser()
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        torch_dtype = torch.float32 if dtype == "auto" else getattr(torch, dtype)
+        where = f"--hemorrhage-candidate={spec}"
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=torch_dtype
+            )
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        except ImportError as exc:
+            raise HemorrhageError(
+                f"{where}: reading GGUF needs the gguf package ({first_line(exc)}); "
+                "pip install 'pytest-hemorrhage[gate]'"
+            ) from None
+        except Exception as exc:  # any parse or architecture failure: one line, no traceback
+            raise HemorrhageError(
+                f"{where}: transformers cannot load this GGUF file ({type(exc).__name__}: "
+                f"{first_line(exc)}); convert a supported architecture, or give the "
+                "save_pretrained directory instead"
+            ) from None
+        model = model.to(device).eval()
+        return LoadedModel(model=model, tokenizer=tokenizer, spec=spec)
