@@ -50,7 +50,9 @@ def solver_inputs(
     """What a column-by-column solve works on: a float32 copy of ``weight`` (out, in), and
     ``hessian`` (in, in) in float32 on its device, copied unless ``overwrite`` (then the caller's
     Hessian memory holds the factor: one Hessian-sized buffer fewer)."""
-    w = weight.detach().to(torch.float32, copy=True)
+    # contiguous: a Conv1D's weight is seen transposed, and a copy keeps the view's strides,
+    # which the solves' flattened views of a block cannot take
+    w = weight.detach().to(torch.float32, copy=True, memory_format=torch.contiguous_format)
     return w, hessian.to(w.device, torch.float32, copy=not overwrite)
 
 

@@ -82,11 +82,12 @@ def by_token_chunks(
     Integer kernels make several activation-sized temporaries (the int8 input, int32 products,
     rescaled copies): chunking bounds them by ``rows`` instead of the batch. Each token is
     computed as in one call, except LLM.int8's outlier columns, chosen per call (as per batch
-    when serving).
+    when serving). ``fn`` always sees (tokens, features): kernels written for 2-D or 3-D
+    inputs get DeepSeek's multi-head latent attention inputs, 4-D, flattened.
     """
     flat = x.reshape(-1, x.shape[-1])
     if len(flat) <= rows:  # e.g. one token per call when generating
-        return fn(x).to(dtype)
+        return fn(flat).to(dtype).reshape(*x.shape[:-1], -1)
     out = None
     for i in range(0, len(flat), rows):
         y = fn(flat[i : i + rows])
