@@ -105,3 +105,71 @@ def test_confidence_fails_a_metric_without_a_standard_error_and_says_why():
     ).violations(result)
     assert len(lines) == 1
     assert lines[0].startswith("gen_mismatch: 0.0000 has no standard error, so its 95% upper")
+
+
+@pytest.mark.parametrize("confidence", [None, 0.95])
+def test_a_value_exactly_at_its_budget_passes_and_one_step_above_fails(confidence):
+    """Budgets are maxima: the compared value (point estimate, or upper bound) equal to the
+    limit passes; the next float above it fails."""
+    import math
+
+    result = _result(kl_mean=0.25)
+    bound = Budget({}, confidence).upper(result, "kl_mean")
+    kwargs = {"confidence": confidence} if confidence else {}
+    assert Budget.parse({"kl_mean": bound, **kwargs}, where="t").violations(result) == []
+    below = math.nextafter(bound, 0)
+    (line,) = Budget.parse({"kl_mean": below, **kwargs}, where="t").violations(result)
+    assert line.startswith("kl_mean: 0.2500")
+
+
+def _zero_budgets():
+    from pytest_hemorrhage.metrics import METRICS, NO_STDERR
+
+    zero = {metric: 0.0 for metric in METRICS}
+    bounded = {metric: 0.0 for metric in METRICS if metric not in NO_STDERR}
+    return [zero, {**bounded, "confidence": 0.95}]
+
+
+@pytest.mark.parametrize("kwargs", _zero_budgets(), ids=["point", "confidence"])
+def test_a_zero_budget_passes_the_unmodified_baseline_and_a_candidate_identical_to_it(
+    harness, tiny, kwargs
+):
+    """An unmodified model measures exactly 0 (with standard error 0), so a budget of 0 on
+    every metric passes it."""
+    from pytest_hemorrhage.modifications import make
+
+    budget = Budget.parse(kwargs, where="t")
+    unmodified = harness.measure(make("noise.gaussian", {"sigma": 0.0}), budget=budget)
+    identical = harness.measure_model(tiny, {"label": "baseline"}, budget=budget)
+    for result in (unmodified, identical):
+        assert set(result.metrics.values()) == {0.0}, result.metrics
+        assert budget.violations(result) == []
+
+
+ZERO_BUDGET = """
+import pytest
+
+@pytest.mark.hemorrhage({budget})
+def test_unmodified(hemorrhage):
+    hemorrhage.check(hemorrhage.measure("noise.gaussian", sigma=0.0))
+
+@pytest.mark.hemorrhage({budget})
+def test_identical_candidate(hemorrhage):
+    hemorrhage.check(hemorrhage.measure_model("hemorrhage-tiny"))
+"""
+
+
+def test_a_zero_budget_passes_an_unmodified_run_through_pytest(pytester):
+    from pytest_hemorrhage.metrics import METRICS
+
+    budget = ", ".join(f"{metric}=0" for metric in METRICS)
+    pytester.makepyfile(test_zero=ZERO_BUDGET.format(budget=budget))
+    result = pytester.runpytest(
+        "--hemorrhage-model=hemorrhage-tiny",
+        "--hemorrhage-tokens=512",
+        "-p",
+        "no:randomly",
+        "-p",
+        "no:cacheprovider",
+    )
+    result.assert_outcomes(passed=2)
