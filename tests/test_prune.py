@@ -424,3 +424,26 @@ def test_gradient_scores_are_invariant_to_the_rescaling(harness, outliers, outli
         # while the weights themselves differ by the factor on those columns
         ratio = _weight(harness, name)[:, columns] / _weight(outliers, name)[:, columns]
         torch.testing.assert_close(ratio, torch.full_like(ratio, OUTLIER_SCALE))
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_magnitude_scope_layer_prunes_each_layer_alike_global_by_one_threshold(harness, scope):
+    """``scope="layer"``: every layer loses exactly its fraction. ``scope="global"``: one
+    magnitude threshold for all layers, so the layers' sparsities differ (the bundled model's
+    v_proj lose far more than its q_proj) while the total is the fraction."""
+    config = make("prune.magnitude", {"sparsity": 0.5, "scope": scope})
+    targets = config.targets(harness.model)
+    before = {t.name: t.weight.detach().abs().clone() for t in targets}
+    with harness.modified(config):
+        pruned = {t.name: t.weight.detach() == 0 for t in targets}
+    sparsity = {name: mask.double().mean().item() for name, mask in pruned.items()}
+    total = sum(int(m.sum()) for m in pruned.values()) / sum(m.numel() for m in pruned.values())
+    assert total == pytest.approx(0.5, abs=1e-4)
+    largest_pruned = max(before[n][pruned[n]].max().item() for n in pruned)
+    smallest_kept = min(before[n][~pruned[n]].min().item() for n in pruned)
+    if scope == "layer":
+        assert set(sparsity.values()) == {0.5}, sparsity
+        assert largest_pruned > smallest_kept  # each layer had its own threshold
+    else:
+        assert max(sparsity.values()) - min(sparsity.values()) > 0.3, sparsity
+        assert largest_pruned <= smallest_kept  # one threshold separates pruned from kept
