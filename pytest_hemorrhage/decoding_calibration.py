@@ -23,7 +23,7 @@ from .modifications.registry import Modification, iter_configs, make
 from .reference import Reference
 
 if TYPE_CHECKING:
-    from .fixture import Hemorrhage
+    from .handle import Handle
     from .harness import Harness
 
 __all__ = ["TOP_P_GRID", "DecodingCalibration", "calibrate_decoding"]
@@ -73,7 +73,7 @@ class DecodingCalibration:
 
 
 def calibrate_decoding(
-    hemorrhage: Hemorrhage | Harness,
+    hemorrhage: Handle | Harness,
     target: Any,
     *,
     top_p: bool = False,

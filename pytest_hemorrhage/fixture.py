@@ -5,17 +5,40 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
 
 if TYPE_CHECKING:
     from .budget import Budget
     from .harness import Harness, Stages
+    from .loading import LoadedModel
     from .metrics import Result
-    from .session import HemorrhageSession
+    from .settings import Settings
 
-__all__ = ["Hemorrhage"]
+__all__ = ["Hemorrhage", "Run"]
+
+
+class Run(Protocol):
+    """What the fixture uses of the pytest run that creates it
+    (:class:`~pytest_hemorrhage.session.HemorrhageSession`, a layer above it): the settings,
+    where results go, and the candidates it holds."""
+
+    settings: Settings
+
+    def default_extras(self) -> frozenset[str]: ...
+
+    def record(self, item: pytest.Item, result: Result, budget: Budget) -> None: ...
+
+    def record_exploration(self, item: pytest.Item, kind: str, data: dict[str, Any]) -> None: ...
+
+    def comparison_failures(self, nodeid: str) -> list[str]: ...
+
+    def candidate(self, spec: str) -> LoadedModel: ...
+
+    def held_candidate(self, fingerprint: str) -> Any: ...
+
+    def note_candidate(self, label: str, loaded: Any) -> None: ...
 
 
 class Hemorrhage:
@@ -28,9 +51,7 @@ class Hemorrhage:
         session: the run, which collects every result for the summary and the report.
     """
 
-    def __init__(
-        self, harness: Harness, budget: Budget, node: pytest.Item, session: HemorrhageSession
-    ) -> None:
+    def __init__(self, harness: Harness, budget: Budget, node: pytest.Item, session: Run) -> None:
         self.harness = harness
         self.budget = budget
         self._node = node

@@ -14,14 +14,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from statistics import NormalDist
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
     import torch
 
-    from .budget import Budget
     from .reference import Reference
 
 __all__ = [
@@ -535,7 +534,7 @@ class Result:
     configs: list[Any] = field(default_factory=list, repr=False)  # to re-apply (diagnostics)
     level: float = 0.95
 
-    def violations(self, budget: Budget) -> list[str]:
+    def violations(self, budget: BudgetCheck) -> list[str]:
         """One line per metric over ``budget``; empty when within it."""
         return budget.violations(self)
 
@@ -553,6 +552,13 @@ class Result:
             "stages": [s.to_dict() for s in self.stages],
             "details": self.details,
         }
+
+
+class BudgetCheck(Protocol):
+    """What :meth:`Result.violations` checks a result against: a
+    :class:`~pytest_hemorrhage.budget.Budget`, which sits above the measures it names."""
+
+    def violations(self, result: Result) -> list[str]: ...
 
 
 def jsonable(value: Any) -> Any:

@@ -9,13 +9,13 @@ from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..fixture import Hemorrhage
+    from ..handle import Handle
 
 __all__ = ["progress"]
 
 
 @contextmanager
-def progress(hemorrhage: Hemorrhage, total: int, description: str) -> Iterator[Callable[[], None]]:
+def progress(hemorrhage: Handle, total: int, description: str) -> Iterator[Callable[[], None]]:
     """``advance()`` per step; a transient rich bar on the terminal once the run looks long.
 
     The bar appears only on an interactive terminal, after the first step predicts more than

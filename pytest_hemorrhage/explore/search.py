@@ -18,7 +18,7 @@ from .fit import Threshold, bisect_threshold, monotonicity
 from .progress import progress
 
 if TYPE_CHECKING:
-    from ..fixture import Hemorrhage
+    from ..handle import Handle
 
 __all__ = [
     "budget_from_dict",
@@ -80,7 +80,7 @@ def _fmt(x: float | None) -> str:
 
 
 def _resolve_budget(
-    hemorrhage: Hemorrhage, budget: Budget | Mapping[str, Any] | None, what: str
+    hemorrhage: Handle, budget: Budget | Mapping[str, Any] | None, what: str
 ) -> Budget:
     if budget is None:
         budget = hemorrhage.budget
@@ -112,14 +112,14 @@ def resolve_domain(
     return domain
 
 
-def _model_bound(hemorrhage: Hemorrhage, param: str) -> int | None:
+def _model_bound(hemorrhage: Handle, param: str) -> int | None:
     if param == "count":  # layers dropped: all but one block
         return len(blocks(hemorrhage.model)[1]) - 1
     return None
 
 
 def find_threshold(
-    hemorrhage: Hemorrhage,
+    hemorrhage: Handle,
     name: str,
     param: str,
     *,

@@ -15,7 +15,7 @@ from .progress import progress
 from .search import resolve_domain
 
 if TYPE_CHECKING:
-    from ..fixture import Hemorrhage
+    from ..handle import Handle
 
 __all__ = ["Sweep", "sweep"]
 
@@ -81,7 +81,7 @@ class Sweep:
 
 
 def sweep(
-    hemorrhage: Hemorrhage,
+    hemorrhage: Handle,
     name: str,
     param: str,
     values: Sequence[Any],

@@ -27,21 +27,21 @@ from ..metrics import mean_se
 from ..modifications.decode import Decoding, decoding_of
 
 if TYPE_CHECKING:
-    from ..harness import Harness
     from ..modifications.registry import LogitsProcessor, Patch
+    from . import HarnessView
 
 __all__ = ["baseline_continuations", "generate", "generation_metrics", "prompts"]
 
 _EXAMPLE_CHARS = 300
 
 
-def _plan(harness: Harness) -> tuple[int, int, int]:
+def _plan(harness: HarnessView) -> tuple[int, int, int]:
     """(prompts, prompt tokens, new tokens), from --hemorrhage-gen-* options."""
     s = harness.settings
     return s.gen_prompts, s.gen_prompt_tokens, s.gen_tokens
 
 
-def prompts(harness: Harness, count: int, length: int) -> torch.Tensor:
+def prompts(harness: HarnessView, count: int, length: int) -> torch.Tensor:
     """``count`` prompts of ``length`` tokens, evenly spaced over the evaluation text (fewer
     when the text is too short)."""
     flat = harness.windows.eval.reshape(-1)
@@ -147,11 +147,11 @@ def _continue(
     return ids[:, -new_tokens:]
 
 
-def _baseline_key(harness: Harness) -> tuple[Any, ...]:
+def _baseline_key(harness: HarnessView) -> tuple[Any, ...]:
     return ("generation.baseline", *_plan(harness))
 
 
-def baseline_continuations(harness: Harness) -> None:
+def baseline_continuations(harness: HarnessView) -> None:
     """The baseline's prompts and greedy continuations, computed once per harness."""
     key = _baseline_key(harness)
     if key not in harness.memo:
@@ -164,7 +164,7 @@ def baseline_continuations(harness: Harness) -> None:
 
 
 def generation_metrics(
-    harness: Harness, patch: Patch
+    harness: HarnessView, patch: Patch
 ) -> tuple[dict[str, float], dict[str, float | None], dict[str, Any]]:
     """Compare the modified model's continuations with the baseline's greedy ones."""
     key = _baseline_key(harness)

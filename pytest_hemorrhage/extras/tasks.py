@@ -29,8 +29,8 @@ from ..loading import model_logits
 from ..metrics import mean_se
 
 if TYPE_CHECKING:
-    from ..harness import Harness
     from ..modifications.registry import Patch
+    from . import HarnessView
 
 __all__ = [
     "DEFAULT_TASK",
@@ -289,7 +289,7 @@ def flip_table(baseline: torch.Tensor, modified: torch.Tensor) -> dict[str, Any]
     }
 
 
-def _tasks(harness: Harness) -> list[EncodedTask]:
+def _tasks(harness: HarnessView) -> list[EncodedTask]:
     """The session's tasks (``--hemorrhage-tasks``, else the shipped cloze task), encoded once."""
     paths = harness.settings.tasks or (DEFAULT_TASK,)
 
@@ -308,7 +308,7 @@ def _tasks(harness: Harness) -> list[EncodedTask]:
     return harness.context.memo(("tasks", tuple(map(str, paths))), load)
 
 
-def _max_positions(harness: Harness) -> int:
+def _max_positions(harness: HarnessView) -> int:
     config = getattr(harness.model, "config", None)
     for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
         value = getattr(config, key, None)
@@ -317,14 +317,14 @@ def _max_positions(harness: Harness) -> int:
     return harness.settings.seq_len
 
 
-def _score(harness: Harness, encoded: EncodedTask, model: Any = None) -> TaskScores:
+def _score(harness: HarnessView, encoded: EncodedTask, model: Any = None) -> TaskScores:
     """Scores of ``model`` (default: the baseline, as modified now)."""
     tokens = harness.batch_size * harness.settings.seq_len
     model = harness.model if model is None else model
     return score_task(model, encoded, device=next(model.parameters()).device, batch_tokens=tokens)
 
 
-def baseline_scores(harness: Harness) -> dict[str, TaskScores]:
+def baseline_scores(harness: HarnessView) -> dict[str, TaskScores]:
     """The unmodified model's scores per task, computed once per session."""
     return {
         e.task.name: harness.context.memo(
@@ -335,7 +335,7 @@ def baseline_scores(harness: Harness) -> dict[str, TaskScores]:
 
 
 def task_metrics(
-    harness: Harness, patch: Patch
+    harness: HarnessView, patch: Patch
 ) -> tuple[dict[str, float], dict[str, float | None], dict[str, Any]]:
     """``accuracy_drop`` and ``flip_rate`` of the modified model, with per-task details; the
     item is the sampling unit of their standard errors (one value per item)."""
