@@ -88,8 +88,13 @@ def _harness(loaded, **settings):
     return Harness(loaded, Settings.defaults(model=loaded.spec, **settings))
 
 
+# This file tests the block formats and llama.cpp's per-tensor plan: the weights alone, as
+# transformers reads a GGUF file (tests/test_gguf_runtime.py: the file as llama.cpp runs it).
+BLOCKS_ONLY = {"embeddings": False, "head": False, "activations": False}
+
+
 def _measure(harness, **params):
-    return harness.measure([("quant.gguf", params)])
+    return harness.measure([("quant.gguf", {**BLOCKS_ONLY, **params})])
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +153,7 @@ def test_the_model_computes_with_the_gguf_dequantization_of_its_blocks(qtype, ki
     w = _weight(layer).clone()
     toy = Toy(layer)
     patch = Patch(toy)
-    apply(make("quant.gguf", {"type": qtype, "pure": True}), toy, patch, None)
+    apply(make("quant.gguf", {"type": qtype, "pure": True, **BLOCKS_ONLY}), toy, patch, None)
     blocks, held = _dequantized(layer)
     assert held == qtype and blocks.dtype == np.uint8
     assert blocks.nbytes * 8 == w.numel() * BITS_PER_WEIGHT[qtype]  # packed, not floats
@@ -311,31 +316,33 @@ def test_a_tied_head_and_embedding_are_one_tensor_with_the_output_type(gpt2):
 def test_fallbacks_are_named_in_the_results_details(harness):
     """Every bundled layer is 128 or 384 wide: Q4_K (256 per block) falls back to Q5_0 in all
     four blocks, said once as a block range; Q4_K_M's Q6_K tensors fall back to Q8_0 apart."""
-    details = harness.measure([("quant.gguf", {"type": "Q4_K"})]).details["fallbacks"]
+    details = _measure(harness, type="Q4_K").details["fallbacks"]
     assert details["quant.gguf"]["summary"] == "Q4_K -> Q5_0 for model.layers.{0..3}.*"
     assert len(details["quant.gguf"]["tensors"]) == 4 * 7
-    mixed = harness.measure([("quant.gguf", {"type": "Q4_K_M"})]).details["fallbacks"]
+    mixed = _measure(harness, type="Q4_K_M").details["fallbacks"]
     assert mixed["quant.gguf"]["summary"].endswith(
         "; Q6_K -> Q8_0 for model.layers.{2,3}.self_attn.v_proj, model.layers.{2,3}.mlp.down_proj"
     )
     # a composition: the stage before the GGUF one reports nothing, the total does
-    total = harness.measure([("quant.rtn", {"bits": 8}), ("quant.gguf", {"type": "Q4_K"})])
+    total = harness.measure(
+        [("quant.rtn", {"bits": 8}), ("quant.gguf", {"type": "Q4_K", **BLOCKS_ONLY})]
+    )
     assert "fallbacks" not in total.stages[0].details
     assert total.details["fallbacks"] == details
     # 128 and 384 are multiples of 32: nothing falls back, nothing is said
-    assert "fallbacks" not in harness.measure([("quant.gguf", {"type": "Q4_0"})]).details
+    assert "fallbacks" not in _measure(harness, type="Q4_0").details
 
 
 SUITE = """
 def test_q4_k(hemorrhage):
-    hemorrhage.measure("quant.gguf", type="Q4_K")
+    hemorrhage.measure("quant.gguf", type="Q4_K", head=False)
 
 def test_q4_k_again(hemorrhage):
-    hemorrhage.measure("quant.gguf", type="Q4_K")
-    hemorrhage.measure("quant.gguf", type="Q3_K")
+    hemorrhage.measure("quant.gguf", type="Q4_K", head=False)
+    hemorrhage.measure("quant.gguf", type="Q3_K", head=False)
 
 def test_q4_0(hemorrhage):
-    hemorrhage.measure("quant.gguf", type="Q4_0")
+    hemorrhage.measure("quant.gguf", type="Q4_0", head=False)
 """
 
 
@@ -407,7 +414,7 @@ def test_gpt2_conv1d_model_quantizes_gently_at_eight_bits(gpt2):
     # rows 64 wide fall back to Q4_0; mlp.c_proj's are 256 wide and stay Q2_K
     assert {
         (p.name.split(".", 3)[-1], p.type)
-        for p in plan(make("quant.gguf", {"type": "Q2_K", "pure": True}), gpt2.model)
+        for p in plan(make("quant.gguf", {"type": "Q2_K", "pure": True, **BLOCKS_ONLY}), gpt2.model)
     } == {
         ("attn.c_attn", "Q4_0"),
         ("attn.c_proj", "Q4_0"),

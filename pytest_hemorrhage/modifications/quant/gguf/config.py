@@ -84,8 +84,17 @@ class Gguf(Modification):
         pure: every tensor in the block type ``type`` names, as ``llama-quantize --pure``
             (``type="Q2_K", pure=True`` is the plain Q2_K block format).
         embeddings: quantize the input token embedding too, with llama.cpp's type for
-            ``token_embd`` (the output head is quantized when ``include`` names it; a tied
-            head and embedding are one tensor, given the output head's type, as in llama.cpp).
+            ``token_embd``, as ``llama-quantize`` does (a tied head and embedding are one
+            tensor, given the output head's type, as in llama.cpp).
+        head: quantize the output head too, with llama.cpp's type for ``output`` (Q6_K, or
+            Q8_0 for Q8_0 files and widths K-quants do not divide), as ``llama-quantize`` does.
+        activations: round each quantized matmul's inputs as llama.cpp's CPU kernels do (to
+            Q8_0 blocks for the legacy types, Q8_K for the K-quants, F16 for F16 tensors:
+            ``runtime.py``), so the measure is the file's damage as llama.cpp runs it, not
+            only its weights'. False: the dequantized weights with float activations.
+
+    The defaults measure what ``llama-quantize`` writes as llama.cpp's CPU backend runs it;
+    ``embeddings=False, head=False, activations=False`` measures the block weights alone.
 
     A row length the block size does not divide gets llama.cpp's fallback type (Q2_K, Q3_K ->
     Q4_0; Q4_K -> Q5_0; Q5_K -> Q5_1; Q6_K -> Q8_0; F16 when 32 does not divide it either);
@@ -95,7 +104,9 @@ class Gguf(Modification):
 
     type: str = "Q4_K_M"
     pure: bool = False
-    embeddings: bool = False
+    embeddings: bool = True
+    head: bool = True
+    activations: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -104,7 +115,7 @@ class Gguf(Modification):
                 f"{self.name}: type={self.type!r} is not a GGUF type this supports; use one of "
                 f"{', '.join(GGUF_TYPES)}"
             )
-        for field in ("pure", "embeddings"):
+        for field in ("pure", "embeddings", "head", "activations"):
             if type(getattr(self, field)) is not bool:  # 1.0 == True would pass check_choice
                 raise HemorrhageError(
                     f"{self.name}: {field}={getattr(self, field)!r} is not valid; choose one of "

@@ -98,19 +98,28 @@ class TensorPlan:
 
 
 def tensors(config: Gguf, model: nn.Module) -> list[tuple[Target, list[Target]]]:
-    """(the tensor to quantize, every module computing with it): a tied head and embedding
-    are one tensor."""
+    """(the tensor to quantize, every module computing with it): the targets, then the token
+    embedding and the output head as ``config`` asks (a tied head and embedding are one tensor,
+    so asking for either quantizes both modules' tensor, as in llama.cpp). ``exclude`` patterns
+    leave any of them alone."""
     targets = config.targets(model)
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = _tied(model)
     names = {m: n for n, m in model.named_modules()}
+    wanted = []
+    if isinstance(embed, nn.Embedding) and (config.embeddings or (tied and config.head)):
+        wanted.append(embed)
+    if head is not None and (config.head or (tied and config.embeddings)):
+        wanted.append(head)
+    extra = [
+        Target(names[m], m, False)
+        for m in wanted
+        if not any(t.module is m for t in targets)
+        and not any(fnmatch.fnmatchcase(names[m], p) for p in config.exclude)
+    ]
     groups: list[tuple[Target, list[Target]]] = []
     by_weight: dict[int, list[Target]] = {}
-    extra = []
-    if config.embeddings and isinstance(embed, nn.Embedding):
-        extra.append(Target(names[embed], embed, False))
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if _tied(model) and not any(t.module is head for t in targets):
-            extra.append(Target(names[head], head, False))  # it computes with the same tensor
     for target in [*targets, *extra]:
         key = id(_original(target.module))
         if key in by_weight:
