@@ -12,10 +12,10 @@ Printed per modification and metric, side by side:
   * ``token``: normal bounds with standard errors that treat tokens as independent (what the
     plugin did first; for ``kl_max`` the closed-form bootstrap of the maximum);
   * ``window``: normal bounds with window-level (CR1) standard errors (commit b3e3a68);
-  * ``now``: the plugin's bounds (``metrics.mean_se``/``quantile_se`` at ``--level``, what
+  * ``now``: the plugin's bounds (``stats.mean_se``/``quantile_se`` at ``--level``, what
     ``summarize`` returns: window-level, with the studentized quantile corrected for the
-    windows' skewness and kurtosis, ``metrics._t95``; ``kl_max`` has none and a budget refuses
-    ``confidence`` on it), with its standard error;
+    windows' skewness and kurtosis, ``stats.studentized_quantile``; ``kl_max`` has none and a
+    budget refuses ``confidence`` on it), with its standard error;
   * ``width``: mean width of the ``now`` bound over the ``window`` one.
 
 ``--level`` and ``--windows`` check other bounds the plugin relies on, e.g. early stopping's
@@ -127,7 +127,7 @@ def bounds(tokens, chosen, level: float, lower: bool):
     with ``lower``)."""
     import torch
 
-    from pytest_hemorrhage.metrics import _cluster, mean_se, quantile_se
+    from pytest_hemorrhage.stats import cluster_mean, mean_se, quantile_se
 
     z = NormalDist().inv_cdf(level)
     sign = -1.0 if lower else 1.0
@@ -136,7 +136,7 @@ def bounds(tokens, chosen, level: float, lower: bool):
         x = tokens[metric][chosen]
         value, se = mean_se(x.mean(1), None, level)  # equal windows: a mean of window means
         _, se95 = mean_se(x.mean(1), None)
-        _, window_se, _ = _cluster(x.mean(1), None)
+        _, window_se, _ = cluster_mean(x.mean(1), None)
         token_se = x.std().item() / math.sqrt(x.numel())
         out[metric] = (value, *(value + sign * z * s for s in (token_se, window_se, se, se95)))
     # ppl_increase: the bound exp(nll + z se) - 1 (summarize's ppl SE is defined to give it)
@@ -150,7 +150,7 @@ def bounds(tokens, chosen, level: float, lower: bool):
     ordered = kl.sort().values
     normal = []
     for unit in (torch.arange(kl.numel()), window):
-        _, s_f, _ = _cluster((kl <= value).double(), unit)
+        _, s_f, _ = cluster_mean((kl <= value).double(), unit)
         edge = 0.99 + sign * z * s_f
         inside = 0 <= edge <= 1
         normal.append(at(ordered, edge) if inside else sign * math.inf)

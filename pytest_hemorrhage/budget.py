@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from statistics import NormalDist
 from typing import TYPE_CHECKING, Any
 
 from .embeddings import EMBEDDING_METRICS
 from .errors import HemorrhageError
 from .metrics import EXTRA_METRICS, METRICS, NO_STDERR
+from .stats import upper_bound
 
 if TYPE_CHECKING:
     from .metrics import Result
@@ -85,20 +85,12 @@ class Budget:
 
     def upper(self, result: Result, metric: str) -> float:
         """The value compared with the budget: point estimate, or upper confidence bound
-        (infinite when the measurement has no standard error to bound it with).
+        (infinite when the measurement has no standard error to bound it with); the one rule,
+        :func:`~pytest_hemorrhage.stats.upper_bound`, that every summary shows too.
 
-        The bound is ``value + z * se``, z the normal quantile of ``confidence``: exact when the
-        result's standard errors are calibrated at this confidence (``Result.level``; a measure
-        made for this budget is), else the calibration at ``result.level`` scaled linearly,
-        which runs short at higher levels (0.95 scaled to 0.99: coverage 0.9870-0.9968, the
-        bounds calibrated at 0.99 0.9887-0.9974; benchmarks/bench_coverage.py --level 0.99)."""
-        value = result.metrics[metric]
-        if self.confidence is None:
-            return value
-        se = result.stderr.get(metric)
-        if se is None:
-            return math.inf
-        return value + NormalDist().inv_cdf(self.confidence) * se
+        Exact when the result's standard errors are calibrated at this confidence
+        (``Result.level``; a measure made for this budget is), else scaled linearly."""
+        return upper_bound(result.metrics[metric], result.stderr.get(metric), self.confidence)
 
     def violations(self, result: Result) -> list[str]:
         """One line per violated metric, e.g.

@@ -48,10 +48,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from statistics import NormalDist
 from typing import TYPE_CHECKING, Any
 
 from .metrics import METRICS
+from .stats import DEFAULT_LEVEL, lower_bound, upper_bound
 
 if TYPE_CHECKING:
     import torch
@@ -78,7 +78,6 @@ METHOD = (
     "one-sided bounds at looks after 1/8, 1/4 and 1/2 of the windows spending 1/8, 3/4 and "
     "1/8 of alpha (union bound), window-level calibrated standard errors"
 )
-DEFAULT_CONFIDENCE = 0.95
 NO_BUDGET = (
     "no budgeted token metric to decide on: early stopping needs a budget "
     "(@pytest.mark.hemorrhage or hemorrhage_budget); evaluated every window"
@@ -110,7 +109,7 @@ def decide(
     """Per budgeted token metric: ``"under"``, ``"over"`` or ``"open"``, from the partial
     ``metrics`` and their standard errors calibrated at level ``1 - alpha`` (``summarize``'s
     ``level``): ``value -+ z * se`` are the one-sided bounds of this look."""
-    z = NormalDist().inv_cdf(1 - alpha)
+    level = 1 - alpha
     out: dict[str, str] = {}
     for metric, limit in budget.limits.items():
         if metric not in METRICS:
@@ -126,9 +125,9 @@ def decide(
             out[metric] = "over" if value > limit else "open"
         elif se is None or not math.isfinite(se) or not math.isfinite(value):
             out[metric] = "open"
-        elif value - z * se > limit:
+        elif lower_bound(value, se, level) > limit:
             out[metric] = "over"
-        elif value + z * se < limit:
+        elif upper_bound(value, se, level) < limit:
             out[metric] = "under"
         else:
             out[metric] = "open"
@@ -176,7 +175,7 @@ class EarlyStop:
 
         generator = torch.Generator().manual_seed(self.seed)
         self.order = torch.randperm(self.windows, generator=generator)
-        confidence = (self.budget.confidence if self.budget else None) or DEFAULT_CONFIDENCE
+        confidence = (self.budget.confidence if self.budget else None) or DEFAULT_LEVEL
         self.alpha = 1 - confidence
         self.budgeted = self.budget is not None and any(m in METRICS for m in self.budget.limits)
         schedule = look_schedule(self.windows) if self.budgeted else []

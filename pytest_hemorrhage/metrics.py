@@ -6,15 +6,18 @@ cluster-robust: the sampling unit is the evaluation window, not the token, becau
 one window share their context and their errors are correlated (on the bundled model the
 window-level standard error of ``kl_mean`` is ~1.7x the token-level one). ``kl_max`` has none: the
 largest value of one sample says nothing about the largest of another, so no bound on it holds
-its level (a budget refuses ``confidence`` with ``kl_max``).
+its level (a budget refuses ``confidence`` with ``kl_max``). The statistics (standard errors,
+quantiles, bounds) live in :mod:`pytest_hemorrhage.stats`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from statistics import NormalDist
 from typing import TYPE_CHECKING, Any, Protocol
+
+# the statistics live in .stats; mean_se, quantile_se and DEFAULT_LEVEL stay public here too
+from .stats import DEFAULT_LEVEL, mean_se, normal_quantile, quantile_se
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -40,9 +43,6 @@ __all__ = [
     "summarize",
     "token_stats",
 ]
-
-# The one-sided level of standard errors when no budget asks for another confidence.
-DEFAULT_LEVEL = 0.95
 
 METRICS: dict[str, str] = {
     "ppl_increase": "perplexity ratio minus 1: ppl_modified / ppl_baseline - 1",
@@ -323,171 +323,8 @@ def _tail_kl(
     return torch.where(p_tail > 0, p_tail * term, 0).float()
 
 
-def mean_se(
-    x: torch.Tensor, unit: torch.Tensor | None = None, level: float = 0.95
-) -> tuple[float, float | None]:
-    """Mean of ``x`` and its standard error, with ``unit`` (one label per value, e.g. the
-    window of each token) naming the independent draws; None: every value is one.
-
-    Cluster-robust: the mean over values is a ratio estimator sum(Y_u) / sum(N_u) over the
-    units' totals, whose variance is G / (G - 1) * sum((Y_u - mean * N_u)^2) / N^2 for G
-    units (Cochran 1977, 6.9; the CR1 sandwich). The SE is None with fewer than 2 units.
-
-    The SE returned is calibrated for one-sided bounds at ``level`` (95% unless told):
-    ``mean +- z * se``, z the normal quantile of ``level``, is ``mean +- t * s`` with ``s`` the
-    CR1 standard error and ``t`` the studentized mean's quantile corrected for the units'
-    skewness and kurtosis (see :func:`_t95`), so that the bounds hold their level with tens of
-    units. A measure for a budget with ``confidence`` asks for that level (``Result.level``),
-    early stopping for each look's.
-    """
-    mean, se, t = _cluster(x, unit, level)
-    return mean, None if se is None else se * t / _normal(level)
-
-
-def _cluster(
-    x: torch.Tensor, unit: torch.Tensor | None, level: float = 0.95
-) -> tuple[float, float | None, float]:
-    """(mean, CR1 standard error, calibrated one-sided ``level`` quantile) of ``x`` over
-    ``unit``."""
-    import torch
-
-    x = x.double().reshape(-1)
-    n = x.numel()
-    mean = x.mean().item() if n else math.nan
-    if unit is None:
-        groups, totals = n, x - mean
-    else:
-        labels = unit.reshape(-1).unique(return_inverse=True)[1]
-        groups = int(labels.max()) + 1 if n else 0
-        totals = torch.zeros(groups, dtype=torch.float64).index_add_(0, labels, x - mean)
-    if groups < 2:
-        return mean, None, _normal(level)
-    square = (totals**2).sum().item()
-    return mean, math.sqrt(groups / (groups - 1) * square) / n, _t95(totals, groups, level)
-
-
-# One-sided 95% normal quantile: the level at which the bounds' standard errors are calibrated.
-_Z95 = 1.6448536269514722
-
-
-def _normal(level: float) -> float:
-    """The standard normal quantile of ``level``."""
-    return _Z95 if level == 0.95 else NormalDist().inv_cdf(level)
-
-
-def _t95(totals: torch.Tensor, groups: int, level: float = 0.95) -> float:
-    """The one-sided ``level`` quantile (95% unless told) of a studentized mean of ``groups``
-    units whose centred totals (influence values) are ``totals``, in place of the normal one.
-
-    Window totals are skewed (0.3-0.6 for kl_mean, -0.5 for top1_disagreement) and
-    heavy-tailed (kurtosis 3-4.5). The quantile is the studentized mean's Cornish-Fisher
-    expansion to second order (Hall 1992, 2.6), with the skewness and excess kurtosis
-    estimated by their bias-adjusted sample values G1 and G2 (Joanes & Gill 1998):
-
-    * Student's t with the degrees of freedom of a variance estimate under kurtosis
-      (2 G / (G2 + 2), Satterthwaite's moment match, at most G - 1), which widens more than
-      the expansion's own kurtosis term at every level;
-    * Hall's skewness term |G1| (2 z^2 + 1) / (6 sqrt(G)) and its second-order companion
-      (5/72) z G1^2 (4 z^2 - 1) / G;
-    * a plug-in term z (2 z^2 + 1) / 6 * (G2 - 1.5 G1^2) / G: the sample skewness moves with
-      the sample mean (their covariance per unit is the excess kurtosis less 1.5 skewness^2),
-      so on the samples whose mean falls short, those a bound must still cover, the
-      skewness term falls short with it. Only added when positive: at a few units the
-      estimate's sign is noise, and it never narrows the bound.
-
-    Each is a derived term, not a tuned factor. The skew terms are taken by magnitude: they
-    widen the bound on the side the skew shortens, and the same SE also serves lower bounds
-    (early stopping), whose correction is the mirror image; so both one-sided bounds hold.
-    Measured over 51,000 resampled 64-window sets of the bundled model per modification
-    (benchmarks/bench_coverage.py), the 95% bounds cover 0.9502-0.9699 (standard error
-    0.0009); with first-order terms only (raw moments, no second-order or plug-in term)
-    0.9483-0.9676 on the same sets. At level 0.983 on 8 windows (early stopping's first look)
-    0.980-0.996, where the 95% calibration scaled linearly read 0.968-0.991.
-    """
-    m2 = (totals**2).mean().item()
-    z = _normal(level)
-    if m2 <= 0:
-        return z
-    skew = (totals**3).mean().item() / m2**1.5
-    excess = (totals**4).mean().item() / m2**2 - 3
-    g = groups
-    if g > 3:  # the adjustments for the sample moments' bias need 4 units
-        skew *= math.sqrt(g * (g - 1)) / (g - 2)
-        excess = ((g + 1) * excess + 6) * (g - 1) / ((g - 2) * (g - 3))
-    dof = min(g - 1, 2 * g / max(excess + 2, 1e-12))
-    a = (2 * z * z + 1) / 6
-    second = 5 / 72 * skew * skew * (4 * z * z - 1) + a * max(excess - 1.5 * skew * skew, 0)
-    return _student95(dof, level) + abs(skew) * a / math.sqrt(g) + z * second / g
-
-
-def _student95(dof: float, level: float = 0.95) -> float:
-    """Student's t one-sided quantile ``level`` (95% unless told) at real ``dof`` >= 1: Hill's
-    algorithm (1970, CACM 396). At levels 0.9-0.9999 it is within 3e-4 (relative) of the exact
-    value from 2 degrees of freedom, exact at 1 and 2, and up to 5% above it in between."""
-    n = max(float(dof), 1.0)
-    p = 2 * (1 - level)  # the two-tailed area
-    if n == 1:
-        return 1 / math.tan(p * math.pi / 2)
-    if n == 2:
-        return math.sqrt(2 / (p * (2 - p)) - 2)
-    a = 1 / (n - 0.5)
-    b = 48 / a**2
-    c = ((20700 * a / b - 98) * a - 16) * a + 96.36
-    d = ((94.5 / (b + c) - 3) / b + 1) * math.sqrt(a * math.pi / 2) * n
-    y = (d * p) ** (2 / n)
-    if y > 0.05 + a:  # the normal-based expansion
-        x = -_normal(1 - p / 2)  # the lower tail's deviate
-        y = x * x
-        if n < 5:
-            c += 0.3 * (n - 4.5) * (x + 0.6)
-        c = (((0.05 * d * x - 5) * x - 7) * x - 2) * x + b + c
-        y = a * ((((((0.4 * y + 6.3) * y + 36) * y + 94.5) / c - y - 3) / b + 1) * x) ** 2
-        y = math.expm1(y) if y > 0.002 else 0.5 * y * y + y
-    else:  # far tail at few degrees of freedom
-        y = (
-            (1 / (((n + 6) / (n * y) - 0.089 * d - 0.822) * (n + 2) * 3) + 0.5 / (n + 4)) * y - 1
-        ) * (n + 1) / (n + 2) + 1 / y
-    return math.sqrt(n * y)
-
-
-def quantile_se(
-    x: torch.Tensor, q: float, unit: torch.Tensor | None = None, level: float = 0.95
-) -> tuple[float, float | None]:
-    """Quantile ``q`` of ``x`` and a standard error calibrated for its one-sided upper bound
-    at ``level`` (95% unless told).
-
-    Woodruff (1952): the sample CDF at the quantile is a mean of indicators, with a
-    cluster-robust SE ``s_F`` and calibrated quantile ``t`` (see :func:`mean_se`); the upper
-    bound is the sample quantile at ``q + t * s_F``, and the SE returned is its distance from
-    the quantile over z (the normal quantile of ``level``), so that ``value + z * se`` is that
-    bound exactly. Infinite when the bound lies
-    beyond the largest value (too few tokens).
-    """
-    x = x.double().reshape(-1)
-    if x.numel() == 0:
-        return math.nan, None
-    ordered = x.sort().values  # one sort for both quantiles
-    value = _quantile(ordered, q)
-    _, s_f, t = _cluster((x <= value).double(), unit, level)
-    if s_f is None:
-        return value, None
-    top = q + t * s_f
-    if top > 1:
-        return value, math.inf
-    return value, (_quantile(ordered, top) - value) / _normal(level)
-
-
-def _quantile(ordered: torch.Tensor, q: float) -> float:
-    """Quantile ``q`` of sorted values, interpolated linearly (``torch.quantile``'s default)."""
-    position = q * (len(ordered) - 1)
-    below = min(int(position), len(ordered) - 1)
-    above = min(below + 1, len(ordered) - 1)
-    low, high = ordered[below].item(), ordered[above].item()
-    return low + (high - low) * (position - below)
-
-
 def summarize(
-    stats: TokenStats, ref: Reference, level: float = 0.95
+    stats: TokenStats, ref: Reference, level: float = DEFAULT_LEVEL
 ) -> tuple[dict[str, float], dict[str, float | None]]:
     """Aggregate per-token measures into the metrics and their window-level standard errors,
     calibrated for one-sided bounds at ``level`` (95% unless told; see :func:`mean_se`)."""
@@ -495,7 +332,7 @@ def summarize(
     d = stats.nll.double() - ref.targets_nll.double()
     nll_increase, nll_se = mean_se(d, unit, level)
     ratio = math.exp(nll_increase)
-    z = _normal(level)
+    z = normal_quantile(level)
     values = {
         # the bound exp(nll + z se) - 1, as value + z * se (exp is convex: the delta method's
         # ratio * se would fall short of it)
@@ -532,7 +369,7 @@ class Result:
     stages: list[Result] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
     configs: list[Any] = field(default_factory=list, repr=False)  # to re-apply (diagnostics)
-    level: float = 0.95
+    level: float = DEFAULT_LEVEL
 
     def violations(self, budget: BudgetCheck) -> list[str]:
         """One line per metric over ``budget``; empty when within it."""

@@ -55,11 +55,11 @@ def test_metrics_match_their_definitions(logits):
     # paired standard errors: every metric but the maximum has one, positive; 2-D logits make
     # each row its own sampling unit, which gives the textbook SE of independent values,
     # scaled by the calibrated 95% quantile over 1.645
-    from pytest_hemorrhage.metrics import _t95
+    from pytest_hemorrhage.stats import studentized_quantile
 
     assert stderr.pop("kl_max") is None
     assert all(se > 0 for se in stderr.values()), stderr
-    t95 = _t95(kl - kl.mean(), 500)
+    t95 = studentized_quantile(kl - kl.mean(), 500)
     textbook = kl.std().item() / math.sqrt(500)
     assert stderr["kl_mean"] == pytest.approx(textbook * t95 / 1.6448536269514722, rel=1e-3)
 
@@ -140,68 +140,6 @@ def test_token_stats_concatenate_in_order(logits):
     assert torch.equal(whole.kl, parts.kl) and torch.equal(whole.nll, parts.nll)
 
 
-def test_standard_errors_count_windows_not_tokens():
-    """Windows whose tokens all share one value: the window-level SE is that of 20 draws,
-    where the token-level one would claim 20 x 50 independent draws."""
-    from pytest_hemorrhage.metrics import _cluster, _t95, mean_se
-
-    g = torch.Generator().manual_seed(2)
-    per_window = torch.randn(20, generator=g, dtype=torch.float64)
-    x = per_window.repeat_interleave(50)
-    window = torch.arange(20).repeat_interleave(50)
-    mean, se, t95 = _cluster(x, window)
-    assert mean == pytest.approx(per_window.mean().item())
-    assert se == pytest.approx(per_window.double().std().item() / math.sqrt(20), rel=1e-9)
-    assert t95 == pytest.approx(_t95(50 * (per_window - per_window.mean()), 20))  # totals
-    assert mean_se(x, window) == (mean, pytest.approx(se * t95 / 1.6448536269514722))
-    assert _cluster(x, None)[1] == pytest.approx(x.double().std().item() / math.sqrt(1000))
-    assert mean_se(x, torch.zeros(1000))[1] is None  # one window: no spread to measure
-
-
-def test_calibrated_quantile_is_students_t_plus_the_second_order_terms():
-    """Symmetric two-point totals (kurtosis 1, no skew) give Student's t with G - 1 degrees of
-    freedom; heavy tails lower the degrees of freedom and add the plug-in term; skew either way
-    adds Hall's term and its second-order companion, all with bias-adjusted moments; any level."""
-    from pytest_hemorrhage.metrics import _student95, _t95
-
-    exact = {(3, 0.95): 2.353363, (10, 0.95): 1.812461, (30, 0.95): 1.697261,
-             (63, 0.95): 1.669402, (10, 0.99): 2.763769, (7, 0.99833): 4.353637,
-             (4, 0.9999): 13.033672, (2.5, 0.95): 2.558219, (1, 0.95): 6.313752}  # fmt: skip
-    for (dof, level), value in exact.items():
-        assert _student95(dof, level) == pytest.approx(value, rel=3e-4), (dof, level)
-    z, g = 1.6448536269514722, 64
-    a = (2 * z * z + 1) / 6
-    flat = torch.tensor([-1.0, 1.0]).repeat(32).double()
-    assert _t95(flat, g) == pytest.approx(_student95(63))
-    assert _t95(flat, g, 0.99) == pytest.approx(_student95(63, 0.99))
-    heavy = torch.tensor([-3.0] + [0.0] * 30 + [3.0]).repeat(2).double()  # kurtosis 16
-    excess = (65 * 13 + 6) * 63 / (62 * 61)  # Joanes & Gill's G2
-    plug_in = z * a * excess / g
-    assert _t95(heavy, g) == pytest.approx(_student95(2 * g / (excess + 2)) + plug_in)
-    right = torch.tensor([-1.0] * 48 + [3.0] * 16).double()  # skewness 1.1547, kurtosis 2.33
-    skew = 1.1547005 * math.sqrt(64 * 63) / 62  # G1
-    hall = skew * a / 8 + z * 5 / 72 * skew**2 * (4 * z * z - 1) / g
-    assert _t95(right, g) == pytest.approx(_student95(63) + hall, rel=1e-6)
-    assert _t95(-right, g) == _t95(right, g)  # by magnitude: both one-sided bounds widen
-
-
-def test_standard_errors_are_calibrated_at_the_level_asked():
-    """``value + z * se`` is the one-sided bound at ``level``: the same raw SE times the
-    calibrated quantile of that level."""
-    from statistics import NormalDist
-
-    from pytest_hemorrhage.metrics import _cluster, mean_se
-
-    g = torch.Generator().manual_seed(4)
-    x = torch.rand(30, 20, generator=g, dtype=torch.float64).pow(3).flatten()
-    window = torch.arange(30).repeat_interleave(20)
-    for level in (0.95, 0.99, 0.9983):
-        mean, se, t = _cluster(x, window, level)
-        z = NormalDist().inv_cdf(level)
-        assert mean_se(x, window, level) == (mean, pytest.approx(se * t / z))
-    assert _cluster(x, window, 0.99)[2] > _cluster(x, window)[2]
-
-
 def test_token_stats_number_windows_across_batches(logits):
     """(windows, positions, vocab) logits: the first dimension is the window; concatenated
     batches number their windows on."""
@@ -210,26 +148,6 @@ def test_token_stats_number_windows_across_batches(logits):
     first = token_stats(mod[:200].view(4, 50, 50), ref.rows(0, 200))
     rest = token_stats(mod[200:].view(6, 50, 50), ref.rows(200, 500))
     assert torch.equal(TokenStats.cat([first, rest]).window, torch.arange(10).repeat_interleave(50))
-
-
-def test_quantile_bound_is_woodruffs_cluster_interval():
-    """kl_p99's SE puts value + 1.645 SE at the sample quantile of q + 1.645 s_F, where s_F is
-    the window-level SE of the share of values at or below the quantile (calibrated: see
-    mean_se)."""
-    from pytest_hemorrhage.metrics import mean_se, quantile_se
-
-    g = torch.Generator().manual_seed(3)
-    # windows of their own scale: correlated tokens (a scale near 0 would leave the upper
-    # bound past the largest value)
-    x = torch.rand(40, 100, generator=g) ** 3 * (0.5 + torch.rand(40, 1, generator=g))
-    window = torch.arange(40).repeat_interleave(100)
-    value, se = quantile_se(x.flatten(), 0.99, window)
-    _, s_f = mean_se((x.flatten().double() <= value).double(), window)
-    z = 1.6448536269514722
-    assert value + z * se == pytest.approx(x.flatten().double().quantile(0.99 + z * s_f).item())
-    assert se > quantile_se(x.flatten(), 0.99)[1]  # correlated windows: wider than per token
-    few = torch.arange(2).repeat_interleave(10)
-    assert quantile_se(x[:2, :10].flatten(), 0.99, few)[1] == math.inf  # bound past the max
 
 
 @pytest.mark.parametrize("topk", [50, 8])

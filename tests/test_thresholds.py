@@ -243,14 +243,14 @@ def test_fit_s0_interval_ends_where_the_profile_crosses_its_threshold() -> None:
     residual variances, to a small fraction of the grid: inside at the end, outside just
     beyond it."""
     from pytest_hemorrhage.explore.fit import _piecewise as profile
-    from pytest_hemorrhage.explore.fit import _student
+    from pytest_hemorrhage.stats import student_t_quantile
 
     x = np.linspace(0.05, 0.9, 12)
     ly = np.log(_noisy(_piecewise(x, 0.40, c=20.0), seed=1))
     res = fit_phase_transition(x, np.exp(ly))
     assert res.s0 is not None and res.s0_stderr is not None
     rss_min = profile(x, ly, np.array([res.s0]))[1][0]
-    bound = rss_min * (1 + _student(0.8413447460685429, 8) ** 2 / 8)
+    bound = rss_min * (1 + student_t_quantile(0.8413447460685429, 8) ** 2 / 8)
     for side in (-1, 1):
         end = res.s0 + side * res.s0_stderr
         rss = profile(x, ly, np.array([end, end + side * 1e-4]))[1]

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..metrics import jsonable
+from ..stats import student_t_quantile
 
 __all__ = [
     "PhaseTransition",
@@ -487,7 +488,7 @@ def fit_phase_transition(
     # square of Student's t at 84.1 % (Hudson 1966 for the continuous two-segment model). A
     # chi-square threshold (one residual variance) is too narrow for the 7-12 point sweeps
     # typical of papers.
-    limit = _student(0.8413447460685429, n - 4) ** 2 * max(rss_min, floor) / (n - 4)
+    limit = student_t_quantile(0.8413447460685429, n - 4) ** 2 * max(rss_min, floor) / (n - 4)
     # The whole region, not only the run around the minimum: a noisy profile has several
     # dips, and the interval must hold every s0 the data do not reject. The half-width
     # reaches its farther end, so that s0 +- s0_stderr contains it.
@@ -514,18 +515,4 @@ def fit_phase_transition(
             f"{gain_pow:.1f} over a pure power law, {gain_exp:.1f} over a pure exponential"
         )
         + dropped,
-    )
-
-
-def _student(p: float, dof: int) -> float:
-    """Student's t quantile ``p`` with ``dof`` degrees of freedom (Cornish-Fisher in 1/dof,
-    Abramowitz & Stegun 26.7.5; within 1% for dof >= 3 at p <= 0.95)."""
-    from statistics import NormalDist
-
-    z, v = NormalDist().inv_cdf(p), dof
-    return (
-        z
-        + (z**3 + z) / (4 * v)
-        + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
-        + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3)
     )

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from statistics import NormalDist
 from typing import Any
+
+from ..stats import upper_bound
 
 __all__ = ["DEFAULT_METRICS", "compared_value", "describe_fallbacks", "describe_modification"]
 
@@ -39,14 +39,12 @@ def describe_fallbacks(record: Mapping[str, Any]) -> list[str]:
 
 
 def compared_value(record: Mapping[str, Any], metric: str) -> float | None:
-    """What the record's budget compares for ``metric``, as ``Budget.upper`` does: the value,
-    or with ``confidence`` its upper bound ``value + z * stderr`` (infinite without a standard
-    error). None when the metric was not measured."""
+    """What the record's budget compares for ``metric``, as ``Budget.upper`` does (both are
+    :func:`~pytest_hemorrhage.stats.upper_bound`): the value, or with ``confidence`` its upper
+    bound ``value + z * stderr`` (infinite without a standard error). None when the metric was
+    not measured (or, after the JSON round trip, was not finite)."""
     value = (record.get("metrics") or {}).get(metric)
+    if value is None:
+        return None
     confidence = (record.get("budget") or {}).get("confidence")
-    if not confidence or value is None or not math.isfinite(value):
-        return value
-    se = (record.get("stderr") or {}).get(metric)
-    if se is None:
-        return math.inf
-    return value + NormalDist().inv_cdf(confidence) * se
+    return upper_bound(value, (record.get("stderr") or {}).get(metric), confidence or None)
