@@ -139,7 +139,7 @@ def test_the_page_shows_fingerprints_each_result_against_its_budget_curves_and_b
     row = _section(page, f"r{i}")
     value = lossless["metrics"]["ppl_increase"]
     assert "passed" in row and "quant.rtn(bits=8, group_size=64, symmetric=True)" in row
-    assert f"ppl_increase {report_html._num(value)} ± " in row
+    assert f"ppl_increase {report_html._number_text(value)} ± " in row
     assert f"≤ 0.0100 +{0.01 - value:.4f} ok" in row  # budget, margin, verdict
 
     i, two = _by_test(report, "test_two_bits")
@@ -147,7 +147,7 @@ def test_the_page_shows_fingerprints_each_result_against_its_budget_curves_and_b
     kl = two["metrics"]["kl_mean"]
     assert two["outcome"] == "failed" and "failed" in row and "blame ↓" in row
     assert (
-        f"kl_mean {kl:.4f} ± {report_html._num(two['stderr']['kl_mean'])} ≤ 0.0050 "
+        f"kl_mean {kl:.4f} ± {report_html._number_text(two['stderr']['kl_mean'])} ≤ 0.0050 "
         f"−{kl - 0.005:.4f} over"
     ) in row
     assert "1 of 3 measures over budget" in text  # the banner names the failure
@@ -162,7 +162,7 @@ def test_the_page_shows_fingerprints_each_result_against_its_budget_curves_and_b
     assert sweep["s0"] is None  # three points cannot show a transition: the page says why
     assert f"no phase transition (3 points): {sweep['fit']['reason']}" in text
     threshold = next(e for e in report["explorations"] if e["kind"] == "threshold")
-    shown = report_html._num(threshold["value"])
+    shown = report_html._number_text(threshold["value"])
     assert f"breaks at bits = {shown} (ppl_increase > 0.1000)" in text
 
     # blame: one row per block of the failed check, where the drift begins
@@ -170,8 +170,11 @@ def test_the_page_shows_fingerprints_each_result_against_its_budget_curves_and_b
     blame = two["details"]["blame"]
     card = _section(page, f"b{i}")
     assert f"hemorrhage begins at block {blame['blocks'][blame['begins']]['index']}" in card
+    # in the terminal's words: the finding the failed check printed, whole
+    printed = re.search(r"hemorrhage begins at block [^\n]*", _RUN["run"][1])
+    assert printed and printed.group(0).strip() in card, printed
     for block in blame["blocks"]:
-        assert f"{block['name']} {report_html._num(block['drift_l2'])}" in card
+        assert f"{block['name']} {report_html._number_text(block['drift_l2'])}" in card
     assert page.count('<div class="bar">') == len(blame["blocks"])
 
 
@@ -244,7 +247,10 @@ def test_without_matplotlib_the_tables_remain_with_a_note(report, monkeypatch):
     sweep = next(e for e in report["explorations"] if e["kind"] == "sweep")
     for point in sweep["points"]:
         metric = point["metrics"]["ppl_increase"]
-        assert f"{report_html._num(point['value'])} {report_html._num(metric)} " in text
+        assert (
+            f"{report_html._number_text(point['value'])} {report_html._number_text(metric)} "
+            in text
+        )
 
 
 def test_write_html_writes_the_page_or_warns_once_and_leaves_the_verdicts(report, tmp_path):

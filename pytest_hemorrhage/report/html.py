@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..diagnosis import Diagnosis, severity
 from .describe import DEFAULT_METRICS, compared_value, describe_fallbacks, describe_modification
 
 __all__ = ["render_html", "write_html"]
@@ -125,7 +126,7 @@ def render_html(report: Mapping[str, Any]) -> str:
     model = report.get("model") or {}
     title = f"hemorrhage report: {model.get('spec', 'no model')}"
     body = [
-        _top(report, results),
+        _page_header(report, results),
         "<main>",
         _fingerprints(report),
         _results(results),
@@ -137,7 +138,7 @@ def render_html(report: Mapping[str, Any]) -> str:
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_e(title)}</title><style>{CSS}</style></head><body>\n"
+        f"<title>{_escape(title)}</title><style>{CSS}</style></head><body>\n"
         + "\n".join(part for part in body if part)
         + "\n</body></html>\n"
     )
@@ -183,16 +184,16 @@ def _file_in_the_way(path: Path) -> Path:
 # -- formatting ------------------------------------------------------------------------------
 
 
-def _e(value: Any) -> str:
+def _escape(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _num(value: Any) -> str:
+def _number_text(value: Any) -> str:
     """A metric for reading: 4 decimals in the usual range, 3 significant digits outside."""
     if value is None:
         return "n/a"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return _e(value)
+        return _escape(value)
     if not math.isfinite(value):
         return str(value)
     if value == 0:
@@ -205,14 +206,14 @@ def _num(value: Any) -> str:
 def _signed(value: float | None) -> str:
     if value is None or not math.isfinite(value):
         return ""
-    return ("+" if value >= 0 else "−") + _num(abs(value))
+    return ("+" if value >= 0 else "−") + _number_text(abs(value))
 
 
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _what(record: Mapping[str, Any]) -> str:
+def _modification_text(record: Mapping[str, Any]) -> str:
     """A result's (or stage's) modification with its parameters."""
     return describe_modification(record.get("modification", "?"), record.get("params") or {})
 
@@ -220,13 +221,13 @@ def _what(record: Mapping[str, Any]) -> str:
 def _badge(outcome: str | None) -> str:
     if not outcome:
         return '<span class="badge muted">not run</span>'
-    return f'<span class="badge {OUTCOME_CLASS.get(outcome, "muted")}">{_e(outcome)}</span>'
+    return f'<span class="badge {OUTCOME_CLASS.get(outcome, "muted")}">{_escape(outcome)}</span>'
 
 
 # -- header and fingerprints -----------------------------------------------------------------
 
 
-def _top(report: Mapping[str, Any], results: Sequence[Mapping[str, Any]]) -> str:
+def _page_header(report: Mapping[str, Any], results: Sequence[Mapping[str, Any]]) -> str:
     model = report.get("model") or {}
     outcomes: dict[str, str | None] = {}
     for record in results:
@@ -237,10 +238,10 @@ def _top(report: Mapping[str, Any], results: Sequence[Mapping[str, Any]]) -> str
     over = [(i, r) for i, r in enumerate(results) if r.get("violations")]
     tally = ", ".join(f"{n} {o}" for o, n in sorted(counts.items(), key=lambda kv: -kv[1]))
     sub = (
-        f"plugin {_e(report.get('plugin_version', '?'))} · report schema "
-        f"{_e(report.get('schema_version', '?'))} · {len(results)} measure"
+        f"plugin {_escape(report.get('plugin_version', '?'))} · report schema "
+        f"{_escape(report.get('schema_version', '?'))} · {len(results)} measure"
         f"{'' if len(results) == 1 else 's'} in {len(outcomes)} test"
-        f"{'' if len(outcomes) == 1 else 's'}" + (f" ({_e(tally)})" if tally else "")
+        f"{'' if len(outcomes) == 1 else 's'}" + (f" ({_escape(tally)})" if tally else "")
     )
     if not results:
         banner = '<div class="banner ok">no measures were recorded</div>'
@@ -251,7 +252,8 @@ def _top(report: Mapping[str, Any], results: Sequence[Mapping[str, Any]]) -> str
         )
     else:
         items = "".join(
-            f'<li><a href="#r{i}">{_e(r.get("nodeid", ""))}</a>: {_e(_what(r))}</li>'
+            f'<li><a href="#r{i}">{_escape(r.get("nodeid", ""))}</a>: '
+            f"{_escape(_modification_text(r))}</li>"
             for i, r in over[:20]
         )
         more = f"<li>… and {len(over) - 20} more</li>" if len(over) > 20 else ""
@@ -261,7 +263,7 @@ def _top(report: Mapping[str, Any], results: Sequence[Mapping[str, Any]]) -> str
         )
     return (
         f'<header class="top"><div><h1>Hemorrhage release report: '
-        f"<code>{_e(model.get('spec', 'no model'))}</code></h1>"
+        f"<code>{_escape(model.get('spec', 'no model'))}</code></h1>"
         f'<p class="sub">{sub}</p>{banner}</div></header>'
     )
 
@@ -285,11 +287,11 @@ def _fingerprints(report: Mapping[str, Any]) -> str:
 def _card_dl(title: str, values: Mapping[str, Any]) -> str:
     rows = []
     for key, value in values.items():
-        shown = _e(value) if isinstance(value, (str, Mapping, list)) else _num(value)
+        shown = _escape(value) if isinstance(value, (str, Mapping, list)) else _number_text(value)
         if "fingerprint" in key or key == "spec":
             shown = f"<code>{shown}</code>"
-        rows.append(f"<dt>{_e(key)}</dt><dd>{shown}</dd>")
-    return f'<section class="card"><h3>{_e(title)}</h3><dl>{"".join(rows)}</dl></section>'
+        rows.append(f"<dt>{_escape(key)}</dt><dd>{shown}</dd>")
+    return f'<section class="card"><h3>{_escape(title)}</h3><dl>{"".join(rows)}</dl></section>'
 
 
 # -- results ---------------------------------------------------------------------------------
@@ -332,19 +334,19 @@ def _result_rows(index: int, record: Mapping[str, Any], blamed: bool) -> str:
                 else '<span class="badge ok">ok</span>'
             )
         bound = (
-            f' <span class="note">(upper {confidence:.0%} bound {_num(compared)})</span>'
+            f' <span class="note">(upper {confidence:.0%} bound {_number_text(compared)})</span>'
             if compared != value and _finite(compared)
             else ""
         )
         lines.append(
-            f'<td>{_e(metric)}</td><td class="n">{_num(value)}{bound}</td>'
-            f'<td class="n">{"" if se is None else "± " + _num(se)}</td>'
-            f'<td class="n">{"" if limit is None else "≤ " + _num(limit)}</td>'
+            f'<td>{_escape(metric)}</td><td class="n">{_number_text(value)}{bound}</td>'
+            f'<td class="n">{"" if se is None else "± " + _number_text(se)}</td>'
+            f'<td class="n">{"" if limit is None else "≤ " + _number_text(limit)}</td>'
             f'<td class="n">{_signed(margin)}</td><td>{verdict}</td>'
         )
     if record.get("nonfinite_tokens"):
         lines.append(
-            f'<td>non-finite tokens</td><td class="n">{_num(record["nonfinite_tokens"])}'
+            f'<td>non-finite tokens</td><td class="n">{_number_text(record["nonfinite_tokens"])}'
             '</td><td></td><td class="n">≤ 0</td><td></td>'
             '<td><span class="badge bad">over</span></td>'
         )
@@ -352,15 +354,15 @@ def _result_rows(index: int, record: Mapping[str, Any], blamed: bool) -> str:
         lines.append('<td colspan="6" class="note">no metrics</td>')
     nodeid = record.get("nodeid", "")
     test = (
-        f'<td class="test" rowspan="{len(lines)}"><span class="mono">{_e(nodeid)}</span> '
+        f'<td class="test" rowspan="{len(lines)}"><span class="mono">{_escape(nodeid)}</span> '
         f"{_badge(record.get('outcome'))}"
         + (f' <a href="#b{index}">blame ↓</a>' if blamed else "")
         + "</td>"
     )
     what = (
         f'<td class="what" rowspan="{len(lines)}"><code>'
-        f"{_e(_what(record))}</code>"
-        f"{_more(record)}</td>"
+        f"{_escape(_modification_text(record))}</code>"
+        f"{_folded_details(record)}</td>"
     )
     out = [f'<tbody id="r{index}"><tr>{test}{what}{lines[0]}</tr>']
     out += [f"<tr>{line}</tr>" for line in lines[1:]]
@@ -368,24 +370,25 @@ def _result_rows(index: int, record: Mapping[str, Any], blamed: bool) -> str:
     for violation in violations:  # lines the budget rows do not already show
         if not any(violation.startswith(s) for s in shown):
             out.append(
-                f'<tr class="violation"><td></td><td></td><td colspan="6">{_e(violation)}</td></tr>'
+                '<tr class="violation"><td></td><td></td>'
+                f'<td colspan="6">{_escape(violation)}</td></tr>'
             )
     out.append("</tbody>")
     return "".join(out)
 
 
-def _more(record: Mapping[str, Any]) -> str:
+def _folded_details(record: Mapping[str, Any]) -> str:
     """Every metric, the perplexities, what was applied other than asked (GGUF fallbacks) and
     the composition's stages, folded away."""
     metrics = record.get("metrics") or {}
     stderr = record.get("stderr") or {}
     rows = [
-        f'<tr><td>{_e(k)}</td><td class="n">{_num(v)}</td><td class="n">'
-        f"{'' if stderr.get(k) is None else '± ' + _num(stderr[k])}</td></tr>"
+        f'<tr><td>{_escape(k)}</td><td class="n">{_number_text(v)}</td><td class="n">'
+        f"{'' if stderr.get(k) is None else '± ' + _number_text(stderr[k])}</td></tr>"
         for k, v in metrics.items()
     ]
     facts = [
-        f"{label} {_num(record[key])}"
+        f"{label} {_number_text(record[key])}"
         for key, label in (
             ("baseline_ppl", "baseline ppl"),
             ("modified_ppl", "modified ppl"),
@@ -396,9 +399,9 @@ def _more(record: Mapping[str, Any]) -> str:
     stages = ""
     if record.get("stages"):
         items = "".join(
-            f"<li><code>{_e(_what(s))}</code>: "
+            f"<li><code>{_escape(_modification_text(s))}</code>: "
             + ", ".join(
-                f"{_e(k)} {_num(v)}"
+                f"{_escape(k)} {_number_text(v)}"
                 for k, v in (s.get("metrics") or {}).items()
                 if k in DEFAULT_METRICS
             )
@@ -406,12 +409,15 @@ def _more(record: Mapping[str, Any]) -> str:
             for s in record["stages"]
         )
         stages = f"<p>after each earlier stage:</p><ul>{items}</ul>"
-    notes = "".join(f'<p class="fallback">{_e(line)}</p>' for line in describe_fallbacks(record))
+    notes = "".join(
+        f'<p class="fallback">{_escape(line)}</p>' for line in describe_fallbacks(record)
+    )
     if not rows and not facts and not stages and not notes:
         return ""
     return (
         f"<details><summary>all {len(metrics)} metrics</summary>"
-        f"<p>{_e(' · '.join(facts))}</p>{notes}<table>{''.join(rows)}</table>{stages}</details>"
+        f"<p>{_escape(' · '.join(facts))}</p>{notes}"
+        f"<table>{''.join(rows)}</table>{stages}</details>"
     )
 
 
@@ -428,7 +434,7 @@ def _curves(explorations: Sequence[Mapping[str, Any]]) -> str:
     if curves and not plotting:
         out.append(
             f'<p class="note">curves not drawn: matplotlib is not installed '
-            f"(<code>{_e(INSTALL)}</code>); the measured points are listed below.</p>"
+            f"(<code>{_escape(INSTALL)}</code>); the measured points are listed below.</p>"
         )
     for record in curves:
         out.append(_curve_card(record, plotting))
@@ -452,14 +458,14 @@ def _curve_card(record: Mapping[str, Any], plotting: bool) -> str:
     if plotting:
         try:
             image = (
-                f'<img alt="{_e(what)} {_e(param)} {_e(kind)}" '
+                f'<img alt="{_escape(what)} {_escape(param)} {_escape(kind)}" '
                 f'src="data:image/png;base64,{_png(record)}">'
             )
         except Exception as exc:  # a figure that cannot be drawn must not cost the page
-            image = f'<p class="note">(no curve: {_e(type(exc).__name__)}: {_e(exc)})</p>'
+            image = f'<p class="note">(no curve: {_escape(type(exc).__name__)}: {_escape(exc)})</p>'
     return (
-        f'<section class="card"><h3><span class="mono">{_e(record.get("nodeid", ""))}</span>'
-        f" · {_e(what)} {_e(param)} {_e(kind)}</h3>"
+        f'<section class="card"><h3><span class="mono">{_escape(record.get("nodeid", ""))}</span>'
+        f" · {_escape(what)} {_escape(param)} {_escape(kind)}</h3>"
         f'<p class="finding">{_finding(record)}</p>'
         f'<div class="curve">{image}{_points(record)}</div></section>'
     )
@@ -467,7 +473,7 @@ def _curve_card(record: Mapping[str, Any], plotting: bool) -> str:
 
 def _finding(record: Mapping[str, Any]) -> str:
     """What the curve says, in one sentence (HTML)."""
-    param = _e(record.get("param", "?"))
+    param = _escape(record.get("param", "?"))
     metric = record.get("metric", "")
     if record["kind"] == "sweep":
         n = len(record.get("points") or [])
@@ -475,40 +481,40 @@ def _finding(record: Mapping[str, Any]) -> str:
         if record.get("s0") is None:
             return (
                 f'<span class="warnline">no phase transition</span> ({n} points): '
-                f"{_e(fit.get('reason', ''))}"
+                f"{_escape(fit.get('reason', ''))}"
             )
         se = record.get("s0_stderr")
         r2 = fit.get("r2")
         return (
-            f"<b>phase transition at {param} = {_num(record['s0'])}</b>"
-            + (f" ± {_num(se)}" if _finite(se) else "")
+            f"<b>phase transition at {param} = {_number_text(record['s0'])}</b>"
+            + (f" ± {_number_text(se)}" if _finite(se) else "")
             + (f" (fit R² {r2:.2f}" if _finite(r2) else " (")
-            + f", {n} points, {_e(metric)})"
+            + f", {n} points, {_escape(metric)})"
         )
     limit = (record.get("budget") or {}).get(metric)
-    over = f" ({_e(metric)} &gt; {_num(limit)})" if limit is not None else ""
+    over = f" ({_escape(metric)} &gt; {_number_text(limit)})" if limit is not None else ""
     passing, _ = (list(record.get("bracket") or [None, None]) + [None, None])[:2]
     how = {"bisection": "bisection", "shrinking": "hypothesis shrinking"}.get(
-        record.get("method", ""), _e(record.get("method", ""))
+        record.get("method", ""), _escape(record.get("method", ""))
     )
     evaluations = record.get("evaluations", len(record.get("measurements") or []))
     if record.get("value") is None:
         text = (
-            f"<b>no break</b>: passes up to {param} = {_num(passing)}; "
+            f"<b>no break</b>: passes up to {param} = {_number_text(passing)}; "
             f"{evaluations} measures by {how}"
         )
     else:
         text = (
-            f"<b>breaks at {param} = {_num(record['value'])}</b>{over}; "
+            f"<b>breaks at {param} = {_number_text(record['value'])}</b>{over}; "
             + (
-                f"passes at {param} = {_num(passing)}"
+                f"passes at {param} = {_number_text(passing)}"
                 if passing is not None
                 else "breaks at every value measured"
             )
             + f"; {evaluations} measures by {how}"
         )
     if record.get("monotone") is False:
-        text += f'<br><span class="warnline">non-monotone: {_e(record.get("note", ""))}</span>'
+        text += f'<br><span class="warnline">non-monotone: {_escape(record.get("note", ""))}</span>'
     return text
 
 
@@ -528,14 +534,14 @@ def _points(record: Mapping[str, Any]) -> str:
             key=lambda p: p[0] if _finite(p[0]) else math.inf,
         )
     rows = "".join(
-        f'<tr><td class="n">{_num(x)}</td><td class="n">{_num(y)}</td><td>'
+        f'<tr><td class="n">{_number_text(x)}</td><td class="n">{_number_text(y)}</td><td>'
         + ('<span class="badge bad">over</span>' if broke else '<span class="badge ok">ok</span>')
         + "</td></tr>"
         for x, y, broke in points
     )
     return (
-        f'<table><thead><tr><th class="n">{_e(record.get("param", ""))}</th>'
-        f'<th class="n">{_e(metric)}</th><th>budget</th></tr></thead>'
+        f'<table><thead><tr><th class="n">{_escape(record.get("param", ""))}</th>'
+        f'<th class="n">{_escape(metric)}</th><th>budget</th></tr></thead>'
         f"<tbody>{rows}</tbody></table>"
     )
 
@@ -549,11 +555,11 @@ def _calibrations(records: Sequence[Mapping[str, Any]]) -> str:
             for s in r.get("modification") or []
         )
         rows.append(
-            f'<tr><td class="mono">{_e(r.get("nodeid", ""))}</td>'
-            f"<td><code>{_e(stages)}</code></td>"
-            f'<td class="n">{_num(r.get("temperature"))}</td>'
-            f'<td class="n">{_num(r.get("top_p"))}</td>'
-            f'<td class="n">{_num(before)} → {_num(after)}</td></tr>'
+            f'<tr><td class="mono">{_escape(r.get("nodeid", ""))}</td>'
+            f"<td><code>{_escape(stages)}</code></td>"
+            f'<td class="n">{_number_text(r.get("temperature"))}</td>'
+            f'<td class="n">{_number_text(r.get("top_p"))}</td>'
+            f'<td class="n">{_number_text(before)} → {_number_text(after)}</td></tr>'
         )
     return (
         '<section class="card"><h3>Decoding calibrations</h3><table><thead><tr>'
@@ -603,33 +609,8 @@ def _blame_card(index: int, record: Mapping[str, Any], blame: Mapping[str, Any])
     blocks = list(blame.get("blocks") or [])
     threshold = blame.get("threshold")
     begins, most = blame.get("begins"), blame.get("most")
-    label = [f"{b.get('index')}'" if b.get("added") else str(b.get("index")) for b in blocks]
-    summary = []
-    if blocks and begins is None:
-        summary.append(
-            "no block's hidden states drift: the change acts after the blocks "
-            "(lm_head, logits or decoding)"
-        )
-    elif begins is not None and begins < len(blocks):
-        summary.append(
-            f"<b>hemorrhage begins at block {_e(label[begins])}</b> "
-            f"(drift {_num(blocks[begins].get('drift_l2'))} &gt; {_num(threshold)})"
-        )
-    if most is not None and most < len(blocks):
-        worst = blocks[most]
-        if blame.get("attribution") and worst.get("share") is not None:
-            summary.append(
-                f"block {_e(label[most])} adds the largest share "
-                f"({worst['share']:.0%}) of kl_mean (blocks added in model order)"
-            )
-        else:
-            before = blocks[most - 1].get("drift_l2") if most else 0.0
-            added = (
-                worst.get("drift_l2") - before
-                if _finite(worst.get("drift_l2")) and (_finite(before))
-                else None
-            )
-            summary.append(f"block {_e(label[most])} adds the most drift ({_signed(added)})")
+    diagnosis = Diagnosis.from_dict(dict(blame))  # worded as the terminal words it
+    label = [b.label for b in diagnosis.blocks]
     drifts = [b.get("drift_l2") for b in blocks]
     top = max([d for d in drifts if _finite(d)] + [threshold if _finite(threshold) else 0.0, 1e-12])
     entropy = any(b.get("attn_entropy_shift") is not None for b in blocks)
@@ -660,26 +641,25 @@ def _blame_card(index: int, record: Mapping[str, Any], blame: Mapping[str, Any])
             if _finite(threshold)
             else ""
         )
-        sub = max(
-            ((k, v) for k, v in (b.get("sublayers") or {}).items()),
-            key=lambda kv: kv[1] if _finite(kv[1]) else math.inf,
-            default=None,
-        )
+        sub = max((b.get("sublayers") or {}).items(), key=lambda kv: severity(kv[1]), default=None)
+        sublayer = "" if sub is None else f"<code>{_escape(sub[0])}</code> {_number_text(sub[1])}"
         classes = " ".join(c for c, on in (("begins", i == begins), ("most", i == most)) if on)
         rows.append(
-            f'<tr class="{classes}"><td>{_e(label[i])} <span class="note">{_e(b.get("name", ""))}'
+            f'<tr class="{classes}"><td>{_escape(label[i])} '
+            f'<span class="note">{_escape(b.get("name", ""))}'
             f'</span></td><td><div class="bar"><span class="{"hot" if hot else ""}" '
             f'style="width:{width:.1f}%"></span>{mark}</div></td>'
-            f'<td class="n">{_num(drift)}</td><td class="n">{_num(b.get("drift_cos"))}</td>'
-            f"<td>{'' if sub is None else f'<code>{_e(sub[0])}</code> {_num(sub[1])}'}</td>"
+            f'<td class="n">{_number_text(drift)}</td>'
+            f'<td class="n">{_number_text(b.get("drift_cos"))}</td>'
+            f"<td>{sublayer}</td>"
             + (
                 f'<td class="n">{_signed(b.get("attn_entropy_change"))}</td>'
-                f'<td class="n">{_num(b.get("attn_entropy_shift"))}</td>'
+                f'<td class="n">{_number_text(b.get("attn_entropy_shift"))}</td>'
                 if entropy
                 else ""
             )
             + (
-                f'<td class="n">{_num(b.get("kl_mean"))}</td>'
+                f'<td class="n">{_number_text(b.get("kl_mean"))}</td>'
                 f'<td class="n">{_signed(b.get("kl_added"))}</td><td class="n">'
                 f"{'' if b.get('share') is None else format(b['share'], '.0%')}</td>"
                 if attribution
@@ -687,12 +667,12 @@ def _blame_card(index: int, record: Mapping[str, Any], blame: Mapping[str, Any])
             )
             + "</tr>"
         )
-    notes = "".join(f'<p class="note">{_e(n)}</p>' for n in blame.get("notes") or [])
-    what = _what(record)
+    notes = "".join(f'<p class="note">{_escape(n)}</p>' for n in blame.get("notes") or [])
+    what = _modification_text(record)
     return (
         f'<section class="card" id="b{index}"><h3><a href="#r{index}" class="mono">'
-        f"{_e(record.get('nodeid', ''))}</a> · <code>{_e(what)}</code></h3>"
-        f'<p class="finding">{"; ".join(summary)}</p>'
+        f"{_escape(record.get('nodeid', ''))}</a> · <code>{_escape(what)}</code></h3>"
+        f'<p class="finding">{_escape(diagnosis.finding() or "")}</p>'
         f"<table><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>{notes}"
-        f'<p class="sub">{_num(blame.get("tokens"))} tokens</p></section>'
+        f'<p class="sub">{_number_text(blame.get("tokens"))} tokens</p></section>'
     )
