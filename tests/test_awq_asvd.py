@@ -113,7 +113,7 @@ def test_awq_scales_are_memoized_and_cached_on_disk(tiny, tmp_path, monkeypatch)
     def no_calibration(*args, **kwargs):
         raise AssertionError("calibrated again")
 
-    monkeypatch.setattr(awq, "input_stats", no_calibration)
+    monkeypatch.setattr(awq, "calibrated_inputs", no_calibration)
     monkeypatch.setattr(awq, "input_grams", no_calibration)
     for h in (first, fresh()):  # the session memo, then the disk cache
         before = snapshot(h.model)

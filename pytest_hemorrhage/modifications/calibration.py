@@ -20,7 +20,13 @@ from ..errors import HemorrhageError
 from .handler import Context
 from .registry import Target, is_linear
 
-__all__ = ["InputStats", "calibration_forwards", "input_norms", "input_stats"]
+__all__ = [
+    "InputStats",
+    "calibrated_inputs",
+    "calibration_forwards",
+    "input_norms",
+    "input_stats",
+]
 
 
 @dataclass(frozen=True)
@@ -88,12 +94,34 @@ def _collect(model: nn.Module, context: Context) -> dict[str, InputStats]:
     }
 
 
+def calibrated_inputs(
+    model: nn.Module, context: Context, targets: Sequence[Target], what: str, instead: str
+) -> dict[str, InputStats]:
+    """:func:`input_stats`, checked to cover every one of ``targets``: the one check, and the
+    one message, for a layer that never ran on the calibration windows (an unused module, a
+    branch the model skips), which would have no activation statistics to scale or score by.
+
+    Args:
+        model: the model as it is now.
+        context: the handler's context.
+        targets: the layers the caller needs statistics of.
+        what: the caller, named in the error (``config.name``).
+        instead: the alternative that needs no calibration, e.g. ``"use quant.rtn"``.
+
+    Raises:
+        HemorrhageError: naming the first such layer, and both ways out.
+    """
+    stats = input_stats(model, context)
+    missing = [t.name for t in targets if t.name not in stats]
+    if missing:
+        raise HemorrhageError(
+            f"{what}: layer {missing[0]!r} saw no calibration input, so it has no activation "
+            f"statistics; exclude it with exclude=(...) or {instead}"
+        )
+    return stats
+
+
 def input_norms(model: nn.Module, context: Context, target: Target, what: str) -> torch.Tensor:
     """Wanda's ||X_j||_2 per input channel of ``target``; ``what`` names the caller in errors."""
-    stats = input_stats(model, context).get(target.name)
-    if stats is None:  # the layer never ran on the calibration windows
-        raise HemorrhageError(
-            f"{what}: layer {target.name!r} saw no calibration input, so it has no activation "
-            "norms; exclude it with exclude=(...) or use a magnitude score"
-        )
-    return stats.l2
+    stats = calibrated_inputs(model, context, [target], what, "use a magnitude score")
+    return stats[target.name].l2

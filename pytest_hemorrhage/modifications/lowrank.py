@@ -33,8 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import HemorrhageError
-from .calibration import input_stats
+from .calibration import calibrated_inputs
 from .handler import Context
 from .registry import Modification, Patch, Target, register_modification
 from .validate import check_number
@@ -267,13 +266,7 @@ def asvd_scale(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
 @register_modification("lowrank.asvd", ASVD)
 def apply_asvd(config: ASVD, model: nn.Module, patch: Patch, context: Context) -> None:
     targets = config.targets(model)
-    stats = input_stats(model, context)
-    missing = [t.name for t in targets if t.name not in stats]
-    if missing:
-        raise HemorrhageError(
-            f"{config.name}: layer {missing[0]!r} saw no calibration input, so it has no "
-            "activation scale; exclude it with exclude=(...) or use lowrank.svd"
-        )
+    stats = calibrated_inputs(model, context, targets, config.name, "use lowrank.svd")
     spaces = _subspaces(config, context)
     for target in targets:
         scale = asvd_scale(stats[target.name].abs_mean, config.alpha)

@@ -32,8 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...errors import HemorrhageError
-from ..calibration import calibration_forwards, input_stats
+from ..calibration import calibrated_inputs, calibration_forwards
 from ..handler import Context
 from ..hessian import walk_blocks
 from ..registry import Modification, Patch, Target, register_modification
@@ -178,13 +177,7 @@ def awq_scales(
     """
 
     def compute() -> dict[str, Any]:
-        stats = input_stats(model, context)
-        missing = [t.name for t in targets if t.name not in stats]
-        if missing:
-            raise HemorrhageError(
-                f"{config.name}: layer {missing[0]!r} saw no calibration input, so it has no "
-                "activation scale; exclude it with exclude=(...) or use quant.rtn"
-            )
+        stats = calibrated_inputs(model, context, targets, config.name, "use quant.rtn")
         by_name = {t.name: t for t in targets}
         scales: dict[str, torch.Tensor] = {}
 

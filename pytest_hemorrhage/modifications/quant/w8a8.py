@@ -9,7 +9,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...errors import HemorrhageError
 from ..handler import Context
 from ..registry import Modification, Patch, Target, register_modification
 from ..validate import check_choice, check_number
@@ -157,15 +156,9 @@ def apply_w8a8(config: W8A8, model: nn.Module, patch: Patch, context: Context) -
     targets = config.targets(model)
     stats: dict[str, Any] = {}
     if config.smooth:
-        from ..calibration import input_stats
+        from ..calibration import calibrated_inputs
 
-        stats = input_stats(model, context)
-        missing = [t.name for t in targets if t.name not in stats]
-        if missing:
-            raise HemorrhageError(
-                f"{config.name}: no calibration activations reached {missing[0]}; exclude it "
-                "or use smooth=False"
-            )
+        stats = calibrated_inputs(model, context, targets, config.name, "use smooth=False")
     rows = chunk_rows(model, targets)
     for group in smooth_groups(targets, stats) if config.smooth else [[t] for t in targets]:
         smooth = None
