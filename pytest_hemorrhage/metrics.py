@@ -6,8 +6,9 @@ cluster-robust: the sampling unit is the evaluation window, not the token, becau
 one window share their context and their errors are correlated (on the bundled model the
 window-level standard error of ``kl_mean`` is ~1.7x the token-level one). ``kl_max`` has none: the
 largest value of one sample says nothing about the largest of another, so no bound on it holds
-its level (a budget refuses ``confidence`` with ``kl_max``). The statistics (standard errors,
-quantiles, bounds) live in :mod:`pytest_hemorrhage.stats`.
+its level (a budget refuses ``confidence`` with ``kl_max``). The per-token KL is clamped at 0
+where it is computed (:func:`score_reads`), so round-off never makes a KL metric negative. The
+statistics (standard errors, quantiles, bounds) live in :mod:`pytest_hemorrhage.stats`.
 """
 
 from __future__ import annotations
@@ -211,7 +212,8 @@ def score_reads(reads: LogitReads, ref: Reference) -> TokenStats:
     Elementwise work and reductions within a token's own values only, so running it once
     over many batches gives each token the bits it gets batch by batch, with one pass of each
     operation instead of one per batch (a parallel region each, on the CPU; a kernel launch
-    on an accelerator).
+    on an accelerator). The per-token KL is clamped at 0 here, where both storages' KL is
+    final: round-off otherwise leaves an unchanged distribution slightly below 0.
     """
     import torch
 
@@ -247,6 +249,11 @@ def score_reads(reads: LogitReads, ref: Reference) -> TokenStats:
         if sampled:
             kl = kl + _tail_kl(lq_s, lp_s, q_tail, p_tail)
     target_logq = torch.where(cut, _mix(target_logq, ref.target_logp.to(device)), target_logq)
+    # KL is never negative, but its float32 terms round: a distribution that did not change
+    # (logits shifted by a constant, a fault that hit nothing that matters) scores tokens
+    # slightly below 0 and a kl_mean of about -1e-9. Clamped per token, so kl_mean, kl_p99,
+    # kl_max and every part or sum of them are >= 0 (NaN stays NaN: a non-finite row).
+    kl = kl.clamp_min(0)
     return TokenStats(
         kl=kl.cpu(),
         nll=(-target_logq).cpu(),

@@ -64,6 +64,21 @@ def test_metrics_match_their_definitions(logits):
     assert stderr["kl_mean"] == pytest.approx(textbook * t95 / 1.6448536269514722, rel=1e-3)
 
 
+@pytest.mark.parametrize("topk", [50, 8])
+def test_kl_of_an_unchanged_distribution_is_never_negative(logits, topk):
+    """Logits shifted by a constant leave every softmax as it was; float32 round-off put
+    tokens' KL below 0 (down to -7e-7) and, with exact storage, kl_mean at -2.2e-9."""
+    base, _, targets = logits
+    ref = _reference(base, targets, topk=topk)
+    stats = token_stats(base + 10.0, ref)
+    metrics, _ = summarize(stats, ref)
+    assert stats.kl.min() >= 0
+    assert 0 <= metrics["kl_mean"] < 1e-6 and 0 <= metrics["kl_p99"] <= metrics["kl_max"] < 1e-5
+    nan_row = base.clone()
+    nan_row[3, 0] = math.nan
+    assert token_stats(nan_row, ref).kl[3].isnan()  # a non-finite row stays visible
+
+
 def test_topk_storage_is_exact_without_a_tail_and_a_close_lower_bound_with_one(logits):
     """The tail as one outcome (no tail samples): a lower bound, short by the documented
     amount."""
