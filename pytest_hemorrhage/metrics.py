@@ -92,16 +92,12 @@ class TokenStats:
         """The parts in order; each part's windows are numbered after the previous parts'."""
         import torch
 
-        windows, offset = [], 0
-        for p in parts:
-            windows.append(p.window + offset)
-            offset += int(p.window.max()) + 1 if p.window.numel() else 0
         return TokenStats(
             *(
                 torch.cat([getattr(p, f) for p in parts])
                 for f in ("kl", "nll", "disagree", "p_target", "finite")
             ),
-            window=torch.cat(windows),
+            window=_numbered_on([p.window for p in parts]),
         )
 
 
@@ -146,15 +142,11 @@ class LogitReads:
         """The parts in order; each part's windows are numbered after the previous parts'."""
         import torch
 
-        windows, offset = [], 0
-        for p in parts:
-            windows.append(p.window + offset)
-            offset += int(p.window.max()) + 1 if p.window.numel() else 0
         exact = parts[0].kl is not None
         return LogitReads(
             logq=torch.cat([p.logq for p in parts]),
             best=torch.cat([p.best for p in parts]),
-            window=torch.cat(windows),
+            window=_numbered_on([p.window for p in parts]),
             kl=torch.cat([p.kl for p in parts]) if exact else None,
             cut=torch.cat([p.cut for p in parts]) if exact else None,
         )
@@ -262,6 +254,18 @@ def score_reads(reads: LogitReads, ref: Reference) -> TokenStats:
         finite=finite.cpu(),
         window=reads.window,
     )
+
+
+def _numbered_on(windows: list[torch.Tensor]) -> torch.Tensor:
+    """The window numbers of concatenated parts, each part's numbered after the previous
+    parts' (the sampling units of one part are never those of another)."""
+    import torch
+
+    shifted, offset = [], 0
+    for window in windows:
+        shifted.append(window + offset)
+        offset += int(window.max()) + 1 if window.numel() else 0
+    return torch.cat(shifted)
 
 
 def _windows(shape: torch.Size) -> torch.Tensor:

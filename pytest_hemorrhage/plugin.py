@@ -178,7 +178,11 @@ def pytest_runtest_makereport(
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     session = config.stash[session_key]
-    if hasattr(config, "workerinput") or not (session.records or session.explorations):
+    if hasattr(config, "workerinput"):
+        return
+    for line in session.failures:  # results lost or not plain data: the run failed for them
+        terminalreporter.write_line(f"hemorrhage: {line}", red=True, bold=True)
+    if not (session.records or session.explorations):
         return
     if session.old_report is not None:
         from .report.comparison import render_comparison
@@ -209,6 +213,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if hasattr(config, "workerinput"):
         config.workeroutput["hemorrhage"] = state.worker_output()
         return
+    if state.finish() and session.exitstatus in (0, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
     if state.settings.save_reference is not None:
         try:
             state.save_reference()
@@ -226,12 +232,27 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 
 class XdistHooks:
-    """Hooks that exist only when pytest-xdist is loaded: results travel to the controller."""
+    """Hooks that exist only when pytest-xdist is loaded: results travel to the controller,
+    which checks that every result a worker's reports announced arrived."""
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
 
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        report = yield
+        if report.when == "teardown" and hasattr(item.config, "workerinput"):
+            # travels with the report (an int); the controller expects as many results
+            report.hemorrhage_results = item.config.stash[session_key].counts[item.nodeid]
+        return report
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        count = getattr(report, "hemorrhage_results", 0)
+        if count and not hasattr(self.config, "workerinput"):
+            self.config.stash[session_key].announce(report.nodeid, count)
+
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
         output = getattr(node, "workeroutput", {}).get("hemorrhage")
-        if output:
-            self.config.stash[session_key].merge_worker(output)
+        self.config.stash[session_key].worker_down(id(node), node.gateway.id, output, error)

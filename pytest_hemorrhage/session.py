@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .budget import Budget, parse_ini
 from .errors import HemorrhageError
+from .plain import first_unplain, plain
 
 if TYPE_CHECKING:
     import pytest
@@ -43,6 +46,12 @@ class HemorrhageSession:
     portable: PortableReference | None = None  # --hemorrhage-reference, read at startup
     old_report: OldReport | None = None  # --hemorrhage-compare
     tolerances: tuple[Tolerance, ...] = ()  # --hemorrhage-compare-fail
+    # results (records and explorations) kept per test id: on a worker, what its reports
+    # announce; on the controller, what arrived
+    counts: Counter[str] = field(default_factory=Counter)
+    announced: Counter[str] = field(default_factory=Counter)  # controller: per the reports
+    failures: list[str] = field(default_factory=list)  # lines that fail the run: results lost
+    _workers_down: set[int] = field(default_factory=set)
     _loaded: LoadedModel | None = None
     _harness: Harness | None = None
     _candidate: Any = None  # the one candidate held (loaded once per spec, then released)
@@ -198,6 +207,8 @@ class HemorrhageSession:
             dtype=s.dtype,
             trust_remote_code=s.trust_remote_code,
             allow_pickle=s.allow_pickle,
+            gguf_runtime=s.gguf_runtime,
+            context=s.seq_len,
         )
         return self._candidate
 
@@ -212,15 +223,18 @@ class HemorrhageSession:
         quantization = getattr(getattr(model, "config", None), "quantization_config", None)
         if quantization is not None and not isinstance(quantization, dict):
             quantization = quantization.to_dict() if hasattr(quantization, "to_dict") else None
-        self.candidates[label] = {
-            "label": label,
-            "spec": str(loaded.spec),
-            "fingerprint": loaded.fingerprint,
-            "class": type(model).__name__,
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            "quantization": (quantization or {}).get("quant_method") if quantization else None,
-        }
+        self.candidates[label] = self._plain(
+            label,
+            {
+                "label": label,
+                "spec": str(loaded.spec),
+                "fingerprint": loaded.fingerprint,
+                "class": type(model).__name__,
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                "quantization": (quantization or {}).get("quant_method") if quantization else None,
+            },
+        )
 
     def save_reference(self) -> None:
         """``--hemorrhage-save-reference``: write the baseline's reference file."""
@@ -284,23 +298,47 @@ class HemorrhageSession:
         return budget
 
     def record(self, item: pytest.Item, result: Result, budget: Budget) -> None:
-        """Keep ``result`` for the summary and report; expose its metrics to JUnit XML."""
+        """Keep ``result`` for the summary and report, as plain data (what a handler, loader or
+        library put in it, converted here: see :mod:`pytest_hemorrhage.plain`); expose its
+        metrics to JUnit XML. The result's ``details`` become the record's, so that a diagnosis
+        added to them later (``blame``) is in the report too."""
         if "baseline" not in self.header:
-            self.header["baseline"] = {"ppl": result.baseline_ppl}
-        self.records.append(
+            # the reference's, over every window: an early-stopped result's is over those it
+            # scored, and which result comes first differs between runs (xdist or not)
+            reference = self._harness.reference if self._harness is not None else None
+            self.header["baseline"] = {"ppl": getattr(reference, "ppl", result.baseline_ppl)}
+        record = self._plain(
+            item.nodeid,
             {
                 "nodeid": item.nodeid,
                 **result.to_dict(),
                 "budget": budget.to_dict(),
                 "violations": budget.violations(result),
                 "outcome": None,
-            }
+            },
+            notes_in="details",
         )
+        result.details = record["details"]
+        self.records.append(record)
+        self.counts[item.nodeid] += 1
         if self.old_report is not None:
-            record = self.records[-1]
             record["comparison"] = self.old_report.compare(record, self.tolerances)
-        for metric, value in result.metrics.items():
+        for metric, value in record["metrics"].items():
             item.user_properties.append((f"hemorrhage.{result.modification}.{metric}", value))
+
+    def _plain(self, where: str, data: dict[str, Any], notes_in: str = "") -> dict[str, Any]:
+        """``data`` as plain data; what only its repr could stand for is named under
+        ``repr_of`` (in ``data[notes_in]`` when given) and in a warning, never fatal."""
+        notes: list[str] = []
+        data = plain(data, notes)
+        if notes:
+            (data[notes_in] if notes_in else data)["repr_of"] = notes
+            warnings.warn(
+                f"{where}: kept as their repr, having no plain form (numbers, strings, lists, "
+                f"dicts): {', '.join(notes)}",
+                stacklevel=3,
+            )
+        return data
 
     def default_extras(self) -> frozenset[str]:
         """Extra metrics every measure computes, as asked on the command line."""
@@ -310,28 +348,90 @@ class HemorrhageSession:
         return frozenset(extras)
 
     def record_exploration(self, item: pytest.Item, kind: str, data: dict[str, Any]) -> None:
-        """Keep a threshold search or sweep (``data`` JSON-ready) for the summary and report."""
-        self.explorations.append({"nodeid": item.nodeid, "kind": kind, **data})
+        """Keep a threshold search or sweep for the summary and report, as plain data."""
+        self.explorations.append(
+            self._plain(item.nodeid, {"nodeid": item.nodeid, "kind": kind, **data})
+        )
+        self.counts[item.nodeid] += 1
 
     def set_outcome(self, nodeid: str, outcome: str) -> None:
         for record in self.records:
             if record["nodeid"] == nodeid:
                 record["outcome"] = outcome
 
+    def check_plain(self) -> None:
+        """At the end of the run (a worker's, before it sends): every result is still plain
+        data. A value added after the result was recorded (``result.details[...] = ...``) that
+        is not becomes its repr here, and a line naming the test and the value fails the run:
+        from an xdist worker it could not have been sent."""
+        parts = [("", "header", self.header), ("", "candidates", self.candidates)]
+        parts += [(r["nodeid"], "result", r) for r in self.records]
+        parts += [(e["nodeid"], "exploration", e) for e in self.explorations]
+        for nodeid, what, data in parts:
+            found = first_unplain(data)
+            if found is None:
+                continue
+            path, value = found
+            shown = repr(value)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            self.failures.append(
+                f"{nodeid or 'the report'}: {what} {path} = {shown} ({type(value).__name__}) is "
+                "not plain data (numbers, strings, lists, dicts) and cannot be sent from an xdist "
+                "worker: it was added after the result was recorded; convert it before adding it"
+            )
+            data.update(plain(data))
+
     def worker_output(self) -> dict[str, Any]:
+        """What a worker sends the controller (plain data, see :meth:`check_plain`)."""
+        self.check_plain()
         return {
             "header": self.header,
             "records": self.records,
             "explorations": self.explorations,
             "candidates": self.candidates,
+            "failures": self.failures,
         }
 
-    def merge_worker(self, output: dict[str, Any]) -> None:
+    def announce(self, nodeid: str, count: int) -> None:
+        """The controller: a worker's report says test ``nodeid`` kept ``count`` results."""
+        self.announced[nodeid] += count
+
+    def worker_down(
+        self, worker: int, name: str, output: dict[str, Any] | None, error: object
+    ) -> None:
+        """The controller: xdist worker ``name`` is down, having sent ``output`` (None: it
+        sent nothing, e.g. it crashed); a crash fails the run."""
+        if worker in self._workers_down:  # xdist reports a worker down once more on ^C
+            return
+        self._workers_down.add(worker)
+        if output is None:
+            why = str(error).strip().splitlines()[-1] if error else "no error given"
+            self.failures.append(
+                f"xdist worker {name} went down without sending its hemorrhage results ({why})"
+            )
+            return
         for key, value in output.get("header", {}).items():
             self.header.setdefault(key, value)
         self.records.extend(output.get("records", []))
         self.explorations.extend(output.get("explorations", []))
         self.candidates.update(output.get("candidates", {}))
+        self.failures.extend(output.get("failures", []))
+        self.counts.update(r["nodeid"] for r in output.get("records", []))
+        self.counts.update(e["nodeid"] for e in output.get("explorations", []))
+
+    def finish(self) -> list[str]:
+        """The lines that fail the run (empty: every result arrived, as plain data): results
+        not plain (:meth:`check_plain`), and on the controller, results a worker's reports
+        announced that never arrived, and workers that went down without sending."""
+        self.check_plain()
+        for nodeid, count in self.announced.items():
+            missing = count - self.counts[nodeid]
+            if missing > 0:
+                self.failures.append(
+                    f"{nodeid}: {missing} of its {count} hemorrhage results never reached the "
+                    "xdist controller: they are missing from the summary and the reports"
+                )
+        return self.failures
 
     def report(self) -> dict[str, Any]:
         """The JSON report (schema documented in the README)."""
