@@ -353,11 +353,53 @@ def _pretrained(
         if type(exc).__name__ != "SafetensorError":
             raise
         raise HemorrhageError(
-            f"--hemorrhage-model={spec}: its weights are damaged ({first_line(exc)}); save "
-            "them again with model.save_pretrained(dir), or re-download them"
+            f"--hemorrhage-model={spec}: {_damaged(source, exc)}; save them again with "
+            "model.save_pretrained(dir), or re-download them"
         ) from None
     _check_complete(model, info, spec, model_kind)
     return model
+
+
+_SAFE_INDEX = "model.safetensors.index.json"
+
+
+def _damaged(source: str, exc: Exception) -> str:
+    """Which weights file of ``source`` is damaged, and how: ``its weights file
+    model-00002-of-00004.safetensors (shard 2 of 4) is damaged (...)``. Safetensors errors do
+    not name the file, so each one's header is read again until one fails."""
+    from safetensors import safe_open
+
+    files = _weight_files(source)
+    for number, file in enumerate(files, 1):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as damage:
+            shard = f" (shard {number} of {len(files)})" if len(files) > 1 else ""
+            return f"its weights file {file.name}{shard} is damaged ({first_line(damage)})"
+    return f"its weights are damaged ({first_line(exc)})"
+
+
+def _weight_files(source: str) -> list[Path]:
+    """The safetensors files of a directory or a cached hub id, in shard order: those its index
+    names, else every one there."""
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        for name in (_SAFE_INDEX, "model.safetensors"):
+            found = try_to_load_from_cache(source, name)
+            if isinstance(found, str):
+                path = Path(found).parent
+                break
+        else:
+            return []
+    index = path / _SAFE_INDEX
+    try:
+        shards = json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()
+    except (OSError, ValueError, KeyError, AttributeError):
+        return sorted(path.glob("*.safetensors"))
+    return [path / name for name in sorted(set(shards))]
 
 
 def _check_complete(model: Any, info: dict[str, Any], spec: str, model_kind: str) -> None:
@@ -480,28 +522,40 @@ _NOISY_LOGGERS = ("torch.utils._pytree",)
 
 @contextmanager
 def quiet() -> Iterator[None]:
-    """Inside: no progress bars from transformers, and the warnings that third-party imports
-    and loads raise are not shown. Everything is put back as it was on exit (the user's own
-    warnings filters, logger levels and progress bar setting), so only the plugin's own
-    imports and loads are quieted, never the user's code."""
+    """Inside: no progress bars, and the warnings that third-party imports and loads raise are
+    not shown. Everything is put back as it was on exit (the user's own warnings filters, logger
+    levels and tqdm itself), so only the plugin's own imports and loads are quieted, never the
+    user's code."""
     loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
     levels = [logger.level for logger in loggers]
-    bars = None
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _no_progress_bars():
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", FutureWarning)
             for logger in loggers:
                 logger.setLevel(logging.ERROR)
-            from transformers.utils import logging as hf_logging
-
-            bars = hf_logging.is_progress_bar_enabled()
-            hf_logging.disable_progress_bar()
             yield
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
-        if bars:
-            from transformers.utils import logging as hf_logging
 
-            hf_logging.enable_progress_bar()
+
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Inside: every tqdm bar is created disabled, whatever its library asked. transformers'
+    progress bar setting reaches only its own bars, not the plain tqdm of its GGUF
+    dequantization or of compressed-tensors' decompression, so tqdm's constructor itself is
+    wrapped, and put back on exit."""
+    from tqdm import std
+
+    original = vars(std.tqdm)["__init__"]
+    construct = std.tqdm.__init__
+
+    def disabled(self: Any, *args: Any, **kwargs: Any) -> None:
+        construct(self, *args, **{**kwargs, "disable": True})
+
+    std.tqdm.__init__ = disabled
+    try:
+        yield
+    finally:
+        std.tqdm.__init__ = original

@@ -99,14 +99,33 @@ def test_truncated_weights_stop_the_session_once_with_one_line(pytester, tmp_pat
     result = pytester.runpytest(f"--hemorrhage-model={damaged}")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     out = result.stdout.str()
-    assert out.count("its weights are damaged") == 1  # once, not per test
+    assert out.count("is damaged") == 1  # once, not per test
     result.stdout.fnmatch_lines(
         [
-            f"*hemorrhage: --hemorrhage-model={damaged}: its weights are damaged (*); save them "
-            "again with model.save_pretrained(dir), or re-download them*"
+            f"*hemorrhage: --hemorrhage-model={damaged}: its weights file model.safetensors is "
+            "damaged (*); save them again with model.save_pretrained(dir), or re-download them*"
         ]
     )
     assert "SafetensorError" not in out and "Traceback" not in out
+
+
+def test_a_damaged_shard_is_named_with_its_number(tiny, tmp_path):
+    """Of a sharded checkpoint, the stop names the damaged file and which shard it is."""
+    import re
+
+    tiny.model.save_pretrained(tmp_path, max_shard_size="1MB")
+    tiny.tokenizer.save_pretrained(tmp_path)
+    shards = sorted(tmp_path.glob("*.safetensors"))
+    assert len(shards) > 2
+    shards[1].write_bytes(shards[1].read_bytes()[:-1000])  # truncated: the header overruns it
+    with pytest.raises(HemorrhageError) as stop:
+        load_model(str(tmp_path), device="cpu")
+    assert re.fullmatch(
+        rf"--hemorrhage-model={re.escape(str(tmp_path))}: its weights file "
+        rf"{shards[1].name} \(shard 2 of {len(shards)}\) is damaged \(.+\); save them again "
+        r"with model.save_pretrained\(dir\), or re-download them",
+        str(stop.value),
+    ), stop.value
 
 
 def test_loading_shows_no_progress_bar_and_leaves_warnings_and_loggers_alone(capfd):
@@ -123,3 +142,28 @@ def test_loading_shows_no_progress_bar_and_leaves_warnings_and_loggers_alone(cap
     assert warnings.filters == filters
     assert {name: logging.getLogger(name).level for name in levels} == levels
     assert hf_logging.is_progress_bar_enabled()  # the user's setting, as it was
+
+
+@pytest.mark.parametrize("candidate", ["gguf", "w4a16"])
+def test_loading_a_candidate_shows_no_progress_bar_and_puts_tqdm_back(candidate, tmp_path, capfd):
+    """transformers dequantizes a GGUF file, and compressed-tensors applies a W4A16 checkpoint's
+    scheme, under bars of plain tqdm, which transformers' progress bar setting does not reach."""
+    import runpy
+    from pathlib import Path
+
+    from tqdm import std
+
+    from pytest_hemorrhage.candidates import load_candidate
+
+    gate = Path(__file__).parent.parent / "examples" / "gate"
+    spec = gate / "artifacts" / "w4a16"
+    if candidate == "gguf":
+        build_gguf = runpy.run_path(str(gate / "build_artifacts.py"))["build_gguf"]
+        spec = build_gguf(tmp_path / "tiny.gguf", "Q8_0")
+    constructor = vars(std.tqdm)["__init__"]
+    capfd.readouterr()
+    loaded = load_candidate(str(spec), device="cpu")
+    captured = capfd.readouterr()
+    assert loaded.spec == str(spec)
+    assert "%|" not in captured.err + captured.out  # a tqdm bar: "Converting ...:  50%|#####"
+    assert vars(std.tqdm)["__init__"] is constructor  # tqdm as it was, for the user's own bars
