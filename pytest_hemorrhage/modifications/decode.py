@@ -56,6 +56,7 @@ class _Decode(Modification):
     # Whether generation samples when this stage is present: temperature, top-k and top-p
     # change nothing under greedy decoding (transformers applies them only with do_sample).
     samples: ClassVar[bool] = False
+    changes: ClassVar[str] = "decoding"
 
     def __post_init__(self) -> None:
         super().__post_init__()

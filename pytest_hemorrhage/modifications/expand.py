@@ -18,6 +18,7 @@ import copy
 import fnmatch
 from collections import Counter
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import nn
 
@@ -41,6 +42,7 @@ class LayerExpansion(Modification):
         exclude: glob patterns of block names never duplicated, e.g. ``("model.layers.0",)``.
     """
 
+    changes: ClassVar[str] = "the block list (adds copies)"  # no weight of the model changes
     positions: tuple[int, ...] = (-1,)
 
     def __post_init__(self) -> None:

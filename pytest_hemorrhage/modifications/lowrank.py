@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -53,6 +53,7 @@ class LowRank(Modification):
             0.8 is what the paper calls a 20% rank reduction. Damage grows as it shrinks.
     """
 
+    per_expert: ClassVar[bool | None] = True  # each expert of a fused expert weight
     rank_ratio: float = 0.8
 
     def __post_init__(self) -> None:
@@ -74,6 +75,8 @@ class ASVD(LowRank):
         alpha: strength of the activation scaling, 0-1: 0 is plain SVD; ASVD's default 0.5.
     """
 
+    # its activation scales come from calibration, which does not follow the router yet
+    per_expert: ClassVar[bool | None] = False
     alpha: float = 0.5
 
     def __post_init__(self) -> None:
@@ -214,7 +217,8 @@ def _truncated(
         with torch.no_grad():
             spaces[target.name] = truncate(w if s is None else w.to(s.dtype) * s, rank)
     space = spaces[target.name]
-    if space is None:
+    if space is None:  # the full rank: the weight as it is
+        patch.touch(target)
         return
     if s is None:
         patch.parametrize(target, lambda w, space=space: rebuild(w, space))

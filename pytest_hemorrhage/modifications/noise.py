@@ -11,6 +11,7 @@ import hashlib
 import math
 import random
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -43,6 +44,7 @@ class GaussianNoise(Modification):
             gives the same noise, hence the same metrics.
     """
 
+    per_expert: ClassVar[bool | None] = True  # each expert of a fused expert weight
     sigma: float = 0.05
     seed: int | None = None
 
@@ -66,6 +68,7 @@ class BitFlip(Modification):
         seed: seed of the draw; None (the default) uses ``--hemorrhage-seed``.
     """
 
+    per_expert: ClassVar[bool | None] = True  # each expert of a fused expert weight
     count: int = 10
     seed: int | None = None
 
@@ -102,6 +105,8 @@ def _noisy(scale: float, seed: int):
 def apply_gaussian(config: GaussianNoise, model: nn.Module, patch: Patch, context: Context) -> None:
     targets = config.targets(model)
     if config.sigma == 0:
+        for target in targets:
+            patch.touch(target)
         return
     seed, stage = _stage_seed(config, context)
     for target in targets:
@@ -134,6 +139,8 @@ def apply_bitflip(config: BitFlip, model: nn.Module, patch: Patch, context: Cont
             f"{config.name}: count={config.count} exceeds the {total} bits of "
             "the target weights; use a count <= that"
         )
+    for target in targets:  # the draw is over all of them, wherever the flips land
+        patch.touch(target)
     if config.count == 0:
         return
     seed, stage = _stage_seed(config, context)

@@ -18,6 +18,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import HemorrhageError
+from .coverage import BlockWeight, block_weights, starred, touched_record
+from .experts import ExpertEdit, ExpertStack, cache_per_call, expert_stacks, matches_expert, stored
 from .handler import Context
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "get",
     "make",
     "names",
+    "names_by_expert_support",
     "register_modification",
     "replace_blocks",
 ]
@@ -40,11 +43,29 @@ class Modification:
 
     Args:
         include: glob patterns of module names to modify, replacing the default targets
-            (the linear layers inside the transformer blocks), e.g. ``("*.mlp.*",)``.
-        exclude: glob patterns of module names to leave alone, e.g. ``("*.layers.0.*",)``.
+            (the linear layers and fused expert weights inside the transformer blocks), e.g.
+            ``("*.mlp.*",)``. A mixture-of-experts weight stored as one 3-D parameter is named
+            by the parameter (``model.layers.0.mlp.experts.gate_up_proj``) or its module
+            (``model.layers.0.mlp.experts``), and one or some experts by a trailing index:
+            ``("*.experts.gate_up_proj[3]",)``, ``("*.experts[0-3,7]",)``, ``("*experts*",)``.
+        exclude: glob patterns of module names to leave alone, e.g. ``("*.layers.0.*",)``;
+            the same syntax.
+
+    A subclass says how it treats fused expert weights (``per_expert``) and what it changes
+    (``changes``), for the touched share every result reports (``details["touched"]``).
     """
 
     name: ClassVar[str] = ""
+    # True: each expert's (out, in) matrix of a fused expert weight is a target (the handler
+    # only reads Target.weight and calls Patch.parametrize). False: a selection that reaches
+    # fused expert weights is refused in one line. None: they are never its targets (it picks
+    # its own structures: heads, channels).
+    per_expert: ClassVar[bool | None] = False
+    # "weights" (a share of the block weights left unchanged without include/exclude is
+    # noted in the summary), "structure" (structured pruning: changes part of the blocks by
+    # design), or what it changes instead of weights, as the reports word it: "decoding",
+    # "the KV cache", "the block list (adds copies)"
+    changes: ClassVar[str] = "weights"
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
 
@@ -74,8 +95,8 @@ class Modification:
         return {"name": self.name, **self.params()}
 
     def targets(self, model: nn.Module) -> list[Target]:
-        """The modules this modification edits, in model order."""
-        return select_targets(model, self.include, self.exclude, self.name)
+        """The weight matrices this modification edits, in model order."""
+        return select_targets(model, self.include, self.exclude, self.name, self.per_expert)
 
 
 Handler = Callable[[Any, nn.Module, "Patch", "Context"], None]
@@ -149,23 +170,37 @@ def make(name: str | Modification, params: Mapping[str, Any] | None = None) -> M
 
 
 def apply(config: Modification, model: nn.Module, patch: Patch, context: Context) -> None:
-    """Apply one modification, recording every change on ``patch``."""
+    """Apply one modification, recording every change on ``patch``; ``patch.details["touched"]``
+    then says what share of the block weights the stages so far changed (``coverage.py``)."""
     _, handler = get(config.name)
+    patch.stages.append(config)
     handler(config, model, patch, context)
+    patch.details["touched"] = patch.touched()
 
 
 @dataclass(frozen=True)
 class Target:
-    """A linear layer to modify; ``weight`` is always (out_features, in_features)."""
+    """A weight matrix to modify: a linear layer's, or one expert's matrix of a fused expert
+    parameter (``expert`` its index, ``name`` ending in ``[expert]``); ``weight`` is always
+    (out_features, in_features)."""
 
     name: str
     module: nn.Module
-    transposed: bool  # GPT-2's Conv1D stores (in, out)
+    transposed: bool  # GPT-2's Conv1D stores (in, out); so do GPT-OSS's experts
+    param: str = "weight"
+    expert: int | None = None
 
     @property
     def weight(self) -> torch.Tensor:
-        w = self.module.weight
+        w = getattr(self.module, self.param)
+        if self.expert is not None:
+            w = w[self.expert]
         return w.t() if self.transposed else w
+
+    @property
+    def base(self) -> str:
+        """``name`` without the expert index: the module's, or the fused parameter's."""
+        return self.name if self.expert is None else self.name.rpartition("[")[0]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -223,25 +258,35 @@ def replace_blocks(patch: Patch, prefix: str, new: list[nn.Module], sources: lis
 
 
 def select_targets(
-    model: nn.Module, include: tuple[str, ...], exclude: tuple[str, ...], what: str = ""
+    model: nn.Module,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    what: str = "",
+    experts: bool | None = False,
 ) -> list[Target]:
-    """Linear layers matching ``include`` (default: inside the blocks) and not ``exclude``."""
-    if include:
-        candidates = [
-            (n, m)
-            for n, m in model.named_modules()
-            if is_linear(m) and any(fnmatch.fnmatchcase(n, p) for p in include)
-        ]
-    else:
-        prefix, _ = blocks(model)
-        candidates = [
-            (n, m) for n, m in model.named_modules() if is_linear(m) and n.startswith(prefix + ".")
-        ]
+    """Weight matrices matching ``include`` (default: inside the blocks) and not ``exclude``:
+    linear layers, and with ``experts`` each expert's matrix of the fused expert weights
+    (``experts=False``: selecting any of them is refused, naming them and what works)."""
     chosen = [
         Target(n, m, is_conv1d(m))
-        for n, m in candidates
+        for n, m in _linears(model, include)
         if not any(fnmatch.fnmatchcase(n, p) for p in exclude)
     ]
+    stacks = [
+        (stack, picked)
+        for stack in _stacks(model, include)
+        if (picked := _experts_chosen(stack, include, exclude))
+    ]
+    if stacks and experts is False:
+        raise HemorrhageError(_refusal(model, what, [s for s, _ in stacks]))
+    if stacks and experts:
+        order = {id(m): i for i, (_, m) in enumerate(model.named_modules())}
+        chosen += [
+            Target(f"{s.name}[{i}]", s.module, s.transposed, s.param, i)
+            for s, picked in stacks
+            for i in picked
+        ]
+        chosen.sort(key=lambda t: order[id(t.module)])  # stable: experts after their module's
     if not chosen:
         example = next((n for n, m in model.named_modules() if is_linear(m)), "?")
         raise HemorrhageError(
@@ -249,6 +294,56 @@ def select_targets(
             f"layer names look like {example!r}"
         )
     return chosen
+
+
+def _linears(model: nn.Module, include: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
+    if include:
+        return [
+            (n, m)
+            for n, m in model.named_modules()
+            if is_linear(m) and any(fnmatch.fnmatchcase(n, p) for p in include)
+        ]
+    prefix, _ = blocks(model)
+    return [(n, m) for n, m in model.named_modules() if is_linear(m) and n.startswith(prefix + ".")]
+
+
+def _stacks(model: nn.Module, include: tuple[str, ...]) -> list[ExpertStack]:
+    return expert_stacks(model) if include else expert_stacks(model, blocks(model)[0])
+
+
+def _experts_chosen(
+    stack: ExpertStack, include: tuple[str, ...], exclude: tuple[str, ...]
+) -> list[int]:
+    return [
+        i
+        for i in range(stack.count)
+        if (not include or any(matches_expert(p, stack, i) for p in include))
+        and not any(matches_expert(p, stack, i) for p in exclude)
+    ]
+
+
+def _refusal(model: nn.Module, what: str, stacks: list[ExpertStack]) -> str:
+    """One line: ``what`` cannot modify these fused expert weights; what can."""
+    try:
+        prefix, layers = blocks(model)
+        weights = list(block_weights(prefix, layers).values())
+    except HemorrhageError:
+        prefix, weights = "", []
+    patterns = dict.fromkeys(starred(prefix, s.name) for s in stacks)
+    stacked = sum(w.numel for w in weights if w.experts and w.pattern in patterns)
+    total = sum(w.numel for w in weights)
+    size = f", {stacked / total:.0%} of the block weights" if total else ""
+    able = ", ".join(n for n in names_by_expert_support() if n != what)
+    return (
+        f"{what}: cannot modify the mixture-of-experts weights stored as 3-D parameters "
+        f"({', '.join(patterns)}{size}) expert by expert; per-expert methods: {able}; or pass "
+        "exclude=('*experts*',) to modify the other weights only"
+    )
+
+
+def names_by_expert_support() -> list[str]:
+    """The registered modifications that modify fused expert weights expert by expert."""
+    return sorted(n for n, (config, _) in _REGISTRY.items() if config.per_expert)
 
 
 class _Edit(nn.Module):
@@ -278,16 +373,38 @@ class Patch:
         # what handlers report about how they applied, JSON-ready (e.g. GGUF's width fallbacks:
         # {"fallbacks": {"quant.gguf": {...}}}); the harness copies it into Result.details
         self.details: dict[str, Any] = {}
+        self.stages: list[Modification] = []  # the configs applied through it (``apply``)
         self._undo: list[Callable[[], None]] = []
+        # what the changes touched: stored tensor id -> the experts touched (None: all of it),
+        # against the block weights as they were before the first change
+        self._touched: dict[int, set[int] | None] = {}
+        self._weights: dict[int, BlockWeight] | None = None
+        self._cached: set[int] = set()  # expert modules hooked to evaluate once per call
 
     def parametrize(self, target: Target, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Compute ``target``'s weight as ``fn(weight)`` on every use; the original is kept."""
-        module = target.module
-        original = module.weight
+        """Compute ``target``'s weight as ``fn(weight)`` on every use; the original is kept.
+
+        For one expert of a fused expert parameter, ``fn`` gets and returns that expert's
+        (out, in) matrix; the others pass through.
+        """
+        module, param = target.module, target.param
+        original = stored(module, param)
+        self.touch(target)
+        if target.expert is not None:
+            chain = (
+                module.parametrizations[param] if parametrize.is_parametrized(module, param) else ()
+            )
+            last = chain[-1] if len(chain) else None
+            if isinstance(last, ExpertEdit) and target.expert not in last.fns:
+                last.fns[target.expert] = fn  # this expert's next link: see ExpertEdit
+                return
+            edit: nn.Module = ExpertEdit(target.transposed)
+            edit.fns[target.expert] = fn
+            self._cache_per_call(module)
+        else:
+            edit = _Edit(fn, target.transposed)
         before = original._version
-        parametrize.register_parametrization(
-            module, "weight", _Edit(fn, target.transposed), unsafe=True
-        )
+        parametrize.register_parametrization(module, param, edit, unsafe=True)
         # A tensor several modules share (a tied embedding and head) is re-seated once per
         # registration: follow the bumps registrations make, and only those (a write between
         # two of them leaves the recorded version behind, so the harness still sees it).
@@ -296,10 +413,47 @@ class Patch:
             self.reseated[ptr] = original._version
 
         def undo() -> None:
-            if parametrize.is_parametrized(module, "weight"):
-                parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+            if parametrize.is_parametrized(module, param):
+                parametrize.remove_parametrizations(module, param, leave_parametrized=False)
 
         self._undo.append(undo)
+
+    def _cache_per_call(self, module: nn.Module) -> None:
+        if id(module) in self._cached:
+            return
+        self._cached.add(id(module))
+        handles = cache_per_call(module)
+
+        def undo() -> None:
+            for handle in handles:
+                handle.remove()
+            self._cached.discard(id(module))
+
+        self._undo.append(undo)
+
+    def touch(self, target: Target) -> None:
+        """Count ``target`` as touched without changing it (``parametrize`` and module swaps
+        count theirs): a handler whose parameters leave some targets as they are (zero noise,
+        a full rank, bit flips drawn over every target that landed elsewhere) still applied
+        to them, and the touched share should say so."""
+        self._touch(stored(target.module, target.param), target.expert)
+
+    def _touch(self, tensor: torch.Tensor, expert: int | None = None) -> None:
+        """Record that ``tensor`` (or its expert ``expert``) changes, for :meth:`touched`."""
+        if self._weights is None:  # the first change: the block weights as they were
+            try:
+                self._weights = block_weights(*blocks(self.model))
+            except HemorrhageError:  # no block list: no share to report
+                self._weights = {}
+        key = id(tensor)
+        if expert is None:
+            self._touched[key] = None
+        elif (experts := self._touched.setdefault(key, set())) is not None:
+            experts.add(expert)
+
+    def touched(self) -> dict[str, Any]:
+        """What the changes so far touched: ``coverage.touched_record``."""
+        return touched_record(self._weights or {}, self._touched, self.stages)
 
     def swap_module(self, name: str, new: nn.Module) -> nn.Module:
         """Replace the submodule at dotted ``name`` by ``new``; returns the original."""
@@ -310,6 +464,13 @@ class Patch:
     def setattr(self, obj: object, attr: str, value: object) -> object:
         """Set ``obj.attr = value`` until undo; returns the original value."""
         original = getattr(obj, attr)
+        if isinstance(original, nn.Module):  # its weights the new value does not keep change
+            kept = {id(p) for p in value.parameters()} if isinstance(value, nn.Module) else set()
+            for p in original.parameters():
+                if id(p) not in kept:
+                    self._touch(p)
+        elif isinstance(original, torch.Tensor):
+            self._touch(original)
         setattr(obj, attr, value)
         self._undo.append(lambda: setattr(obj, attr, original))
         return original

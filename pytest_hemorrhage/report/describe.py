@@ -7,7 +7,15 @@ from typing import Any
 
 from ..stats import upper_bound
 
-__all__ = ["DEFAULT_METRICS", "compared_value", "describe_fallbacks", "describe_modification"]
+__all__ = [
+    "DEFAULT_METRICS",
+    "UNTOUCHED_NOTED",
+    "compared_value",
+    "describe_fallbacks",
+    "describe_modification",
+    "describe_touched",
+    "describe_untouched",
+]
 
 DEFAULT_METRICS = ("ppl_increase", "kl_mean")  # shown for results measured without a budget
 
@@ -48,3 +56,58 @@ def compared_value(record: Mapping[str, Any], metric: str) -> float | None:
         return None
     confidence = (record.get("budget") or {}).get("confidence")
     return upper_bound(value, (record.get("stderr") or {}).get(metric), confidence or None)
+
+
+# a weight modification leaving more than this share of the block weights unchanged without
+# include/exclude gets a line in the summary (a gate passing on weights it never touched)
+UNTOUCHED_NOTED = 0.05
+
+
+def describe_touched(record: Mapping[str, Any]) -> str:
+    """What a result's stages touched (``details["touched"]``), one line: ``touched 99.8% of
+    the block weights (221,184 of 221,696 parameters); unchanged: model.layers.*.mlp.gate.weight``,
+    or ``touched no weights: it changes decoding``. Empty when not recorded."""
+    touched = (record.get("details") or {}).get("touched")
+    if not isinstance(touched, Mapping):
+        return ""
+    if touched.get("share") is None:
+        changes = [c for c in touched.get("changes", ()) if c not in ("weights", "structure")]
+        return f"touched no weights: it changes {' and '.join(changes)}" if changes else ""
+    untouched = touched.get("untouched") or []
+    return (
+        f"touched {_share(touched['share'])} of the block weights ({touched['parameters']:,} of "
+        f"{touched['of']:,} parameters)"
+        + (f"; unchanged: {', '.join(untouched)}" if untouched else "")
+    )
+
+
+def describe_untouched(record: Mapping[str, Any]) -> str:
+    """The summary's line for a weight modification that left more than ``UNTOUCHED_NOTED`` of
+    the block weights unchanged though no ``include``/``exclude`` chose its targets (structured
+    pruning changes part of the blocks by design and is not noted); empty otherwise."""
+    touched = (record.get("details") or {}).get("touched")
+    if not isinstance(touched, Mapping) or touched.get("share") is None:
+        return ""
+    if touched.get("targeted") or "weights" not in touched.get("changes", ()):
+        return ""
+    left = 1 - touched["share"]
+    if left <= UNTOUCHED_NOTED:
+        return ""
+    shown = touched.get("untouched") or []
+    names = ", ".join(shown[:3]) + (f" and {len(shown) - 3} more" if len(shown) > 3 else "")
+    return (
+        f"{record['modification']} left {_share(left)} of the block weights unchanged ({names}): "
+        "its measures do not cover them; pass include=/exclude= to say that is meant"
+    )
+
+
+def _share(x: float) -> str:
+    """A percentage that does not round a partial share to 0% or 100%."""
+    text = f"{x:.0%}"
+    if text in ("0%", "100%") and 0 < x < 1:
+        text = (
+            f"{x:.1%}"
+            if f"{x:.1%}" not in ("0.0%", "100.0%")
+            else ("<0.1%" if x < 0.5 else ">99.9%")
+        )
+    return text

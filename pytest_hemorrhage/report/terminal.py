@@ -13,7 +13,14 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .describe import DEFAULT_METRICS, compared_value, describe_fallbacks, describe_modification
+from .describe import (
+    DEFAULT_METRICS,
+    compared_value,
+    describe_fallbacks,
+    describe_modification,
+    describe_touched,
+    describe_untouched,
+)
 
 __all__ = [
     "closest_metric",
@@ -142,10 +149,12 @@ def early_stop_note(records: Sequence[Mapping[str, Any]]) -> str:
 
 def render_notes(records: Sequence[Mapping[str, Any]], *, width: int = 80) -> str:
     """One line per distinct fallback the results report (e.g. ``quant.gguf fallbacks: Q4_K ->
-    Q5_0 for model.layers.{0..3}.*``), however many measures applied it; wrapped, not cut."""
+    Q5_0 for model.layers.{0..3}.*``) and per modification that left block weights unchanged
+    unasked (``describe_untouched``), however many measures applied it; wrapped, not cut."""
     import textwrap
 
     lines = dict.fromkeys(line for record in records for line in describe_fallbacks(record))
+    lines.update(dict.fromkeys(filter(None, map(describe_untouched, records))))
     wrapped = [
         textwrap.fill(
             line,
@@ -284,6 +293,9 @@ def render_table(records: list[dict[str, Any]], *, width: int = 80, color: bool 
             )
         for metric, value, limit, margin, verdict in rows:
             lines.append(f"      {metric:<20} {value:>9} {limit:>9} {margin:>9} {verdict}".rstrip())
+        touched = describe_touched(record)
+        if touched:
+            lines.append(f"      {touched}")
     return "\n".join(lines) + "\n"
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -68,6 +68,8 @@ class HeadPruning(Modification):
             heads together.
     """
 
+    per_expert: ClassVar[bool | None] = None  # attention heads: experts are not its targets
+    changes: ClassVar[str] = "structure"
     fraction: float | None = None
     heads: tuple[tuple[int, int], ...] = ()
     importance: str = "activation"
@@ -96,6 +98,8 @@ class ChannelPruning(Modification):
             neurons together.
     """
 
+    per_expert: ClassVar[bool | None] = None  # dense MLP channels; experts' are not (yet)
+    changes: ClassVar[str] = "structure"
     fraction: float = 0.25
     importance: str = "activation"
     scope: str = "layer"
@@ -122,6 +126,7 @@ class LayerPruning(Modification):
             change the residual stream least; ``"last"`` removes the last ones.
     """
 
+    changes: ClassVar[str] = "structure"
     count: int | None = None
     indices: tuple[int, ...] = ()
     selection: str = "importance"

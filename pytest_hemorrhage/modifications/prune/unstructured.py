@@ -9,6 +9,7 @@ is kept. Structured pruning (heads, MLP channels, whole blocks) lives in ``struc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -16,7 +17,7 @@ from torch import nn
 from ...errors import HemorrhageError
 from ..calibration import input_norms
 from ..handler import Context
-from ..registry import Modification, Patch, Target, register_modification
+from ..registry import Modification, Patch, Target, register_modification, select_targets
 from ..state import pack_bits, unpack_bits
 from ..validate import check_choice, check_int, check_number
 
@@ -37,10 +38,12 @@ class MagnitudePruning(Modification):
 
     Args:
         sparsity: fraction of weights to zero, 0-1.
-        scope: ``"layer"`` prunes that fraction of every layer; ``"global"`` ranks all target
-            weights together, so layers of small weights lose more.
+        scope: ``"layer"`` prunes that fraction of every layer (every expert's matrix of a
+            fused expert weight); ``"global"`` ranks all target weights together, so layers
+            of small weights lose more.
     """
 
+    per_expert: ClassVar[bool | None] = True  # each expert of a fused expert weight
     sparsity: float = 0.5
     scope: str = "layer"
 
@@ -103,9 +106,11 @@ class NMPruning(Modification):
     Args:
         n: weights kept in each group, 1-m (2 for 2:4).
         m: group size along the input dimension; every target's in_features must divide by it.
-        score: ``"magnitude"`` ranks by ``|W|``; ``"wanda"`` by ``|W| * ||X||_2`` (calibration).
+        score: ``"magnitude"`` ranks by ``|W|`` (each expert's matrix of a fused expert
+            weight too); ``"wanda"`` by ``|W| * ||X||_2`` (calibration).
     """
 
+    per_expert: ClassVar[bool | None] = True  # with score="magnitude": see targets()
     n: int = 2
     m: int = 4
     score: str = "magnitude"
@@ -115,6 +120,11 @@ class NMPruning(Modification):
         check_int(self, "m", 1)
         check_int(self, "n", 1, self.m)
         check_choice(self, "score", ("magnitude", "wanda"))
+
+    def targets(self, model: nn.Module) -> list[Target]:
+        # Wanda's input norms come from calibration, which does not follow the router yet
+        experts = self.score == "magnitude"
+        return select_targets(model, self.include, self.exclude, self.name, experts)
 
 
 def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:

@@ -35,7 +35,7 @@ import functools
 import inspect
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -65,6 +65,7 @@ class KVCache(Modification):
             square of the number of chunks; see the module docstring).
     """
 
+    changes: ClassVar[str] = "the KV cache"
     bits: int = 4
     backend: str = "hqq"
     residual_length: int = 0

@@ -8,6 +8,7 @@ Each is a parametrization: the weight is rounded on every use and the original s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -34,6 +35,7 @@ class RTN(Modification):
         symmetric: absmax scaling around zero; otherwise min/max with a zero point.
     """
 
+    per_expert: ClassVar[bool | None] = True  # each expert of a fused expert weight
     bits: int = 8
     group_size: int = 128
     symmetric: bool = True
@@ -99,6 +101,7 @@ class Fp8(Modification):
         format: ``"e4m3"`` (torch.float8_e4m3fn: more precision) or ``"e5m2"`` (more range).
     """
 
+    per_expert: ClassVar[bool | None] = True  # each expert of a fused expert weight
     format: str = "e4m3"
 
     def __post_init__(self) -> None:
@@ -128,6 +131,7 @@ class Dtype(Modification):
         dtype: ``"float16"`` or ``"bfloat16"``.
     """
 
+    per_expert: ClassVar[bool | None] = True  # each expert of a fused expert weight
     dtype: str = "float16"
 
     def __post_init__(self) -> None:
