@@ -25,6 +25,16 @@ positions per layer, keys and values: 64 at the default, 192 at ``chunk=32``, 44
 bit-identical). Measured on the bundled model (benchmarks/bench_kv_cache.py), a measure costs
 about 2x a plain one at the default, and grows with the quantized volume at smaller chunks.
 
+Sliding-window layers (Mistral, Gemma 2/3, GPT-OSS) are quantized too. transformers'
+``QuantizedCache`` refuses such models because its layers keep every cached token where a
+sliding layer keeps the last ``sliding_window``; but the model masks each sliding layer's
+attention to its window whatever the cache holds, so a cache keeping everything computes the
+same logits (at 8 bits, the whole-window reference's up to rounding:
+``tests/test_architectures.py``), and the cache here is built from transformers' quantized
+layers directly, one per attention layer. ``Result.details["kv_cache"]`` names the sliding-window
+layers and their window. Other layer kinds (chunked or linear attention, shared caches) are
+refused in one line naming them.
+
 The model's ``forward`` is wrapped through the patch (undone exactly); a model whose forward
 takes no transformers cache is refused.
 """
@@ -104,17 +114,53 @@ def _cache_keyword(model: nn.Module) -> str:
     )
 
 
-def _new_cache(config: KVCache, model: nn.Module) -> Any:
-    from transformers.cache_utils import QuantizedCache
+_CACHED = ("full_attention", "sliding_attention")  # layer kinds a quantized layer stands in for
 
-    return QuantizedCache(
-        config.backend,
-        model.config,
-        nbits=config.bits,
-        q_group_size=config.group_size,
-        residual_length=config.residual_length,
-        axis_key=1,  # per channel of the head dimension, as KIVI quantizes keys
-        axis_value=1,
+
+def _layer_kinds(model: nn.Module) -> tuple[list[str], list[dict[str, Any]]]:
+    """Per decoder layer, its attention kind and cache arguments, as transformers reads them
+    from the config (``QuantizedCache`` does the same)."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    return get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
+
+
+def _check_layers(model: nn.Module) -> dict[str, Any]:
+    """Refuse layer kinds a quantized cache layer cannot stand in for; else what
+    ``Result.details["kv_cache"]`` reports: the layers, and which of them slide, over what."""
+    kinds, kwargs = _layer_kinds(model)
+    other = sorted({k for k in kinds if k not in _CACHED})
+    if other:
+        raise HemorrhageError(
+            f"quant.kv_cache: {type(model).__name__} has {', '.join(other)} layers, whose "
+            "caches transformers' quantized cache layers cannot stand in for (they hold full "
+            "or sliding-window attention only); quantize its weights instead (e.g. quant.rtn)"
+        )
+    details: dict[str, Any] = {"layers": len(kinds)}
+    sliding = [i for i, k in enumerate(kinds) if k == "sliding_attention"]
+    if sliding:
+        details["sliding_window_layers"] = sliding
+        details["sliding_window"] = sorted({kwargs[i]["sliding_window"] for i in sliding})
+    return details
+
+
+def _new_cache(config: KVCache, model: nn.Module) -> Any:
+    """transformers' quantized cache layers, one per attention layer, sliding ones included
+    (see the module docstring: transformers' ``QuantizedCache`` would refuse those)."""
+    from transformers.cache_utils import Cache, HQQQuantizedLayer, QuantoQuantizedLayer
+
+    layer = HQQQuantizedLayer if config.backend == "hqq" else QuantoQuantizedLayer
+    return Cache(
+        layers=[
+            layer(
+                nbits=config.bits,
+                q_group_size=config.group_size,
+                residual_length=config.residual_length,
+                axis_key=1,  # per channel of the head dimension, as KIVI quantizes keys
+                axis_value=1,
+            )
+            for _ in _layer_kinds(model)[0]
+        ]
     )
 
 
@@ -168,6 +214,7 @@ def quantized_forward(config: KVCache, model: nn.Module) -> Any:
 def kv_cache(config: KVCache, model: nn.Module, patch: Patch, context: Context) -> None:
     """Route the model's forward through a quantized KV cache (see the module docstring)."""
     _cache_keyword(model)
+    details = _check_layers(model)
     backend = config.backend
     try:
         __import__("hqq" if backend == "hqq" else "optimum.quanto")
@@ -177,6 +224,7 @@ def kv_cache(config: KVCache, model: nn.Module, patch: Patch, context: Context) 
             f"which is not installed; pip install {KV_BACKENDS[backend]}, or use "
             "backend='hqq'"
         ) from None
+    patch.details["kv_cache"] = details
     if "forward" in vars(model):  # already wrapped (e.g. twice in one composition)
         patch.setattr(model, "forward", quantized_forward(config, model))
         return
