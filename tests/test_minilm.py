@@ -60,7 +60,7 @@ SLOW = {
     "prune.gradient",
 }
 REFUSED = {  # a rotation that needs RMSNorm, and what an encoder has not
-    "prune.slicegpt": "is not a Llama-style RMSNorm model",
+    "prune.slicegpt": "normalizes its residual stream with LayerNorm",
     "quant.kv_cache": "does not generate",
     "decode.": "changes next-token decoding, which an encoder does not have",
 }

@@ -368,7 +368,11 @@ def test_unrecognized_architecture_is_named(name):
             self.blocks = torch.nn.ModuleList([Block(), Block()])
 
     model = Odd()
-    with pytest.raises(HemorrhageError, match=r"Odd has no .* in block 'blocks\.0'"):
+    # the layers found are named, and only what applies to such a model is suggested
+    expected = (
+        r"Odd: the \w+ of block 'blocks\.0' \(a, b\) is not a layout .*; use prune\.layers or "
+    )
+    with pytest.raises(HemorrhageError, match=expected + r"prune\.magnitude instead$"):
         apply(make(name, {"fraction": 0.5}), model, Patch(model), None)
 
 

@@ -19,8 +19,17 @@ originals back. The new weights cost ``1 - fraction`` of the replaced ones while
 Differences from the reference implementation: one basis per block (SliceGPT has one for the
 attention and one for the MLP input of each block), and the PCA is taken on the unsliced
 model's residual stream rather than on the outputs of the already-sliced earlier blocks.
-Only RMSNorm models (Llama-style) are supported: LayerNorm models (GPT-2) need an exact
-LayerNorm-to-RMSNorm conversion first, which is not implemented, and are refused.
+
+Supported: RMSNorm models whose norms compute ``w * x / rms(x)`` (Llama) or
+``(1 + w) * x / rms(x)`` (Gemma), told apart by what the norm makes of a constant input, with
+separate q/k/v or fused ``qkv_proj`` (Phi-3) or multi-head latent attention's
+``q_a_proj``/``kv_a_proj_with_mqa`` (DeepSeek) reading the residual stream, and
+``gate_proj``/``up_proj``, fused ``gate_up_proj`` or ``up_proj`` MLPs. Refused, in one line
+naming the blocker and the pruning methods that do apply: LayerNorm models (GPT-2, OPT, ...:
+they need an exact LayerNorm-to-RMSNorm conversion first, not implemented), norms on the
+sublayers' outputs (Gemma 2/3, OLMo 2: a norm between a writer and the residual stream cannot
+be folded into a sliced writer), and mixtures of experts stored as 3-D parameters (the
+rotation rewrites linear layers only).
 """
 
 from __future__ import annotations
@@ -34,14 +43,21 @@ from torch import nn
 from ...errors import HemorrhageError
 from ..calibration import calibration_forwards
 from ..handler import Context
-from ..registry import Modification, Patch, blocks, register_modification
+from ..registry import Modification, Patch, blocks, is_linear, register_modification
 from ..validate import check_number
+from .layouts import alternatives, fused_experts
 
 __all__ = ["SliceGPT", "SlicedRMSNorm", "residual_covariances"]
 
-_ATTENTION_READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_ATTENTION_READERS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.qkv_proj",),  # Phi-3
+    ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"),  # multi-head latent attention
+    ("self_attn.q_proj", "self_attn.kv_a_proj_with_mqa"),  # the same, without a low-rank query
+)
 _WRITERS = ("self_attn.o_proj", "mlp.down_proj")
-_MLP_READERS = (("mlp.gate_proj", "mlp.up_proj"), ("mlp.up_proj",))
+_MLP_READERS = (("mlp.gate_proj", "mlp.up_proj"), ("mlp.gate_up_proj",), ("mlp.up_proj",))
+_NORMS = ("input_layernorm", "post_attention_layernorm")  # read by the attention, the MLP
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,55 +112,131 @@ class _Layout:
     head: str
     prefix: str
     count: int
-    mlp_readers: tuple[str, ...]
+    readers: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...]  # per block: attention's, MLP's
 
 
 def _layout(model: nn.Module, what: str) -> _Layout:
+    """Where the model reads and writes its residual stream; refuses in one line what the
+    rotation cannot rewrite (see the module docstring), naming the methods that apply."""
     prefix, layers = blocks(model)
     base = prefix.rpartition(".")[0]
-    names = dict(model.named_modules())
-    embed, norm = f"{base}.embed_tokens", f"{base}.norm"
-    head = "lm_head"
-    first = layers[0]
-    norm_kind = type(getattr(first, "input_layernorm", None) or first).__name__
-    mlp = next((r for r in _MLP_READERS if all(_has(first, n) for n in r)), None)
-    if (
-        not norm_kind.endswith("RMSNorm")
-        or any(n not in names for n in (embed, norm, head))
-        or mlp is None
-        or not all(
-            _has(first, n) for n in (*_ATTENTION_READERS, *_WRITERS, "post_attention_layernorm")
+    embed, final_norm, head = f"{base}.embed_tokens", f"{base}.norm", "lm_head"
+
+    def refuse(reason: str) -> HemorrhageError:
+        return HemorrhageError(
+            f"{what}: {type(model).__name__}: {reason}; use "
+            f"{alternatives(model, 'prune.slicegpt')} instead"
         )
-    ):
-        norms = sorted({type(m).__name__ for m in model.modules() if "Norm" in type(m).__name__})
-        raise HemorrhageError(
-            f"{what}: {type(model).__name__} (norms: {', '.join(norms) or 'none'}) is not a "
-            "Llama-style RMSNorm model this modification can rotate; LayerNorm models (GPT-2) "
-            "would need an exact LayerNorm-to-RMSNorm conversion first, which is not "
-            "implemented: use prune.channels or prune.heads there"
+
+    norms = [
+        {n: m for n, m in block.named_children() if "norm" in type(m).__name__.lower()}
+        for block in layers
+    ]
+    final = dict(model.named_modules()).get(final_norm)
+    every = [*layers.modules(), *([final] if final is not None else [])]  # BERT's nest deeper
+    layer_norms = sorted(
+        {type(m).__name__ for m in every if "norm" in type(m).__name__.lower() and not _is_rms(m)}
+    )
+    if layer_norms:
+        raise refuse(
+            f"it normalizes its residual stream with {', '.join(layer_norms)}, which the "
+            "rotation cannot pass through (an exact LayerNorm-to-RMSNorm conversion would be "
+            "needed first, which is not implemented)"
         )
-    return _Layout(embed, norm, head, prefix, len(layers), mlp)
+    extra = sorted({n for b in norms for n in b} - set(_NORMS))
+    if extra:
+        raise refuse(
+            f"its blocks have norms other than a Llama-style {' and '.join(_NORMS)} "
+            f"({', '.join(extra)}): norms on the sublayers' outputs, which sit between a writer "
+            "and the residual stream and cannot be folded into a sliced writer"
+        )
+    readers = []
+    for index, block in enumerate(layers):
+        name = f"{prefix}.{index}"
+        experts = fused_experts(block)
+        if experts:
+            raise refuse(
+                f"the MLP of block {name!r} is a mixture of experts stored as 3-D parameters "
+                f"({', '.join(experts)}), which the rotation does not rewrite (linear layers "
+                "only)"
+            )
+        attention = next((r for r in _ATTENTION_READERS if _all_present(block, r)), None)
+        mlp = next((r for r in _MLP_READERS if _all_present(block, r)), None)
+        if attention is None or mlp is None or not _all_present(block, _WRITERS):
+            linears = ", ".join(n for n, m in block.named_modules() if is_linear(m))
+            raise refuse(
+                f"block {name!r} reads and writes its residual stream through layers "
+                f"({linears}) other than those the rotation rewrites (q/k/v_proj, qkv_proj or "
+                "q_a_proj/kv_a_proj_with_mqa, and o_proj; gate/up_proj, gate_up_proj or "
+                "up_proj, and down_proj)"
+            )
+        for norm in _NORMS:
+            if norm not in norms[index]:
+                raise refuse(f"block {name!r} has no {norm} before the layers reading it")
+            if _gain(norms[index][norm]) is None:
+                raise refuse(f"its norm {name}.{norm} is an RMSNorm of another formula")
+        readers.append((attention, mlp))
+    missing = [n for n in (embed, final_norm, head) if not _has(model, n)]
+    if missing:
+        raise refuse(
+            f"it has no {', '.join(missing)} (the embedding, final norm and output head the "
+            "rotation rewrites)"
+        )
+    if _gain(model.get_submodule(final_norm)) is None:
+        raise refuse(f"its norm {final_norm} is an RMSNorm of another formula")
+    return _Layout(embed, final_norm, head, prefix, len(layers), tuple(readers))
+
+
+def _is_rms(norm: nn.Module) -> bool:
+    return type(norm).__name__.endswith("RMSNorm")
+
+
+def _all_present(block: nn.Module, names: tuple[str, ...]) -> bool:
+    return all(_has(block, n) for n in names)
+
+
+def _eps(norm: nn.Module) -> float:
+    return getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+
+
+def _gain(norm: nn.Module) -> torch.Tensor | None:
+    """The per-channel gain ``g`` of an RMSNorm computing ``g * x / rms(x)``, in float64: its
+    weight ``w`` (Llama) or ``1 + w`` (Gemma), whichever its output on a constant input
+    matches; None for any other formula."""
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        return None
+    probe = torch.ones(1, 1, len(weight), dtype=weight.dtype, device=weight.device)
+    with torch.no_grad():  # the class's forward: no hook runs (accelerate's would reload it)
+        out = type(norm).forward(norm, probe).double().flatten()
+    w, scale = weight.detach().double(), (1 + _eps(norm)) ** -0.5
+    error, gain = min(((out - g * scale).abs().max().item(), i) for i, g in enumerate((w, 1 + w)))
+    tolerance = 8 * torch.finfo(weight.dtype).eps * max(1.0, out.abs().max().item())
+    return (w, 1 + w)[gain] if error <= tolerance else None
 
 
 # Stages that change the block structure or widths SliceGPT's rotation is computed for.
 _STRUCTURAL = ("expand.layers", "prune.layers", "prune.heads", "prune.channels", "prune.slicegpt")
 
 
-def _check_rewritable(model: nn.Module, layout: _Layout, context: Context) -> None:
-    """Refuse, before anything changes, what an earlier stage made impossible to rotate: a
-    structural change, or a layer swapped for a kernel (bitsandbytes, w8a8, ...) whose float
-    weight is gone."""
+def _check_order(context: Context) -> None:
+    """Refuse, before anything changes, a composition where an earlier stage changed the
+    blocks or widths the rotation would be computed for."""
     earlier = [c.name for c in context.applied if c.name in _STRUCTURAL]
     if earlier:
         raise HemorrhageError(
             f"prune.slicegpt after {earlier[0]}: the rotation is computed for the model's own "
             "blocks and widths; put prune.slicegpt before structural stages in a composition"
         )
-    _, layers = blocks(model)
+
+
+def _check_rewritable(model: nn.Module, layout: _Layout) -> None:
+    """Refuse, before anything changes, a layer an earlier stage swapped for a kernel
+    (bitsandbytes, w8a8, ...) whose float weight is gone."""
     names = [
         f"{layout.prefix}.{i}.{n}"
-        for i in range(len(layers))
-        for n in (*_ATTENTION_READERS, *_WRITERS, *layout.mlp_readers)
+        for i, (attention, mlp) in enumerate(layout.readers)
+        for n in (*attention, *_WRITERS, *mlp)
     ]
     for name in [layout.embed, layout.head, *names]:
         module = model.get_submodule(name)
@@ -226,8 +318,9 @@ def _shortcut(rotation: torch.Tensor):
 
 @register_modification("prune.slicegpt", SliceGPT)
 def apply_slicegpt(config: SliceGPT, model: nn.Module, patch: Patch, context: Context) -> None:
+    _check_order(context)
     layout = _layout(model, config.name)
-    _check_rewritable(model, layout, context)
+    _check_rewritable(model, layout)
     embed = model.get_submodule(layout.embed)
     width = embed.weight.shape[1]
     kept = max(1, width - round(config.fraction * width))
@@ -240,7 +333,7 @@ def apply_slicegpt(config: SliceGPT, model: nn.Module, patch: Patch, context: Co
 
     def read(name: str, basis: torch.Tensor, gain: torch.Tensor) -> None:
         old = model.get_submodule(name)
-        w = old.weight.detach().double() * gain.double()
+        w = old.weight.detach().double() * gain.to(old.weight.device)
         bias = None if old.bias is None else old.bias.detach()
         patch.swap_module(name, _linear(w @ basis, bias, old))
 
@@ -258,19 +351,18 @@ def apply_slicegpt(config: SliceGPT, model: nn.Module, patch: Patch, context: Co
             device=device,
             dtype=embed.weight.dtype,
         )
-        new_embed.weight.copy_(embed.weight.detach().double() @ bases[0])
+        # the embedding's outputs, not its weight: Gemma's scales them by sqrt(hidden) inside
+        table = embed(torch.arange(embed.num_embeddings, device=device))
+        new_embed.weight.copy_(table.double() @ bases[0])
         patch.swap_module(layout.embed, new_embed)
         for index, layer in enumerate(layers):
             name, basis = f"{layout.prefix}.{index}", bases[index]
-            for norm_name, readers in (
-                ("input_layernorm", _ATTENTION_READERS),
-                ("post_attention_layernorm", layout.mlp_readers),
-            ):
+            for norm_name, readers in zip(_NORMS, layout.readers[index], strict=True):
                 norm = layer.get_submodule(norm_name)
+                gain = _gain(norm)
                 for reader in readers:
-                    read(f"{name}.{reader}", basis, norm.weight.detach())
-                eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
-                patch.swap_module(f"{name}.{norm_name}", SlicedRMSNorm(width, eps))
+                    read(f"{name}.{reader}", basis, gain)
+                patch.swap_module(f"{name}.{norm_name}", SlicedRMSNorm(width, _eps(norm)))
             for writer in _WRITERS:
                 write(f"{name}.{writer}", basis)
             if index:
@@ -278,7 +370,6 @@ def apply_slicegpt(config: SliceGPT, model: nn.Module, patch: Patch, context: Co
                 handle = layer.register_forward_pre_hook(_shortcut(rotation), with_kwargs=True)
                 patch.on_undo(handle.remove)
         final = model.get_submodule(layout.final_norm)
-        read(layout.head, bases[-1], final.weight.detach())
-        eps = getattr(final, "variance_epsilon", getattr(final, "eps", 1e-6))
+        read(layout.head, bases[-1], _gain(final))
         rotation = (bases[-2].T @ bases[-1]).to(embed.weight.dtype)
-        patch.swap_module(layout.final_norm, SlicedRMSNorm(width, eps, rotation))
+        patch.swap_module(layout.final_norm, SlicedRMSNorm(width, _eps(final), rotation))

@@ -372,14 +372,14 @@ def _channel_scores(
             importance = _column_norms(mlp.consumer)
             if config.importance == "taylor":
                 importance = taylor[mlp.consumer.name][1] + sum(
-                    taylor[p.name][0] for p in mlp.producers
+                    taylor[p.name][0][start : start + mlp.width] for p, start in mlp.rows()
                 )
             elif config.importance == "activation":
                 l2 = input_norms(model, context, mlp.consumer, config.name)
                 importance = importance * l2.to(importance.device)
             else:
-                for producer in mlp.producers:
-                    importance = importance * _row_norms(producer)
+                for producer, start in mlp.rows():
+                    importance = importance * _row_norms(producer)[start : start + mlp.width]
             scores += [(float(s), (mlp.block, k)) for k, s in enumerate(importance.tolist())]
     return scores
 
@@ -397,8 +397,8 @@ def apply_channels(
     zeroing = _Zeroing()
     for layer, k in chosen:
         mlp = by_block[layer]
-        for producer in mlp.producers:
-            zeroing.rows(producer, k, k + 1)
+        for producer, start in mlp.rows():
+            zeroing.rows(producer, start + k, start + k + 1)
         zeroing.columns(mlp.consumer, k, k + 1)
     zeroing.apply(patch)
 
