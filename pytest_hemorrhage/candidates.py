@@ -1,8 +1,11 @@
 """``--hemorrhage-candidate`` and ``measure_model``: separately produced models gated against the
 baseline (a ``.gguf`` file, a saved directory, quantized or not, a hub id, ``module:factory``).
 
-A candidate loads as the baseline does (``loading``), except a ``.gguf`` file, which
-transformers' GGUF support dequantizes; its errors name ``--hemorrhage-candidate``.
+A candidate loads as the baseline does (``loading``), except a ``.gguf`` file, which runs in
+llama.cpp itself (``runtimes/llama_cpp.py``: the file as users run it) or, with
+``--hemorrhage-gguf-runtime=transformers`` or without llama-cpp-python under ``auto``, in
+transformers, which dequantizes it. Its tokenizer is read from the file by transformers either
+way, so its vocabulary is checked as every candidate's. Errors name ``--hemorrhage-candidate``.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from pathlib import Path
 
 from .errors import HemorrhageError, first_line
 from .loading import CAUSAL, LoadedModel, check_spec, kind, load_model, quiet
+from .runtimes.llama_cpp import LlamaCppModel, available
 
 __all__ = ["candidate_label", "check_candidate", "load_candidate"]
 
@@ -57,11 +61,14 @@ def load_candidate(
     dtype: str = "auto",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    gguf_runtime: str = "auto",
+    context: int = 512,
 ) -> LoadedModel:
-    """Load a candidate causal LM: a ``.gguf`` file through transformers' GGUF support (which
-    dequantizes it), anything else as :func:`load_model` loads the baseline; a quantized
-    checkpoint loads through its ``quantization_config`` (compressed-tensors, bitsandbytes,
-    HQQ, torchao, ...), which needs that library installed."""
+    """Load a candidate causal LM: a ``.gguf`` file in ``gguf_runtime`` (see the module
+    docstring; ``context``: the longest window llama.cpp will be given), anything else as
+    :func:`load_model` loads the baseline; a quantized checkpoint loads through its
+    ``quantization_config`` (compressed-tensors, bitsandbytes, HQQ, torchao, ...), which needs
+    that library installed."""
     check_candidate(spec)
     if not spec.endswith(".gguf"):
         try:
@@ -89,11 +96,13 @@ def load_candidate(
             device = "cuda" if torch.cuda.is_available() else "cpu"
         torch_dtype = torch.float32 if dtype == "auto" else getattr(torch, dtype)
         where = f"--hemorrhage-candidate={spec}"
+        llama = gguf_runtime == "llama.cpp" or (gguf_runtime == "auto" and available())
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(path.parent), gguf_file=path.name, dtype=torch_dtype
-            )
             tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            if not llama:
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(path.parent), gguf_file=path.name, dtype=torch_dtype
+                )
         except ImportError as exc:
             raise HemorrhageError(
                 f"{where}: reading GGUF needs the gguf package ({first_line(exc)}); "
@@ -105,5 +114,15 @@ def load_candidate(
                 f"{first_line(exc)}); convert a supported architecture, or give the "
                 "save_pretrained directory instead"
             ) from None
+    if llama:
+        try:
+            model = LlamaCppModel(path, context)
+        except ValueError as exc:  # llama.cpp's loader says only that it failed
+            raise HemorrhageError(
+                f"--hemorrhage-candidate={spec}: llama.cpp cannot load this file "
+                f"({first_line(exc)}); check it with llama.cpp's llama-cli, or pass "
+                "--hemorrhage-gguf-runtime=transformers"
+            ) from None
+    else:
         model = model.to(device).eval()
-        return LoadedModel(model=model, tokenizer=tokenizer, spec=spec)
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec)

@@ -39,6 +39,7 @@ from .modifications.noise import layer_seed
 from .modifications.registry import LogitsProcessor, Modification, Patch, apply, iter_configs
 from .placement import offloaded_modules
 from .reference import DEFAULT_TOPK, EXACT_VOCAB, Reference, cache_key, load_or_compute
+from .runtimes import runtime_of
 
 if TYPE_CHECKING:
     from .budget import Budget
@@ -389,6 +390,7 @@ class Harness:
                 result.stderr.update(stderr)
                 result.details.update(details)
         result.modification, result.params = "candidate", params
+        result.details["runtime"] = runtime_of(model)
         return result
 
     @contextmanager

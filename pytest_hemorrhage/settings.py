@@ -192,6 +192,16 @@ OPTIONS = [
         multiple=True,
     ),
     Option(
+        "gguf-runtime",
+        "What runs a .gguf candidate: llama.cpp (in-process, llama-cpp-python: the file as "
+        "users run it, activations rounded by its kernels), transformers (its dequantized "
+        "weights in float), or auto (llama.cpp when installed). Every result names the "
+        "runtime. Default: auto.",
+        "auto",
+        _choice("auto", "llama.cpp", "transformers"),
+        "NAME",
+    ),
+    Option(
         "save-reference",
         "Write the baseline's reference for this data and these settings to PATH, for "
         "--hemorrhage-reference runs without the baseline model.",
@@ -249,6 +259,7 @@ class Settings:
     gen_tokens: int
     tasks: tuple[Path, ...]
     candidate: tuple[str, ...]
+    gguf_runtime: str
     save_reference: Path | None
     reference: Path | None
     compare: Path | None

@@ -66,8 +66,9 @@ def test_activation_rounding_adds_damage_and_is_undone(harness):
     weights = harness.measure([("quant.gguf", {"type": "Q8_0", "activations": False})])
     as_run = harness.measure([("quant.gguf", {"type": "Q8_0"})])
     assert as_run.metrics["kl_mean"] > 1.3 * weights.metrics["kl_mean"]
-    assert harness.measure([("quant.rtn", {"bits": 8, "group_size": 32})]).metrics["kl_mean"] < (
-        as_run.metrics["kl_mean"]
+    assert (
+        harness.measure([("quant.rtn", {"bits": 8, "group_size": 32})]).metrics["kl_mean"]
+        < (as_run.metrics["kl_mean"])
     )
     # no hook is left behind: the baseline measures exactly 0
     for module in harness.model.modules():

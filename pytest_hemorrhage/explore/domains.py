@@ -89,7 +89,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "score": ("wanda", "magnitude"),
     "selection": ("importance", "last"),
     "smooth": (True, False),
-    "importance": ("activation", "taylor", "weight"),  # measured gentlest first (docs/exploration.md)
+    "importance": ("activation", "taylor", "weight"),  # gentlest first (docs/exploration.md)
     "act_order": (True, False),
     # quant.gguf's types by bits per weight (mixtures just above their base type)
     "type": (
