@@ -197,6 +197,45 @@ def test_groups_run_along_each_experts_input_dimension(moe, arch):
         assert not torch.equal(quantized[i], wrong_way.t() if transposed else wrong_way)
 
 
+def test_gguf_quantizes_each_expert_as_llama_cpp_writes_ffn_exps(moe):
+    """Each expert's (out, in) matrix is its own GGUF tensor rows: the dequantized blocks of
+    the expert's rows, whichever way the stack is stored."""
+    from pytest_hemorrhage.modifications.quant.gguf import Gguf, dequantize, plan, quantize
+
+    h = moe("gpt_oss")  # (experts, in, out)
+    experts = h.model.model.layers[1].mlp.experts
+    original = experts.down_proj.detach().clone()
+    config = Gguf(type="Q4_0", activations=False)
+    types = {p.name: p.type for p in plan(config, h.model)}
+    with h.modified([config]):
+        quantized = experts.down_proj.detach().clone()
+    for i in range(original.shape[0]):
+        qtype = types[f"model.layers.1.mlp.experts.down_proj[{i}]"]
+        rows = original[i].t()  # (out, in): llama.cpp's rows run along the inputs
+        expected = torch.from_numpy(dequantize(quantize(rows, qtype), qtype)).reshape(rows.shape)
+        assert torch.equal(quantized[i], expected.t())
+
+
+def test_gguf_mixtures_follow_llama_cpp_for_eight_experts():
+    """llama.cpp bumps attn_v and attn_k to Q8_0 and attn_output to Q5_K (Q4_K_M) on 8-expert
+    models; the experts' down projections follow the ffn_down rule of their block."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from pytest_hemorrhage.modifications.quant.gguf import Gguf, plan
+
+    config = MixtralConfig(**{**COMMON, "hidden_size": 256, "intermediate_size": 256})
+    with torch.device("meta"):  # the plan reads shapes only
+        model = MixtralForCausalLM(config)
+    types = {p.name: p.type for p in plan(Gguf(type="Q4_K_M"), model)}
+    assert types["model.layers.0.self_attn.v_proj"] == "Q8_0"
+    assert types["model.layers.0.self_attn.k_proj"] == "Q8_0"
+    assert types["model.layers.0.self_attn.o_proj"] == "Q5_K"
+    assert types["model.layers.0.self_attn.q_proj"] == "Q4_K"
+    assert {types[f"model.layers.0.mlp.experts.down_proj[{i}]"] for i in range(8)} == {"Q4_K"}
+    assert {types[f"model.layers.1.mlp.experts.down_proj[{i}]"] for i in range(8)} == {"Q6_K"}
+    assert {types[f"model.layers.1.mlp.experts.gate_up_proj[{i}]"] for i in range(8)} == {"Q4_K"}
+
+
 def test_eager_experts_evaluate_each_parameter_once_per_call(moe):
     """transformers' eager loop indexes the stacked parameter once per routed expert; the
     per-expert functions still run once per forward of the experts module."""

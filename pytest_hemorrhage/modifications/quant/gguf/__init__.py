@@ -46,13 +46,20 @@ def apply_gguf(config: Gguf, model: nn.Module, patch: Patch, context: Context | 
     by_name = {p.name: p for p in plans}
     groups = tensors(config, model)
     packed = [quantize(t.weight, by_name[t.name].type) for t, _ in groups]  # all before any change
+    rounded: set[int] = set()  # modules whose input is rounded (an experts module: once)
     for (target, sharing), blocks_ in zip(groups, packed, strict=True):
         qtype = by_name[target.name].type
         fn = Dequantized(blocks_, qtype)
         for t in sharing:
             patch.parametrize(t, fn)
-            if config.activations and not isinstance(t.module, nn.Embedding):
-                patch.on_undo(t.module.register_forward_pre_hook(_rounding(qtype)).remove)
+            if not config.activations or isinstance(t.module, nn.Embedding):
+                continue
+            # an experts module's input is what its up/gate projections read; its down
+            # projections read an activation inside its forward, left in float here
+            if id(t.module) in rounded or (t.expert is not None and "down" in t.param):
+                continue
+            rounded.add(id(t.module))
+            patch.on_undo(t.module.register_forward_pre_hook(_rounding(qtype)).remove)
     fallen = [p for p in plans if p.fell_back]
     if fallen:  # the harness puts these in Result.details; the reports show them once
         patch.details.setdefault("fallbacks", {})[config.name] = {

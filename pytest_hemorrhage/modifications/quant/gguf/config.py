@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ....errors import HemorrhageError
 from ...registry import Modification
@@ -91,7 +92,10 @@ class Gguf(Modification):
         activations: round each quantized matmul's inputs as llama.cpp's CPU kernels do (to
             Q8_0 blocks for the legacy types, Q8_K for the K-quants, F16 for F16 tensors:
             ``runtime.py``), so the measure is the file's damage as llama.cpp runs it, not
-            only its weights'. False: the dequantized weights with float activations.
+            only its weights'. False: the dequantized weights with float activations. Fused
+            mixture-of-experts weights (quantized per expert, as llama.cpp's ``ffn_*_exps``):
+            the input of the up/gate projections is rounded, the down projections' (computed
+            inside transformers' experts forward) is not.
 
     The defaults measure what ``llama-quantize`` writes as llama.cpp's CPU backend runs it;
     ``embeddings=False, head=False, activations=False`` measures the block weights alone.
@@ -102,6 +106,8 @@ class Gguf(Modification):
     names the tensors that fell back, and the terminal and HTML reports say so once.
     """
 
+    # each expert's matrix of a fused expert weight, as llama.cpp quantizes ffn_*_exps
+    per_expert: ClassVar[bool | None] = True
     type: str = "Q4_K_M"
     pure: bool = False
     embeddings: bool = True

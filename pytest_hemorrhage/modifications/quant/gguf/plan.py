@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ....errors import HemorrhageError
+from ...experts import expert_stacks, stored
 from ...registry import Target, blocks
 from .config import BLOCK, MIXTURES, Gguf, fallback_type
 
@@ -27,6 +28,7 @@ _CATEGORIES = (
     ("*.q_proj", "attn_q"),
     ("*.o_proj", "attn_output"),
     ("*.attn.c_proj", "attn_output"),
+    ("*.gate_up_proj", "ffn_gate_up"),
     ("*.up_proj", "ffn_up"),
     ("*.mlp.c_fc", "ffn_up"),
     ("*.gate_proj", "ffn_gate"),
@@ -50,12 +52,17 @@ def _use_more_bits(i: int, n: int) -> bool:
 
 
 def _mixture_type(
-    config: Gguf, category: str, layer: int, n_layer: int, width: int, n_gqa: float
+    config: Gguf, category: str, layer: int, n_layer: int, width: int, n_gqa: float, n_expert: int
 ) -> str:
-    """llama_tensor_get_type_impl for these file types on a dense, non-Falcon model."""
+    """llama_tensor_get_type_impl for these file types on a non-Falcon model; ``n_expert``
+    experts per MoE layer (0: dense), of which llama.cpp special-cases 8."""
     ftype, base = config.type, config.base_type
     if category == "output":
         return "Q8_0" if width % BLOCK[base] or base == "Q8_0" else "Q6_K"
+    if n_expert == 8 and category in ("attn_v", "attn_qkv", "attn_k"):
+        return "Q8_0"  # llama.cpp: "for the 8-expert model, bumping this to Q8_0 trades ~128MB"
+    if n_expert == 8 and category == "attn_output":
+        return "Q5_K" if ftype in ("Q2_K", "Q3_K_M", "Q4_K_M") else base
     if category in ("attn_v", "attn_qkv"):  # llama.cpp's category_is_attn_v
         if ftype == "Q2_K":
             return "Q4_K" if n_gqa >= 4 else "Q3_K"
@@ -121,7 +128,7 @@ def tensors(config: Gguf, model: nn.Module) -> list[tuple[Target, list[Target]]]
     groups: list[tuple[Target, list[Target]]] = []
     by_weight: dict[int, list[Target]] = {}
     for target in [*targets, *extra]:
-        key = id(_original(target.module))
+        key = (id(stored(target.module, target.param)), target.expert)
         if key in by_weight:
             by_weight[key].append(target)
             continue
@@ -156,9 +163,10 @@ def plan(config: Gguf, model: nn.Module) -> list[TensorPlan]:
     cfg: Any = getattr(model, "config", None)
     heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 1
     n_gqa = heads / (getattr(cfg, "num_key_value_heads", None) or heads)
+    n_expert = max((s.count for s in expert_stacks(block_list)), default=0)
     out = []
     for target, _ in tensors(config, model):
-        category = _category(target.name, model, target.module)
+        category = _category(target.base, model, target.module)
         if category == "token_embd" and _tied(model):  # llama.cpp: the output's type
             category = "output"
         rows, width = target.weight.shape
@@ -167,7 +175,7 @@ def plan(config: Gguf, model: nn.Module) -> list[TensorPlan]:
         if config.pure or config.type not in _FILE_TYPES:
             asked = config.base_type
         else:
-            asked = _mixture_type(config, category, layer, n_layer, width, n_gqa)
+            asked = _mixture_type(config, category, layer, n_layer, width, n_gqa, n_expert)
         out.append(
             TensorPlan(target.name, category, asked, fallback_type(asked, width), (rows, width))
         )
@@ -179,7 +187,8 @@ def fallback_summary(plans: list[TensorPlan]) -> str:
     tensor fell back the same way written ``.*``:
     ``Q4_K -> Q5_0 for model.layers.{0..3}.*; Q6_K -> Q8_0 for model.layers.{0,3}.mlp.down_proj``.
     ``plans`` is every tensor's plan (those that kept their type say which blocks are whole)."""
-    split = [(p, re.match(r"(.*?)\.(\d+)\.(.*)", p.name)) for p in plans]
+    # one expert's matrix falls back as its whole stack does: named by the stack
+    split = [(p, re.match(r"(.*?)\.(\d+)\.(.*?)(?:\[\d+\])?$", p.name)) for p in plans]
     in_block: dict[tuple[str, int], set[str]] = {}
     for p, m in split:
         if m:
