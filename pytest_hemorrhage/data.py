@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,14 +13,18 @@ from .errors import HemorrhageError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BUNDLED_CORPUS", "Windows", "make_windows", "read_text"]
+__all__ = ["BUNDLED_CORPUS", "Windows", "jsonl_records", "make_windows", "read_text"]
 
 BUNDLED_CORPUS = Path(__file__).parent / "assets" / "corpus" / "valid.txt"
 
 
 def read_text(path: str | Path | None) -> str:
     """The evaluation text from a ``.txt`` file, a ``.jsonl`` file (``text`` field) or a
-    directory of ``.txt`` files; the bundled held-out corpus when ``path`` is None."""
+    directory of ``.txt`` files; the bundled held-out corpus when ``path`` is None.
+
+    A ``.jsonl`` file of conversations (``messages``, see :mod:`pytest_hemorrhage.chat`)
+    gives its messages' contents, one conversation a paragraph: the text an encoder embeds
+    and a reference file hashes (its windows come from the rendered conversations)."""
     path = Path(path) if path else BUNDLED_CORPUS
     if path.is_dir():
         files = sorted(path.glob("*.txt"))
@@ -46,27 +51,51 @@ def _read(path: Path) -> str:
         ) from None
 
 
-def _jsonl_texts(path: Path) -> list[str]:
-    texts = []
+def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """The JSON value of every non-blank line of ``path`` with its 1-based line number; a
+    line that is not JSON stops with one line naming the file, the line and the fix."""
     for number, line in enumerate(_read(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
-            record: Any = json.loads(line)
+            yield number, json.loads(line)
         except json.JSONDecodeError as exc:
-            raise HemorrhageError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            raise HemorrhageError(
+                f"{path}:{number}: not valid JSON ({exc.msg}); write one JSON object a line"
+            ) from None
+
+
+def _jsonl_texts(path: Path) -> list[str]:
+    texts = []
+    for number, record in jsonl_records(path):
+        if isinstance(record, dict) and isinstance(record.get("messages"), list):
+            contents = [m.get("content") for m in record["messages"] if isinstance(m, dict)]
+            texts.append("\n\n".join(c for c in contents if isinstance(c, str)))
+            continue
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise HemorrhageError(f'{path}:{number}: each line needs a string "text" field')
+            raise HemorrhageError(
+                f'{path}:{number}: each line needs a string "text" field (raw text) or a '
+                '"messages" list (conversations)'
+            )
         texts.append(record["text"])
     return texts
 
 
 @dataclass(frozen=True)
 class Windows:
-    """Evaluation windows and the tokens left after them, kept apart for calibration."""
+    """Evaluation windows and the tokens left after them, kept apart for calibration.
+
+    Chat data (:func:`pytest_hemorrhage.chat.chat_windows`) also gives each position's role
+    (an index into ``chat.ROLES``: which message, or padding, it belongs to), the template's
+    end-of-turn tokens and what packing the conversations did (``details``); raw text has
+    none of them.
+    """
 
     eval: torch.Tensor  # (n_windows, seq_len) int64
     spare: torch.Tensor  # (n_spare,) int64, disjoint from eval
+    roles: torch.Tensor | None = None  # (n_windows, seq_len) int8, chat data only
+    markers: tuple[int, ...] = ()  # chat data: the template's end-of-turn token ids
+    details: dict[str, Any] = field(default_factory=dict)
 
     def calibration(self, count: int) -> torch.Tensor:
         """``count`` windows from the spare tokens, in order (deterministic, disjoint from eval)."""

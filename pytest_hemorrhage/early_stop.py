@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 from .metrics import METRICS
@@ -192,11 +192,12 @@ class EarlyStop:
     def check(self, look: int, stats: TokenStats, reference: Reference) -> bool:
         """At interim look ``look``, with ``stats`` of the windows scored so far and their
         ``reference`` rows: whether every budgeted token metric is settled."""
-        from .metrics import summarize
+        from .metrics import scored_tokens, summarize
 
         assert self.budget is not None
         n = self.looks[look]
-        if int((~stats.finite).sum()):
+        # as the full evaluation counts them: over the scored tokens (chat data: a mask)
+        if int((~scored_tokens(stats, reference)[0].finite).sum()):
             self.verdicts = {m: "over" for m in self.budget.limits if m in METRICS}
             self.reason = f"non-finite outputs after {n} windows: the verdict is failed"
             self.stopped_at = n
@@ -235,9 +236,9 @@ class EarlyStop:
         windows, position = self.order[:done].sort()
         stats = TokenStats.cat(parts)
         token = (position[:, None] * self.per_window + torch.arange(self.per_window)).reshape(-1)
-        stats = TokenStats(
-            *(getattr(stats, f)[token] for f in ("kl", "nll", "disagree", "p_target", "finite")),
-            window=torch.arange(done).repeat_interleave(self.per_window),
+        # every per-token field (a chat mask, the marker positions) follows its token
+        stats = replace(
+            stats.take(token), window=torch.arange(done).repeat_interleave(self.per_window)
         )
         return stats, take_windows(reference, windows, self.per_window)
 

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .data import make_windows, read_text
+from .chat import chat_windows, is_chat, markers, parse_roles, role_counts, scored_mask
+from .data import Windows, make_windows, read_text
 from .early_stop import EarlyStop, take_windows
 from .embeddings import (
     EmbeddingReference,
@@ -33,6 +36,7 @@ from .metrics import (
     TokenStats,
     read_logits,
     score_reads,
+    scored_tokens,
     summarize,
 )
 from .modifications.noise import layer_seed
@@ -153,16 +157,7 @@ class Harness:
             self.vocab = self.topk = 0
         else:
             # with a reference file, its windows and reference (checked against the settings)
-            self.windows = (
-                portable.eval_windows()
-                if portable is not None
-                else make_windows(
-                    loaded.tokenizer,
-                    read_text(settings.data),
-                    seq_len=settings.seq_len,
-                    tokens=settings.tokens,
-                )
-            )
+            self.windows = _windows(loaded, settings, portable)
             self.vocab = (
                 portable.vocab
                 if portable is not None
@@ -170,6 +165,14 @@ class Harness:
             )
             self.batch_size = settings.batch_size or auto_batch(settings.seq_len, self.vocab)
             self.topk = settings.topk or (self.vocab if self.vocab <= EXACT_VOCAB else DEFAULT_TOPK)
+        # chat data: the targets the summaries count (the assistant's, by default)
+        self.scored = (
+            None
+            if self.windows.roles is None or self.texts is not None
+            else scored_mask(self.windows, parse_roles(settings.chat_roles))
+        )
+        # where special_top1_flip compares top-1s (the tokenizer's markers, end-of-turn)
+        self.markers = torch.tensor(markers(loaded.tokenizer, self.windows), dtype=torch.long)
         self.portable = portable
         self.context = HarnessContext(self)
         self.reference_cached = False
@@ -357,12 +360,16 @@ class Harness:
 
         def check() -> bool:  # once per candidate (weights and tokenizer): it re-reads the text
             tokens = self.portable.tokens if self.portable else vocab_list(self.loaded.tokenizer)
+            text, ids = read_text(self.settings.data), self.windows.eval
+            if self.windows.roles is not None:  # chat data: the messages' text, unrendered
+                encoded = self.loaded.tokenizer(text, add_special_tokens=False, verbose=False)
+                ids = torch.tensor(encoded["input_ids"], dtype=torch.long)
             check_vocabulary(
                 self.loaded.spec,
                 tokens,
                 self.vocab,
-                self.windows.eval,
-                read_text(self.settings.data),
+                ids,
+                text,
                 candidate.spec,
                 candidate.tokenizer,
                 _vocab_size(model, self.windows.eval[:1, :2].to(_device(model))),
@@ -442,6 +449,7 @@ class Harness:
         stop = None
         if early and self.settings.early_stop:
             stats, reference, stop = self._score_sequentially(patch, reference, model, budget)
+            scored_windows = stop.order[: stop.stopped_at or stop.windows].sort().values
         else:
             parts, row = [], 0
             for logits, targets in self.batches(patch.logits_processors, model=model):
@@ -450,20 +458,60 @@ class Harness:
                 del logits  # freed before the next batch's forward pass (see batches)
             # the per-token measures once over every batch: one pass of each small operation
             # per measure, not per batch (the same bits; see metrics.score_reads)
-            stats = score_reads(LogitReads.cat(parts), reference)
+            stats = self._marked(score_reads(LogitReads.cat(parts), reference), reference)
+            scored_windows = torch.arange(len(self.windows.eval))
         metrics, stderr = summarize(stats, reference, self.level)
+        details = {} if stop is None else {"early_stop": stop.details(stats.nll.numel())}
+        details.update(self._coverage(stats, scored_windows))
+        # chat data: the tokens counted (the assistant's) and their baseline log-probs
+        stats, base_logp = scored_tokens(stats, reference)
         return Result(
             **_naming(configs),
             metrics=metrics,
             stderr=stderr,
-            baseline_ppl=reference.ppl,
+            baseline_ppl=math.exp((-base_logp).double().mean().item()),
             modified_ppl=math.exp(stats.nll.double().mean().item()),
             tokens=stats.nll.numel(),
             nonfinite=int((~stats.finite).sum()),
-            details={} if stop is None else {"early_stop": stop.details(stats.nll.numel())},
+            details=details,
             configs=list(configs),
             level=self.level,
         )
+
+    def _marked(
+        self, stats: TokenStats, rows: Reference, windows: torch.Tensor | None = None
+    ) -> TokenStats:
+        """``stats`` of the evaluation windows ``windows`` (every one, in order, when None),
+        against their reference ``rows``, with the tokens the summaries count (chat data)
+        and the tokens whose baseline top-1 is a marker (where special_top1_flip looks)."""
+        scored = None
+        if self.scored is not None:
+            scored = (self.scored if windows is None else self.scored[windows]).reshape(-1)
+        special = torch.isin(rows.top1, self.markers) if len(self.markers) else None
+        return dataclasses.replace(stats, scored=scored, special=special)
+
+    def _coverage(self, stats: TokenStats, windows: torch.Tensor) -> dict[str, Any]:
+        """What a result says it scored: with chat data, how many tokens of which roles were
+        scored and which were context, and how the conversations were packed; the marker
+        positions where special_top1_flip was measured (with chat data, or where any)."""
+        details: dict[str, Any] = {}
+        if self.scored is not None and self.windows.roles is not None:
+            roles = self.windows.roles[windows, 1:]
+            mask = self.scored[windows]
+            details["scored"] = role_counts(roles[mask])
+            details["context"] = role_counts(roles[~mask])
+            details["chat"] = dict(self.windows.details)
+        special = stats.special
+        if special is not None and stats.scored is not None:
+            special = special[stats.scored]
+        positions = 0 if special is None else int(special.sum())
+        if positions or self.scored is not None:
+            tokenizer = self.loaded.tokenizer
+            names = self.markers.tolist()
+            if tokenizer is not None:
+                names = tokenizer.convert_ids_to_tokens(names)
+            details["special"] = {"markers": names, "positions": positions}
+        return details
 
     def _score_sequentially(
         self, patch: Patch, reference: Reference, model: Any, budget: Budget | None
@@ -488,7 +536,7 @@ class Harness:
                 return []
             # per look, the per-token measures once over its batches (see _evaluate)
             rows = take_windows(reference, chosen, per_window)
-            return [score_reads(LogitReads.cat(parts), rows)]
+            return [self._marked(score_reads(LogitReads.cat(parts), rows), rows, chosen)]
 
         stats, scored = stop.run(score, reference)
         return stats, scored, stop
@@ -569,6 +617,59 @@ class Harness:
             f"the baseline model was changed in place ({_names(changed)}); {how}. Change it only "
             "inside hemorrhage.modified(...) so that it can be restored for the next test"
         )
+
+
+def _windows(
+    loaded: LoadedModel, settings: Settings, portable: PortableReference | None
+) -> Windows:
+    """A causal LM's evaluation windows: a reference file's, else cut from the raw text or
+    packed from the conversations of ``--hemorrhage-data`` (chat data; see
+    :mod:`pytest_hemorrhage.chat`)."""
+    chat = is_chat(settings.data)
+    if portable is not None and not chat:
+        return portable.eval_windows()
+    if not chat:
+        return make_windows(
+            loaded.tokenizer,
+            read_text(settings.data),
+            seq_len=settings.seq_len,
+            tokens=settings.tokens,
+        )
+    if loaded.tokenizer is None:
+        raise HemorrhageError(
+            f"--hemorrhage-data={settings.data}: chat data is rendered with the baseline's "
+            "chat template, and a reference file holds neither; pass --hemorrhage-model too"
+        )
+    template = None
+    if settings.chat_template is not None:
+        try:
+            template = Path(settings.chat_template).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise HemorrhageError(
+                f"--hemorrhage-chat-template={settings.chat_template}: cannot read it "
+                f"({first_line(exc)}); give a Jinja template file"
+            ) from None
+    windows = chat_windows(
+        loaded.tokenizer,
+        Path(settings.data),
+        seq_len=settings.seq_len,
+        tokens=settings.tokens,
+        template=template,
+    )
+    if portable is not None:
+        if not torch.equal(portable.windows, windows.eval):
+            raise HemorrhageError(
+                f"--hemorrhage-reference={portable.name}: its windows are not the ones "
+                f"{settings.data} renders to with this chat template; save a reference from "
+                "this data and template"
+            )
+        return dataclasses.replace(
+            portable.eval_windows(),
+            roles=windows.roles,
+            markers=windows.markers,
+            details=windows.details,
+        )
+    return windows
 
 
 def _apply_offloaded(

@@ -14,7 +14,7 @@ statistics (standard errors, quantiles, bounds) live in :mod:`pytest_hemorrhage.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Protocol
 
 # the statistics live in .stats; mean_se, quantile_se and DEFAULT_LEVEL stay public here too
@@ -32,6 +32,7 @@ __all__ = [
     "EXTRA_METRICS",
     "METRICS",
     "SKEW",
+    "MARKER_METRICS",
     "LogitReads",
     "Result",
     "TokenStats",
@@ -41,6 +42,7 @@ __all__ = [
     "quantile_se",
     "read_logits",
     "score_reads",
+    "scored_tokens",
     "summarize",
     "token_stats",
 ]
@@ -53,7 +55,12 @@ METRICS: dict[str, str] = {
     "kl_max": "largest per-token KL",
     "top1_disagreement": "share of tokens whose baseline top-1 token lost first place",
     "delta_p_mean": "mean drop of the probability given to the correct token",
+    "special_top1_flip": "share of the tokens where the baseline's top-1 is a marker (special "
+    "or added token, a chat template's end-of-turn) whose top-1 the modified model changed",
 }
+# Measured only where the baseline's top-1 is a marker: left out of a result (and "not
+# measured" for a budget) when no scored token has one, e.g. raw text without special tokens.
+MARKER_METRICS = frozenset({"special_top1_flip"})
 # Metrics with no standard error, ever (see the module docstring).
 NO_STDERR = frozenset({"kl_max"})
 # Baseline mass mixed into a modified distribution that gives zero probability to tokens the
@@ -78,6 +85,11 @@ class TokenStats:
 
     ``window`` numbers the sampling unit of each token (its evaluation window, 0, 1, ... in
     order); standard errors treat windows, not tokens, as the independent draws.
+
+    ``scored`` marks the tokens the summaries count (chat data: the assistant's; None: every
+    token), the others being context only: a mask over the same forward passes.
+    ``special`` marks the tokens whose baseline top-1 is a marker, where
+    ``special_top1_flip`` is measured (None: not known, and not measured).
     """
 
     kl: torch.Tensor
@@ -86,6 +98,18 @@ class TokenStats:
     p_target: torch.Tensor
     finite: torch.Tensor
     window: torch.Tensor
+    scored: torch.Tensor | None = None
+    special: torch.Tensor | None = None
+
+    def take(self, index: torch.Tensor) -> TokenStats:
+        """The tokens at ``index`` (a bool mask or positions), every per-token field with
+        them; their window labels as they were."""
+        return TokenStats(
+            **{
+                f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index]
+                for f in fields(self)
+            }
+        )
 
     @staticmethod
     def cat(parts: list[TokenStats]) -> TokenStats:
@@ -98,6 +122,12 @@ class TokenStats:
                 for f in ("kl", "nll", "disagree", "p_target", "finite")
             ),
             window=_numbered_on([p.window for p in parts]),
+            **{
+                f: None
+                if getattr(parts[0], f) is None
+                else torch.cat([getattr(p, f) for p in parts])
+                for f in ("scored", "special")
+            },
         )
 
 
@@ -338,9 +368,13 @@ def summarize(
     stats: TokenStats, ref: Reference, level: float = DEFAULT_LEVEL
 ) -> tuple[dict[str, float], dict[str, float | None]]:
     """Aggregate per-token measures into the metrics and their window-level standard errors,
-    calibrated for one-sided bounds at ``level`` (95% unless told; see :func:`mean_se`)."""
+    calibrated for one-sided bounds at ``level`` (95% unless told; see :func:`mean_se`).
+
+    Over the tokens ``stats.scored`` marks (all without it); ``special_top1_flip`` where
+    ``stats.special`` marks any of them (else it is not measured, and left out)."""
+    stats, base_logp = scored_tokens(stats, ref)
     unit = stats.window
-    d = stats.nll.double() - ref.targets_nll.double()
+    d = stats.nll.double() - (-base_logp).double()
     nll_increase, nll_se = mean_se(d, unit, level)
     ratio = math.exp(nll_increase)
     z = normal_quantile(level)
@@ -353,11 +387,21 @@ def summarize(
         "kl_p99": quantile_se(stats.kl, 0.99, unit, level),
         "kl_max": (stats.kl.max().item(), None),
         "top1_disagreement": mean_se(stats.disagree, unit, level),
-        "delta_p_mean": mean_se(
-            ref.target_logp.exp().double() - stats.p_target.double(), unit, level
-        ),
+        "delta_p_mean": mean_se(base_logp.exp().double() - stats.p_target.double(), unit, level),
     }
+    if stats.special is not None and bool(stats.special.any()):
+        at = stats.special
+        values["special_top1_flip"] = mean_se(stats.disagree[at], unit[at], level)
     return {k: v for k, (v, _) in values.items()}, {k: se for k, (_, se) in values.items()}
+
+
+def scored_tokens(stats: TokenStats, ref: Reference) -> tuple[TokenStats, torch.Tensor]:
+    """The tokens the summaries count, those ``stats.scored`` marks (every token without a
+    mask), and the baseline's log-probs of their targets: a mask over rows already scored,
+    never a copy of the reference's distributions."""
+    if stats.scored is None:
+        return stats, ref.target_logp
+    return stats.take(stats.scored), ref.target_logp[stats.scored]
 
 
 @dataclass

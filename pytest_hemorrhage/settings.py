@@ -27,6 +27,10 @@ def _count(text: str) -> int:
     return 0 if text in ("0", "auto") else _positive_int(text)
 
 
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 def _choice(*choices: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text not in choices and not (text.startswith("cuda:") and "cuda" in choices):
@@ -66,9 +70,24 @@ OPTIONS = [
     ),
     Option(
         "data",
-        "Evaluation text: a .txt file, a .jsonl file with a 'text' field, or a "
+        "Evaluation text: a .txt file, a .jsonl file with a 'text' field, a .jsonl file of "
+        "conversations ('messages', rendered with the chat template; docs/chat.md), or a "
         "directory of .txt files. Default: the bundled held-out corpus.",
         metavar="PATH",
+    ),
+    Option(
+        "chat-template",
+        "Jinja chat template file that renders chat data (a .jsonl file of 'messages'), for "
+        "a baseline tokenizer without one or to try another. Default: the tokenizer's own.",
+        metavar="PATH",
+    ),
+    Option(
+        "chat-roles",
+        "Roles whose tokens chat data scores, comma-separated (assistant, user, system, tool, "
+        "template) or all; the other tokens are context. Default: assistant.",
+        ("assistant",),
+        _names,
+        "ROLES",
     ),
     Option(
         "device",
@@ -240,6 +259,8 @@ class Settings:
 
     model: str | None
     data: Path | None
+    chat_template: Path | None
+    chat_roles: tuple[str, ...]
     device: str
     device_map: str | None
     dtype: str
@@ -298,7 +319,16 @@ class Settings:
                     value = option.default
             values[option.name.replace("-", "_")] = value
         paths_root = config.rootpath
-        for key in ("data", "report", "html", "plot", "save_reference", "reference", "compare"):
+        for key in (
+            "data",
+            "chat_template",
+            "report",
+            "html",
+            "plot",
+            "save_reference",
+            "reference",
+            "compare",
+        ):
             if values[key]:
                 values[key] = Path(values[key])
         values["tasks"] = tuple(Path(p) for p in (values["tasks"] or "").split(",") if p)
