@@ -13,8 +13,9 @@ What each one brings that the bundled Llama has not:
   experts with biases, attention sinks, sliding-window layers (window 32) between full ones.
   ``deepseek_v3``: multi-head latent attention (low-rank q and kv, 4-D inputs inside), a dense
   first block, then experts with a shared expert.
-- ``gemma2``, ``gemma3``: ``(1 + w)`` RMSNorms around each sublayer (input, output), scaled
-  embeddings, sliding-window layers (window 32) between full ones. ``olmo2``: norms on the
+- ``gemma``: ``(1 + w)`` RMSNorms, embeddings scaled inside the embedding module.
+  ``gemma2``, ``gemma3``: the same norms around each sublayer (input, output), sliding-window
+  layers (window 32) between full ones. ``olmo2``: norms on the
   sublayers' outputs only.
 - ``phi3``: fused ``qkv_proj`` and ``gate_up_proj``.
 - ``gpt2``: Conv1D (weights stored (in, out)), fused ``c_attn``, LayerNorm. ``opt``:
@@ -89,6 +90,7 @@ ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any]]] = {
         },
     ),
     "mistral": ("MistralConfig", "MistralForCausalLM", _DENSE),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {**_DENSE, "head_dim": 16}),
     "gemma2": (
         "Gemma2Config",
         "Gemma2ForCausalLM",

@@ -1,6 +1,7 @@
-"""prune.slicegpt: the rotation preserves the function, slicing shrinks every residual-stream
-shape, restore is exact, LayerNorm models are refused untouched, and (the seed paper) deleting
-hidden dimensions hurts more than unstructured pruning of the same share of the weights.
+"""prune.slicegpt: the rotation preserves the function (Gemma's ``(1 + w)`` norms and scaled
+embeddings included), slicing shrinks every residual-stream shape, restore is exact, LayerNorm
+models are refused untouched, and (the seed paper) deleting hidden dimensions hurts more than
+unstructured pruning of the same share of the weights.
 
 Measured on the bundled model (2048 evaluation tokens, 16 calibration windows), kl_mean:
 fraction 0 -> 0.0000 (rotation only), 0.10 -> 0.134, 0.25 -> 0.509, 0.50 -> 2.20; Wanda at
@@ -23,7 +24,30 @@ def _kl(harness, name, **params) -> float:
     return harness.measure([(name, params)]).metrics["kl_mean"]
 
 
-def test_rotation_alone_preserves_the_function(harness):
+@pytest.fixture(scope="module")
+def gemma(tiny):
+    """A Harness on a random-init Gemma whose RMSNorms multiply by ``1 + w``, w drawn around
+    0.2 (far from what folding ``w`` alone would give), and whose embedding module scales its
+    output by sqrt(hidden)."""
+    from architectures import build
+
+    from pytest_hemorrhage.harness import Harness
+    from pytest_hemorrhage.loading import LoadedModel
+    from pytest_hemorrhage.settings import Settings
+
+    model = build("gemma", len(tiny.tokenizer))
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(0)
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(0.2, 0.3)
+    loaded = LoadedModel(model=model, tokenizer=tiny.tokenizer, spec="gemma-random")
+    return Harness(loaded, Settings.defaults(model=loaded.spec, tokens=256))
+
+
+@pytest.mark.parametrize("model", ["harness", "gemma"])
+def test_rotation_alone_preserves_the_function(request, model):
+    harness = request.getfixturevalue(model)
     ids = harness.context.calibration_windows(2)
     with torch.no_grad():
         baseline = harness.context.logits(ids).clone()
