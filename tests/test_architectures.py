@@ -11,8 +11,8 @@ that measure on that model. The cells that crashed or were wrongly refused befor
 measure (``MEASURES``).
 
 The whole matrix runs by default, none of it marked ``slow`` (which CI runs anyway): its 21
-architectures x 31 modifications took about 20 s on one core (tiny models, 2 windows), plus
-the bundled model's loading that other tests share.
+architectures x 31 modifications took 21-44 s on one (shared, loaded) core, tiny models over 2
+windows, plus the bundled model's loading that other tests share.
 """
 
 from __future__ import annotations
