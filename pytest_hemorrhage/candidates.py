@@ -1,7 +1,9 @@
 """``--hemorrhage-candidate`` and ``measure_model``: separately produced models gated against the
 baseline (a ``.gguf`` file, a saved directory, quantized or not, a hub id, ``module:factory``).
 
-A candidate loads as the baseline does (``loading``), except a ``.gguf`` file, which runs in
+A ``http://`` or ``https://`` URL is a served model (``runtimes/endpoint.py``): nothing loads,
+its prompt log-probabilities are scored (:func:`load_endpoint`). A candidate loads as the baseline
+does (``loading``), except a ``.gguf`` file, which runs in
 llama.cpp itself (``runtimes/llama_cpp.py``: the file as users run it) or, with
 ``--hemorrhage-gguf-runtime=transformers`` or without llama-cpp-python under ``auto``, in
 transformers, which dequantizes it. Its tokenizer is read from the file by transformers either
@@ -11,12 +13,14 @@ way, so its vocabulary is checked as every candidate's. Errors name ``--hemorrha
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from .errors import HemorrhageError, first_line
 from .loading import CAUSAL, LoadedModel, check_spec, kind, load_model, quiet
+from .runtimes.endpoint import Endpoint, check_reachable, is_endpoint
 from .runtimes.llama_cpp import LlamaCppModel, available
 
-__all__ = ["candidate_label", "check_candidate", "load_candidate"]
+__all__ = ["candidate_label", "check_candidate", "load_candidate", "load_endpoint"]
 
 _CANDIDATE_SPECS = (
     "a .gguf file, a directory saved with save_pretrained, a hub id or package.module:factory"
@@ -37,7 +41,11 @@ def candidate_label(spec: str) -> str:
 
 
 def check_candidate(spec: str) -> None:
-    """Cheap startup check of one ``--hemorrhage-candidate`` (no torch, no download)."""
+    """Cheap startup check of one ``--hemorrhage-candidate`` (no torch, no download; a
+    served model's URL must answer)."""
+    if is_endpoint(spec):
+        check_reachable(spec)
+        return
     if spec.endswith(".gguf"):
         if not Path(spec).expanduser().is_file():
             raise HemorrhageError(
@@ -126,3 +134,10 @@ def load_candidate(
     else:
         model = model.to(device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec)
+
+
+def load_endpoint(spec: str, tokenizer: Any, **options: Any) -> Endpoint:
+    """A served model's base URL as a candidate (``options``: :class:`Endpoint`'s keywords:
+    ``model``, ``logprobs``, ``protocol``, ``concurrency``, ``timeout``, ``retries``)."""
+    check_reachable(spec)
+    return Endpoint(spec, tokenizer, **options)

@@ -85,7 +85,9 @@ class Hemorrhage:
         self._session.record(self._node, result, self.budget)
         return result
 
-    def measure_model(self, candidate: Any, /, *, label: str | None = None) -> Result:
+    def measure_model(
+        self, candidate: Any, /, *, label: str | None = None, **endpoint: Any
+    ) -> Result:
         """Measure a separately produced model against the baseline's reference, with every
         metric, standard error, extra metric and budget check that :meth:`measure` has.
 
@@ -94,8 +96,24 @@ class Hemorrhage:
         already loaded model, or ``(model, tokenizer)``. A spec is loaded once and released
         when the next one is. The result's modification is ``"candidate"``, its params the
         ``label`` (default: the directory or file name), the spec and the content fingerprint.
+
+        A ``http://`` or ``https://`` base URL (``http://HOST:PORT/v1``) measures a served
+        model from its prompt log-probabilities (docs/gating.md, "Gate the served model");
+        ``endpoint`` keywords: ``model`` (the served name; default: the first listed),
+        ``logprobs`` (top-k, default 20), ``protocol``, ``concurrency``, ``timeout``,
+        ``retries``.
         """
-        from .candidates import candidate_label
+        from .candidates import candidate_label, load_endpoint
+        from .runtimes.endpoint import is_endpoint
+
+        if _is_spec(candidate) and is_endpoint(str(candidate)):
+            served = load_endpoint(str(candidate), self.harness.loaded.tokenizer, **endpoint)
+            params = {"label": label or str(candidate), "spec": str(candidate)}
+            result = self.harness.measure_endpoint(served, params, budget=self.budget)
+            self._session.record(self._node, result, self.budget)
+            return result
+        if endpoint:
+            raise TypeError(f"measure_model: {sorted(endpoint)} apply to a served model's URL")
 
         loaded = self._session.candidate(str(candidate)) if _is_spec(candidate) else None
         if loaded is None:

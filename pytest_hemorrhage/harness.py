@@ -400,6 +400,61 @@ class Harness:
         result.details["runtime"] = runtime_of(model)
         return result
 
+    def measure_endpoint(
+        self, endpoint: Any, params: dict[str, Any], budget: Budget | None = None
+    ) -> Result:
+        """Measure a served model (a :class:`~pytest_hemorrhage.runtimes.endpoint.Endpoint`)
+        on the evaluation windows against the reference: the same metrics from what the server
+        returns, KL as the coarsened lower bound (exact when the returned ids cover the
+        vocabulary; ``details["kl_bound"]``), and how far the server disagrees with itself on
+        repeated requests (``details["noise_floor"]``). Under ``confidence`` a KL budget on an
+        inexact KL is refused: a lower bound cannot show that a budget holds."""
+        from .runtimes.endpoint import (
+            KL_METRICS,
+            kl_bound,
+            noise_floor,
+            refuse_bound,
+            score_windows,
+        )
+
+        with self._calibrated(_level(budget)):
+            reference = self.reference
+            windows = self.windows.eval.tolist()
+            served = endpoint.score(windows)
+            scores = score_windows(served, reference, self.vocab)
+            if budget is not None and budget.confidence is not None and not scores.exact:
+                refuse_bound(endpoint, sorted(KL_METRICS & set(budget.limits)), scores)
+            per_window = len(windows[0]) - 1
+            stats = TokenStats(
+                kl=scores.kl,
+                nll=scores.nll,
+                disagree=scores.disagree,
+                p_target=scores.p_target,
+                finite=scores.present,
+                window=torch.arange(len(windows)).repeat_interleave(per_window),
+            )
+            stats = self._marked(stats, reference)
+            scored = scores.present if stats.scored is None else stats.scored & scores.present
+            stats = dataclasses.replace(stats, scored=scored)
+            metrics, stderr = summarize(stats, reference, self.level)
+            kept, base_logp = scored_tokens(stats, reference)
+            details = self._coverage(stats, torch.arange(len(windows)))
+            details.update(scores.details)
+            details["kl_bound"] = kl_bound(scores, metrics)
+            details["noise_floor"] = noise_floor(endpoint, windows, served)
+            details["runtime"] = endpoint.describe()
+            return Result(
+                modification="candidate",
+                params=params,
+                metrics=metrics,
+                stderr=stderr,
+                baseline_ppl=math.exp((-base_logp).double().mean().item()),
+                modified_ppl=math.exp(kept.nll.double().mean().item()),
+                tokens=kept.nll.numel(),
+                details=details,
+                level=self.level,
+            )
+
     @contextmanager
     def _calibrated(self, level: float) -> Iterator[None]:
         """``self.level`` is ``level`` for the measure in progress (its extras read it too)."""

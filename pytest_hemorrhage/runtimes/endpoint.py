@@ -1,0 +1,546 @@
+"""A served model measured over HTTP: an OpenAI-compatible server's prompt log-probabilities
+scored against the baseline's reference.
+
+Two protocols, chosen per server (``protocol="auto"`` tries the first, falls back to the second):
+
+- ``prompt_logprobs`` (vLLM, and servers that copy it): ``POST /completions`` with the window's
+  token ids as the prompt, ``max_tokens: 1`` and ``prompt_logprobs: k``; each position returns
+  the actual token's log-prob and the top-k, keyed by token id. The ids are the reference's,
+  so nothing is re-tokenized.
+- ``echo`` (the OpenAI legacy form, llama-cpp-python's server): the window's text with
+  ``echo: true, logprobs: k, max_tokens: 1``; entries are keyed by token *text*. The server's
+  tokens must be the reference's, position by position (the first differing one is named);
+  top-k keys that several ids decode to are left in the unreturned bucket.
+
+What the numbers are: the actual token's log-prob gives nll_increase and ppl_increase exactly;
+top-1 is the top entry. KL is not: only k of the vocabulary's probabilities come back. The KL
+of the coarsened distributions (the returned ids, each its own outcome, and one bucket for the
+rest) is a lower bound of the true KL (the data-processing inequality: merging outcomes never
+raises KL), and it is exact when the returned ids cover the vocabulary. No finite upper bound
+exists without an assumption on how the unreturned mass is spread (the modified model may put
+its tail mass on tokens where the baseline's is tiny, making KL arbitrarily large), so a KL
+budget under ``confidence`` is refused unless the KL is exact.
+
+An API key is read from ``HEMORRHAGE_API_KEY`` and sent as a bearer token; it is never part of
+:meth:`Endpoint.describe`, an error or a report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import HemorrhageError, first_line
+
+__all__ = [
+    "API_KEY_ENV",
+    "KL_METRICS",
+    "PROTOCOLS",
+    "Endpoint",
+    "EndpointScores",
+    "WindowScores",
+    "check_reachable",
+    "is_endpoint",
+    "kl_bound",
+    "noise_floor",
+    "refuse_bound",
+    "score_windows",
+    "token_strings",
+]
+
+API_KEY_ENV = "HEMORRHAGE_API_KEY"
+PROTOCOLS = ("auto", "prompt_logprobs", "echo")
+KL_METRICS = frozenset({"kl_mean", "kl_p99", "kl_max"})
+# windows sent twice to measure how far the server disagrees with itself
+NOISE_WINDOWS = 2
+_RETRY = frozenset({408, 429, 500, 502, 503, 504})
+# a shift is named when the next position's top-1 agrees this much better than the position's own
+_SHIFT_MARGIN = 0.2
+
+
+def is_endpoint(spec: str) -> bool:
+    """Whether a candidate spec is a served model's base URL."""
+    return spec.startswith(("http://", "https://"))
+
+
+def check_reachable(url: str, timeout: float = 5.0) -> None:
+    """A cheap startup check: the server answers ``GET {url}/models`` (any HTTP status counts:
+    a 401 means it is there); otherwise a one-line :class:`HemorrhageError`."""
+    request = urllib.request.Request(url.rstrip("/") + "/models", headers=_headers())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise HemorrhageError(
+            f"--hemorrhage-candidate={url}: no server answers there ({first_line(reason)}); "
+            "start it first, or give its base URL (http://HOST:PORT/v1)"
+        ) from None
+
+
+def _headers() -> dict[str, str]:
+    headers = {"Content-Type": "application/json"}
+    key = os.environ.get(API_KEY_ENV)
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    return headers
+
+
+@dataclass
+class WindowScores:
+    """One window as the server scored it, per position 1..L-1 (position 0 has no prediction):
+    the actual token's log-prob (NaN where none came back), the returned entries (each a tuple
+    of the ids its key can be, with its log-prob) and the number of positions the server
+    returned."""
+
+    target_logp: list[float]
+    entries: list[list[tuple[tuple[int, ...], float]]]
+
+
+@dataclass
+class EndpointScores:
+    """Per scored token (windows x positions, flattened, as the reference's rows): what the
+    metrics need, with the coarsened KL (a lower bound, exact where ``covered``)."""
+
+    kl: Any  # (N,) float32, the lower bound
+    nll: Any  # (N,) float32
+    disagree: Any  # (N,) bool
+    p_target: Any  # (N,) float32
+    present: Any  # (N,) bool: the server returned this position
+    exact: bool  # every present row's returned ids cover the vocabulary
+    returned: int  # the fewest unambiguous ids returned at any present position
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Endpoint:
+    """An OpenAI-compatible server's ``/completions`` as a candidate.
+
+    Args:
+        url: the base URL, e.g. ``http://127.0.0.1:8000/v1``.
+        tokenizer: the baseline's tokenizer (the echo protocol sends text and reads token text).
+        model: the served model's name (default: the first one ``GET /models`` lists).
+        logprobs: k, the top entries asked per position (at least 2).
+        protocol: ``auto``, ``prompt_logprobs`` or ``echo``.
+        concurrency: requests in flight.
+        timeout: seconds per request.
+        retries: further tries after a 408, 429 or 5xx answer or a dropped connection, with
+            exponential backoff from ``backoff`` seconds.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        tokenizer: Any,
+        *,
+        model: str | None = None,
+        logprobs: int = 20,
+        protocol: str = "auto",
+        concurrency: int = 4,
+        timeout: float = 60.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+    ) -> None:
+        if not isinstance(logprobs, int) or logprobs < 2:
+            raise HemorrhageError(
+                f"{url}: logprobs={logprobs!r}: the top-1 and any KL need at least 2 entries "
+                "per position; ask for logprobs=2 or more (20 is vLLM's default cap)"
+            )
+        if protocol not in PROTOCOLS:
+            raise HemorrhageError(f"{url}: protocol={protocol!r}: give one of {PROTOCOLS}")
+        self.url = url.rstrip("/")
+        self.tokenizer = tokenizer
+        self.logprobs = logprobs
+        self.protocol = protocol
+        self.concurrency = max(1, concurrency)
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.model = model or self._served_model()
+        self._strings: list[str] | None = None
+        self._by_string: dict[str, tuple[int, ...]] | None = None
+
+    # -- HTTP -----------------------------------------------------------------------------
+
+    def _request(
+        self, path: str, body: dict[str, Any] | None = None, retries: int | None = None
+    ) -> dict[str, Any]:
+        """One JSON request, retried on 408/429/5xx and dropped connections."""
+        data = None if body is None else json.dumps(body).encode()
+        retries = self.retries if retries is None else retries
+        for attempt in range(retries + 1):
+            request = urllib.request.Request(self.url + path, data=data, headers=_headers())
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return json.load(response)
+            except urllib.error.HTTPError as exc:
+                text = exc.read().decode("utf-8", "replace").strip()
+                if exc.code not in _RETRY or attempt == retries:
+                    raise _HttpError(exc.code, text) from None
+            except (urllib.error.URLError, OSError) as exc:
+                if attempt == retries:
+                    reason = getattr(exc, "reason", exc)
+                    raise HemorrhageError(
+                        f"{self.url}{path}: no answer after {attempt + 1} tries "
+                        f"({first_line(reason)}); is the server up, and is --timeout enough?"
+                    ) from None
+            time.sleep(self.backoff * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return self._request("/completions", body)
+        except _HttpError as exc:
+            raise HemorrhageError(
+                f"{self.url}/completions: HTTP {exc.status} after {self.retries + 1} tries: "
+                f"{_body_line(exc.body)}"
+            ) from None
+
+    def _served_model(self) -> str:
+        try:
+            listed = self._request("/models").get("data") or []
+        except _HttpError as exc:
+            raise HemorrhageError(
+                f"{self.url}/models: HTTP {exc.status}: {_body_line(exc.body)}; give the served "
+                "model's name (measure_model(url, model=...))"
+            ) from None
+        if not listed:
+            raise HemorrhageError(f"{self.url}/models lists no model; give model=NAME")
+        return str(listed[0]["id"])
+
+    # -- protocols ------------------------------------------------------------------------
+
+    def _ids_body(self, ids: list[int]) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "prompt": ids,
+            "max_tokens": 1,
+            "temperature": 0,
+            "prompt_logprobs": self.logprobs,
+        }
+
+    def _echo_body(self, ids: list[int]) -> dict[str, Any]:
+        # max_tokens 1, not 0: llama-cpp-python reads 0 as "until the context is full"
+        return {
+            "model": self.model,
+            "prompt": self.tokenizer.decode(ids),
+            "max_tokens": 1,
+            "temperature": 0,
+            "echo": True,
+            "logprobs": self.logprobs,
+        }
+
+    def _choose_protocol(self, ids: list[int]) -> None:
+        if self.protocol != "auto":
+            return
+        try:
+            # one try: llama-cpp-python answers a token-id prompt with a 500, not a 4xx
+            response = self._request("/completions", self._ids_body(ids), retries=0)
+        except _HttpError as exc:
+            if exc.status in (429, 503):  # busy, not a refusal: ask again, with backoff
+                response = self._post(self._ids_body(ids))
+            else:
+                self.protocol = "echo"  # token-id prompts or prompt_logprobs refused
+                return
+        choices = response.get("choices") or [{}]
+        self.protocol = "prompt_logprobs" if choices[0].get("prompt_logprobs") else "echo"
+
+    def score(self, windows: list[list[int]]) -> list[WindowScores]:
+        """Every window scored by the server, ``concurrency`` requests in flight, in order."""
+        self._choose_protocol(windows[0])
+        parse = self._parse_ids if self.protocol == "prompt_logprobs" else self._parse_echo
+        body = self._ids_body if self.protocol == "prompt_logprobs" else self._echo_body
+
+        def one(index: int) -> WindowScores:
+            return parse(index, windows[index], self._post(body(windows[index])))
+
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(one, range(len(windows))))
+
+    def _parse_ids(self, index: int, ids: list[int], response: dict[str, Any]) -> WindowScores:
+        rows = (response.get("choices") or [{}])[0].get("prompt_logprobs")
+        if not isinstance(rows, list) or len(rows) < len(ids):
+            got = "none" if not isinstance(rows, list) else f"{len(rows)} positions"
+            raise HemorrhageError(
+                f"{self.url}: window {index}: prompt_logprobs for {len(ids)} prompt tokens "
+                f"expected, got {got}; vLLM needs --max-logprobs >= {self.logprobs}"
+            )
+        target, entries = [], []
+        for position in range(1, len(ids)):
+            row = rows[position] or {}
+            pairs = [((int(key),), _logprob(value)) for key, value in row.items()]
+            own = row.get(str(ids[position]))
+            target.append(math.nan if own is None else _logprob(own))
+            entries.append(pairs)
+        return WindowScores(target, entries)
+
+    def _parse_echo(self, index: int, ids: list[int], response: dict[str, Any]) -> WindowScores:
+        choice = (response.get("choices") or [{}])[0]
+        logprobs = choice.get("logprobs") or {}
+        tokens, values = logprobs.get("tokens"), logprobs.get("token_logprobs")
+        tops = logprobs.get("top_logprobs")
+        if not tokens or values is None or tops is None:
+            raise HemorrhageError(
+                f"{self.url}: window {index}: no prompt log-probabilities came back for echo "
+                "with logprobs; the server must return them for the prompt (llama.cpp's "
+                "llama-server rejects echo: serve the file with llama-cpp-python, or vLLM)"
+            )
+        strings, by_string = self._token_strings()
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        # the server leaves a leading BOS out of the echoed tokens
+        lead = 1 if bos is not None and ids[0] == bos else 0
+        expected = ids[lead:]
+        for i, token_id in enumerate(expected):
+            server = tokens[i] if i < len(tokens) else None
+            if server != strings[token_id]:
+                raise HemorrhageError(
+                    f"{self.url}: window {index}: the server's tokens differ from the "
+                    f"reference's at position {i + lead}: reference {token_id} "
+                    f"{strings[token_id]!r}, server {server!r}; serve the baseline's tokenizer, "
+                    "or use a server that takes token ids (vLLM prompt_logprobs)"
+                )
+        prompt_tokens = (response.get("usage") or {}).get("prompt_tokens")
+        if prompt_tokens is not None and prompt_tokens != len(ids):
+            raise HemorrhageError(
+                f"{self.url}: window {index}: the server read {prompt_tokens} prompt tokens "
+                f"for the reference's {len(ids)} (it added a BOS token, or re-tokenized); "
+                "gate with data whose windows start as the server's prompts do"
+            )
+        target, entries = [], []
+        for position in range(1, len(ids)):
+            j = position - lead
+            value, top = values[j], tops[j]
+            target.append(math.nan if value is None else float(value))
+            entries.append(
+                [] if top is None else [(by_string.get(k, ()), v) for k, v in top.items()]
+            )
+        return WindowScores(target, entries)
+
+    def _token_strings(self) -> tuple[list[str], dict[str, tuple[int, ...]]]:
+        """Each id's text as llama.cpp's detokenizer writes it (its bytes, invalid UTF-8
+        dropped), and each text's ids."""
+        if self._strings is None:
+            self._strings = token_strings(self.tokenizer)
+            by: dict[str, list[int]] = {}
+            for i, s in enumerate(self._strings):
+                by.setdefault(s, []).append(i)
+            self._by_string = {s: tuple(v) for s, v in by.items()}
+        assert self._by_string is not None
+        return self._strings, self._by_string
+
+    def describe(self) -> dict[str, Any]:
+        """What ran it, for ``Result.details["runtime"]`` (never the API key)."""
+        return {
+            "name": "endpoint",
+            "url": self.url,
+            "protocol": self.protocol,
+            "model": self.model,
+            "logprobs": self.logprobs,
+        }
+
+
+class _HttpError(Exception):
+    def __init__(self, status: int, body: str) -> None:
+        super().__init__(status, body)
+        self.status, self.body = status, body
+
+
+def _body_line(body: str, limit: int = 200) -> str:
+    """An error body's first line, its JSON ``error.message`` when it has one, cut short."""
+    try:
+        error = json.loads(body).get("error", body)
+        body = str(error.get("message", error) if isinstance(error, dict) else error)
+    except (ValueError, AttributeError):
+        pass
+    line = first_line(body) or "(empty body)"
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _logprob(value: Any) -> float:
+    """vLLM writes ``{"logprob": x, "rank": r, "decoded_token": s}``; others a bare float."""
+    return float(value["logprob"] if isinstance(value, dict) else value)
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: each printable stand-in character -> its byte."""
+    bs = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    cs, extra = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
+
+def token_strings(tokenizer: Any) -> list[str]:
+    """Every id's text as one token's detokenization gives it: byte-level BPE pieces mapped to
+    their bytes, SentencePiece's ``▁`` a space and ``<0xNN>`` a byte, then decoded as UTF-8
+    with invalid bytes dropped (what llama.cpp-based servers put in ``tokens``)."""
+    decoder = _byte_decoder()
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    special = set(getattr(tokenizer, "all_special_tokens", ()))
+    out = []
+    for piece in pieces:
+        piece = piece or ""
+        if piece in special:
+            raw = b""
+        elif (m := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)) is not None:
+            raw = bytes([int(m.group(1), 16)])
+        elif all(c in decoder for c in piece):
+            raw = bytes(decoder[c] for c in piece)
+        else:
+            raw = piece.replace("\u2581", " ").encode()
+        out.append(raw.decode("utf-8", errors="ignore"))
+    return out
+
+
+def score_windows(windows: list[WindowScores], reference: Any, vocab: int) -> EndpointScores:
+    """The per-token measures of the served model against ``reference`` (its rows in window
+    order), the KL being the coarsened lower bound (see the module docstring); a one-position
+    shift of the server's answers (the distribution of the next position reported at each) is a
+    one-line :class:`HemorrhageError`."""
+    import torch
+
+    target = torch.tensor([v for w in windows for v in w.target_logp], dtype=torch.float64)
+    rows = [e for w in windows for e in w.entries]
+    n = len(rows)
+    exact_ref = reference.p is not None
+    if not exact_ref:
+        head = reference.head_logp()
+        head_idx = reference.topk_idx.long()
+    kl = torch.zeros(n, dtype=torch.float64)
+    disagree = torch.zeros(n, dtype=torch.bool)
+    top1 = reference.top1.tolist()
+    tops: list[tuple[int, ...]] = []
+    fewest = vocab
+    for r, entries in enumerate(rows):
+        if not entries:
+            tops.append(())
+            continue
+        best = max(entries, key=lambda e: e[1])[0]
+        tops.append(best)
+        disagree[r] = top1[r] not in best
+        known = [(ids[0], lp) for ids, lp in entries if len(ids) == 1]
+        fewest = min(fewest, len(known))
+        if not known:
+            continue
+        idx = torch.tensor([i for i, _ in known])
+        lq = torch.tensor([lp for _, lp in known], dtype=torch.float64)
+        if exact_ref:
+            p = reference.p[r, idx].double()
+        else:
+            # top-K storage: only the returned ids the reference kept are outcomes of their own
+            hit = head_idx[r][None, :] == idx[:, None]
+            keep = hit.any(1)
+            lq = lq[keep]
+            p = head[r].double().exp()[hit[keep].int().argmax(1)]
+        lp = p.clamp_min(1e-300).log()
+        head_terms = torch.where(p > 0, p * (lp - lq), torch.zeros_like(p)).sum()
+        p_rest = (1 - p.sum()).clamp_min(0)
+        q_rest = (1 - lq.exp().sum()).clamp_min(1e-12)
+        rest = p_rest * (p_rest.clamp_min(1e-300).log() - q_rest.log()) if p_rest > 0 else 0.0
+        kl[r] = (head_terms + rest).clamp_min(0)
+    present = target.isfinite()
+    per_window = len(windows[0].target_logp) if windows else 0
+    details = {"shift": _shift(tops, top1, per_window)}
+    if details["shift"]["shifted"]:
+        s = details["shift"]
+        raise HemorrhageError(
+            "the server's log-probs are shifted by one position: each position's top-1 "
+            f"matches the reference's for the next token ({s['next']:.0%}) far more than its "
+            f"own ({s['own']:.0%}); llama-cpp-python's server does this when the prompt has no "
+            "BOS token: gate with windows that begin with BOS, or serve with vLLM/SGLang token-id "
+            "prompts"
+        )
+    return EndpointScores(
+        kl=kl.float(),
+        nll=(-target).float(),
+        disagree=disagree,
+        p_target=target.exp().nan_to_num(0).float(),
+        present=present,
+        exact=fewest >= vocab,
+        returned=fewest,
+        details=details,
+    )
+
+
+def _shift(tops: list[tuple[int, ...]], top1: list[int], per_window: int) -> dict[str, Any]:
+    """How often each position's top entry is the reference's top-1 for its own token and for
+    the next one (within a window)."""
+    own = nxt = count = 0
+    for r, best in enumerate(tops):
+        if not best or (r + 1) % per_window == 0:
+            continue
+        count += 1
+        own += top1[r] in best
+        nxt += top1[r + 1] in best
+    own_rate, next_rate = own / max(count, 1), nxt / max(count, 1)
+    return {
+        "own": own_rate,
+        "next": next_rate,
+        "shifted": next_rate > 0.5 and next_rate > own_rate + _SHIFT_MARGIN,
+    }
+
+
+def kl_bound(scores: EndpointScores, metrics: dict[str, float]) -> dict[str, Any]:
+    """The KL metrics as intervals: ``[value, value]`` when the returned ids cover the
+    vocabulary, else ``[value, None]`` (a lower bound; no finite upper one, see the module
+    docstring)."""
+    return {
+        "exact": scores.exact,
+        "returned_ids": scores.returned,
+        "interval": {
+            m: [metrics[m], metrics[m] if scores.exact else None]
+            for m in sorted(KL_METRICS)
+            if m in metrics
+        },
+        "why": "exact: the returned ids cover the vocabulary"
+        if scores.exact
+        else "lower bound: KL of the returned ids plus one bucket for the rest (merging "
+        "outcomes never raises KL); no finite upper bound without an assumption on the "
+        "unreturned mass",
+    }
+
+
+def refuse_bound(endpoint: Endpoint, budgeted: list[str], scores: EndpointScores) -> None:
+    """Under ``confidence``, a KL budget on a KL known only from below is refused, one line."""
+    if budgeted:
+        raise HemorrhageError(
+            f"{endpoint.url}: {', '.join(budgeted)} under confidence: the server returned "
+            f"{scores.returned} ids at some position, so KL is only a lower bound and cannot "
+            "show the budget holds; ask for logprobs covering the vocabulary (vLLM "
+            "--max-logprobs), or budget ppl_increase / top1_disagreement, which are exact"
+        )
+
+
+def noise_floor(endpoint: Endpoint, windows: list[list[int]], served: list[WindowScores]) -> dict:
+    """The first windows sent again: how far the server's answers differ from its own earlier
+    ones (largest and mean absolute difference of the actual tokens' log-probs, share of
+    positions whose top entry changed). A budget at or below this is noise, not damage."""
+    count = min(NOISE_WINDOWS, len(windows))
+    again = endpoint.score(windows[:count])
+    diffs, changed, positions = [], 0, 0
+    for first, second in zip(served[:count], again, strict=True):
+        for a, b in zip(first.target_logp, second.target_logp, strict=True):
+            if math.isfinite(a) and math.isfinite(b):
+                diffs.append(abs(a - b))
+        for ea, eb in zip(first.entries, second.entries, strict=True):
+            if ea and eb:
+                positions += 1
+                changed += max(ea, key=lambda e: e[1])[0] != max(eb, key=lambda e: e[1])[0]
+    return {
+        "windows": count,
+        "max_abs_logprob_diff": max(diffs, default=0.0),
+        "mean_abs_logprob_diff": sum(diffs) / max(len(diffs), 1),
+        "top1_changed": changed / max(positions, 1),
+    }
