@@ -68,9 +68,11 @@ __all__ = [
     "markers",
     "parse_roles",
     "read_conversations",
+    "read_template",
     "render",
     "role_counts",
     "scored_mask",
+    "template_mismatch",
 ]
 
 BUNDLED_CHAT = Path(__file__).parent / "assets" / "chat" / "conversations.jsonl"
@@ -343,6 +345,59 @@ def chat_windows(
             "template": "--hemorrhage-chat-template" if template is not None else "tokenizer",
         },
     )
+
+
+def read_template(path: Path | None) -> str | None:
+    """The Jinja source of ``--hemorrhage-chat-template`` (None: the tokenizer's own)."""
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise HemorrhageError(
+            f"--hemorrhage-chat-template={path}: cannot read it ({first_line(exc)}); give a "
+            "Jinja template file"
+        ) from None
+
+
+def template_mismatch(
+    baseline: Any,
+    candidate: Any,
+    path: Path,
+    count: int,
+    template: str | None = None,
+    name: str = "the candidate",
+) -> str | None:
+    """Whether ``candidate`` (a tokenizer with the baseline's vocabulary) renders the first
+    ``count`` conversations of ``path`` with its own chat template to the token ids the
+    baseline renders them to (with ``template``, else its tokenizer's): None when it does, or
+    has no template of its own to compare; else one line naming the conversation's line, the
+    first differing token and both renderings around it."""
+    if not getattr(candidate, "chat_template", None):
+        return None
+    for conversation in read_conversations(path)[:count]:
+        mine = render(baseline, conversation, template).ids
+        try:
+            theirs = render(candidate, conversation).ids
+        except HemorrhageError as exc:
+            return f"{name} (its own chat template): {exc}"
+        if mine == theirs:
+            continue
+        at = next((k for k, (a, b) in enumerate(zip(mine, theirs, strict=False)) if a != b), None)
+        at = min(len(mine), len(theirs)) if at is None else at
+        first = repr(baseline.convert_ids_to_tokens(mine[at])) if at < len(mine) else "the end"
+        return (
+            f"{name}'s chat template renders {conversation.where} to other tokens than the "
+            f"baseline's, from token {at} ({first}): baseline {_around(baseline, mine, at)} vs "
+            f"{name} {_around(baseline, theirs, at)}; ship the baseline's chat template with it"
+        )
+    return None
+
+
+def _around(tokenizer: Any, ids: list[int], at: int) -> str:
+    """The tokens of ``ids`` from three before ``at`` to two after it, as a reader sees them."""
+    shown = tokenizer.convert_ids_to_tokens(ids[max(0, at - 3) : at + 3])
+    return "[" + " ".join(repr(t) for t in shown) + "]"
 
 
 def _padded(

@@ -15,7 +15,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .chat import chat_windows, is_chat, markers, parse_roles, role_counts, scored_mask
+from .chat import (
+    chat_windows,
+    is_chat,
+    markers,
+    parse_roles,
+    read_template,
+    role_counts,
+    scored_mask,
+    template_mismatch,
+)
 from .data import Windows, make_windows, read_text
 from .early_stop import EarlyStop, take_windows
 from .embeddings import (
@@ -358,7 +367,7 @@ class Harness:
 
         model = candidate.model
 
-        def check() -> bool:  # once per candidate (weights and tokenizer): it re-reads the text
+        def check() -> str | None:  # once per candidate (weights, tokenizer): re-reads the text
             tokens = self.portable.tokens if self.portable else vocab_list(self.loaded.tokenizer)
             text, ids = read_text(self.settings.data), self.windows.eval
             if self.windows.roles is not None:  # chat data: the messages' text, unrendered
@@ -374,9 +383,30 @@ class Harness:
                 candidate.tokenizer,
                 _vocab_size(model, self.windows.eval[:1, :2].to(_device(model))),
             )
-            return True
+            if self.windows.roles is None or candidate.tokenizer is None:
+                return None
+            # chat data: the template the candidate ships renders the conversations measured
+            # to the baseline's tokens, or it is refused (it would serve other prompts)
+            count = self.windows.details["conversations"]
+            wrong = template_mismatch(
+                self.loaded.tokenizer,
+                candidate.tokenizer,
+                Path(self.settings.data),
+                count,
+                read_template(self.settings.chat_template),
+                name=f"candidate {candidate.spec}",
+            )
+            if wrong:
+                raise HemorrhageError(wrong)
+            if not getattr(candidate.tokenizer, "chat_template", None):
+                return "the candidate ships none: not compared"
+            return f"the candidate's renders the {count} conversations measured as the baseline's"
 
-        self.context.memo(("candidate-vocabulary", candidate.fingerprint), check)
+        # the fingerprint hashes weights and vocabulary; a chat template is checked on its own
+        shipped = getattr(candidate.tokenizer, "chat_template", None)
+        template = self.context.memo(
+            ("candidate-vocabulary", candidate.fingerprint, shipped), check
+        )
         reference = self.reference
         extras = providers(want)
         if extras and self.model is None:
@@ -397,6 +427,8 @@ class Harness:
                 result.stderr.update(stderr)
                 result.details.update(details)
         result.modification, result.params = "candidate", params
+        if template is not None:
+            result.details["chat_template"] = template
         result.details["runtime"] = runtime_of(model)
         return result
 
@@ -695,21 +727,12 @@ def _windows(
             f"--hemorrhage-data={settings.data}: chat data is rendered with the baseline's "
             "chat template, and a reference file holds neither; pass --hemorrhage-model too"
         )
-    template = None
-    if settings.chat_template is not None:
-        try:
-            template = Path(settings.chat_template).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise HemorrhageError(
-                f"--hemorrhage-chat-template={settings.chat_template}: cannot read it "
-                f"({first_line(exc)}); give a Jinja template file"
-            ) from None
     windows = chat_windows(
         loaded.tokenizer,
         Path(settings.data),
         seq_len=settings.seq_len,
         tokens=settings.tokens,
-        template=template,
+        template=read_template(settings.chat_template),
     )
     if portable is not None:
         if not torch.equal(portable.windows, windows.eval):

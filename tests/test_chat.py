@@ -162,6 +162,31 @@ def test_special_top1_flip_is_the_disagreement_where_the_baseline_predicts_a_mar
     assert result.stderr["special_top1_flip"] > 0
 
 
+def test_a_candidate_whose_template_renders_other_tokens_is_named_in_one_line(chat, tiny):
+    from pytest_hemorrhage.loading import LoadedModel
+
+    same = chat.measure_model(tiny, {"label": "same"})
+    assert same.details["chat_template"].startswith("the candidate's renders the 19 conv")
+    other = copy.deepcopy(tiny.tokenizer)
+    other.chat_template = other.chat_template.replace("'\\n\\n'", "'\\n'")
+    assert other.chat_template != tiny.tokenizer.chat_template
+    candidate = LoadedModel(model=tiny.model, tokenizer=other, spec="tiny-other")
+    with pytest.raises(HemorrhageError) as info:
+        chat.measure_model(candidate, {"label": "other"})
+    line = str(info.value)
+    assert "\n" not in line
+    assert "candidate tiny-other's chat template renders" in line
+    assert "conversations.jsonl:1 to other tokens than the baseline's, from token 18 ('Ċ')" in line
+    # both renderings around it: the candidate ends the system message with one newline
+    assert (
+        "baseline ['ation' '.' 'Ċ' 'Ċ' 'U' 's'] vs candidate tiny-other ['ation' '.' 'Ċ' 'U'"
+        in line
+    )
+    other.chat_template = None  # nothing shipped, nothing compared
+    none = chat.measure_model(candidate, {"label": "none"})
+    assert none.details["chat_template"] == "the candidate ships none: not compared"
+
+
 def test_early_stopping_carries_the_mask(tiny):
     from pytest_hemorrhage.budget import Budget
     from pytest_hemorrhage.harness import Harness
