@@ -17,8 +17,8 @@ from typing import Any
 
 from .errors import HemorrhageError, first_line
 from .loading import CAUSAL, LoadedModel, check_spec, kind, load_model, quiet
+from .runtimes import llama_cpp_available
 from .runtimes.endpoint import Endpoint, check_reachable, is_endpoint
-from .runtimes.llama_cpp import LlamaCppModel, available
 
 __all__ = ["candidate_label", "check_candidate", "load_candidate", "load_endpoint"]
 
@@ -104,7 +104,7 @@ def load_candidate(
             device = "cuda" if torch.cuda.is_available() else "cpu"
         torch_dtype = torch.float32 if dtype == "auto" else getattr(torch, dtype)
         where = f"--hemorrhage-candidate={spec}"
-        llama = gguf_runtime == "llama.cpp" or (gguf_runtime == "auto" and available())
+        llama = gguf_runtime == "llama.cpp" or (gguf_runtime == "auto" and llama_cpp_available())
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
             if not llama:
@@ -123,6 +123,8 @@ def load_candidate(
                 "save_pretrained directory instead"
             ) from None
     if llama:
+        from .runtimes.llama_cpp import LlamaCppModel
+
         try:
             model = LlamaCppModel(path, context)
         except ValueError as exc:  # llama.cpp's loader says only that it failed

@@ -421,9 +421,9 @@ def test_gpt2_conv1d_model_quantizes_gently_at_eight_bits(gpt2):
         ("mlp.c_fc", "Q4_0"),
         ("mlp.c_proj", "Q2_K"),
     }
-    # the random-init model's outputs are nearly uniform: tiny KLs (measured: Q8_0 ~1e-8, at
-    # float rounding; Q4_0 2.2e-6; Q2_K 1.1e-5)
-    assert abs(q8) < 1e-7 and 1e-7 < q4 < q2 < 1e-3
+    # the random-init model's outputs are nearly uniform: tiny KLs (measured: Q8_0 1.7e-7, float
+    # rounding, each token's clamped at 0; Q4_0 2.2e-6; Q2_K 1.1e-5)
+    assert abs(q8) < 5e-7 and 1e-6 < q4 < q2 < 1e-3
 
 
 def test_q8_0_is_within_the_noise_of_the_baseline(harness, wide):

@@ -7,7 +7,16 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["runtime_of"]
+__all__ = ["LLAMA_EXTRA", "llama_cpp_available", "runtime_of"]
+
+LLAMA_EXTRA = "pytest-hemorrhage[llama]"
+
+
+def llama_cpp_available() -> bool:
+    """Whether llama-cpp-python is installed (without importing it, or torch)."""
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
 
 
 def runtime_of(model: Any) -> dict[str, Any]:

@@ -18,17 +18,9 @@ import torch
 from torch import nn
 
 from ..errors import HemorrhageError
+from . import LLAMA_EXTRA
 
-__all__ = ["LLAMA_EXTRA", "LlamaCppModel", "available"]
-
-LLAMA_EXTRA = "pytest-hemorrhage[llama]"
-
-
-def available() -> bool:
-    """Whether llama-cpp-python is installed (without importing it)."""
-    import importlib.util
-
-    return importlib.util.find_spec("llama_cpp") is not None
+__all__ = ["LlamaCppModel"]
 
 
 def _digest(path: Path) -> bytes:

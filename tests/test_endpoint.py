@@ -1,0 +1,385 @@
+"""Served models measured over HTTP (runtimes/endpoint.py): llama-cpp-python's real server on
+GGUFs of the bundled model (echo + logprobs, text prompts), and vLLM's ``prompt_logprobs``
+shape (token-id prompts) replayed by a small local server, since no vLLM runs here."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from pytest_hemorrhage.budget import Budget
+from pytest_hemorrhage.errors import HemorrhageError
+from pytest_hemorrhage.runtimes.endpoint import API_KEY_ENV, Endpoint, check_reachable
+
+# -- a real server: llama-cpp-python's, on a free port ------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _llama_server(path, log):
+    """llama-cpp-python's OpenAI-compatible server on ``path``, ready when ``/v1/models``
+    answers; stopped by its PID; its log printed at teardown (pytest shows it on failure)."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(path)]
+            + ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", "512"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"llama-cpp-python's server did not start:\n{log.read_text()}")
+            try:
+                urllib.request.urlopen(url + "/models", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        print(f"--- llama-cpp-python server log ({path.name}) ---\n{log.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def served(tiny, tmp_path_factory):
+    """Two servers (the float file and Q4_0) and the windows both tokenize as the reference
+    does, each led by the BOS token (without it llama-cpp-python's server shifts the
+    log-probs by one position)."""
+    pytest.importorskip("llama_cpp.server", reason="needs llama-cpp-python[server]")
+    from pytest_hemorrhage.modifications.quant.gguf import Gguf
+    from pytest_hemorrhage.modifications.quant.gguf.export import write_gguf
+
+    folder = tmp_path_factory.mktemp("served")
+    f32 = write_gguf(tiny.model, tiny.tokenizer, folder / "f32.gguf")
+    q4 = write_gguf(tiny.model, tiny.tokenizer, folder / "q4_0.gguf", Gguf(type="Q4_0"))
+    with (
+        _llama_server(f32, folder / "f32.log") as f32_url,
+        _llama_server(q4, folder / "q4.log") as q4_url,
+    ):
+        yield {"f32": (f32, f32_url), "q4_0": (q4, q4_url)}
+
+
+def _server_tokens(url, text):
+    request = urllib.request.Request(
+        url.removesuffix("/v1") + "/extras/tokenize",
+        json.dumps({"input": text}).encode(),
+        {"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request) as response:
+        return json.load(response)["tokens"]
+
+
+def _harness_on(make_harness, tiny, rows):
+    harness = make_harness(tiny, tokens=2048)
+    harness.windows = dataclasses.replace(harness.windows, eval=torch.tensor(rows))
+    return harness
+
+
+@pytest.fixture(scope="module")
+def windows(tiny, make_harness, served):
+    """Eval windows (BOS-led, and as they are) that the server tokenizes to the same ids; and
+    one it tokenizes differently (llama.cpp's pre-tokenizer splits ' (' where HF's does not)."""
+    _, url = served["f32"]
+    rows = make_harness(tiny, tokens=2048).windows.eval.tolist()
+    decode = tiny.tokenizer.decode
+    bos = [[tiny.tokenizer.bos_token_id] + w[:-1] for w in rows]
+    same = [w for w in bos if _server_tokens(url, decode(w)) == w]
+    plain = [w for w in rows if _server_tokens(url, decode(w)) == w]
+    other = next(w for w in rows if _server_tokens(url, decode(w)) != w)
+    assert len(same) >= 4 and len(plain) >= 4
+    return {"bos": same[:4], "plain": plain[:4], "other": other}
+
+
+def test_the_float_file_served_measures_at_the_noise_floor(served, windows, tiny, make_harness):
+    harness = _harness_on(make_harness, tiny, windows["bos"])
+    result = harness.measure_endpoint(Endpoint(served["f32"][1], tiny.tokenizer), {})
+    # llama.cpp's F16 KV cache and its sums: not 0, far below any quantization
+    assert 0 <= result.metrics["kl_mean"] < 2e-5
+    assert abs(result.metrics["ppl_increase"]) < 1e-3
+    assert result.metrics["top1_disagreement"] == 0
+    assert result.details["runtime"] == {
+        "name": "endpoint",
+        "url": served["f32"][1],
+        "protocol": "echo",
+        "model": str(served["f32"][0]),
+        "logprobs": 20,
+    }
+    bound = result.details["kl_bound"]
+    assert not bound["exact"] and bound["interval"]["kl_mean"][1] is None
+    # the server is deterministic: repeated requests agree bit for bit
+    assert result.details["noise_floor"]["max_abs_logprob_diff"] == 0
+    # the first token after BOS gets no log-prob from echo (OpenAI's null first entry)
+    assert result.tokens == 4 * 126
+
+
+def test_q4_0_served_measures_what_llama_cpp_measures_in_process(
+    served, windows, tiny, make_harness
+):
+    """Tolerance: per position, the served log-prob of every token is llama.cpp's in-process
+    one within 1e-4 nats (the server runs other thread and batch counts); ppl_increase within
+    1%; the served KL (top-20, a lower bound) within [0.6, 1.01] x the in-process exact KL on
+    the same positions."""
+    from pytest_hemorrhage.runtimes.llama_cpp import LlamaCppModel
+
+    path, url = served["q4_0"]
+    harness = _harness_on(make_harness, tiny, windows["bos"])
+    endpoint = Endpoint(url, tiny.tokenizer)
+    result = harness.measure_endpoint(endpoint, {})
+    local = LlamaCppModel(path, 128, threads=1)
+    ids = torch.tensor(windows["bos"])
+    logp = torch.log_softmax(local(ids), -1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+    got = torch.tensor([w.target_logp for w in endpoint.score(windows["bos"])])
+    assert got[:, 0].isnan().all()  # position 1 after BOS: none returned
+    assert (got[:, 1:] - logp[:, 1:]).abs().max() < 1e-4
+    nll = -logp[:, 1:].double().mean()
+    base = -harness.reference.target_logp.view(4, 127)[:, 1:].double().mean()
+    in_process = math.expm1(nll - base)
+    assert result.metrics["ppl_increase"] == pytest.approx(in_process, rel=0.01)
+    assert result.metrics["ppl_increase"] > 0.01  # it did measure Q4_0's damage
+    # the exact KL of the file in-process, over the same positions, from the full reference
+    p = harness.reference.p.view(4, 127, -1)[:, 1:].double()
+    logq = torch.log_softmax(local(ids).double(), -1)[:, :-1][:, 1:]
+    exact = (p * (p.clamp_min(1e-300).log() - logq)).sum(-1).mean().item()
+    assert 0.6 * exact < result.metrics["kl_mean"] <= 1.01 * exact
+
+
+def test_windows_without_bos_are_named_as_shifted(served, windows, tiny, make_harness):
+    harness = _harness_on(make_harness, tiny, windows["plain"])
+    with pytest.raises(HemorrhageError, match="shifted by one position") as caught:
+        harness.measure_endpoint(Endpoint(served["f32"][1], tiny.tokenizer), {})
+    assert "\n" not in str(caught.value) and "BOS" in str(caught.value)
+
+
+def test_a_tokenization_difference_names_the_first_differing_token(
+    served, windows, tiny, make_harness
+):
+    harness = _harness_on(make_harness, tiny, [windows["other"]])
+    with pytest.raises(HemorrhageError, match=r"differ from the reference's at position \d+: "):
+        harness.measure_endpoint(Endpoint(served["f32"][1], tiny.tokenizer), {})
+
+
+def test_a_kl_budget_under_confidence_is_refused_on_a_lower_bound(
+    served, windows, tiny, make_harness
+):
+    harness = _harness_on(make_harness, tiny, windows["bos"][:2])
+    endpoint = Endpoint(served["f32"][1], tiny.tokenizer)
+    with pytest.raises(HemorrhageError, match="kl_mean under confidence.*only a lower bound"):
+        harness.measure_endpoint(endpoint, {}, Budget({"kl_mean": 1.0}, confidence=0.95))
+    # exact metrics are fine under confidence
+    budget = Budget({"ppl_increase": 0.01}, confidence=0.95)
+    assert not harness.measure_endpoint(endpoint, {}, budget).violations(budget)
+
+
+# -- vLLM's prompt_logprobs shape, replayed --------------------------------------------------
+
+
+class _Replay:
+    """A local server answering ``/v1/models`` and ``/v1/completions`` as vLLM does, its
+    log-probs computed by ``logits(ids)``; ``fail`` answers the next requests with an error."""
+
+    def __init__(self, logits):
+        self.logits = logits
+        self.requests: list[tuple[str, dict, dict]] = []
+        self.fail: list[tuple[int, str]] = []
+        replay = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, status, body):
+                data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._send(200, {"object": "list", "data": [{"id": "tiny", "object": "model"}]})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                replay.requests.append((self.path, dict(self.headers), body))
+                if replay.fail:
+                    self._send(*replay.fail.pop(0))
+                    return
+                if not isinstance(body["prompt"], list):
+                    self._send(400, {"error": {"message": "this replay takes token ids"}})
+                    return
+                self._send(200, replay.response(body))
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def response(self, body):
+        """vLLM's /v1/completions answer (recorded shape, vLLM 0.6-0.10): ``prompt_logprobs``
+        has one entry per prompt token, the first null, each a dict keyed by the token id as a
+        string, holding the top-k and the actual token (so k or k + 1 entries)."""
+        ids, k = body["prompt"], body["prompt_logprobs"]
+        logp = torch.log_softmax(self.logits(torch.tensor([ids]))[0].double(), -1)
+        rows = [None]
+        for position in range(1, len(ids)):
+            row = logp[position - 1]
+            top = row.topk(k)
+            picked = dict(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+            picked.setdefault(ids[position], row[ids[position]].item())
+            rank = (row > row[ids[position]]).sum().item() + 1
+            ranks = {i: 1 + r for r, i in enumerate(picked)} | {ids[position]: rank}
+            rows.append(
+                {
+                    str(i): {"logprob": v, "rank": ranks[i], "decoded_token": "x"}
+                    for i, v in picked.items()
+                }
+            )
+        return {
+            "id": "cmpl-1",
+            "object": "text_completion",
+            "model": body["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "text": "x",
+                    "logprobs": None,
+                    "finish_reason": "length",
+                    "prompt_logprobs": rows,
+                }
+            ],
+            "usage": {"prompt_tokens": len(ids), "completion_tokens": 1},
+        }
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def small(tiny, make_harness):
+    """Four windows: enough for every check of the protocol, fast with k = 512."""
+    return make_harness(tiny, tokens=512)
+
+
+@pytest.fixture
+def replay(tiny):
+    def logits(ids):
+        with torch.inference_mode():
+            return tiny.model(ids).logits
+
+    server = _Replay(logits)
+    yield server
+    server.close()
+
+
+def test_vllm_prompt_logprobs_covering_the_vocabulary_give_the_exact_kl(replay, tiny, small):
+    endpoint = Endpoint(replay.url, tiny.tokenizer, logprobs=len(tiny.tokenizer))
+    result = small.measure_endpoint(endpoint, {"label": "vllm"})
+    assert endpoint.protocol == "prompt_logprobs" and endpoint.model == "tiny"
+    assert result.details["kl_bound"]["exact"]
+    assert result.metrics["kl_mean"] < 1e-6 and result.metrics["top1_disagreement"] == 0
+    assert result.tokens == small.reference.targets.numel()  # every position scored
+    path, _, body = replay.requests[0]
+    assert path == "/v1/completions" and body["prompt"] == small.windows.eval[0].tolist()
+    assert body["max_tokens"] == 1 and body["prompt_logprobs"] == 512
+
+
+def test_a_damaged_served_model_reads_a_lower_bound_below_the_exact_kl(tiny, small):
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(len(tiny.tokenizer), generator=g) * 0.5
+
+    def logits(ids):
+        with torch.inference_mode():
+            return tiny.model(ids).logits + noise
+
+    server = _Replay(logits)
+    try:
+        exact = small.measure_endpoint(Endpoint(server.url, tiny.tokenizer, logprobs=512), {})
+        low = small.measure_endpoint(Endpoint(server.url, tiny.tokenizer, logprobs=5), {})
+    finally:
+        server.close()
+    assert exact.details["kl_bound"]["exact"] and not low.details["kl_bound"]["exact"]
+    assert 0 < low.metrics["kl_mean"] < exact.metrics["kl_mean"]
+    # the exact metrics do not depend on k
+    assert low.metrics["ppl_increase"] == pytest.approx(exact.metrics["ppl_increase"], abs=1e-9)
+    assert low.metrics["top1_disagreement"] == exact.metrics["top1_disagreement"]
+
+
+def test_a_500_after_retries_names_the_status_and_the_body_s_first_line(replay, tiny, small):
+    replay.fail = [(500, "boom: the engine died\nTraceback ...")] * 100
+    endpoint = Endpoint(
+        replay.url, tiny.tokenizer, protocol="prompt_logprobs", retries=2, backoff=0.01
+    )
+    with pytest.raises(HemorrhageError) as caught:
+        small.measure_endpoint(endpoint, {})
+    assert str(caught.value) == (
+        f"{replay.url}/completions: HTTP 500 after 3 tries: boom: the engine died"
+    )
+
+
+def test_429_is_retried_with_backoff(replay, tiny, small):
+    replay.fail = [(429, "slow down"), (503, "busy")]
+    endpoint = Endpoint(replay.url, tiny.tokenizer, protocol="prompt_logprobs", backoff=0.01)
+    result = small.measure_endpoint(endpoint, {})
+    assert result.metrics["top1_disagreement"] == 0
+    assert len(replay.requests) == len(small.windows.eval) + 2 + 2  # + retries + noise floor
+
+
+def test_the_api_key_is_sent_and_never_reported(replay, tiny, small, monkeypatch):
+    monkeypatch.setenv(API_KEY_ENV, "sk-secret-123")
+    result = small.measure_endpoint(Endpoint(replay.url, tiny.tokenizer), {})
+    assert all(h.get("Authorization") == "Bearer sk-secret-123" for _, h, _ in replay.requests)
+    assert "sk-secret" not in json.dumps(result.to_dict())
+
+
+def test_an_unreachable_url_is_one_line():
+    url = f"http://127.0.0.1:{_free_port()}/v1"
+    with pytest.raises(HemorrhageError, match="no server answers there") as caught:
+        check_reachable(url)
+    assert "\n" not in str(caught.value)
+
+
+def test_an_endpoint_candidate_through_pytest(pytester, replay):
+    pytester.makepyfile(
+        """
+        def test_gate(hemorrhage, hemorrhage_candidate):
+            result = hemorrhage.measure_model(hemorrhage_candidate)
+            print("RUNTIME", result.details["runtime"]["name"], result.metrics["kl_mean"])
+        """
+    )
+    base = ("--hemorrhage-model=hemorrhage-tiny", "--hemorrhage-tokens=256", "-s")
+    result = pytester.runpytest(*base, f"--hemorrhage-candidate={replay.url}")
+    result.assert_outcomes(passed=1)
+    line = next(x for x in result.outlines if "RUNTIME " in x)
+    assert line.split("RUNTIME ")[1].split()[0] == "endpoint"
+    # a URL no server answers: a usage error at startup, one line
+    dead = f"http://127.0.0.1:{_free_port()}/v1"
+    result = pytester.runpytest(*base, f"--hemorrhage-candidate={dead}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    errors = [x for x in result.errlines if "no server answers there" in x]
+    assert len(errors) == 1 and dead in errors[0]
