@@ -2,7 +2,7 @@
 weight modification applies to each expert's matrix or refuses in one line, every result says
 what share of the block weights it touched, and the baseline comes back bit for bit.
 
-Tiny random-init models of five MoE architectures (2 blocks, hidden 64, 4 experts), built here.
+The five MoE architectures of ``architectures.py`` (2 blocks, hidden 64, 4 experts, random init).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from architectures import build
 from bit_identity import assert_restored, snapshot
 
 from pytest_hemorrhage.errors import HemorrhageError
@@ -22,55 +23,13 @@ from pytest_hemorrhage.modifications.registry import names_by_expert_support, se
 from pytest_hemorrhage.report.describe import describe_touched, describe_untouched
 from pytest_hemorrhage.report.terminal import render_results, render_table
 
-COMMON = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-}
-# config class, model class, what makes each a MoE: experts stored (experts, out, in), except
-# GPT-OSS's (experts, in, out); Qwen2-MoE and DeepSeek-V3 with shared experts as linears,
-# DeepSeek-V3's first block dense
-ARCHITECTURES = {
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4}),
-    "qwen3_moe": (
-        "Qwen3MoeConfig",
-        "Qwen3MoeForCausalLM",
-        {"num_experts": 4, "moe_intermediate_size": 64, "head_dim": 16},
-    ),
-    "qwen2_moe": (
-        "Qwen2MoeConfig",
-        "Qwen2MoeForCausalLM",
-        {"num_experts": 4, "moe_intermediate_size": 64, "shared_expert_intermediate_size": 128},
-    ),
-    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", {"num_local_experts": 4, "head_dim": 16}),
-    "deepseek_v3": (
-        "DeepseekV3Config",
-        "DeepseekV3ForCausalLM",
-        {
-            "n_routed_experts": 4,
-            "moe_intermediate_size": 64,
-            "first_k_dense_replace": 1,
-            "n_group": 1,
-            "topk_group": 1,
-            "q_lora_rank": 32,
-            "kv_lora_rank": 32,
-            "qk_rope_head_dim": 8,
-            "qk_nope_head_dim": 8,
-            "v_head_dim": 16,
-        },
-    ),
-}
+MOE = ("mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss", "deepseek_v3")  # in architectures.py
 
 
 @pytest.fixture(scope="module")
 def moe(tiny):
-    """``moe(architecture)``: a Harness (2 windows of 128 tokens) on a tiny random-init model,
-    built on first use."""
-    import transformers
-
+    """``moe(architecture)``: a Harness (2 windows of 128 tokens) on the tiny random-init model
+    of ``architectures.py``, built on first use."""
     from pytest_hemorrhage.harness import Harness
     from pytest_hemorrhage.loading import LoadedModel
     from pytest_hemorrhage.settings import Settings
@@ -79,12 +38,7 @@ def moe(tiny):
 
     def harness(arch: str) -> Harness:
         if arch not in built:
-            config_name, model_name, extra = ARCHITECTURES[arch]
-            config = getattr(transformers, config_name)(
-                vocab_size=len(tiny.tokenizer), num_experts_per_tok=2, **COMMON, **extra
-            )
-            torch.manual_seed(0)
-            model = getattr(transformers, model_name)(config).eval()
+            model = build(arch, len(tiny.tokenizer))
             loaded = LoadedModel(model=model, tokenizer=tiny.tokenizer, spec=f"{arch}-random")
             settings = Settings.defaults(model=loaded.spec, tokens=256, calibration_windows=2)
             built[arch] = Harness(loaded, settings)
@@ -107,7 +61,7 @@ def _expert_parameters(model: torch.nn.Module) -> int:
     return sum(getattr(s.module, s.param).numel() for s in expert_stacks(model))
 
 
-@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+@pytest.mark.parametrize("arch", MOE)
 def test_every_weight_modification_touches_the_experts_or_refuses_in_one_line(moe, arch):
     h = moe(arch)
     before = snapshot(h.model)
@@ -219,13 +173,10 @@ def test_gguf_quantizes_each_expert_as_llama_cpp_writes_ffn_exps(moe):
 def test_gguf_mixtures_follow_llama_cpp_for_eight_experts():
     """llama.cpp bumps attn_v and attn_k to Q8_0 and attn_output to Q5_K (Q4_K_M) on 8-expert
     models; the experts' down projections follow the ffn_down rule of their block."""
-    from transformers import MixtralConfig, MixtralForCausalLM
-
     from pytest_hemorrhage.modifications.quant.gguf import Gguf, plan
 
-    config = MixtralConfig(**{**COMMON, "hidden_size": 256, "intermediate_size": 256})
     with torch.device("meta"):  # the plan reads shapes only
-        model = MixtralForCausalLM(config)
+        model = build("mixtral", 512, hidden_size=256, intermediate_size=256, num_local_experts=8)
     types = {p.name: p.type for p in plan(Gguf(type="Q4_K_M"), model)}
     assert types["model.layers.0.self_attn.v_proj"] == "Q8_0"
     assert types["model.layers.0.self_attn.k_proj"] == "Q8_0"
