@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Cost of blame diagnostics and of task scoring, measured side by side on the bundled model.
 
-Claims checked (printed as ratios, no assertion):
+Claims checked (printed as ratios; the exit status is non-zero when one fails):
 
 - blame adds at most one forward pass of the modified model to a measurement (hooks, not
   re-runs); the baseline's pass is memoized once per session. One-at-a-time attribution costs
@@ -9,20 +9,20 @@ Claims checked (printed as ratios, no assertion):
 - task scoring runs one forward pass per batch of items (all choices of several items padded
   together), not one per choice; both give the same log-likelihoods.
 
-Usage::
+Times are medians of 3 calls (one where a second would not be the same work).
 
-    python benchmarks/bench_blame_tasks.py [--model hemorrhage-tiny] [--tokens 2048]
+Run: python -m benchmarks.bench_blame_tasks [--model hemorrhage-tiny] [--tokens 2048]
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from benchmarks.common import Targets, side_by_side
 from pytest_hemorrhage.blame import diagnose
 from pytest_hemorrhage.extras.tasks import DEFAULT_TASK, encode_task, load_task, score_task
 from pytest_hemorrhage.harness import Harness
@@ -33,20 +33,16 @@ STAGES = [("quant.rtn", {"bits": 3})]
 
 
 def counted(model: Any, fn: Callable[[], Any], repeat: int = 3) -> tuple[Any, int, float]:
-    """``fn()``'s value, the forward calls of ``model`` one call made, and the best wall time
-    of ``repeat`` calls (the best is the least disturbed by other processes)."""
+    """``fn()``'s value, the forward calls of ``model`` one call made, and the median seconds of
+    ``repeat`` calls."""
     calls: list[int] = []
+    values: list[Any] = []
     handle = model.register_forward_pre_hook(lambda *args: calls.append(1))
     try:
-        times = []
-        for _ in range(repeat):
-            calls.clear()
-            start = time.perf_counter()
-            value = fn()
-            times.append(time.perf_counter() - start)
-        return value, len(calls), min(times)
+        timing = side_by_side({"fn": lambda: values.append(fn())}, repeat)
     finally:
         handle.remove()
+    return values[-1], len(calls) // repeat, timing.median("fn")
 
 
 def per_choice(model: Any, encoded: Any) -> torch.Tensor:
@@ -68,6 +64,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     args = parser.parse_args()
     torch.manual_seed(0)
+    targets = Targets()
     loaded = load_model(args.model, device="cpu")
     harness = Harness(loaded, Settings.defaults(model=args.model, tokens=args.tokens))
     model = harness.model
@@ -89,9 +86,11 @@ def main() -> None:
         f"  blame, first in session    {first_calls:4d} forward calls  {first_s:7.3f} s"
         "  (baseline pass memoized + modified pass)"
     )
+    share = blame_calls / measure_calls
     print(
         f"  blame                      {blame_calls:4d} forward calls  {blame_s:7.3f} s"
-        f"  -> +{blame_calls} forward ({blame_calls / measure_calls:.2f}x a measurement's), "
+        f"  -> +{blame_calls} forward ({share:.2f}x a measurement's, target <= 1: "
+        f"{targets.at_most('blame: forward calls / a measurement', share, 1)}), "
         f"{blame_s / measure_s:.2f}x its time"
     )
     print(
@@ -111,10 +110,14 @@ def main() -> None:
     print(f"\ntask scoring ({task.name}: {len(task.items)} items, {choices} choices)")
     print(f"  batched items              {batched_calls:4d} forward calls  {batched_s:7.3f} s")
     print(f"  one forward per choice     {naive_calls:4d} forward calls  {naive_s:7.3f} s")
+    fewer = targets.check("task scoring: fewer forward calls", batched_calls < naive_calls)
+    same = targets.at_most("task scoring: log-likelihood gap", gap, 1e-4)
     print(
-        f"  -> {naive_calls / batched_calls:.0f}x fewer forward calls, "
-        f"{naive_s / batched_s:.1f}x faster; largest log-likelihood gap {gap:.1e}"
+        f"  -> {naive_calls / batched_calls:.0f}x fewer forward calls ({fewer}), "
+        f"{naive_s / batched_s:.1f}x faster; largest log-likelihood gap {gap:.1e} "
+        f"(target <= 1e-4: {same})"
     )
+    targets.finish()
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ and a gentle one the noise can hide). Among the fits that report a transition, c
 share whose ``s0 +- s0_stderr`` contains the true s0; printed with its binomial standard error,
 the share of sweeps that reported a transition, and the mean half-width.
 
-Run: python benchmarks/bench_fit.py [--sweeps 300]
+Run: python -m benchmarks.bench_fit [--sweeps 300]
 """
 
 from __future__ import annotations

@@ -10,20 +10,21 @@ read a quantized cache (with 128-token windows, chunk C leaves the first C token
 in full precision), and more of the cache is quantized. With residual_length=0 transformers
 re-quantizes the whole cache at each chunk (HQQ's optimizer over every cached element), so a
 window quantizes C + 2C + ... + (n-1)C positions per layer (the last chunk's re-quantization,
-which nothing reads, is skipped). 64 is the default chunk.
+which nothing reads, is skipped). 64 is the default chunk. Exits non-zero when the target is
+missed at the default chunk.
 
-Run: python benchmarks/bench_kv_cache.py [--rounds 5] [--tokens 8192]
+Run: python -m benchmarks.bench_kv_cache [--rounds 5] [--tokens 8192]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+
+from benchmarks.common import Targets, side_by_side
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=8192)
     args = parser.parse_args()
@@ -45,17 +46,15 @@ def main() -> None:
     chunks = (16, 32, 64)
     cases = {c: [("quant.kv_cache", {"bits": 4, "chunk": c})] for c in chunks}
     harness.measure(plain)  # the reference, computed before timing
-    ratios: dict[int, list[float]] = {c: [] for c in chunks}
     damage: dict[int, float] = {}
-    for _ in range(args.rounds):
-        start = time.perf_counter()
-        harness.measure(plain)
-        base = time.perf_counter() - start
-        for c, stages in cases.items():
-            start = time.perf_counter()
-            result = harness.measure(stages)
-            ratios[c].append((time.perf_counter() - start) / base)
-            damage[c] = result.metrics["kl_mean"]
+
+    def kv_cache(c: int) -> None:
+        damage[c] = harness.measure(cases[c]).metrics["kl_mean"]
+
+    runs = {"plain": lambda: harness.measure(plain)}
+    runs |= {str(c): lambda c=c: kv_cache(c) for c in chunks}
+    timing = side_by_side(runs, args.rounds)
+    targets = Targets()
     print(
         f"bundled model, {harness.windows.eval.numel()} tokens in windows of "
         f"{harness.windows.eval.shape[1]}; {args.rounds} rounds"
@@ -70,10 +69,14 @@ def main() -> None:
         reading = max(0, scored - c)
         n = -(-seq // c)
         volume = c * n * (n - 1) // 2
+        ratio = timing.ratio(str(c), "plain")
+        # the target is the default chunk's; smaller ones show how the cost grows
+        verdict = targets.at_most(f"chunk {c}: kv_cache/plain", ratio, 2) if c == 64 else ""
         print(
-            f"{c:5d}  {statistics.median(ratios[c]):30.2f}x  {damage[c]:.5f}   "
-            f"{reading:3d}/{scored} ({reading / scored:.0%}){'':15s}{volume}"
+            f"{c:5d}  {ratio:30.2f}x  {damage[c]:.5f}   "
+            f"{reading:3d}/{scored} ({reading / scored:.0%}){'':15s}{volume:<8} {verdict}"
         )
+    targets.finish()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ K=256), mass the top K cover, kl_mean exact (float64) vs from the stored referen
 error now, with FORMAT 3 (the tail as one outcome) and with the first form, and the largest
 difference of the exact metrics.
 
-Run: python benchmarks/bench_reference.py [--windows 16]
+Run: python -m benchmarks.bench_reference [--windows 16]
 """
 
 from __future__ import annotations

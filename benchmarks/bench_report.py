@@ -5,7 +5,10 @@ exploration, never per result).
 The 500 results are shaped like a real run's: every metric with its stderr, a two-metric budget,
 one in ten over budget with its violation lines and per-block blame of a 24-block model.
 
-Run: python benchmarks/bench_report.py [--results N]
+Times are medians of ``--rounds`` rounds, the HTML and JSON renders back to back in each. Exits
+non-zero when a target is missed.
+
+Run: python -m benchmarks.bench_report [--results N] [--rounds N]
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
-import time
+
+from benchmarks.common import Targets, side_by_side
 
 METRICS = (
     "ppl_increase",
@@ -136,47 +139,45 @@ SWEEP = {
 }
 
 
-def _best(fn, repeat: int = 5) -> tuple[float, float]:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times), statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of timing (medians)")
     args = parser.parse_args()
+    targets = Targets()
 
     from pytest_hemorrhage.report.html import render_html
 
     report = _report(args.results)
     page = render_html(report)  # warm: imports, first-call costs
-    html_best, html_median = _best(lambda: render_html(report))
-    json_best, json_median = _best(lambda: json.dumps(report, indent=2))
+    timing = side_by_side(
+        {"html": lambda: render_html(report), "json": lambda: json.dumps(report, indent=2)},
+        args.rounds,
+    )
+    html_median = timing.median("html")
     print(
         f"{args.results} results ({sum(bool(r['violations']) for r in report['results'])} over "
         f"budget, with blame): page {len(page) / 1e6:.2f} MB"
     )
     print(
-        f"  html render   best {html_best:.3f} s, median {html_median:.3f} s   "
-        f"(target < 1 s: {'ok' if html_median < 1 else 'MISSED'})"
+        f"  html render   median {html_median:.3f} s   "
+        f"(target < 1 s: {targets.at_most('html render (s)', html_median, 1)})"
     )
     print(
-        f"  json.dumps    best {json_best:.3f} s, median {json_median:.3f} s   "
-        f"html / json = {html_median / json_median:.1f}x"
+        f"  json.dumps    median {timing.median('json'):.3f} s   "
+        f"html / json = {timing.ratio('html', 'json'):.1f}x"
     )
     from pytest_hemorrhage.report.terminal import render_results
 
     for verbose in (False, True):
-        best, median = _best(
-            lambda v=verbose: render_results(report["results"], width=80, verbose=v)
-        )
+        what = f"terminal {'-v' if verbose else 'rows'}"
+        median = side_by_side(
+            {what: lambda v=verbose: render_results(report["results"], width=80, verbose=v)},
+            args.rounds,
+        ).median(what)
         print(
-            f"  terminal {'-v' if verbose else 'rows'}   best {best:.3f} s, median {median:.3f} s"
-            f"   (target < 1 s: {'ok' if median < 1 else 'MISSED'})"
+            f"  {what}   median {median:.3f} s"
+            f"   (target < 1 s: {targets.at_most(f'{what} (s)', median, 1)})"
         )
 
     with_curve = copy.deepcopy(report)
@@ -185,13 +186,16 @@ def main() -> None:
         import matplotlib  # noqa: F401
     except ImportError:
         print("  one curve image: n/a (matplotlib is not installed)")
-        return
-    render_html(with_curve)  # warm matplotlib
-    curve_best, curve_median = _best(lambda: render_html(with_curve), repeat=3)
-    print(
-        f"  one curve image adds {curve_median - html_median:.3f} s "
-        f"(per exploration, not per result)"
-    )
+    else:
+        render_html(with_curve)  # warm matplotlib
+        curve = side_by_side(
+            {"html": lambda: render_html(report), "curve": lambda: render_html(with_curve)}, 3
+        )
+        print(
+            f"  one curve image adds {curve.median('curve') - curve.median('html'):.3f} s "
+            f"(per exploration, not per result)"
+        )
+    targets.finish()
 
 
 if __name__ == "__main__":
