@@ -36,6 +36,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 from ..errors import HemorrhageError, first_line
@@ -99,12 +100,14 @@ def _headers() -> dict[str, str]:
 @dataclass
 class WindowScores:
     """One window as the server scored it, per position 1..L-1 (position 0 has no prediction):
-    the actual token's log-prob (NaN where none came back), the returned entries (each a tuple
-    of the ids its key can be, with its log-prob) and the number of positions the server
-    returned."""
+    the actual token's log-prob (NaN where none came back), the returned ids known for sure
+    and their log-probs (a text key that several ids decode to is left out), and the ids the
+    top entry can be."""
 
     target_logp: list[float]
-    entries: list[list[tuple[tuple[int, ...], float]]]
+    ids: list[list[int]]
+    logps: list[list[float]]
+    best: list[tuple[int, ...]]
 
 
 @dataclass
@@ -274,14 +277,17 @@ class Endpoint:
                 f"{self.url}: window {index}: prompt_logprobs for {len(ids)} prompt tokens "
                 f"expected, got {got}; vLLM needs --max-logprobs >= {self.logprobs}"
             )
-        target, entries = [], []
+        scores = WindowScores([], [], [], [])
         for position in range(1, len(ids)):
             row = rows[position] or {}
-            pairs = [((int(key),), _logprob(value)) for key, value in row.items()]
+            returned = [int(key) for key in row]
+            logps = [_logprob(value) for value in row.values()]
             own = row.get(str(ids[position]))
-            target.append(math.nan if own is None else _logprob(own))
-            entries.append(pairs)
-        return WindowScores(target, entries)
+            scores.target_logp.append(math.nan if own is None else _logprob(own))
+            scores.ids.append(returned)
+            scores.logps.append(logps)
+            scores.best.append((returned[logps.index(max(logps))],) if logps else ())
+        return scores
 
     def _parse_echo(self, index: int, ids: list[int], response: dict[str, Any]) -> WindowScores:
         choice = (response.get("choices") or [{}])[0]
@@ -315,15 +321,23 @@ class Endpoint:
                 f"for the reference's {len(ids)} (it added a BOS token, or re-tokenized); "
                 "gate with data whose windows start as the server's prompts do"
             )
-        target, entries = [], []
+        scores = WindowScores([], [], [], [])
         for position in range(1, len(ids)):
             j = position - lead
-            value, top = values[j], tops[j]
-            target.append(math.nan if value is None else float(value))
-            entries.append(
-                [] if top is None else [(by_string.get(k, ()), v) for k, v in top.items()]
-            )
-        return WindowScores(target, entries)
+            value, top = values[j], tops[j] or {}
+            scores.target_logp.append(math.nan if value is None else float(value))
+            returned, logps, best, high = [], [], (), -math.inf
+            for key, logp in top.items():
+                candidates = by_string.get(key, ())
+                if logp > high:
+                    best, high = candidates, logp
+                if len(candidates) == 1:
+                    returned.append(candidates[0])
+                    logps.append(logp)
+            scores.ids.append(returned)
+            scores.logps.append(logps)
+            scores.best.append(best)
+        return scores
 
     def _token_strings(self) -> tuple[list[str], dict[str, tuple[int, ...]]]:
         """Each id's text as llama.cpp's detokenizer writes it (its bytes, invalid UTF-8
@@ -412,44 +426,34 @@ def score_windows(windows: list[WindowScores], reference: Any, vocab: int) -> En
     import torch
 
     target = torch.tensor([v for w in windows for v in w.target_logp], dtype=torch.float64)
-    rows = [e for w in windows for e in w.entries]
-    n = len(rows)
-    exact_ref = reference.p is not None
-    if not exact_ref:
-        head = reference.head_logp()
-        head_idx = reference.topk_idx.long()
-    kl = torch.zeros(n, dtype=torch.float64)
-    disagree = torch.zeros(n, dtype=torch.bool)
+    ids_rows = list(chain.from_iterable(w.ids for w in windows))
+    tops = list(chain.from_iterable(w.best for w in windows))
     top1 = reference.top1.tolist()
-    tops: list[tuple[int, ...]] = []
-    fewest = vocab
-    for r, entries in enumerate(rows):
-        if not entries:
-            tops.append(())
-            continue
-        best = max(entries, key=lambda e: e[1])[0]
-        tops.append(best)
-        disagree[r] = top1[r] not in best
-        known = [(ids[0], lp) for ids, lp in entries if len(ids) == 1]
-        fewest = min(fewest, len(known))
-        if not known:
-            continue
-        idx = torch.tensor([i for i, _ in known])
-        lq = torch.tensor([lp for _, lp in known], dtype=torch.float64)
-        if exact_ref:
-            p = reference.p[r, idx].double()
-        else:
-            # top-K storage: only the returned ids the reference kept are outcomes of their own
-            hit = head_idx[r][None, :] == idx[:, None]
-            keep = hit.any(1)
-            lq = lq[keep]
-            p = head[r].double().exp()[hit[keep].int().argmax(1)]
-        lp = p.clamp_min(1e-300).log()
-        head_terms = torch.where(p > 0, p * (lp - lq), torch.zeros_like(p)).sum()
-        p_rest = (1 - p.sum()).clamp_min(0)
-        q_rest = (1 - lq.exp().sum()).clamp_min(1e-12)
-        rest = p_rest * (p_rest.clamp_min(1e-300).log() - q_rest.log()) if p_rest > 0 else 0.0
-        kl[r] = (head_terms + rest).clamp_min(0)
+    disagree = torch.tensor([bool(b) and t not in b for t, b in zip(top1, tops, strict=True)])
+    # every returned (row, id, log-prob) at once: the KL's terms are sums over each row
+    lengths = torch.tensor([len(r) for r in ids_rows])
+    row = torch.repeat_interleave(torch.arange(len(ids_rows)), lengths)
+    idx = torch.tensor(list(chain.from_iterable(ids_rows)), dtype=torch.long)
+    lq = torch.tensor(
+        list(chain.from_iterable(lp for w in windows for lp in w.logps)), dtype=torch.float64
+    )
+    if reference.p is not None:
+        p = reference.p[row, idx].double()
+    else:
+        # top-K storage: only the returned ids the reference kept are outcomes of their own
+        hit = reference.topk_idx.long()[row] == idx[:, None]
+        p = reference.head_logp()[row, hit.int().argmax(1)].double().exp() * hit.any(1)
+    own = p > 0
+    terms = torch.where(own, p * (p.clamp_min(1e-300).log() - lq), 0)
+    sums = torch.zeros(3, len(ids_rows), dtype=torch.float64)
+    for i, values in enumerate((terms, p, torch.where(own, lq.exp(), 0))):
+        sums[i].index_add_(0, row, values)
+    p_rest = (1 - sums[1]).clamp_min(0)
+    q_rest = (1 - sums[2]).clamp_min(1e-12)
+    rest = torch.where(p_rest > 0, p_rest * (p_rest.clamp_min(1e-300).log() - q_rest.log()), 0)
+    kl = (sums[0] + rest).clamp_min(0)
+    counted = lengths[lengths > 0]
+    fewest = int(counted.min()) if len(counted) else 0
     present = target.isfinite()
     per_window = len(windows[0].target_logp) if windows else 0
     details = {"shift": _shift(tops, top1, per_window)}
@@ -534,10 +538,10 @@ def noise_floor(endpoint: Endpoint, windows: list[list[int]], served: list[Windo
         for a, b in zip(first.target_logp, second.target_logp, strict=True):
             if math.isfinite(a) and math.isfinite(b):
                 diffs.append(abs(a - b))
-        for ea, eb in zip(first.entries, second.entries, strict=True):
+        for ea, eb in zip(first.best, second.best, strict=True):
             if ea and eb:
                 positions += 1
-                changed += max(ea, key=lambda e: e[1])[0] != max(eb, key=lambda e: e[1])[0]
+                changed += ea != eb
     return {
         "windows": count,
         "max_abs_logprob_diff": max(diffs, default=0.0),
