@@ -70,6 +70,7 @@ __all__ = [
     "read_conversations",
     "read_template",
     "render",
+    "reply_prompts",
     "role_counts",
     "scored_mask",
     "template_mismatch",
@@ -423,6 +424,28 @@ def scored_mask(windows: Windows, names: tuple[str, ...]) -> torch.Tensor:
             "longer --hemorrhage-seq-len, or other --hemorrhage-chat-roles"
         )
     return mask
+
+
+def reply_prompts(windows: Windows, count: int, length: int) -> torch.Tensor:
+    """Up to ``count`` prompts of ``length`` tokens that end where a reply begins (after the
+    template's generation prompt), evenly spaced over the replies of ``windows``: those with
+    ``length`` tokens before them in their window; (prompts, length)."""
+    import torch
+
+    assert windows.roles is not None
+    reply = windows.roles == _CODE["assistant"]
+    begins = reply[:, 1:] & ~reply[:, :-1]  # position p + 1 begins a reply
+    rows, at = begins.nonzero(as_tuple=True)
+    keep = at + 1 >= length
+    rows, at = rows[keep], at[keep] + 1
+    if not len(rows):
+        raise HemorrhageError(
+            f"{windows.details.get('source')}: no reply has {length} tokens before it in its "
+            "window, so no generation prompt ends where a reply begins; lower "
+            "--hemorrhage-gen-prompt-tokens or raise --hemorrhage-seq-len"
+        )
+    pick = torch.linspace(0, len(rows) - 1, min(count, len(rows))).round().long()
+    return torch.stack([windows.eval[rows[i], at[i] - length : at[i]] for i in pick.tolist()])
 
 
 def role_counts(roles: torch.Tensor) -> dict[str, int]:

@@ -187,6 +187,46 @@ def test_a_candidate_whose_template_renders_other_tokens_is_named_in_one_line(ch
     assert none.details["chat_template"] == "the candidate ships none: not compared"
 
 
+def test_generation_on_chat_prompts_compares_replies_up_to_the_end_of_turn(tiny):
+    from pytest_hemorrhage.harness import Harness
+    from pytest_hemorrhage.settings import Settings
+
+    settings = Settings.defaults(
+        model="hemorrhage-tiny",
+        data=BUNDLED_CHAT,
+        tokens=1024,
+        gen_prompts=4,
+        gen_prompt_tokens=16,
+        gen_tokens=24,
+    )
+    harness = Harness(tiny, settings)
+    want = frozenset({"gen_mismatch"})
+    same = harness.measure([("noise.gaussian", {"sigma": 0.0})], want)
+    assert same.metrics["gen_mismatch"] == 0.0
+    prompts, base = harness.memo[("generation.baseline", 4, 16, 24)]
+    tok = tiny.tokenizer
+    # every prompt ends with the generation prompt: the model starts the reply
+    assert all(tok.decode(p).endswith("Assistant:") for p in prompts.tolist())
+    lengths = same.details["generation"]["reply_tokens"]
+    newline = tok.convert_tokens_to_ids("Ċ")
+    for row, n in zip(base.tolist(), lengths, strict=True):
+        assert newline not in row[: n - 1] and (n == 24 or row[n - 1] == newline)
+    assert min(lengths) < 24  # some reply ended: what follows it is not compared
+    stage = [("quant.rtn", {"bits": 3})]
+    result = harness.measure(stage, want)
+    first = result.details["generation"]["first_divergence"]
+    assert all(f <= n for f, n in zip(first, lengths, strict=True))
+    # the mismatch counts the reply's tokens only: one greedy pass of the modified model
+    from pytest_hemorrhage.extras.generation import generate
+
+    with harness.modified(stage):
+        mod = generate(harness.model, prompts, 24)
+    expected = [
+        (m[:n] != b[:n]).double().mean().item() for m, b, n in zip(mod, base, lengths, strict=True)
+    ]
+    assert result.metrics["gen_mismatch"] == pytest.approx(sum(expected) / len(expected))
+
+
 def test_early_stopping_carries_the_mask(tiny):
     from pytest_hemorrhage.budget import Budget
     from pytest_hemorrhage.harness import Harness

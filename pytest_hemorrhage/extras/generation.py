@@ -1,6 +1,8 @@
 """Generation divergence: continuations of prompts from the evaluation data, modified vs baseline.
 
-Prompts are ``prompt_tokens``-token slices of the evaluation text, evenly spaced (deterministic).
+Prompts are ``prompt_tokens``-token slices of the evaluation text, evenly spaced (deterministic);
+with chat data, slices that end where a reply begins (after the template's generation prompt),
+and each continuation is compared up to the baseline's end-of-turn (``reply_tokens``).
 The baseline continues each greedily for ``new_tokens`` tokens, once per session (memoized).
 The modified model continues the same prompts under the measured decoding (see
 ``modifications.decode``): greedy, or sampled with seeded noise, with the patch's logits
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..chat import reply_prompts
 from ..loading import model_logits
 from ..metrics import mean_se
 from ..modifications.decode import Decoding, decoding_of
@@ -43,7 +46,10 @@ def _plan(harness: HarnessView) -> tuple[int, int, int]:
 
 def prompts(harness: HarnessView, count: int, length: int) -> torch.Tensor:
     """``count`` prompts of ``length`` tokens, evenly spaced over the evaluation text (fewer
-    when the text is too short)."""
+    when the text is too short); with chat data, each ending where a reply begins (see
+    :func:`~pytest_hemorrhage.chat.reply_prompts`)."""
+    if harness.windows.roles is not None:
+        return reply_prompts(harness.windows, count, length)
     flat = harness.windows.eval.reshape(-1)
     count = max(1, min(count, flat.numel() // length))
     stride = flat.numel() // count
@@ -147,6 +153,13 @@ def _continue(
     return ids[:, -new_tokens:]
 
 
+def _reply_lengths(base: torch.Tensor, markers: Sequence[int]) -> torch.Tensor:
+    """Per baseline continuation, its tokens up to and including its first end-of-turn
+    (``markers``; all of them when none comes)."""
+    ends = torch.isin(base, torch.tensor(list(markers), dtype=base.dtype))
+    return torch.where(ends.any(1), ends.int().argmax(1) + 1, base.shape[1])
+
+
 def _baseline_key(harness: HarnessView) -> tuple[Any, ...]:
     return ("generation.baseline", *_plan(harness))
 
@@ -179,10 +192,18 @@ def generation_metrics(
     mod = generate(
         patch.model, ids, new, patch.logits_processors, decoding, batch_size=harness.batch_size
     ).cpu()
-    differ = mod != base
-    first = torch.where(differ.any(1), differ.int().argmax(1), new)  # first differing position
-    mismatch = differ.double().mean(1)
-    divergence = 1 - first.double() / new
+    # a reply (chat data) is compared up to the baseline's end-of-turn, the rest of a
+    # continuation is the next turn, which no model was asked for; else every token
+    length = (
+        _reply_lengths(base, harness.windows.markers) if harness.windows.roles is not None else None
+    )
+    compared = torch.full((len(base),), new) if length is None else length
+    within = torch.arange(new)[None, :] < compared[:, None]
+    differ = (mod != base) & within
+    # first differing position (the compared length when none differs)
+    first = torch.where(differ.any(1), differ.int().argmax(1), compared)
+    mismatch = differ.double().sum(1) / compared.double()
+    divergence = 1 - first.double() / compared.double()
     metrics, stderr = {}, {}
     for name, per_prompt in (("gen_mismatch", mismatch), ("gen_first_divergence", divergence)):
         # the prompt is the sampling unit: its tokens' mismatches are one draw
@@ -199,6 +220,7 @@ def generation_metrics(
             "new_tokens": new,
             "decoding": str(decoding),
             "first_divergence": first.tolist(),
+            **({} if length is None else {"reply_tokens": length.tolist()}),
             "example": {
                 "prompt": text(ids[worst].cpu()),
                 "baseline": text(base[worst]),
