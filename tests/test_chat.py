@@ -233,7 +233,7 @@ def test_early_stopping_carries_the_mask(tiny):
     from pytest_hemorrhage.settings import Settings
 
     settings = Settings.defaults(
-        model="hemorrhage-tiny", data=BUNDLED_CHAT, tokens=4096, early_stop=True
+        model="hemorrhage-tiny", data=BUNDLED_CHAT, tokens=2048, early_stop=True
     )
     harness = Harness(tiny, settings)
     result = harness.measure([("quant.rtn", {"bits": 8})], budget=Budget({"kl_mean": 1.0}))
