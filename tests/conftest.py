@@ -1,10 +1,11 @@
-"""Shared fixtures: the bundled model loaded once, a harness over a few windows, and a small
-GPT-2 for the Conv1D / fused-qkv architecture."""
+"""Shared fixtures: the bundled model loaded once, a harness over a few windows, a small
+GPT-2 for the Conv1D / fused-qkv architecture, and ``make_harness`` for any other harness."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from harnesses import build_harness
 
 # One thread per process for the test suite (not for ``pytest examples``, which runs as a
 # user's suite would): CI runs two xdist workers on two cores, and oversubscribed torch threads
@@ -21,24 +22,23 @@ def tiny():
 
 
 @pytest.fixture(scope="session")
+def make_harness():
+    """``make_harness(loaded, **settings)`` or ``make_harness(model, tokenizer, spec=..., **settings)``:
+    a Harness with the command-line defaults and ``settings`` over them (tests/harnesses.py)."""
+    return build_harness
+
+
+@pytest.fixture(scope="session")
 def harness(tiny):
     """A Harness over 16 windows of 128 tokens of the bundled held-out corpus."""
-    from pytest_hemorrhage.harness import Harness
-    from pytest_hemorrhage.settings import Settings
-
-    return Harness(tiny, Settings.defaults(model="hemorrhage-tiny", tokens=2048))
+    return build_harness(tiny, tokens=2048)
 
 
 @pytest.fixture(scope="session")
 def gpt2(tiny):
     """A Harness on a random-init two-block GPT-2 (fused c_attn Conv1D, (in, out) weights,
     biases) with the bundled tokenizer."""
-    import torch
     from transformers import GPT2Config, GPT2LMHeadModel
-
-    from pytest_hemorrhage.harness import Harness
-    from pytest_hemorrhage.loading import LoadedModel
-    from pytest_hemorrhage.settings import Settings
 
     torch.manual_seed(0)
     config = GPT2Config(
@@ -55,9 +55,9 @@ def gpt2(tiny):
         for name, param in model.named_parameters():
             if name.endswith(".bias"):
                 param.normal_(0.0, 0.1)
-    loaded = LoadedModel(model=model, tokenizer=tiny.tokenizer, spec="gpt2-random")
-    settings = Settings.defaults(model=loaded.spec, tokens=512, calibration_windows=4)
-    return Harness(loaded, settings)
+    return build_harness(
+        model, tiny.tokenizer, spec="gpt2-random", tokens=512, calibration_windows=4
+    )
 
 
 @pytest.fixture(scope="session")
@@ -68,13 +68,10 @@ def outliers(tiny):
     Channels 5, 40, 77 and 110 of every RMSNorm weight are multiplied by 40 and the same input
     columns of each linear layer reading that norm divided by 40: the norms' outputs (the
     inputs of q/k/v and gate/up) now have a few channels 40x larger, as in real LLMs, and the
-    logits are unchanged. (tests/test_prune.py builds its own variant under the same name.)
+    logits are unchanged. (tests/test_prune.py's ``most_read_outliers`` puts them on the
+    channels the model reads most instead.)
     """
     import copy
-
-    from pytest_hemorrhage.harness import Harness
-    from pytest_hemorrhage.loading import LoadedModel
-    from pytest_hemorrhage.settings import Settings
 
     model = copy.deepcopy(tiny.model)
     channels, scale = [5, 40, 77, 110], 40.0
@@ -88,8 +85,7 @@ def outliers(tiny):
                 norm.weight[channels] *= scale
                 for linear in readers:
                     linear.weight[:, channels] /= scale
-    loaded = LoadedModel(model=model, tokenizer=tiny.tokenizer, spec="tiny+outliers")
-    return Harness(loaded, Settings.defaults(model=loaded.spec, tokens=2048))
+    return build_harness(model, tiny.tokenizer, spec="tiny+outliers", tokens=2048)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -24,6 +24,7 @@ import pytest
 import torch
 from architectures import ARCHITECTURES, build
 from bit_identity import assert_restored, snapshot
+from harnesses import build_harness
 
 from pytest_hemorrhage.errors import HemorrhageError
 from pytest_hemorrhage.modifications import names, registry
@@ -55,16 +56,12 @@ _HARNESSES: dict[str, object] = {}
 
 def _harness(tiny, name: str, **overrides):
     """A Harness on architecture ``name`` (one per architecture and worker)."""
-    from pytest_hemorrhage.harness import Harness
-    from pytest_hemorrhage.loading import LoadedModel
-    from pytest_hemorrhage.settings import Settings
-
     key = f"{name}{overrides or ''}"
     if key not in _HARNESSES:
         model = build(name, len(tiny.tokenizer), **overrides)
-        loaded = LoadedModel(model=model, tokenizer=tiny.tokenizer, spec=f"{key}-random")
-        settings = Settings.defaults(model=loaded.spec, tokens=256, calibration_windows=2)
-        _HARNESSES[key] = Harness(loaded, settings)
+        _HARNESSES[key] = build_harness(
+            model, tiny.tokenizer, spec=f"{key}-random", tokens=256, calibration_windows=2
+        )
     return _HARNESSES[key]
 
 
@@ -175,13 +172,10 @@ def _split_like_llama(phi3):
 def test_phi3_fused_projections_prune_as_the_same_model_with_separate_ones(tiny, stage):
     """Phi-3's qkv_proj (q heads, then k, then v rows) and gate_up_proj (gate rows, then up)
     pruned give the logits of the same weights split into Llama's q/k/v and gate/up."""
-    from pytest_hemorrhage.harness import Harness
-    from pytest_hemorrhage.loading import LoadedModel
-    from pytest_hemorrhage.settings import Settings
-
     phi3 = _harness(tiny, "phi3")
-    llama = LoadedModel(model=_split_like_llama(phi3.model), tokenizer=tiny.tokenizer, spec="s")
-    split = Harness(llama, Settings.defaults(model="s", tokens=256, calibration_windows=2))
+    split = build_harness(
+        _split_like_llama(phi3.model), tiny.tokenizer, spec="s", tokens=256, calibration_windows=2
+    )
     ids = phi3.context.calibration_windows(2)
     with torch.no_grad():
         torch.testing.assert_close(phi3.context.logits(ids), split.context.logits(ids))

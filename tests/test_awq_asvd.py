@@ -95,15 +95,13 @@ def test_awq_weight_is_quantized_scaled_weight_unscaled_and_search_beats_rtn(har
     assert better >= len(scales) // 4, better
 
 
-def test_awq_scales_are_memoized_and_cached_on_disk(tiny, tmp_path, monkeypatch):
+def test_awq_scales_are_memoized_and_cached_on_disk(tiny, make_harness, tmp_path, monkeypatch):
     """A second apply in the session and a second session (new harness, same cache directory)
     both apply AWQ without calibrating, to the same weights, and restore exactly."""
-    from pytest_hemorrhage.harness import Harness
     from pytest_hemorrhage.modifications.quant import awq
-    from pytest_hemorrhage.settings import Settings
 
     def fresh():
-        return Harness(tiny, Settings.defaults(model=tiny.spec, tokens=1024, cache_dir=tmp_path))
+        return make_harness(tiny, tokens=1024, cache_dir=tmp_path)
 
     stage = ("quant.awq", {"bits": 3, "grid": 5, "include": ("*.layers.0.*",)})
     first = fresh()

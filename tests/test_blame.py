@@ -73,11 +73,8 @@ def test_change_after_the_blocks_shows_no_drift(harness):
 
 
 @pytest.fixture(scope="module")
-def small(tiny):
-    from pytest_hemorrhage.harness import Harness
-    from pytest_hemorrhage.settings import Settings
-
-    return Harness(tiny, Settings.defaults(model="hemorrhage-tiny", tokens=512))
+def small(tiny, make_harness):
+    return make_harness(tiny, tokens=512)
 
 
 def _kl(harness, *stages):

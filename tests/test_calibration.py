@@ -11,18 +11,13 @@ from pytest_hemorrhage.errors import HemorrhageError
 
 
 @pytest.fixture(scope="module")
-def idle(tiny):
+def idle(tiny, make_harness):
     """A Harness on the bundled model with one linear layer that never runs (an unused
     module in block 0's MLP), so the calibration windows never reach it."""
-    from pytest_hemorrhage.harness import Harness
-    from pytest_hemorrhage.loading import LoadedModel
-    from pytest_hemorrhage.settings import Settings
-
     model = copy.deepcopy(tiny.model)
     width = model.config.hidden_size
     model.model.layers[0].mlp.idle = torch.nn.Linear(width, width, bias=False)
-    loaded = LoadedModel(model=model, tokenizer=tiny.tokenizer, spec="tiny+idle")
-    return Harness(loaded, Settings.defaults(model=loaded.spec, tokens=256, calibration_windows=2))
+    return make_harness(model, tiny.tokenizer, spec="tiny+idle", tokens=256, calibration_windows=2)
 
 
 @pytest.mark.parametrize(

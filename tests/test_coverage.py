@@ -23,15 +23,9 @@ BOUNDED = ("ppl_increase", "nll_increase", "kl_mean", "kl_p99", "top1_disagreeme
 
 
 @pytest.fixture(scope="module")
-def pool(tiny):
-    from pytest_hemorrhage.harness import Harness
-    from pytest_hemorrhage.settings import Settings
-
+def pool(tiny, make_harness):
     train = Path(pytest_hemorrhage.__file__).parent / "assets" / "corpus" / "train.txt"
-    settings = Settings.defaults(
-        model="hemorrhage-tiny", data=str(train), seq_len=32, tokens=512 * 32
-    )
-    harness = Harness(tiny, settings)
+    harness = make_harness(tiny, data=str(train), seq_len=32, tokens=512 * 32)
     reference, parts, row = harness.reference, [], 0
     with harness.modified([("quant.rtn", {"bits": 3})]) as patch:
         for logits, targets in harness.batches(patch.logits_processors):

@@ -107,19 +107,16 @@ def test_bad_devices_are_usage_errors_at_startup(pytester):
 
 
 @pytest.fixture(scope="module")
-def offloaded(tiny):
+def offloaded(tiny, make_harness):
     """The bundled model with accelerate's disk offload forced by a small max_memory: the
     embedding and the first block in CPU memory, the rest on disk (meta in the model)."""
     pytest.importorskip("accelerate")
-    from pytest_hemorrhage.harness import Harness
     from pytest_hemorrhage.loading import load_model
 
     loaded = load_model(
         "hemorrhage-tiny", device="cpu", device_map="auto", max_memory={"cpu": 2_000_000}
     )
-    settings = Settings.defaults(model="hemorrhage-tiny", tokens=1024)
-    plain = Harness(tiny, settings)
-    return Harness(loaded, settings), plain
+    return make_harness(loaded, tokens=1024), make_harness(tiny, tokens=1024)
 
 
 def test_disk_offload_loads_the_same_model(offloaded, tiny):
@@ -177,6 +174,7 @@ def test_what_touches_offloaded_weights_is_refused(offloaded, stages):
 
 # what measures a disk-offloaded model, everything else being refused in one line
 WORKS_OFFLOADED = {
+    "context.rope_scaling",  # swaps a module that holds no weight
     "decode.repetition_penalty",
     "decode.sampling",
     "decode.temperature",
@@ -207,18 +205,16 @@ def test_every_modification_measures_an_offloaded_model_or_refuses_it(offloaded,
     harness.check_pristine()
 
 
-def test_cpu_offload_hooks(tiny):
+def test_cpu_offload_hooks(tiny, make_harness):
     """accelerate.cpu_offload: every weight on meta, loaded from CPU memory per forward pass."""
     accelerate = pytest.importorskip("accelerate")
-    from pytest_hemorrhage.harness import Harness
     from pytest_hemorrhage.loading import LoadedModel, load_model
 
     model = load_model("hemorrhage-tiny", device="cpu").model
     accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
     loaded = LoadedModel(model=model, tokenizer=tiny.tokenizer, spec="hemorrhage-tiny")
     assert loaded.fingerprint == tiny.fingerprint and loaded.device == torch.device("cpu")
-    settings = Settings.defaults(model="hemorrhage-tiny", tokens=1024)
-    harness, plain = Harness(loaded, settings), Harness(tiny, settings)
+    harness, plain = make_harness(loaded, tokens=1024), make_harness(tiny, tokens=1024)
     decode = [("decode.top_k", {"k": 5})]
     assert harness.measure(decode).metrics["kl_mean"] == pytest.approx(
         plain.measure(decode).metrics["kl_mean"], rel=1e-4

@@ -26,13 +26,10 @@ def _bench():
 
 
 @pytest.fixture(scope="module")
-def pair(tiny):
+def pair(tiny, make_harness):
     """Two harnesses over the same 16 windows: early stopping off, and on."""
-    from pytest_hemorrhage.harness import Harness
-    from pytest_hemorrhage.settings import Settings
-
-    full = Harness(tiny, Settings.defaults(model="hemorrhage-tiny", tokens=2048))
-    early = Harness(tiny, Settings.defaults(model="hemorrhage-tiny", tokens=2048, early_stop=True))
+    full = make_harness(tiny, tokens=2048)
+    early = make_harness(tiny, tokens=2048, early_stop=True)
     early.__dict__["reference"] = full.reference  # the same baseline, computed once
     return full, early, full.measure(RTN4)
 

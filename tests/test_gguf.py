@@ -81,13 +81,6 @@ def _weight(layer: nn.Module) -> torch.Tensor:
     return layer.weight.detach().t() if isinstance(layer, Conv1D) else layer.weight.detach()
 
 
-def _harness(loaded, **settings):
-    from pytest_hemorrhage.harness import Harness
-    from pytest_hemorrhage.settings import Settings
-
-    return Harness(loaded, Settings.defaults(model=loaded.spec, **settings))
-
-
 # This file tests the block formats and llama.cpp's per-tensor plan: the weights alone, as
 # transformers reads a GGUF file (tests/test_gguf_runtime.py: the file as llama.cpp runs it).
 BLOCKS_ONLY = {"embeddings": False, "head": False, "activations": False}
@@ -98,13 +91,10 @@ def _measure(harness, **params):
 
 
 @pytest.fixture(scope="module")
-def wide(tiny):
+def wide(tiny, make_harness):
     """The bundled model widened by duplication to rows of 256 and 768 (benchmarks/models.py): the
     same function and trained weights, and no K-quant falls back."""
-    from pytest_hemorrhage.loading import LoadedModel
-
-    loaded = LoadedModel(model=widened(tiny.model), tokenizer=tiny.tokenizer, spec="tiny-wide")
-    return _harness(loaded, tokens=2048)
+    return make_harness(widened(tiny.model), tiny.tokenizer, spec="tiny-wide", tokens=2048)
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pytest_hemorrhage.settings import Settings
-
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -31,22 +29,18 @@ def bf16_pair():
     return [load_model("hemorrhage-tiny", device="cpu", dtype="bfloat16") for _ in range(2)]
 
 
-def test_bf16_loaded_twice_measures_exactly_zero(bf16_pair):
-    from pytest_hemorrhage.harness import Harness
-
+def test_bf16_loaded_twice_measures_exactly_zero(bf16_pair, make_harness):
     first, second = bf16_pair
     assert next(first.model.parameters()).dtype == torch.bfloat16
-    harness = Harness(first, Settings.defaults(model="hemorrhage-tiny", tokens=1024))
+    harness = make_harness(first, tokens=1024)
     result = harness.measure_model(second, {})
     assert all(v == 0.0 for v in result.metrics.values()), result.metrics
 
 
-def test_bf16_against_a_float32_reference_is_the_documented_floor(tiny, bf16_pair):
+def test_bf16_against_a_float32_reference_is_the_documented_floor(tiny, bf16_pair, make_harness):
     """The README's figure (full 8192 tokens: kl_mean 1.5e-4); here on 1024 tokens, the same
     order: above zero, far below any useful budget."""
-    from pytest_hemorrhage.harness import Harness
-
-    harness = Harness(tiny, Settings.defaults(model="hemorrhage-tiny", tokens=1024))
+    harness = make_harness(tiny, tokens=1024)
     kl = harness.measure_model(bf16_pair[0], {}).metrics["kl_mean"]
     assert 2e-5 < kl < 1e-3
 
@@ -55,20 +49,18 @@ def test_bf16_against_a_float32_reference_is_the_documented_floor(tiny, bf16_pai
 
 
 @pytest.fixture(scope="module")
-def gpu():
+def gpu(make_harness):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    from pytest_hemorrhage.harness import Harness
     from pytest_hemorrhage.loading import load_model
 
-    cpu = Harness(
-        load_model("hemorrhage-tiny", device="cpu"),
-        Settings.defaults(model="hemorrhage-tiny", tokens=2048),
-    )
+    cpu = make_harness(load_model("hemorrhage-tiny", device="cpu"), tokens=2048)
     on_gpu = {
-        dtype: Harness(
+        dtype: make_harness(
             load_model("hemorrhage-tiny", device="cuda", dtype=dtype),
-            Settings.defaults(model="hemorrhage-tiny", tokens=2048, device="cuda", dtype=dtype),
+            tokens=2048,
+            device="cuda",
+            dtype=dtype,
         )
         for dtype in ("float32", "bfloat16")
     }
@@ -115,17 +107,13 @@ def test_cuda_quant_and_prune(gpu, stages, dtype):
 
 @cuda
 @pytest.mark.cuda
-def test_cuda_early_stop_and_worker_device(gpu):
+def test_cuda_early_stop_and_worker_device(gpu, make_harness):
     from pytest_hemorrhage.budget import Budget
-    from pytest_hemorrhage.harness import Harness
 
     _, on_gpu = gpu
     harness = on_gpu["bfloat16"]
-    early = Harness(
-        harness.loaded,
-        Settings.defaults(
-            model="hemorrhage-tiny", tokens=2048, device="cuda", dtype="bfloat16", early_stop=True
-        ),
+    early = make_harness(
+        harness.loaded, tokens=2048, device="cuda", dtype="bfloat16", early_stop=True
     )
     result = early.measure([("quant.rtn", {"bits": 8})], budget=Budget({"kl_mean": 1.0}))
     assert result.details["early_stop"]["stopped"] and result.tokens == 8 * 127

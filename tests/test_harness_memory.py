@@ -5,22 +5,16 @@ from __future__ import annotations
 import pytest
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from pytest_hemorrhage.harness import Harness
-from pytest_hemorrhage.settings import Settings
-
 
 @pytest.mark.parametrize("early_stop", [False, True])
 @pytest.mark.parametrize("stages", [[("quant.rtn", {"bits": 8})], [("decode.top_k", {"k": 20})]])
-def test_no_logits_alive_during_the_next_forward_pass(tiny, stages, early_stop):
+def test_no_logits_alive_during_the_next_forward_pass(tiny, make_harness, stages, early_stop):
     """When a batch's forward pass starts, no earlier batch's logits (the model's output, or a
     processor's) is still referenced: measure() (and the reference it computes first) holds
     one batch of logits, not two."""
     from pytest_hemorrhage.budget import Budget
 
-    settings = Settings.defaults(
-        model="hemorrhage-tiny", tokens=8 * 128, batch_size=2, early_stop=early_stop
-    )
-    harness = Harness(tiny, settings)
+    harness = make_harness(tiny, tokens=8 * 128, batch_size=2, early_stop=early_stop)
     handed = []  # weak references to the memory of every batch of logits measure() scored
     alive_at_forward = []
     batches = harness.batches

@@ -26,13 +26,8 @@ class _Candidate:
 
 
 @pytest.fixture(scope="module")
-def wide(tiny):
-    from pytest_hemorrhage.harness import Harness
-    from pytest_hemorrhage.loading import LoadedModel
-    from pytest_hemorrhage.settings import Settings
-
-    loaded = LoadedModel(model=widened(tiny.model), tokenizer=tiny.tokenizer, spec="tiny-wide")
-    return Harness(loaded, Settings.defaults(model=loaded.spec, tokens=2048))
+def wide(tiny, make_harness):
+    return make_harness(widened(tiny.model), tiny.tokenizer, spec="tiny-wide", tokens=2048)
 
 
 def _in_llama_cpp(harness, path, spec):

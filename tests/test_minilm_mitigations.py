@@ -27,14 +27,11 @@ pytestmark = [pytest.mark.minilm, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def encoder():
-    from pytest_hemorrhage.harness import Harness
+def encoder(make_harness):
     from pytest_hemorrhage.loading import MINILM_NAME, load_model
-    from pytest_hemorrhage.settings import Settings
 
     loaded = load_model(MINILM_NAME, device="cpu")
-    settings = Settings.defaults(model=MINILM_NAME, tokens=400, calibration_windows=8)
-    return Harness(loaded, settings)
+    return make_harness(loaded, model=MINILM_NAME, tokens=400, calibration_windows=8)
 
 
 def _drift(encoder, name: str, **params) -> float:

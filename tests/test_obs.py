@@ -220,11 +220,8 @@ def test_gpt2_conv1d_and_fused_qkv(gpt2):
     assert_restored(gpt2.model, before)
 
 
-def test_too_little_calibration_data_is_an_error_and_leaves_the_model(tiny):
-    from pytest_hemorrhage.harness import Harness
-    from pytest_hemorrhage.settings import Settings
-
-    h = Harness(tiny, Settings.defaults(model=tiny.spec, tokens=2048, calibration_windows=10**4))
+def test_too_little_calibration_data_is_an_error_and_leaves_the_model(tiny, make_harness):
+    h = make_harness(tiny, tokens=2048, calibration_windows=10**4)
     before = snapshot(h.model)
     patch = Patch(h.model)
     with pytest.raises(HemorrhageError, match=r"calibration needs 10000 windows.*fewer") as info:
@@ -234,12 +231,9 @@ def test_too_little_calibration_data_is_an_error_and_leaves_the_model(tiny):
     assert_restored(h.model, before)
 
 
-def test_singular_hessian_on_the_model_is_an_error_and_leaves_the_model(tiny):
-    from pytest_hemorrhage.harness import Harness
-    from pytest_hemorrhage.settings import Settings
-
+def test_singular_hessian_on_the_model_is_an_error_and_leaves_the_model(tiny, make_harness):
     # one window of 128 tokens, no dampening: the first layer's Hessian is already singular
-    h = Harness(tiny, Settings.defaults(model=tiny.spec, tokens=2048, calibration_windows=1))
+    h = make_harness(tiny, tokens=2048, calibration_windows=1)
     before = snapshot(h.model)
     patch = Patch(h.model)
     with pytest.raises(
@@ -287,12 +281,9 @@ def test_a_sweep_shares_block0_hessians_and_reuses_results(harness, monkeypatch)
     assert collected == []
 
 
-def test_disk_cache_applies_without_calibrating(tiny, tmp_path, monkeypatch):
-    from pytest_hemorrhage.harness import Harness
-    from pytest_hemorrhage.settings import Settings
-
+def test_disk_cache_applies_without_calibrating(tiny, make_harness, tmp_path, monkeypatch):
     def fresh():  # a new session: new harness, empty memo
-        h = Harness(tiny, Settings.defaults(model=tiny.spec, tokens=2048))
+        h = make_harness(tiny, tokens=2048)
         monkeypatch.setattr(h.context, "cache_dir", tmp_path, raising=False)
         return h
 
@@ -337,16 +328,14 @@ def test_the_shared_disk_cache_rebuilds_a_damaged_entry(tmp_path):
 
 
 def test_the_disk_cache_is_a_few_flat_tensors_and_apply_reads_views_of_them(
-    tiny, tmp_path, monkeypatch
+    tiny, make_harness, tmp_path, monkeypatch
 ):
     """A cached entry is one flat tensor per dtype plus an index (a few large reads for a
     second run, not one small tensor per layer and key), and the applied states are views of
     those flats (nothing copied on apply)."""
-    from pytest_hemorrhage.harness import Harness
-    from pytest_hemorrhage.settings import Settings
 
     def fresh():
-        h = Harness(tiny, Settings.defaults(model=tiny.spec, tokens=2048))
+        h = make_harness(tiny, tokens=2048)
         monkeypatch.setattr(h.context, "cache_dir", tmp_path, raising=False)
         return h
 

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from bit_identity import assert_restored, snapshot
+from harnesses import build_harness
 
 from pytest_hemorrhage.errors import HemorrhageError
 from pytest_hemorrhage.modifications import Patch, apply, make
@@ -20,13 +21,6 @@ LAYER = "model.layers.1.mlp.down_proj"  # a layer whose rows are long enough to 
 
 
 # --- fixtures ----------------------------------------------------------------------------------
-
-
-def _harness(loaded, **settings):
-    from pytest_hemorrhage.harness import Harness
-    from pytest_hemorrhage.settings import Settings
-
-    return Harness(loaded, Settings.defaults(model=loaded.spec, **settings))
 
 
 OUTLIER_SCALE = 30.0
@@ -64,14 +58,11 @@ def outlier_channels(harness):
 
 
 @pytest.fixture(scope="module")
-def outliers(tiny, outlier_channels):
-    """The bundled model with outlier channels (same function), in its own harness."""
-    from pytest_hemorrhage.loading import LoadedModel
-
+def most_read_outliers(tiny, outlier_channels):
+    """The bundled model with outliers on the channels it reads most (same function), in its
+    own harness (conftest's ``outliers`` puts them on fixed channels)."""
     model = rescale_channels(copy.deepcopy(tiny.model), outlier_channels)
-    return _harness(
-        LoadedModel(model=model, tokenizer=tiny.tokenizer, spec="tiny-outliers"), tokens=2048
-    )
+    return build_harness(model, tiny.tokenizer, spec="tiny-outliers", tokens=2048)
 
 
 def _ppl_increase(harness, name, **params):
@@ -394,39 +385,45 @@ def test_at_half_sparsity_structure_costs_more_quality(harness):
 # --- (c) mitigations where outlier channels exist ----------------------------------------------
 
 
-def test_rescaling_preserves_the_function(harness, outliers):
-    assert outliers.reference.ppl == pytest.approx(harness.reference.ppl, rel=1e-4)
+def test_rescaling_preserves_the_function(harness, most_read_outliers):
+    assert most_read_outliers.reference.ppl == pytest.approx(harness.reference.ppl, rel=1e-4)
 
 
 @pytest.mark.parametrize("sparsity", [0.5, 0.6])
-def test_wanda_and_gradient_survive_outlier_channels_that_break_magnitude(outliers, sparsity):
+def test_wanda_and_gradient_survive_outlier_channels_that_break_magnitude(
+    most_read_outliers, sparsity
+):
     """Magnitude zeroes the shrunken columns that read the outlier channels; the Wanda and
     Taylor scores are invariant to the rescaling and keep them.
 
     Measured: magnitude 0.38 at 50%, 0.71 at 60%; Wanda 0.15, 0.46; gradient 0.18, 0.50 (the
     same as on the plain model, where magnitude gives 0.13 and 0.38)."""
-    magnitude = _ppl_increase(outliers, "prune.magnitude", sparsity=sparsity)
+    magnitude = _ppl_increase(most_read_outliers, "prune.magnitude", sparsity=sparsity)
     for name in ("prune.wanda", "prune.gradient"):
-        mitigated = _ppl_increase(outliers, name, sparsity=sparsity)
+        mitigated = _ppl_increase(most_read_outliers, name, sparsity=sparsity)
         assert mitigated < 0.75 * magnitude, (name, mitigated, magnitude)
 
 
-def test_gradient_scores_are_invariant_to_the_rescaling(harness, outliers, outlier_channels):
+def test_gradient_scores_are_invariant_to_the_rescaling(
+    harness, most_read_outliers, outlier_channels
+):
     """W' = W / a and dL/dW' = a dL/dW on the rescaled columns: |W' ⊙ dL/dW'| is unchanged."""
     names = [f"model.layers.{i}.{p}" for i in (0, 3) for p in ("self_attn.q_proj", "mlp.up_proj")]
     targets = {
         h: make("prune.gradient", {"include": tuple(names)}).targets(h.model)
-        for h in (harness, outliers)
+        for h in (harness, most_read_outliers)
     }
     windows = harness.context.calibration_windows(4)
     plain = taylor_scores(harness.model, harness.context, targets[harness], windows)
-    rescaled = taylor_scores(outliers.model, outliers.context, targets[outliers], windows)
+    rescaled = taylor_scores(
+        most_read_outliers.model, most_read_outliers.context, targets[most_read_outliers], windows
+    )
     columns = list(outlier_channels)
     for name in names:
         a, b = plain[name], rescaled[name]
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4 * float(a.max()))
         # while the weights themselves differ by the factor on those columns
-        ratio = _weight(harness, name)[:, columns] / _weight(outliers, name)[:, columns]
+        ratio = _weight(harness, name)[:, columns] / _weight(most_read_outliers, name)[:, columns]
         torch.testing.assert_close(ratio, torch.full_like(ratio, OUTLIER_SCALE))
 
 

@@ -49,13 +49,6 @@ def _differences(model, before) -> list[str]:
     ]
 
 
-def _harness(loaded, **settings):
-    from pytest_hemorrhage.harness import Harness
-    from pytest_hemorrhage.settings import Settings
-
-    return Harness(loaded, Settings.defaults(model=loaded.spec, **settings))
-
-
 class Toy(nn.Module):
     """One 'transformer block' holding one layer: the smallest model targets resolve in."""
 
@@ -587,10 +580,10 @@ def test_bad_parameters_name_the_value_and_the_fix(name, params, message):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_library_kernels_on_cuda(measured):
+def test_library_kernels_on_cuda(measured, make_harness):
     from pytest_hemorrhage.loading import load_model
 
-    gpu = _harness(load_model("hemorrhage-tiny", device="cuda"), tokens=2048)
+    gpu = make_harness(load_model("hemorrhage-tiny", device="cuda"), tokens=2048)
     before = snapshot(gpu.model)
     for key in ("int8", "nf4", "hqq4", "w8a8-smooth"):
         name, params = SETTINGS[key]

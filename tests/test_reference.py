@@ -6,14 +6,11 @@ import dataclasses
 
 import pytest
 import torch
-
-from pytest_hemorrhage.harness import Harness
-from pytest_hemorrhage.settings import Settings
+from harnesses import build_harness
 
 
 def _harness(tiny, tmp_path, **overrides):
-    settings = Settings.defaults(model="hemorrhage-tiny", tokens=1024, cache_dir=tmp_path / "c")
-    return Harness(tiny, dataclasses.replace(settings, **overrides))
+    return build_harness(tiny, **{"tokens": 1024, "cache_dir": tmp_path / "c", **overrides})
 
 
 def _count_forwards(model):

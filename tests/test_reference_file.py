@@ -14,11 +14,8 @@ import pytest
 import torch
 import wide_vocab
 
-from pytest_hemorrhage.harness import Harness
-from pytest_hemorrhage.loading import LoadedModel
 from pytest_hemorrhage.reference import EXACT_VOCAB, Reference
 from pytest_hemorrhage.reference_file import PortableReference, vocab_list
-from pytest_hemorrhage.settings import Settings
 
 TOKENS = 512  # the pytester runs' --hemorrhage-tokens, so their reference is this harness's
 GATE = """
@@ -28,11 +25,10 @@ def test_release(hemorrhage, hemorrhage_candidate):
 
 
 @pytest.fixture(scope="module")
-def wide():
+def wide(make_harness):
     """A Harness on wide_vocab's baseline, with the settings the pytester runs below use."""
     model, tokenizer = wide_vocab.baseline()
-    loaded = LoadedModel(model=model, tokenizer=tokenizer, spec="wide_vocab:baseline")
-    return Harness(loaded, Settings.defaults(model=loaded.spec, tokens=TOKENS))
+    return make_harness(model, tokenizer, spec="wide_vocab:baseline", tokens=TOKENS)
 
 
 def _assert_same_reference(loaded: Reference, saved: Reference) -> None:

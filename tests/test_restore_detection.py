@@ -9,9 +9,7 @@ from bit_identity import assert_restored, snapshot
 
 from pytest_hemorrhage import harness as harness_module
 from pytest_hemorrhage.errors import HemorrhageError
-from pytest_hemorrhage.harness import Harness
 from pytest_hemorrhage.loading import load_model
-from pytest_hemorrhage.settings import Settings
 
 NAME = "model.layers.1.mlp.down_proj.weight"
 
@@ -37,10 +35,10 @@ def test_a_write_is_named_and_undone(harness, how):
     harness.check_pristine()  # and the restore itself is accepted
 
 
-def test_a_model_too_large_to_copy_is_reloaded_from_its_spec(tiny, monkeypatch):
+def test_a_model_too_large_to_copy_is_reloaded_from_its_spec(make_harness, monkeypatch):
     monkeypatch.setattr(harness_module, "RESTORE_COPY_BYTES", 0)
     loaded = load_model("hemorrhage-tiny", device="cpu")  # its own model: its own baseline
-    h = Harness(loaded, Settings.defaults(model="hemorrhage-tiny", tokens=512))
+    h = make_harness(loaded, tokens=512)
     assert h._baseline.copy is None
     before = snapshot(h.model)
     _write(h.model, "data")

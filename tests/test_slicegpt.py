@@ -25,15 +25,11 @@ def _kl(harness, name, **params) -> float:
 
 
 @pytest.fixture(scope="module")
-def gemma(tiny):
+def gemma(tiny, make_harness):
     """A Harness on a random-init Gemma whose RMSNorms multiply by ``1 + w``, w drawn around
     0.2 (far from what folding ``w`` alone would give), and whose embedding module scales its
     output by sqrt(hidden)."""
     from architectures import build
-
-    from pytest_hemorrhage.harness import Harness
-    from pytest_hemorrhage.loading import LoadedModel
-    from pytest_hemorrhage.settings import Settings
 
     model = build("gemma", len(tiny.tokenizer))
     with torch.random.fork_rng(), torch.no_grad():
@@ -41,8 +37,7 @@ def gemma(tiny):
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.normal_(0.2, 0.3)
-    loaded = LoadedModel(model=model, tokenizer=tiny.tokenizer, spec="gemma-random")
-    return Harness(loaded, Settings.defaults(model=loaded.spec, tokens=256))
+    return make_harness(model, tiny.tokenizer, spec="gemma-random", tokens=256)
 
 
 @pytest.mark.parametrize("model", ["harness", "gemma"])

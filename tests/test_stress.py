@@ -9,9 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from pytest_hemorrhage.harness import Harness
-from pytest_hemorrhage.settings import Settings
-
 
 def _stress():
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_stress.py"
@@ -27,22 +24,22 @@ def stress():
     return _stress()
 
 
-def test_fifty_compositions_with_faults_leave_the_baseline_bit_identical(tiny, stress):
-    settings = Settings.defaults(model="hemorrhage-tiny", tokens=256, calibration_windows=2)
-    tally = stress.run(Harness(tiny, settings), 50)
+def test_fifty_compositions_with_faults_leave_the_baseline_bit_identical(
+    tiny, make_harness, stress
+):
+    tally = stress.run(make_harness(tiny, tokens=256, calibration_windows=2), 50)
     assert tally.compositions == 50
     assert {k for k, n in tally.injected.items() if n} >= {"handler", "forward", "shrinking"}
     assert tally.leaks == []
     assert tally.errors == []
 
 
-def test_a_leak_is_seen(tiny, stress, monkeypatch):
+def test_a_leak_is_seen(tiny, make_harness, stress, monkeypatch):
     """The check can fail: an undo that forgets a parametrization is reported as a leak."""
     from pytest_hemorrhage.modifications import registry
 
     monkeypatch.setattr(registry.Patch, "undo", lambda self: self._undo.clear())
-    settings = Settings.defaults(model="hemorrhage-tiny", tokens=256, calibration_windows=2)
-    harness = Harness(tiny, settings)
+    harness = make_harness(tiny, tokens=256, calibration_windows=2)
     tally = stress.Tally()
     stress.Stress(harness, tally).one([registry.make("quant.rtn", {"bits": 2})], "none", 0, True)
     monkeypatch.undo()

@@ -172,15 +172,10 @@ def test_bad_parameters_name_the_value_and_the_fix(params, message):
 @needs_torchao
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_int4_weight_only_runs_on_cuda():
-    from pytest_hemorrhage.harness import Harness
+def test_int4_weight_only_runs_on_cuda(make_harness):
     from pytest_hemorrhage.loading import load_model
-    from pytest_hemorrhage.settings import Settings
 
-    gpu = Harness(
-        load_model("hemorrhage-tiny", device="cuda"),
-        Settings.defaults(model="hemorrhage-tiny", tokens=2048),
-    )
+    gpu = make_harness(load_model("hemorrhage-tiny", device="cuda"), tokens=2048)
     before = snapshot(gpu.model)
     result = gpu.measure([("quant.torchao", {"config": "int4_weight_only", "group_size": 32})])
     assert_restored(gpu.model, before)
