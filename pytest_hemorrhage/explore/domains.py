@@ -76,6 +76,7 @@ MODIFICATION_DOMAINS: dict[tuple[str, str], Domain] = {
     ("prune.layers", "count"): Domain(0, None, integer=True, resolution=1),  # hi: blocks - 1
     ("fault.bitflip", "count"): Domain(0, 1000, integer=True, resolution=1),
     ("decode.top_p", "p"): Domain(0.0, 1.0, increasing=False, origin=1.0),
+    ("context.rope_scaling", "factor"): Domain(1.0, 8.0, resolution=0.05, origin=1.0),
 }
 
 # Non-numeric parameters by name: the values explored, gentlest first (shrinking goes there).
@@ -134,6 +135,7 @@ MODIFICATION_PARAMS: dict[str, tuple[str | tuple[str, str], ...]] = {
     "prune.sparsegpt": ("sparsity",),  # damp stays: near 0 the Hessian can be singular
     "quant.kv_cache": ("bits",),
     "quant.gguf": ("type",),
+    "context.rope_scaling": ("factor",),  # type stays: its choices are not one axis
 }
 
 

@@ -10,7 +10,7 @@ registers every built-in modification. A new family: a module here, imported bel
 from __future__ import annotations
 
 # the built-in families, each registering its modifications on import
-from . import decode, expand, lowrank, noise, prune, quant  # noqa: F401  (registered on import)
+from . import context, decode, expand, lowrank, noise, prune, quant  # noqa: F401  (registered on import)
 from .registry import (
     Modification,
     Patch,
