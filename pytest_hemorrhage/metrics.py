@@ -76,6 +76,7 @@ EXTRA_METRICS: dict[str, str] = {
     "gen_first_divergence": "mean of 1 - (first differing generated position) / length",
     "accuracy_drop": "drop of multiple-choice accuracy on the task items",
     "flip_rate": "share of task items whose correctness changed, either way",
+    "routing_flip": "share of (token, MoE layer) pairs routed to another set of experts",
 }
 
 

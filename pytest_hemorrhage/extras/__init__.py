@@ -70,4 +70,8 @@ def providers(want: frozenset[str]) -> list[Provider]:
         from .tasks import baseline_scores, task_metrics
 
         found.append(Provider(task_metrics, baseline_scores))
+    if "routing_flip" in want:
+        from .routing import baseline_routes, routing_metrics
+
+        found.append(Provider(routing_metrics, baseline_routes))
     return found
