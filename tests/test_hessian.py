@@ -1,4 +1,5 @@
-"""GPTQ and SparseGPT (modifications/hessian.py, quant/gptq.py, prune/sparsegpt.py): the solver against its definition, sequential
+"""The Optimal Brain Surgeon machinery GPTQ and SparseGPT share (modifications/hessian.py) and
+their handlers (quant/gptq.py, prune/sparsegpt.py): the solver against its definition, sequential
 calibration, caching, both architectures, exact restore, clear errors, and the papers' headline
 comparisons on the bundled model."""
 

@@ -1,4 +1,5 @@
-"""quant.rtn and prune.magnitude against their definitions; registry, targeting and restore."""
+"""The modification registry (modifications/registry.py): make, targeting, restore and the errors
+it raises; with quant.rtn and prune.magnitude, the simplest handlers, against their definitions."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """LLM-Pruner's first-order group importance for prune.heads / prune.channels
-(``importance="taylor"``): against its definition on both architectures, exact restoration,
+(``importance="taylor"``, modifications/prune/structured.py): against its definition on both architectures, exact restoration,
 and the seed paper's finding that structured pruning hurts more than unstructured pruning at
 equal parameter sparsity.
 

@@ -1,11 +1,14 @@
-"""Writes into the baseline that bypass version counters (through ``.data``, through a numpy
-view) are caught when the test ends, named, and undone so that later tests see the baseline."""
+"""The harness (harness.py) around a measure: writes into the baseline that bypass version
+counters (through ``.data``, through a numpy view) are caught when the test ends, named, and
+undone so that later tests see the baseline; and a measure keeps one batch of logits alive at a
+time, whatever the batch count."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from bit_identity import assert_restored, snapshot
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from pytest_hemorrhage import harness as harness_module
 from pytest_hemorrhage.errors import HemorrhageError
@@ -80,3 +83,41 @@ def test_the_writing_test_fails_and_the_next_one_sees_the_baseline(pytester):
         [w for line in r.outlines for w in line.split("KL ")[1:]] for r in (result, alone)
     )
     assert after_bad and after_bad == baseline  # the same bits as in a run without the write
+
+
+# -- memory: how many batches of logits a measure keeps alive ---------------------------------
+
+
+@pytest.mark.parametrize("early_stop", [False, True])
+@pytest.mark.parametrize("stages", [[("quant.rtn", {"bits": 8})], [("decode.top_k", {"k": 20})]])
+def test_no_logits_alive_during_the_next_forward_pass(tiny, make_harness, stages, early_stop):
+    """When a batch's forward pass starts, no earlier batch's logits (the model's output, or a
+    processor's) is still referenced: measure() (and the reference it computes first) holds
+    one batch of logits, not two."""
+    from pytest_hemorrhage.budget import Budget
+
+    harness = make_harness(tiny, tokens=8 * 128, batch_size=2, early_stop=early_stop)
+    handed = []  # weak references to the memory of every batch of logits measure() scored
+    alive_at_forward = []
+    batches = harness.batches
+
+    def watched(*args, **kwargs):
+        for logits, targets in batches(*args, **kwargs):
+            handed.append(StorageWeakRef(logits.untyped_storage()))
+            yield logits, targets
+            del logits  # this wrapper must not hold them either
+
+    def count_alive(module, args):
+        alive_at_forward.append(sum(not ref.expired() for ref in handed))
+
+    harness.batches = watched
+    hook = harness.model.register_forward_pre_hook(count_alive)
+    try:
+        harness.measure(stages, budget=Budget({"kl_mean": 1e9}) if early_stop else None)
+    finally:
+        hook.remove()
+    # the reference's 4 batches, then the measure's (early stopping may score fewer): several,
+    # since the claim is about the ones before
+    assert len(handed) >= 4 + 2
+    assert len(alive_at_forward) == len(handed)
+    assert alive_at_forward == [0] * len(handed)

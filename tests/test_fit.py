@@ -1,4 +1,4 @@
-"""Tests for the budget bisection and the phase-transition fit (pure math, CPU, fast)."""
+"""explore/fit.py: the budget bisection and the phase-transition fit (pure math, CPU, fast)."""
 
 from __future__ import annotations
 
