@@ -383,3 +383,41 @@ def test_an_endpoint_candidate_through_pytest(pytester, replay):
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     errors = [x for x in result.errlines if "no server answers there" in x]
     assert len(errors) == 1 and dead in errors[0]
+
+
+# -- the coarsened KL, by hand ------------------------------------------------------------------
+
+
+def _one_row(p, q, returned):
+    """A reference of one token with probabilities ``p`` and a server's answer for it: the
+    log-probs of ``q`` at the ``returned`` ids."""
+    from pytest_hemorrhage.reference import Reference
+    from pytest_hemorrhage.runtimes.endpoint import WindowScores
+
+    p, q = torch.tensor(p, dtype=torch.float64), torch.tensor(q, dtype=torch.float64)
+    reference = Reference(
+        targets=torch.tensor([0]),
+        target_logp=p[:1].log().float(),
+        top1=p.argmax()[None],
+        p=p[None].float(),
+    )
+    served = WindowScores(
+        [q[0].log().item()], [list(returned)], [q[list(returned)].log().tolist()], [(0,)]
+    )
+    true_kl = (p * (p / q).log()).sum().item()
+    return reference, served, true_kl
+
+
+def test_the_kl_is_the_coarsened_one_a_lower_bound_exact_over_the_whole_vocabulary():
+    from pytest_hemorrhage.runtimes.endpoint import score_windows
+
+    p, q = [0.5, 0.3, 0.1, 0.1], [0.4, 0.2, 0.3, 0.1]
+    reference, served, true_kl = _one_row(p, q, [0, 1])
+    got = score_windows([served], reference, 4)
+    # the returned ids and one bucket for the rest (ids 2 and 3: p 0.2, q 0.4)
+    by_hand = 0.5 * math.log(0.5 / 0.4) + 0.3 * math.log(0.3 / 0.2) + 0.2 * math.log(0.2 / 0.4)
+    assert got.kl.item() == pytest.approx(by_hand, rel=1e-6)
+    assert 0 < got.kl.item() < true_kl and not got.exact and got.returned == 2
+    reference, served, true_kl = _one_row(p, q, [0, 1, 2, 3])
+    got = score_windows([served], reference, 4)
+    assert got.exact and got.kl.item() == pytest.approx(true_kl, rel=1e-6)
