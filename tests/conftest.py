@@ -60,6 +60,16 @@ def gpt2(tiny):
     )
 
 
+@pytest.fixture(scope="module")
+def wide(tiny):
+    """A Harness (16 windows of 128 tokens) on the bundled model widened by duplication to rows
+    of 256 and 768 (benchmarks/models.py): the same function and trained weights, and no K-quant
+    falls back. One per test module, as each module built its own."""
+    from benchmarks.models import widened
+
+    return build_harness(widened(tiny.model), tiny.tokenizer, spec="tiny-wide", tokens=2048)
+
+
 @pytest.fixture(scope="session")
 def outliers(tiny):
     """A Harness (16 windows of 128 tokens) on a copy of the bundled model with outlier

@@ -16,7 +16,6 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 from torch import nn
 
-from benchmarks.models import widened
 from pytest_hemorrhage.errors import HemorrhageError
 from pytest_hemorrhage.modifications import Patch, apply, make
 from pytest_hemorrhage.modifications.quant.gguf import (
@@ -88,13 +87,6 @@ BLOCKS_ONLY = {"embeddings": False, "head": False, "activations": False}
 
 def _measure(harness, **params):
     return harness.measure([("quant.gguf", {**BLOCKS_ONLY, **params})])
-
-
-@pytest.fixture(scope="module")
-def wide(tiny, make_harness):
-    """The bundled model widened by duplication to rows of 256 and 768 (benchmarks/models.py): the
-    same function and trained weights, and no K-quant falls back."""
-    return make_harness(widened(tiny.model), tiny.tokenizer, spec="tiny-wide", tokens=2048)
 
 
 @pytest.fixture(scope="module")

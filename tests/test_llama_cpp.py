@@ -10,7 +10,6 @@ import pytest
 
 pytest.importorskip("llama_cpp", reason="needs llama-cpp-python (pytest-hemorrhage[llama])")
 
-from benchmarks.models import widened  # noqa: E402
 from pytest_hemorrhage.errors import HemorrhageError  # noqa: E402
 from pytest_hemorrhage.modifications.quant.gguf import Gguf  # noqa: E402
 from pytest_hemorrhage.modifications.quant.gguf.export import write_gguf  # noqa: E402
@@ -23,11 +22,6 @@ TYPES = ("Q8_0", "Q5_0", "Q4_0", "Q4_K", "Q6_K")
 class _Candidate:
     def __init__(self, model, tokenizer, spec):
         self.model, self.tokenizer, self.spec, self.fingerprint = model, tokenizer, spec, spec
-
-
-@pytest.fixture(scope="module")
-def wide(tiny, make_harness):
-    return make_harness(widened(tiny.model), tiny.tokenizer, spec="tiny-wide", tokens=2048)
 
 
 def _in_llama_cpp(harness, path, spec):

@@ -25,7 +25,7 @@ def test_release(hemorrhage, hemorrhage_candidate):
 
 
 @pytest.fixture(scope="module")
-def wide(make_harness):
+def wide_vocab_harness(make_harness):
     """A Harness on wide_vocab's baseline, with the settings the pytester runs below use."""
     model, tokenizer = wide_vocab.baseline()
     return make_harness(model, tokenizer, spec="wide_vocab:baseline", tokens=TOKENS)
@@ -41,18 +41,26 @@ def _assert_same_reference(loaded: Reference, saved: Reference) -> None:
         assert same, f"{f.name} differs after the round trip"
 
 
-def test_a_topk_reference_file_loads_every_field_as_saved(wide, tmp_path):
-    reference = wide.reference
-    assert wide.vocab == wide_vocab.VOCAB > EXACT_VOCAB and reference.p is None
+def test_a_topk_reference_file_loads_every_field_as_saved(wide_vocab_harness, tmp_path):
+    reference = wide_vocab_harness.reference
+    assert wide_vocab_harness.vocab == wide_vocab.VOCAB > EXACT_VOCAB and reference.p is None
     # a tail that carries mass: a tail_mass lost on the way would change every KL term
     assert reference.tail_mass.min() > 0.05 and reference.tail_idx is not None
     saved = PortableReference(
         reference,
-        wide.windows.eval,
-        wide.vocab,
-        vocab_list(wide.loaded.tokenizer),
-        {"spec": wide.loaded.spec, "fingerprint": wide.loaded.fingerprint},
-        {"seq_len": 128, "tokens": TOKENS, "data": "bundled corpus", "topk": wide.topk},
+        wide_vocab_harness.windows.eval,
+        wide_vocab_harness.vocab,
+        vocab_list(wide_vocab_harness.loaded.tokenizer),
+        {
+            "spec": wide_vocab_harness.loaded.spec,
+            "fingerprint": wide_vocab_harness.loaded.fingerprint,
+        },
+        {
+            "seq_len": 128,
+            "tokens": TOKENS,
+            "data": "bundled corpus",
+            "topk": wide_vocab_harness.topk,
+        },
     )
     saved.save(tmp_path / "wide.ref")
     loaded = PortableReference.load(tmp_path / "wide.ref")
@@ -62,7 +70,9 @@ def test_a_topk_reference_file_loads_every_field_as_saved(wide, tmp_path):
     assert (loaded.baseline, loaded.settings) == (saved.baseline, saved.settings)
 
 
-def test_gating_from_a_topk_reference_file_gives_the_live_metrics_bit_for_bit(pytester, wide):
+def test_gating_from_a_topk_reference_file_gives_the_live_metrics_bit_for_bit(
+    pytester, wide_vocab_harness
+):
     pytester.makepyfile(test_release_gate=GATE)
     common = (
         f"--hemorrhage-tokens={TOKENS}",
@@ -90,4 +100,4 @@ def test_gating_from_a_topk_reference_file_gives_the_live_metrics_bit_for_bit(py
     assert after["metrics"] == before["metrics"]
     assert after["stderr"] == before["stderr"]
     # what the session wrote is the reference the live run measured against
-    _assert_same_reference(PortableReference.load(path).reference, wide.reference)
+    _assert_same_reference(PortableReference.load(path).reference, wide_vocab_harness.reference)
