@@ -330,6 +330,28 @@ def test_a_damaged_served_model_reads_a_lower_bound_below_the_exact_kl(tiny, sma
     assert low.metrics["top1_disagreement"] == exact.metrics["top1_disagreement"]
 
 
+def test_top_k_storage_gives_a_lower_bound_never_called_exact(tiny, make_harness):
+    """With a reference that keeps only the baseline's top 16 per token, even a server returning
+    every id gives a lower bound: the rest of the baseline's distribution is not known."""
+    topk = make_harness(tiny, tokens=512, topk=16)
+    exact = make_harness(tiny, tokens=512)
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(len(tiny.tokenizer), generator=g) * 0.5
+
+    def logits(ids):
+        with torch.inference_mode():
+            return tiny.model(ids).logits + noise
+
+    server = _Replay(logits)
+    try:
+        low = topk.measure_endpoint(Endpoint(server.url, tiny.tokenizer, logprobs=512), {})
+        full = exact.measure_endpoint(Endpoint(server.url, tiny.tokenizer, logprobs=512), {})
+    finally:
+        server.close()
+    assert full.details["kl_bound"]["exact"] and not low.details["kl_bound"]["exact"]
+    assert 0.5 * full.metrics["kl_mean"] < low.metrics["kl_mean"] <= full.metrics["kl_mean"]
+
+
 def test_a_500_after_retries_names_the_status_and_the_body_s_first_line(replay, tiny, small):
     replay.fail = [(500, "boom: the engine died\nTraceback ...")] * 100
     endpoint = Endpoint(
@@ -373,10 +395,22 @@ def test_an_endpoint_candidate_through_pytest(pytester, replay):
         """
     )
     base = ("--hemorrhage-model=hemorrhage-tiny", "--hemorrhage-tokens=256", "-s")
-    result = pytester.runpytest(*base, f"--hemorrhage-candidate={replay.url}")
+    saved = pytester.path / "tiny.ref"
+    result = pytester.runpytest(
+        *base, f"--hemorrhage-candidate={replay.url}", f"--hemorrhage-save-reference={saved}"
+    )
     result.assert_outcomes(passed=1)
     line = next(x for x in result.outlines if "RUNTIME " in x)
     assert line.split("RUNTIME ")[1].split()[0] == "endpoint"
+    # with the reference file alone (no baseline model, no tokenizer): token-id prompts
+    alone = pytester.runpytest(
+        f"--hemorrhage-reference={saved}",
+        "--hemorrhage-tokens=256",
+        f"--hemorrhage-candidate={replay.url}",
+        "-s",
+    )
+    alone.assert_outcomes(passed=1)
+    assert next(x for x in alone.outlines if "RUNTIME " in x) == line
     # a URL no server answers: a usage error at startup, one line
     dead = f"http://127.0.0.1:{_free_port()}/v1"
     result = pytester.runpytest(*base, f"--hemorrhage-candidate={dead}")

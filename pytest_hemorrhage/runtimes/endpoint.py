@@ -260,6 +260,12 @@ class Endpoint:
     def score(self, windows: list[list[int]]) -> list[WindowScores]:
         """Every window scored by the server, ``concurrency`` requests in flight, in order."""
         self._choose_protocol(windows[0])
+        if self.protocol == "echo" and self.tokenizer is None:
+            raise HemorrhageError(
+                f"{self.url}: this server takes text prompts (echo), and the run has no "
+                "baseline tokenizer to write them; pass --hemorrhage-model as well, or serve "
+                "with token-id prompts (vLLM prompt_logprobs)"
+            )
         parse = self._parse_ids if self.protocol == "prompt_logprobs" else self._parse_echo
         body = self._ids_body if self.protocol == "prompt_logprobs" else self._echo_body
 
@@ -472,7 +478,8 @@ def score_windows(windows: list[WindowScores], reference: Any, vocab: int) -> En
         disagree=disagree,
         p_target=target.exp().nan_to_num(0).float(),
         present=present,
-        exact=fewest >= vocab,
+        # exact only against exact storage: top-K storage knows K of the baseline's ids
+        exact=reference.p is not None and fewest >= vocab,
         returned=fewest,
         details=details,
     )
