@@ -65,7 +65,7 @@ def main() -> int:
     from pytest_hemorrhage.harness import Harness
     from pytest_hemorrhage.loading import load_model
     from pytest_hemorrhage.modifications.quant.gguf.export import write_gguf
-    from pytest_hemorrhage.runtimes.endpoint import NOISE_WINDOWS, Endpoint
+    from pytest_hemorrhage.runtimes.endpoint import NOISE_WINDOWS, Endpoint, token_strings
     from pytest_hemorrhage.settings import Settings
 
     torch.set_num_threads(1)
@@ -78,11 +78,15 @@ def main() -> int:
     try:
         rows = [[tokenizer.bos_token_id] + w[:-1] for w in harness.windows.eval.tolist()]
         probe = Endpoint(url, tokenizer, protocol="echo")
-        strings = probe._token_strings()[0]
+        strings = token_strings(tokenizer)
 
         def same(ids: list[int]) -> bool:  # the server's tokens are the reference's
-            body = probe._echo_body(ids) | {"logprobs": 1}
-            tokens = probe._post(body)["choices"][0]["logprobs"]["tokens"]
+            data = json.dumps(probe.body(ids) | {"logprobs": 1}).encode()
+            request = urllib.request.Request(
+                url + "/completions", data, {"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(request) as response:
+                tokens = json.load(response)["choices"][0]["logprobs"]["tokens"]
             return tokens[: len(ids) - 1] == [strings[i] for i in ids[1:]]
 
         rows = [w for w in rows if same(w)]
@@ -91,7 +95,7 @@ def main() -> int:
         print(f"{len(rows)} windows of {len(rows[0])} tokens, server {url}")
         for k in args.logprobs:
             endpoint = Endpoint(url, tokenizer, protocol="echo", logprobs=k)
-            bodies = [endpoint._echo_body(w) for w in rows + rows[:NOISE_WINDOWS]]
+            bodies = [endpoint.body(w) for w in rows + rows[:NOISE_WINDOWS]]
 
             def bare(endpoint: Endpoint = endpoint, bodies: list = bodies) -> None:
                 def one(body: dict) -> None:

@@ -44,6 +44,7 @@ from ..errors import HemorrhageError, first_line
 __all__ = [
     "API_KEY_ENV",
     "KL_METRICS",
+    "NOISE_WINDOWS",
     "PROTOCOLS",
     "Endpoint",
     "EndpointScores",
@@ -256,6 +257,11 @@ class Endpoint:
                 return
         choices = response.get("choices") or [{}]
         self.protocol = "prompt_logprobs" if choices[0].get("prompt_logprobs") else "echo"
+
+    def body(self, ids: list[int]) -> dict[str, Any]:
+        """The request that scores the window ``ids`` in the protocol chosen (``auto`` not
+        yet resolved: the token-id form it tries first)."""
+        return self._echo_body(ids) if self.protocol == "echo" else self._ids_body(ids)
 
     def score(self, windows: list[list[int]]) -> list[WindowScores]:
         """Every window scored by the server, ``concurrency`` requests in flight, in order."""
