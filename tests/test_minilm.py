@@ -149,6 +149,8 @@ def test_the_baseline_scores_exactly_zero_and_damage_grows_every_metric(encoder)
     assert runs[1]["retrieval_drop"] > 0.02  # 4-bit RTN loses neighbours (3.1% of 16 x 10)
     result = encoder.measure([("quant.rtn", {"bits": 4})])
     assert all(result.stderr[m] is not None and result.stderr[m] > 0 for m in EMBEDDING_METRICS)
+    touched = result.details.pop("touched")  # every weight of the encoder's layers (1.0)
+    assert touched["share"] == 1.0 and touched["changes"] == ["weights"]
     assert result.details == {"kind": ENCODER, "texts": len(encoder.texts.texts)}
 
 
