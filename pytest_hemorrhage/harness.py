@@ -473,7 +473,7 @@ class Harness:
             details = self._coverage(stats, torch.arange(len(windows)))
             details.update(scores.details)
             details["kl_bound"] = kl_bound(scores, metrics)
-            details["noise_floor"] = noise_floor(endpoint, windows, served)
+            details["noise_floor"] = noise_floor(endpoint, windows, served, budget)
             details["runtime"] = endpoint.describe()
             return Result(
                 modification="candidate",

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import urllib.request
+import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -350,6 +351,27 @@ def test_top_k_storage_gives_a_lower_bound_never_called_exact(tiny, make_harness
         server.close()
     assert full.details["kl_bound"]["exact"] and not low.details["kl_bound"]["exact"]
     assert 0.5 * full.metrics["kl_mean"] < low.metrics["kl_mean"] <= full.metrics["kl_mean"]
+
+
+def test_a_nondeterministic_server_shows_its_noise_floor_and_a_budget_inside_it_warns(tiny, small):
+    g = torch.Generator().manual_seed(2)
+
+    def logits(ids):  # each request its own small jitter, as batch-variant kernels give
+        with torch.inference_mode():
+            return tiny.model(ids).logits + 1e-3 * torch.randn(ids.shape[1], 512, generator=g)
+
+    server = _Replay(logits)
+    try:
+        endpoint = Endpoint(server.url, tiny.tokenizer, concurrency=1)
+        with pytest.warns(UserWarning, match=r"ppl_increase budget 0.001 is within 3x"):
+            result = small.measure_endpoint(endpoint, {}, Budget({"ppl_increase": 0.001}))
+        floor = result.details["noise_floor"]
+        assert floor["windows"] == 2 and 1e-4 < floor["mean_abs_logprob_diff"] < 1e-2
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a budget well above the noise: no warning
+            small.measure_endpoint(endpoint, {}, Budget({"ppl_increase": 0.05}))
+    finally:
+        server.close()
 
 
 def test_a_500_after_retries_names_the_status_and_the_body_s_first_line(replay, tiny, small):

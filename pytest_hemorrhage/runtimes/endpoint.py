@@ -34,6 +34,7 @@ import re
 import time
 import urllib.error
 import urllib.request
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain
@@ -44,6 +45,7 @@ from ..errors import HemorrhageError, first_line
 __all__ = [
     "API_KEY_ENV",
     "KL_METRICS",
+    "NOISE_MULTIPLE",
     "NOISE_WINDOWS",
     "PROTOCOLS",
     "Endpoint",
@@ -63,6 +65,8 @@ PROTOCOLS = ("auto", "prompt_logprobs", "echo")
 KL_METRICS = frozenset({"kl_mean", "kl_p99", "kl_max"})
 # windows sent twice to measure how far the server disagrees with itself
 NOISE_WINDOWS = 2
+# a budget within this multiple of the server's disagreement with itself draws a warning
+NOISE_MULTIPLE = 3
 _RETRY = frozenset({408, 429, 500, 502, 503, 504})
 # a shift is named when the next position's top-1 agrees this much better than the position's own
 _SHIFT_MARGIN = 0.2
@@ -540,10 +544,14 @@ def refuse_bound(endpoint: Endpoint, budgeted: list[str], scores: EndpointScores
         )
 
 
-def noise_floor(endpoint: Endpoint, windows: list[list[int]], served: list[WindowScores]) -> dict:
+def noise_floor(
+    endpoint: Endpoint, windows: list[list[int]], served: list[WindowScores], budget: Any = None
+) -> dict:
     """The first windows sent again: how far the server's answers differ from its own earlier
     ones (largest and mean absolute difference of the actual tokens' log-probs, share of
-    positions whose top entry changed). A budget at or below this is noise, not damage."""
+    positions whose top entry changed). A warning names each budget of ``budget`` (``limits``)
+    within ``NOISE_MULTIPLE`` times the matching figure: it would gate the server's
+    nondeterminism, not damage."""
     count = min(NOISE_WINDOWS, len(windows))
     again = endpoint.score(windows[:count])
     diffs, changed, positions = [], 0, 0
@@ -555,9 +563,26 @@ def noise_floor(endpoint: Endpoint, windows: list[list[int]], served: list[Windo
             if ea and eb:
                 positions += 1
                 changed += ea != eb
-    return {
+    floor = {
         "windows": count,
         "max_abs_logprob_diff": max(diffs, default=0.0),
         "mean_abs_logprob_diff": sum(diffs) / max(len(diffs), 1),
         "top1_changed": changed / max(positions, 1),
     }
+    # a metric's own noise: the mean |change| of a token's log-prob moves nll_increase (and,
+    # near 0, ppl_increase) by up to as much; top-1 flips move top1_disagreement
+    noise = {
+        "nll_increase": floor["mean_abs_logprob_diff"],
+        "ppl_increase": math.expm1(floor["mean_abs_logprob_diff"]),
+        "top1_disagreement": floor["top1_changed"],
+    }
+    for metric, limit in sorted(getattr(budget, "limits", {}).items()):
+        if metric in noise and noise[metric] > 0 and limit <= NOISE_MULTIPLE * noise[metric]:
+            warnings.warn(
+                f"{endpoint.url}: {metric} budget {limit:g} is within {NOISE_MULTIPLE}x the "
+                f"server's disagreement with itself ({noise[metric]:.3g} on repeated "
+                "requests): it gates the server's nondeterminism; raise the budget or make "
+                "the server deterministic (batch-invariant kernels, one request at a time)",
+                stacklevel=2,
+            )
+    return floor
