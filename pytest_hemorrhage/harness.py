@@ -473,6 +473,8 @@ class Harness:
             details = self._coverage(stats, torch.arange(len(windows)))
             details.update(scores.details)
             details["kl_bound"] = kl_bound(scores, metrics)
+            if not bool(scores.present.all()):  # echo after a BOS: its first token has none
+                details["unscored"] = int((~scores.present).sum())
             details["noise_floor"] = noise_floor(endpoint, windows, served, budget)
             details["runtime"] = endpoint.describe()
             return Result(

@@ -136,7 +136,7 @@ def test_the_float_file_served_measures_at_the_noise_floor(served, windows, tiny
     # the server is deterministic: repeated requests agree bit for bit
     assert result.details["noise_floor"]["max_abs_logprob_diff"] == 0
     # the first token after BOS gets no log-prob from echo (OpenAI's null first entry)
-    assert result.tokens == 4 * 126
+    assert result.tokens == 4 * 126 and result.details["unscored"] == 4
 
 
 def test_q4_0_served_measures_what_llama_cpp_measures_in_process(
@@ -372,6 +372,22 @@ def test_a_nondeterministic_server_shows_its_noise_floor_and_a_budget_inside_it_
             small.measure_endpoint(endpoint, {}, Budget({"ppl_increase": 0.05}))
     finally:
         server.close()
+
+
+def test_a_missing_position_stops_the_measure(replay, tiny, small):
+    """A partly scored measure is never a pass: a row without the prompt token's own entry."""
+    respond = replay.response
+
+    def dropping(body):
+        out = respond(body)
+        row = out["choices"][0]["prompt_logprobs"][5]
+        row.pop(str(body["prompt"][5]), None)
+        return out
+
+    replay.response = dropping
+    with pytest.raises(HemorrhageError, match="no log-prob for prompt token 5 ") as caught:
+        small.measure_endpoint(Endpoint(replay.url, tiny.tokenizer), {})
+    assert "\n" not in str(caught.value)
 
 
 def test_a_500_after_retries_names_the_status_and_the_body_s_first_line(replay, tiny, small):

@@ -299,7 +299,12 @@ class Endpoint:
             returned = [int(key) for key in row]
             logps = [_logprob(value) for value in row.values()]
             own = row.get(str(ids[position]))
-            scores.target_logp.append(math.nan if own is None else _logprob(own))
+            if own is None:  # a partly scored measure is never a pass
+                raise HemorrhageError(
+                    f"{self.url}: window {index}: no log-prob for prompt token {position} "
+                    f"(id {ids[position]}); the server must return every prompt token's"
+                )
+            scores.target_logp.append(_logprob(own))
             scores.ids.append(returned)
             scores.logps.append(logps)
             scores.best.append((returned[logps.index(max(logps))],) if logps else ())
@@ -341,6 +346,11 @@ class Endpoint:
         for position in range(1, len(ids)):
             j = position - lead
             value, top = values[j], tops[j] or {}
+            if value is None and j > 0:  # j = 0: OpenAI's null first entry, after a BOS
+                raise HemorrhageError(
+                    f"{self.url}: window {index}: no log-prob for prompt token {position}; "
+                    "the server must return every prompt token's"
+                )
             scores.target_logp.append(math.nan if value is None else float(value))
             returned, logps, best, high = [], [], (), -math.inf
             for key, logp in top.items():
