@@ -8,69 +8,43 @@ For the bundled model and a ~50M-parameter random-init model of the same archite
   * extra peak memory of measure() over a bare forward pass, / model bytes   target <= 0.25x
 Times come from one process: each round runs the forward and every measure back to back, and the
 ratio is the median over rounds of measure / forward in the same round, so machine noise hits
-both sides alike. Peak memory is read from ru_maxrss in a fresh process per phase,
-with glibc told to mmap every allocation over 64 KiB (MALLOC_MMAP_THRESHOLD_): freed memory then
+both sides alike. Peak memory is the peak resident memory of a fresh process per phase, with
+glibc told to mmap every allocation over 64 KiB (``common.FREED_AT_ONCE``): freed memory then
 leaves the process at once, so the peak counts live tensors, not the heap's fragmentation.
+Exits non-zero when a target is missed.
 
-Run: python benchmarks/bench_core.py
+Run: python -m benchmarks.bench_core
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
+
+from benchmarks.common import (
+    FREED_AT_ONCE,
+    Targets,
+    in_fresh_process,
+    reference_figures,
+    time_or_peak,
+)
+from benchmarks.models import MODELS, load
 
 MODIFICATIONS = [
     ("quant.rtn", {"bits": 4, "group_size": 64}),
     ("prune.magnitude", {"sparsity": 0.5}),
 ]
-
-
-def _load(which: str):
-    import torch
-
-    from pytest_hemorrhage.loading import LoadedModel, load_model
-
-    tiny = load_model("hemorrhage-tiny", device="cpu")
-    if which == "tiny":
-        return tiny
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=tiny.model.config.vocab_size,
-        hidden_size=640,
-        intermediate_size=1728,
-        num_hidden_layers=10,
-        num_attention_heads=10,
-        num_key_value_heads=5,
-        tie_word_embeddings=False,
-    )
-    return LoadedModel(
-        model=LlamaForCausalLM(config).eval(), tokenizer=tiny.tokenizer, spec="random-50m"
-    )
+ROUNDS = {"tiny": 15, "50m": 5}
 
 
 def _harness(which: str, cache: Path):
     from pytest_hemorrhage.harness import Harness
     from pytest_hemorrhage.settings import Settings
 
-    loaded = _load(which)
     tokens = 8192  # the default evaluation budget
-    return Harness(loaded, Settings.defaults(tokens=tokens, cache_dir=cache))
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+    return Harness(load(which), Settings.defaults(tokens=tokens, cache_dir=cache))
 
 
 def phase(which: str, what: str, cache: Path) -> dict:
@@ -85,75 +59,53 @@ def phase(which: str, what: str, cache: Path) -> dict:
 
     torch.set_num_threads(1)  # steadier side-by-side ratios on a shared 2-core machine
     h = _harness(which, cache)
-    calls = []
-    h.model.register_forward_hook(lambda *a: calls.append(1))
-    h.reference  # noqa: B018  (loads or computes)
-    forwards_for_reference = len(calls)
-    out = {
-        "model_bytes": sum(p.numel() * p.element_size() for p in h.model.parameters()),
-        "reference_forwards": forwards_for_reference,
-        "cached": h.reference_cached,
-    }
+    out = reference_figures(h)
     # a measure as a test runs it: with the fixture's end-of-test restore detection (checksums)
     runs = {"forward": lambda: list(h.batches())} | {
         str(i): (lambda m=m: (h.measure([m]), h.check_pristine()))
         for i, m in enumerate(MODIFICATIONS)
     }
-    if what == "time":
-        rounds = []
-        for _ in range(ROUNDS[which]):
-            seconds = {}
-            for key, run in runs.items():
-                start = time.perf_counter()
-                run()
-                seconds[key] = time.perf_counter() - start
-            rounds.append({k: v / seconds["forward"] for k, v in seconds.items()})
-        return out | {"ratio": {k: statistics.median(r[k] for r in rounds) for k in runs}}
-    runs[what]()  # warm up: allocator pools, lazy imports
-    start_rss = _rss_bytes()
-    runs[what]()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return out | {"peak_growth": max(0, peak - start_rss)}
-
-
-ROUNDS = {"tiny": 15, "50m": 5}
+    return out | time_or_peak(runs, what, ROUNDS[which])
 
 
 def _run(which: str, what: str, cache: Path) -> dict:
-    out = subprocess.run(
-        [sys.executable, __file__, "--phase", which, what, str(cache)],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536"},
-    ).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    args = ("--phase", which, what, str(cache))
+    return in_fresh_process(__spec__.name, *args, env=FREED_AT_ONCE)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--phase", nargs=3)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--phase", nargs=3, help=argparse.SUPPRESS)  # internal: JSON out
     args = parser.parse_args()
     if args.phase:
         which, what, cache = args.phase
         print(json.dumps(phase(which, what, Path(cache))))
         return
+    targets = Targets()
     print(
-        f"{'model':10} {'modification':16} {'time/forward':>13} {'extra peak/model':>17} "
+        f"{'model':10} {'modification':16} {'time/forward':>17} {'extra peak/model':>21} "
         f"{'warm-cache baseline forwards':>29}"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        for which in ("tiny", "50m"):
+        for which in MODELS:
             cache = Path(tmp) / which
             _run(which, "forward", cache)  # computes and stores the reference
             timing = _run(which, "time", cache)  # a second session: the cache is warm
             warm = timing["reference_forwards"] if timing["cached"] else "not cached!"
+            warm_ok = targets.check(f"{which}: warm-cache baseline forwards", warm == 0, str(warm))
             ratio = timing["ratio"]
             base_peak = min(_run(which, "forward", cache)["peak_growth"] for _ in range(2))
             for i, (name, _params) in enumerate(MODIFICATIONS):
                 peak = min(_run(which, str(i), cache)["peak_growth"] for _ in range(2))
                 extra = max(0, peak - base_peak) / timing["model_bytes"]
-                print(f"{which:10} {name:16} {ratio[str(i)]:12.2f}x {extra:16.2f}x {warm!s:>29}")
+                t = ratio[str(i)]
+                t_ok = targets.at_most(f"{which} {name}: time/forward", t, 1.15)
+                m_ok = targets.at_most(f"{which} {name}: extra peak/model", extra, 0.25)
+                print(
+                    f"{which:10} {name:16} {t:12.2f}x {t_ok:>4} {extra:12.2f}x {m_ok:>7} "
+                    f"{warm!s:>22} {warm_ok}"
+                )
+    targets.finish()
 
 
 if __name__ == "__main__":

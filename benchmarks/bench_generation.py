@@ -4,25 +4,18 @@ For the bundled model under 4-bit RTN (a parametrized weight, recomputed on ever
   * time of measure() with gen_mismatch / time of measure() without it
   * KV-cached generation / recomputing every prefix (what a loop without a cache would cost)
   * generation inside parametrize.cached() / without it (weights recomputed at every step)
+Each ratio is the median over ``--repeats`` rounds of its two sides timed back to back.
 
-Run: python benchmarks/bench_generation.py [--repeats 3]
+Run: python -m benchmarks.bench_generation [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 from contextlib import nullcontext
 from unittest import mock
 
-
-def _best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+from benchmarks.common import side_by_side
 
 
 def main() -> None:
@@ -33,7 +26,7 @@ def main() -> None:
     import torch
     from torch.nn.utils import parametrize
 
-    from pytest_hemorrhage import generation
+    from pytest_hemorrhage.extras import generation
     from pytest_hemorrhage.harness import Harness
     from pytest_hemorrhage.loading import load_model
     from pytest_hemorrhage.settings import Settings
@@ -47,8 +40,10 @@ def main() -> None:
     gen = frozenset({"gen_mismatch"})
     harness.measure(stages, gen)  # warm: reference, baseline continuations
 
-    plain = _best(lambda: harness.measure(stages), args.repeats)
-    with_gen = _best(lambda: harness.measure(stages, gen), args.repeats)
+    measures = side_by_side(
+        {"plain": lambda: harness.measure(stages), "gen": lambda: harness.measure(stages, gen)},
+        args.repeats,
+    )
 
     count, length, new = generation._plan(harness)
     ids = generation.prompts(harness, count, length)
@@ -61,25 +56,30 @@ def main() -> None:
         def forward(self, x):
             return self.model(input_ids=x, use_cache=False).logits
 
-    with harness.modified(stages):
-        cached = _best(lambda: generation.generate(harness.model, ids, new), args.repeats)
-        full = _best(lambda: generation.generate(Logits(harness.model), ids, new), args.repeats)
+    def uncached() -> None:
         with mock.patch.object(parametrize, "cached", nullcontext):
-            uncached = _best(lambda: generation.generate(harness.model, ids, new), args.repeats)
+            generation.generate(harness.model, ids, new)
+
+    with harness.modified(stages):
+        loops = side_by_side(
+            {
+                "cached": lambda: generation.generate(harness.model, ids, new),
+                "full": lambda: generation.generate(Logits(harness.model), ids, new),
+                "uncached": uncached,
+            },
+            args.repeats,
+        )
 
     print(f"prompts {count} x {length} tokens, {new} new tokens, 4-bit RTN, CPU")
-    print(
-        f"measure() with gen metrics / without      {with_gen / plain:6.2f}x  "
-        f"({with_gen:.3f}s / {plain:.3f}s)"
-    )
-    print(
-        f"recompute every prefix / KV-cached         {full / cached:6.2f}x  "
-        f"({full:.3f}s / {cached:.3f}s)"
-    )
-    print(
-        f"weights per step / parametrize.cached()    {uncached / cached:6.2f}x  "
-        f"({uncached:.3f}s / {cached:.3f}s)"
-    )
+    for label, rounds, a, b in [
+        ("measure() with gen metrics / without  ", measures, "gen", "plain"),
+        ("recompute every prefix / KV-cached     ", loops, "full", "cached"),
+        ("weights per step / parametrize.cached()", loops, "uncached", "cached"),
+    ]:
+        print(
+            f"{label}    {rounds.ratio(a, b):6.2f}x  "
+            f"({rounds.median(a):.3f}s / {rounds.median(b):.3f}s)"
+        )
 
 
 if __name__ == "__main__":

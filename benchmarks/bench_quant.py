@@ -7,15 +7,19 @@ architecture with ``--large``):
     the format's own size (bits/32 of a float32 weight, plus its scales) + 0.1; 0 for the
     parametrized round trips (rtn, fp8, dtype), which hold nothing between forward passes.
   * time of measure() / time of measure() of quant.dtype (the cheapest: a parametrized cast),
-    so that the kernels' own cost shows.
+    so that the kernels' own cost shows: the median over ``--rounds`` rounds of the two side by
+    side.
+Exits non-zero when a target is missed.
 
-Run: python benchmarks/bench_quant.py [--large]
+Run: python -m benchmarks.bench_quant [--large] [--rounds N]
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+
+from benchmarks.common import Targets, side_by_side
+from benchmarks.models import load
 
 SETTINGS = [
     ("quant.dtype", {"dtype": "bfloat16"}, None),
@@ -63,42 +67,25 @@ def held_bytes(model, names: set[str]) -> int:
     return total
 
 
-def run(large: bool) -> None:
+def run(large: bool, rounds: int) -> None:
     import torch
 
     from pytest_hemorrhage.harness import Harness
-    from pytest_hemorrhage.loading import LoadedModel, load_model
     from pytest_hemorrhage.modifications import make
     from pytest_hemorrhage.settings import Settings
 
     torch.set_num_threads(2)
-    tiny = load_model("hemorrhage-tiny", device="cpu")
-    loaded = tiny
-    if large:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=tiny.model.config.vocab_size,
-            hidden_size=640,
-            intermediate_size=1728,
-            num_hidden_layers=10,
-            num_attention_heads=10,
-            num_key_value_heads=5,
-            tie_word_embeddings=False,
-        )
-        loaded = LoadedModel(
-            model=LlamaForCausalLM(config).eval(), tokenizer=tiny.tokenizer, spec="random-50m"
-        )
+    loaded = load("50m" if large else "tiny")
     h = Harness(loaded, Settings.defaults(tokens=2048))
     h.reference  # noqa: B018
-    h.measure([("quant.dtype", {})])  # warm up
+    cheapest = ("quant.dtype", {"dtype": "bfloat16"})
+    h.measure([cheapest])  # warm up
     original = {
         t.name: t.weight.numel() * t.weight.element_size()
         for t in make("quant.rtn", {}).targets(h.model)
     }
     weight_bytes = sum(original.values())
-    times = {}
+    targets = Targets()
     print(
         f"model {loaded.spec}: {len(original)} target layers, {weight_bytes / 2**20:.2f} MiB "
         "of target weights"
@@ -114,23 +101,28 @@ def run(large: bool) -> None:
                 and type(h.model.get_submodule(n)).__name__ not in ("Linear", "ParametrizedLinear")
             }
             added = held_bytes(h.model, swapped)
-        start = time.perf_counter()
-        h.measure([(name, params)])
-        times[name, str(params)] = time.perf_counter() - start
+        stage = (name, params)
+        timing = side_by_side(
+            {"dtype": lambda: h.measure([cheapest]), "this": lambda s=stage: h.measure([s])},
+            rounds,
+        )
         ratio = added / weight_bytes
         target = 0.0 if bits is None else bits / 32 + 0.1
-        base = times.get(("quant.dtype", str({"dtype": "bfloat16"})), times[name, str(params)])
         label = f"{name} {params}"
+        verdict = targets.at_most(f"{label}: added/weights", ratio, target + 1e-9)
         print(
-            f"{label:60s} {ratio:13.3f} {target:7.3f} {times[name, str(params)] / base:9.2f}x"
-            f"{'' if ratio <= target + 1e-9 else '  OVER'}"
+            f"{label:60s} {ratio:13.3f} {target:7.3f} {timing.ratio('this', 'dtype'):9.2f}x "
+            f"{verdict}"
         )
+    targets.finish()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--large", action="store_true", help="a ~50M-parameter random model")
-    run(parser.parse_args().large)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of timing (medians)")
+    args = parser.parse_args()
+    run(args.large, args.rounds)
 
 
 if __name__ == "__main__":

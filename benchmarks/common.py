@@ -29,8 +29,10 @@ __all__ = [
     "in_fresh_process",
     "model_bytes",
     "peak_resident_bytes",
+    "reference_figures",
     "resident_bytes",
     "side_by_side",
+    "time_or_peak",
 ]
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout
@@ -80,6 +82,19 @@ def side_by_side(fns: Mapping[str, Callable[[], object]], rounds: int) -> Rounds
             fn()
             seconds[name].append(time.perf_counter() - start)
     return Rounds(seconds)
+
+
+def time_or_peak(runs: Mapping[str, Callable[[], object]], what: str, rounds: int) -> dict:
+    """One phase of a benchmark that runs each phase in a fresh process. ``what="time"``: every
+    run's time over ``runs["forward"]``'s (:func:`side_by_side`, ``{"ratio": {name: median}}``);
+    else the growth of peak resident memory over one run of ``runs[what]`` after a warm-up run
+    (``{"peak_growth": bytes}``: the process's peak, so nothing before may have gone higher)."""
+    if what == "time":
+        return {"ratio": side_by_side(runs, rounds).ratios("forward")}
+    runs[what]()  # warm up: allocator pools, lazy imports, the session memo
+    start = resident_bytes()
+    runs[what]()
+    return {"peak_growth": max(0, peak_resident_bytes() - start)}
 
 
 def _status_bytes(field: str) -> int:
@@ -230,6 +245,22 @@ def in_fresh_process(
 def model_bytes(model: Any) -> int:
     """Bytes of a model's parameters (a tied weight counted once)."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def reference_figures(harness: Any) -> dict[str, Any]:
+    """Load or compute ``harness``'s reference: the baseline forward passes that took, whether
+    it came from the cache, and the model's bytes."""
+    calls: list[int] = []
+    handle = harness.model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        harness.reference  # noqa: B018  (loads or computes)
+    finally:
+        handle.remove()
+    return {
+        "model_bytes": model_bytes(harness.model),
+        "reference_forwards": len(calls),
+        "cached": harness.reference_cached,
+    }
 
 
 def forward_pass(harness: Any, windows: Any = None, model: Any = None) -> None:
