@@ -34,37 +34,42 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _llama_server(path, log):
-    """llama-cpp-python's OpenAI-compatible server on ``path``, ready when ``/v1/models``
-    answers; stopped by its PID; its log printed at teardown (pytest shows it on failure)."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/v1"
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(path)]
-            + ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", "512"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+def _llama_servers(paths, folder):
+    """llama-cpp-python's OpenAI-compatible server on each of ``paths`` (started together),
+    each ready when its ``/v1/models`` answers; stopped by their PIDs; their logs printed at
+    teardown (pytest shows them on failure)."""
+    started = []
     try:
+        for path in paths:
+            port, log = _free_port(), folder / f"{path.stem}.log"
+            with open(log, "w") as out:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "llama_cpp.server", "--model", str(path)]
+                    + ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", "512"],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            started.append((process, f"http://127.0.0.1:{port}/v1", log))
         deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"llama-cpp-python's server did not start:\n{log.read_text()}")
-            try:
-                urllib.request.urlopen(url + "/models", timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.2)
-        yield url
+        for process, url, log in started:
+            while True:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"llama-cpp-python's server did not start:\n{log.read_text()}")
+                try:
+                    urllib.request.urlopen(url + "/models", timeout=1).close()
+                    break
+                except OSError:
+                    time.sleep(0.2)
+        yield [url for _, url, _ in started]
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        print(f"--- llama-cpp-python server log ({path.name}) ---\n{log.read_text()[-4000:]}")
+        for process, _, log in started:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            print(f"--- llama-cpp-python server log ({log.name}) ---\n{log.read_text()[-4000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +84,7 @@ def served(tiny, tmp_path_factory):
     folder = tmp_path_factory.mktemp("served")
     f32 = write_gguf(tiny.model, tiny.tokenizer, folder / "f32.gguf")
     q4 = write_gguf(tiny.model, tiny.tokenizer, folder / "q4_0.gguf", Gguf(type="Q4_0"))
-    with (
-        _llama_server(f32, folder / "f32.log") as f32_url,
-        _llama_server(q4, folder / "q4.log") as q4_url,
-    ):
+    with _llama_servers([f32, q4], folder) as (f32_url, q4_url):
         yield {"f32": (f32, f32_url), "q4_0": (q4, q4_url)}
 
 
