@@ -20,7 +20,13 @@ from .loading import CAUSAL, LoadedModel, check_spec, kind, load_model, quiet
 from .runtimes import llama_cpp_available
 from .runtimes.endpoint import Endpoint, check_reachable, is_endpoint
 
-__all__ = ["candidate_label", "check_candidate", "load_candidate", "load_endpoint"]
+__all__ = [
+    "candidate_label",
+    "check_candidate",
+    "endpoint_options",
+    "load_candidate",
+    "load_endpoint",
+]
 
 _CANDIDATE_SPECS = (
     "a .gguf file, a directory saved with save_pretrained, a hub id or package.module:factory"
@@ -44,7 +50,8 @@ def check_candidate(spec: str) -> None:
     """Cheap startup check of one ``--hemorrhage-candidate`` (no torch, no download; a
     served model's URL must answer)."""
     if is_endpoint(spec):
-        check_reachable(spec)
+        url, _ = endpoint_options(spec)
+        check_reachable(url)
         return
     if spec.endswith(".gguf"):
         if not Path(spec).expanduser().is_file():
@@ -138,8 +145,42 @@ def load_candidate(
     return LoadedModel(model=model, tokenizer=tokenizer, spec=spec)
 
 
+_ENDPOINT_OPTIONS = {
+    "model": str,
+    "logprobs": int,
+    "protocol": str,
+    "concurrency": int,
+    "timeout": float,
+    "retries": int,
+}
+
+
+def endpoint_options(spec: str) -> tuple[str, dict[str, Any]]:
+    """A served model's spec split into its base URL and the options after ``#``, e.g.
+    ``http://127.0.0.1:8000/v1#model=llama&logprobs=100`` (a fragment: never sent)."""
+    url, _, fragment = spec.partition("#")
+    options: dict[str, Any] = {}
+    for item in filter(None, fragment.split("&")):
+        key, _, value = item.partition("=")
+        if key not in _ENDPOINT_OPTIONS:
+            raise HemorrhageError(
+                f"--hemorrhage-candidate={spec}: unknown option {key!r} after '#'; give "
+                f"{', '.join(f'{k}=...' for k in _ENDPOINT_OPTIONS)} joined by '&'"
+            )
+        try:
+            options[key] = _ENDPOINT_OPTIONS[key](value)
+        except ValueError:
+            raise HemorrhageError(
+                f"--hemorrhage-candidate={spec}: {key}={value!r} is not "
+                f"{'an integer' if _ENDPOINT_OPTIONS[key] is int else 'a number'}"
+            ) from None
+    return url, options
+
+
 def load_endpoint(spec: str, tokenizer: Any, **options: Any) -> Endpoint:
-    """A served model's base URL as a candidate (``options``: :class:`Endpoint`'s keywords:
-    ``model``, ``logprobs``, ``protocol``, ``concurrency``, ``timeout``, ``retries``)."""
-    check_reachable(spec)
-    return Endpoint(spec, tokenizer, **options)
+    """A served model's base URL as a candidate: options from the spec's ``#`` part
+    (:func:`endpoint_options`), ``options`` (:class:`Endpoint`'s keywords: ``model``,
+    ``logprobs``, ``protocol``, ``concurrency``, ``timeout``, ``retries``) over them."""
+    url, given = endpoint_options(spec)
+    check_reachable(url)
+    return Endpoint(url, tokenizer, **{**given, **options})

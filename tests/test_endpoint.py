@@ -431,22 +431,27 @@ def test_an_endpoint_candidate_through_pytest(pytester, replay):
         """
         def test_gate(hemorrhage, hemorrhage_candidate):
             result = hemorrhage.measure_model(hemorrhage_candidate)
-            print("RUNTIME", result.details["runtime"]["name"], result.metrics["kl_mean"])
+            runtime = result.details["runtime"]
+            exact = result.details["kl_bound"]["exact"]
+            print("RUNTIME", runtime["name"], runtime["logprobs"], exact, result.metrics["kl_mean"])
         """
     )
     base = ("--hemorrhage-model=hemorrhage-tiny", "--hemorrhage-tokens=256", "-s")
     saved = pytester.path / "tiny.ref"
+    # options after '#' (never sent to the server): the whole vocabulary, so KL is exact
+    spec = f"{replay.url}#logprobs=512&model=my-llama"
     result = pytester.runpytest(
-        *base, f"--hemorrhage-candidate={replay.url}", f"--hemorrhage-save-reference={saved}"
+        *base, f"--hemorrhage-candidate={spec}", f"--hemorrhage-save-reference={saved}"
     )
     result.assert_outcomes(passed=1)
     line = next(x for x in result.outlines if "RUNTIME " in x)
-    assert line.split("RUNTIME ")[1].split()[0] == "endpoint"
+    assert line.split("RUNTIME ")[1].split()[:3] == ["endpoint", "512", "True"]
+    assert all(body["model"] == "my-llama" for _, _, body in replay.requests)
     # with the reference file alone (no baseline model, no tokenizer): token-id prompts
     alone = pytester.runpytest(
         f"--hemorrhage-reference={saved}",
         "--hemorrhage-tokens=256",
-        f"--hemorrhage-candidate={replay.url}",
+        f"--hemorrhage-candidate={spec}",
         "-s",
     )
     alone.assert_outcomes(passed=1)
@@ -457,6 +462,9 @@ def test_an_endpoint_candidate_through_pytest(pytester, replay):
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     errors = [x for x in result.errlines if "no server answers there" in x]
     assert len(errors) == 1 and dead in errors[0]
+    result = pytester.runpytest(*base, f"--hemorrhage-candidate={replay.url}#top=5")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert any("unknown option 'top' after '#'" in x for x in result.errlines)
 
 
 # -- the coarsened KL, by hand ------------------------------------------------------------------
