@@ -210,6 +210,8 @@ class _Replay:
         self.logits = logits
         self.requests: list[tuple[str, dict, dict]] = []
         self.fail: list[tuple[int, str]] = []
+        self.delay, self.in_flight, self.most_in_flight = 0.0, 0, 0
+        lock = threading.Lock()
         replay = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -230,6 +232,17 @@ class _Replay:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 replay.requests.append((self.path, dict(self.headers), body))
+                with lock:
+                    replay.in_flight += 1
+                    replay.most_in_flight = max(replay.most_in_flight, replay.in_flight)
+                time.sleep(replay.delay)
+                try:
+                    self._answer(body)
+                finally:
+                    with lock:
+                        replay.in_flight -= 1
+
+            def _answer(self, body):
                 if replay.fail:
                     self._send(*replay.fail.pop(0))
                     return
@@ -410,6 +423,14 @@ def test_429_is_retried_with_backoff(replay, tiny, small):
     result = small.measure_endpoint(endpoint, {})
     assert result.metrics["top1_disagreement"] == 0
     assert len(replay.requests) == len(small.windows.eval) + 2 + 2  # + retries + noise floor
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_requests_in_flight_are_the_concurrency_asked(replay, tiny, small, concurrency):
+    replay.delay = 0.1
+    endpoint = Endpoint(replay.url, tiny.tokenizer, concurrency=concurrency)
+    small.measure_endpoint(endpoint, {})
+    assert replay.most_in_flight == concurrency
 
 
 def test_the_api_key_is_sent_and_never_reported(replay, tiny, small, monkeypatch):
