@@ -30,7 +30,9 @@ Per-token statistics are cached (``--cache``) so that re-runs only resample. The
 stored exactly at the bundled model's 512-token vocabulary, so the cache does not depend on
 the top-K storage format.
 
-Run: python benchmarks/bench_coverage.py [--splits 1500] [--windows 64] [--level 0.95]
+Exits non-zero when the lowest coverage misses the target.
+
+Run: python -m benchmarks.bench_coverage [--splits 1500] [--windows 64] [--level 0.95]
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ import time
 from dataclasses import fields
 from pathlib import Path
 from statistics import NormalDist
+
+from benchmarks.common import Targets
 
 MODIFICATIONS = [
     ("quant.rtn", {"bits": 3}),
@@ -279,11 +283,15 @@ def main() -> None:
                 worst = (now, f"{name} {params} {metric}", se)
         print(f"  {'kl_max':<18} refused: no bound on a maximum holds its level", flush=True)
     now, where, se = worst
+    targets = Targets()
+    verdict = targets.at_least(f"lowest coverage ({where})", now, args.level)
+    distance = (now - args.level) / se if se else math.copysign(math.inf, now - args.level)
     print(
         f"\nlowest coverage of the plugin's bounds: {now:.4f} +- {se:.4f} ({where}); target "
-        f">= {args.level:.5g}; {(now - args.level) / se:+.1f} SE from it; "
+        f">= {args.level:.5g}: {verdict}; {distance:+.1f} SE from it; "
         f"{time.perf_counter() - start:.0f} s"
     )
+    targets.finish()
 
 
 if __name__ == "__main__":

@@ -16,20 +16,19 @@ with one fault per composition drawn from:
 After each: the state_dict's bits and storage (tests/bit_identity.py), module tree, the
 config's attributes, no parametrization left, and ``harness.check_pristine()``.
 
-Prints leaks (target 0), faults injected per kind, and errors that are not faults (bugs).
+Prints leaks (target 0), faults injected per kind, and errors that are not faults (bugs,
+target 0); exits non-zero when a target is missed.
 
-Run: python benchmarks/bench_stress.py [--compositions 1000] [--tokens 256]
+Run: python -m benchmarks.bench_stress [--compositions 1000] [--tokens 256]
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,12 +37,11 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from torch.nn.utils import parametrize
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from bit_identity import assert_restored, snapshot  # noqa: E402
-
-from pytest_hemorrhage import strategies as hst  # noqa: E402
-from pytest_hemorrhage.errors import HemorrhageError  # noqa: E402
-from pytest_hemorrhage.modifications import names, registry  # noqa: E402
+from benchmarks.common import Targets
+from pytest_hemorrhage import strategies as hst
+from pytest_hemorrhage.errors import HemorrhageError
+from pytest_hemorrhage.modifications import names, registry
+from tests.bit_identity import assert_restored, snapshot
 
 FAULTS = ("none", "handler", "forward", "keyboard", "fail", "shrinking")
 
@@ -287,12 +285,16 @@ def main() -> None:
         + ", ".join(f"{k} {tally.injected[k]}" for k in FAULTS if k != "none")
     )
     print(f"refusals (HemorrhageError) {tally.refusals}")
-    print(f"errors (not faults)   {len(tally.errors)}")
+    targets = Targets()
+    verdict = targets.at_most("errors (not faults)", len(tally.errors), 0)
+    print(f"errors (not faults)   {len(tally.errors)}   (target 0: {verdict})")
     for line in tally.errors[:20]:
         print("   ", line)
-    print(f"leaks                 {len(tally.leaks)}   (target 0)")
+    verdict = targets.at_most("leaks", len(tally.leaks), 0)
+    print(f"leaks                 {len(tally.leaks)}   (target 0: {verdict})")
     for line in tally.leaks[:20]:
         print("   ", line)
+    targets.finish()
 
 
 if __name__ == "__main__":
