@@ -345,7 +345,18 @@ class HemorrhageSession:
         extras = {"gen_mismatch", "gen_first_divergence"} if self.settings.generate else set()
         if self.settings.tasks:
             extras |= {"accuracy_drop", "flip_rate"}
+        if self._has_routers():  # a mixture of experts: every measure says how routes moved
+            extras.add("routing_flip")
         return frozenset(extras)
+
+    def _has_routers(self) -> bool:
+        harness = self.harness()
+        if "routers" not in harness.memo:
+            from .extras.routing import routers
+
+            model = harness.model
+            harness.memo["routers"] = model is not None and bool(routers(model))
+        return harness.memo["routers"]
 
     def record_exploration(self, item: pytest.Item, kind: str, data: dict[str, Any]) -> None:
         """Keep a threshold search or sweep for the summary and report, as plain data."""

@@ -67,3 +67,36 @@ def test_a_router_that_returns_no_indices_is_named_and_the_rest_still_measures(
 def test_the_marker_budgets_it():
     budget = Budget.parse({"routing_flip": 0.05}, where="test")
     assert budget.limits == {"routing_flip": 0.05}
+
+
+def tiny_mixtral():
+    """``--hemorrhage-model=test_routing:tiny_mixtral``: a seeded random-init Mixtral with the
+    bundled tokenizer."""
+    from pytest_hemorrhage.loading import load_model
+
+    tokenizer = load_model("hemorrhage-tiny", device="cpu").tokenizer
+    torch.manual_seed(0)
+    return build("mixtral", len(tokenizer)).eval(), tokenizer
+
+
+def test_every_measure_of_a_moe_model_reports_it_and_the_marker_gates_it(pytester):
+    pytester.makepyfile(
+        """
+        import pytest
+
+        def test_unbudgeted(hemorrhage):
+            assert hemorrhage.measure("quant.rtn", bits=8).metrics["routing_flip"] < 0.02
+
+        @pytest.mark.hemorrhage(routing_flip=0.01, kl_mean=10)
+        def test_two_bits(hemorrhage):
+            hemorrhage.check(hemorrhage.measure("quant.rtn", bits=2))
+        """
+    )
+    result = pytester.runpytest(
+        "--hemorrhage-model=test_routing:tiny_mixtral",
+        "--hemorrhage-tokens=512",
+        "-p",
+        "no:randomly",
+    )
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*routing_flip: 0.* > 0.0100*"])

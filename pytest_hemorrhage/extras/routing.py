@@ -8,7 +8,8 @@ whose set of routed experts differs from the baseline's, with the evaluation win
 sampling unit. A router is the ``gate`` or ``router`` beside an ``experts`` module whose forward
 returns the chosen expert indices last (transformers' MoE blocks: Mixtral, Qwen2/3-MoE,
 DeepSeek-V3, GPT-OSS, ...); hooks on the routers read them during forward passes over the first
-``WINDOWS`` evaluation windows. A MoE model whose routers cannot be read says so in the details.
+``WINDOWS`` evaluation windows, with every measure of a MoE model (``session.default_extras``).
+A MoE model whose routers cannot be read says so in the details.
 """
 
 from __future__ import annotations
