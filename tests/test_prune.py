@@ -448,3 +448,31 @@ def test_magnitude_scope_layer_prunes_each_layer_alike_global_by_one_threshold(h
     else:
         assert max(sparsity.values()) - min(sparsity.values()) > 0.3, sparsity
         assert largest_pruned <= smallest_kept  # one threshold separates pruned from kept
+
+
+def test_magnitude_thresholds_are_selected_once_per_model_state_and_selection(tiny, make_harness):
+    """Thresholds are memoized per session: a repeated measure reuses them (same bits), while
+    an earlier stage (another model state) or other targets select anew."""
+    h = make_harness(tiny, tokens=256)
+    alone = ("prune.magnitude", {"sparsity": 0.5})
+    after_rtn = [("quant.rtn", {"bits": 2, "group_size": 32}), alone]
+
+    def selections() -> int:
+        return sum(isinstance(k, tuple) and k[0] == "prune.magnitude" for k in h.memo)
+
+    first = h.measure([alone]).metrics
+    assert h.measure([alone]).metrics == first and selections() == 1
+    composed = h.measure(after_rtn).metrics
+    assert selections() == 2
+    h.measure([("prune.magnitude", {"sparsity": 0.5, "include": ("*.mlp.*",)})])
+    assert selections() == 3
+    # the thresholds after quant.rtn are the quantized weights', not reused from the plain model
+    assert make_harness(tiny, tokens=256).measure(after_rtn).metrics == composed
+
+
+def test_magnitude_prunes_each_conv1d_layer_its_fraction(gpt2):
+    """GPT-2's (in, out) weights are ranked in their stored order: the same k per layer."""
+    config = make("prune.magnitude", {"sparsity": 0.3})
+    with gpt2.modified(config):
+        zeros = [(t.weight == 0).double().mean().item() for t in config.targets(gpt2.model)]
+    assert zeros == [pytest.approx(0.3, abs=1e-3)] * len(zeros)

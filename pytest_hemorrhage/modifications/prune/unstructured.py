@@ -127,16 +127,25 @@ class NMPruning(Modification):
         return select_targets(model, self.include, self.exclude, self.name, experts)
 
 
-def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th smallest element (1-based); -inf for k == 0 so that nothing is below it."""
+def kth_smallest_magnitude(weight: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest ``|weight|`` (1-based); -inf for k == 0 so that nothing is below it.
+
+    One copy of ``weight`` at a time (its magnitudes, selected in place), and none for the
+    transpose: the order of the elements does not matter, so a transposed view is read in its
+    stored order.
+    """
     if k == 0:
-        return values.new_tensor(float("-inf"))
-    if values.device.type == "cpu":  # numpy's introselect is ~10x faster than kthvalue on CPU
+        return weight.new_tensor(float("-inf"))
+    weight = weight.detach()
+    if weight.dim() == 2 and not weight.is_contiguous() and weight.t().is_contiguous():
+        weight = weight.t()  # GPT-2's Conv1D stores (in, out)
+    if weight.device.type == "cpu":  # numpy's introselect is ~10x faster than kthvalue on CPU
         import numpy as np
 
-        flat = values.detach().flatten().float().numpy()  # exact for half precisions
-        return torch.as_tensor(np.partition(flat, k - 1)[k - 1])
-    return values.flatten().kthvalue(k).values
+        magnitudes = np.abs(weight.reshape(-1).float().numpy())  # exact for half precisions
+        magnitudes.partition(k - 1)
+        return torch.as_tensor(magnitudes[k - 1])
+    return weight.abs().flatten().kthvalue(k).values
 
 
 def row_thresholds(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -173,26 +182,34 @@ def global_threshold(weights: list[torch.Tensor], sparsity: float) -> torch.Tens
     return torch.tensor(hi)
 
 
-def _mask_below(threshold: torch.Tensor):
-    return lambda w: torch.where(w.abs() > threshold.to(w.device, w.dtype), w, 0)
+def _mask_below(threshold: float):
+    # zeroes every |w| <= threshold in one pass, in a third of torch.where(|w| > t, w, 0)'s
+    # time; a NaN weight stays, as the selection ranks NaN above every magnitude
+    return lambda w: torch.nn.functional.hardshrink(w, threshold)
+
+
+def _magnitude_thresholds(config: MagnitudePruning, targets: list[Target]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        if config.scope == "global":
+            t = global_threshold([x.weight.detach() for x in targets], config.sparsity)
+            return [t] * len(targets)
+        return [
+            kth_smallest_magnitude(x.weight, round(config.sparsity * x.weight.numel()))
+            for x in targets
+        ]
 
 
 @register_modification("prune.magnitude", MagnitudePruning)
 def apply_magnitude(
-    config: MagnitudePruning, model: nn.Module, patch: Patch, context: object
+    config: MagnitudePruning, model: nn.Module, patch: Patch, context: Context
 ) -> None:
     targets: list[Target] = config.targets(model)
-    with torch.no_grad():
-        if config.scope == "global":
-            t = global_threshold([x.weight.detach() for x in targets], config.sparsity)
-            thresholds = [t] * len(targets)
-        else:
-            thresholds = [
-                kth_smallest(x.weight.detach().abs(), round(config.sparsity * x.weight.numel()))
-                for x in targets
-            ]
+    # a pure function of the weights and the config: selected once per session for each model
+    # state (the stages before this one) and selection, not on every measure of a test suite
+    key = ("prune.magnitude", config, context.applied, tuple(t.name for t in targets))
+    thresholds = context.memo(key, lambda: _magnitude_thresholds(config, targets))
     for target, threshold in zip(targets, thresholds, strict=True):
-        patch.parametrize(target, _mask_below(threshold))
+        patch.parametrize(target, _mask_below(float(threshold.to(target.weight.dtype))))
 
 
 # --- Wanda -------------------------------------------------------------------------------------
