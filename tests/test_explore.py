@@ -330,6 +330,14 @@ def test_missing_matplotlib_names_the_extra(monkeypatch):
         plots.write_plots([], "unused")
 
 
+@pytest.fixture
+def profile_restored():
+    """The outer run's hypothesis profile back after in-process runs load another one."""
+    before = settings.get_current_profile_name()
+    yield
+    settings.load_profile(before)
+
+
 # The database is the default one, named explicitly: in-process pytester runs share the outer
 # run's hypothesis, whose default directory was fixed when it was first imported.
 SHRINK_VS_BISECT = """
@@ -377,7 +385,9 @@ def _falsifying(output: str) -> float:
     return float(match.group(1))
 
 
-def test_shrinking_and_bisection_agree_and_the_database_replays(pytester, small, monkeypatch):
+def test_shrinking_and_bisection_agree_and_the_database_replays(
+    pytester, small, monkeypatch, profile_restored
+):
     monkeypatch.setenv("COLUMNS", "200")  # summary lines read whole, not wrapped
     # a budget that magnitude pruning crosses mid-range on this model, whatever its training
     budget = round(_ppl(small, "prune.magnitude", sparsity=0.7), 6)
@@ -410,9 +420,54 @@ def test_shrinking_and_bisection_agree_and_the_database_replays(pytester, small,
     again = next(e for e in report["explorations"] if e["method"] == "shrinking")
     assert again["evaluations"] < first_run
 
-    # and near_threshold draws around the threshold persisted by the first run
+    # and near_threshold, exploring, draws around the threshold persisted by the first run
     pytester.makepyfile(test_near=NEAR.format(budget=budget))
-    pytester.runpytest(*MODEL, "test_near.py").assert_outcomes(passed=1)
+    explore = (*MODEL[:-1], "--hypothesis-profile=hemorrhage-explore")
+    pytester.runpytest(*explore, "test_near.py").assert_outcomes(passed=1)
     drawn = [float(x) for x in (pytester.path / "drawn.txt").read_text().split()]
     near = sum(abs(x - shrunk) <= 0.05 for x in drawn)
     assert near >= 0.3 * len(drawn), (shrunk, drawn)
+    # while under hemorrhage-ci it steers nothing: the draws of a run with an empty cache
+    gated = []
+    for cache in ((), ("--hemorrhage-cache-dir=empty",)):
+        (pytester.path / "drawn.txt").unlink()
+        pytester.runpytest(*MODEL, *cache, "test_near.py").assert_outcomes(passed=1)
+        gated.append((pytester.path / "drawn.txt").read_text())
+    assert gated[0] == gated[1]
+
+
+# A release gate's property that holds everywhere: the report is "passes up to" the harshest
+# example drawn, which moves with every example drawn unless the draws are the same each run.
+HOLDS = """
+import pytest
+from hypothesis import given
+from pytest_hemorrhage import strategies as hst
+
+@pytest.mark.hemorrhage(ppl_increase=1e9)
+@given(sparsity=hst.sparsities(max_value=0.3))
+def test_holds(hemorrhage, sparsity):
+    with open("drawn.txt", "a") as f:
+        f.write(f"{sparsity}\\n")
+    hemorrhage.check(hemorrhage.measure("prune.magnitude", sparsity=sparsity))
+"""
+
+
+def test_the_ci_profile_explores_the_same_examples_on_every_run(pytester, profile_restored):
+    pytester.makepyfile(test_gate=HOLDS)
+    runs = []
+    for _ in range(2):
+        result = pytester.runpytest(
+            "--hemorrhage-model=hemorrhage-tiny",
+            "--hemorrhage-tokens=256",
+            "-p",
+            "no:cacheprovider",
+            "--hypothesis-profile=hemorrhage-ci",
+            "--hemorrhage-report=report.json",
+        )
+        result.assert_outcomes(passed=1)
+        drawn = (pytester.path / "drawn.txt").read_text().split()
+        (pytester.path / "drawn.txt").unlink()
+        [record] = json.loads((pytester.path / "report.json").read_text())["explorations"]
+        runs.append((drawn, record["bracket"], record["measurements"]))
+    assert len(set(runs[0][0])) > 3  # it explored, not one value
+    assert runs[0] == runs[1]

@@ -38,12 +38,15 @@ __all__ = [
     "reporting_example",
 ]
 
-# Settings profiles for --hypothesis-profile. Both keep hypothesis' example database on (even
-# where its own "ci" profile turns it off), so a breaking point found once is replayed first
-# by the next run: keep the .hypothesis/ directory between CI runs (e.g. a CI cache).
+# Settings profiles for --hypothesis-profile. hemorrhage-ci is a release gate: like
+# hypothesis' own "ci" profile it derandomizes (examples drawn from a hash of the test's code)
+# and so has no example database, because a verdict must not depend on a random seed or on
+# what an earlier run saved. hemorrhage-explore draws at random and keeps the database, so a
+# breaking point found once is replayed first by the next run.
 PROFILES: dict[str, dict[str, Any]] = {
     "hemorrhage-ci": {
         "max_examples": 10,
+        "derandomize": True,
         "print_blob": True,
         "phases": ("explicit", "reuse", "generate", "shrink"),
     },
@@ -60,9 +63,11 @@ _CURRENT: contextvars.ContextVar[tuple[Any, Any] | None] = contextvars.ContextVa
 def register_profiles() -> None:
     """Register the ``hemorrhage-ci`` (10 examples) and ``hemorrhage-explore`` (60) profiles.
 
-    Both: no deadline (a model evaluation takes as long as it takes), the function-scoped
-    ``hemorrhage`` fixture allowed (every measure restores the model exactly), and hypothesis'
-    example database on, so breaking points are replayed first on the next run.
+    Both: no deadline (a model evaluation takes as long as it takes) and the function-scoped
+    ``hemorrhage`` fixture allowed (every measure restores the model exactly).
+    ``hemorrhage-ci`` is derandomized with no example database: the same code and model give
+    the same examples and verdicts on every run. ``hemorrhage-explore`` draws at random and
+    keeps the database, so breaking points are replayed first on the next run.
     """
     from hypothesis import HealthCheck, Phase, settings
     from hypothesis.errors import InvalidArgument
