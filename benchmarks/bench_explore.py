@@ -11,7 +11,9 @@
    reports, see ``explore.hypothesis.reporting_example``).
 2. Bisection: measures needed to reach tol 0.01 on [0, 1] (target: <= 8).
 
-Usage: python benchmarks/bench_explore.py [--tokens 8192] [--examples 20]
+Exits non-zero when a target is missed.
+
+Run: python -m benchmarks.bench_explore [--tokens 8192] [--examples 20]
 """
 
 from __future__ import annotations
@@ -26,15 +28,16 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from benchmarks.common import Targets
+
 CONFTEST = '''
 import json, os, time
 from pathlib import Path
 
 import pytest
-import torch
 
+from benchmarks.common import forward_pass
 from pytest_hemorrhage.explore import hypothesis
-from pytest_hemorrhage.loading import model_logits
 from pytest_hemorrhage.plugin import session_key
 
 STATS = {"forward": 0, "examples": 0, "seconds": 0.0, "bare": 0.0, "measure": 0.0}
@@ -60,10 +63,7 @@ def paired(harness):
     COUNTING[0] = False
     try:
         start = time.perf_counter()
-        with torch.inference_mode():
-            windows = harness.windows.eval
-            for i in range(0, len(windows), harness.batch_size):
-                model_logits(harness.model, windows[i: i + harness.batch_size])
+        forward_pass(harness)
         middle = time.perf_counter()
         harness.measure([("prune.magnitude", {"sparsity": 0.3})], frozenset({"ppl_increase"}))
         end = time.perf_counter()
@@ -179,6 +179,7 @@ def main() -> None:
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
     )
 
+    targets = Targets()
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         # fill the reference cache first, so the runs below measure the steady state
@@ -197,13 +198,17 @@ def main() -> None:
             stats = run_pytest(directory, args.tokens, **options)
             n = stats["examples"]
             print(f"\n{label}: {n} examples")
+            calls = stats["forward"] / (n * batches)
+            seconds = stats["seconds"] / stats["bare"]
             print(
                 f"  forward calls: {stats['forward']} vs {n * batches} for {n} bare passes "
-                f"-> ratio {stats['forward'] / (n * batches):.2f} (target <= 1.3)"
+                f"-> ratio {calls:.2f} "
+                f"(target <= 1.3: {targets.at_most(f'{label}: forward calls', calls, 1.3)})"
             )
             print(
                 f"  time: {stats['seconds']:.1f} s vs {stats['bare']:.1f} s for {n} paired "
-                f"bare passes -> ratio {stats['seconds'] / stats['bare']:.2f} (target <= 1.3)"
+                f"bare passes -> ratio {seconds:.2f} "
+                f"(target <= 1.3: {targets.at_most(f'{label}: time', seconds, 1.3)})"
             )
             print(
                 f"  of which harness.measure() itself: {stats['measure'] / stats['bare']:.2f}x "
@@ -220,11 +225,14 @@ def main() -> None:
         seconds = time.perf_counter() - start
         passing, failing = threshold.bracket
         width = (failing - passing) if None not in (passing, failing) else float("nan")
+        verdict = targets.at_most(f"bisection {name}: measures", threshold.evaluations, 8)
         print(
             f"\nbisection {name} sparsity, ppl_increase <= 0.10, tol 0.01 on [0, 1]: "
-            f"{threshold.evaluations} measures (target <= 8), threshold {threshold.value:.4f}, "
-            f"bracket width {width:.4f}, {seconds:.1f} s, monotone={threshold.monotone}"
+            f"{threshold.evaluations} measures (target <= 8: {verdict}), threshold "
+            f"{threshold.value:.4f}, bracket width {width:.4f}, {seconds:.1f} s, "
+            f"monotone={threshold.monotone}"
         )
+    targets.finish()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Cost and memory of GPTQ, SparseGPT (quant/gptq.py, prune/sparsegpt.py) and AWQ (quant/awq.py),
-side by side in one
-run (issue 10's targets). Every figure runs on one torch thread, both sides of every ratio alike
-(on this shared 2-core machine a second thread straggles behind other processes' work).
+side by side in one run (issue 10's targets). Every figure runs on one torch thread, both sides
+of every ratio alike (on this shared 2-core machine a second thread straggles behind other
+processes' work).
 
 On the bundled model (default), per setting, in rounds; each ratio is the median over rounds of
 the numerator over the denominator measured in the same round, so machine noise hits both alike:
@@ -23,12 +23,11 @@ and windows is timed there once, over a forward pass timed in that process.
 With ``--large``: a 23.5M-parameter random-init Llama with Llama-7B's proportions (32 blocks,
 MLP 2.69x the hidden size; hidden 256, vocab 512), so that one block's and one layer's share of
 the model are a 7B model's (a layer's Hessian is 2% of the model, as down_proj's is in 7B);
-each setting in its own process, for the extra peak memory of the first apply. The meter: the
-kernel's high-water mark of resident memory (VmHWM), reset just before (``/proc/self/clear_refs``
-5, after ``malloc_trim``), minus the resident memory at that moment. glibc is told to mmap every
-allocation over 64 KiB (MALLOC_MMAP_THRESHOLD_), so a freed tensor leaves the process at once
-and the mark counts what was alive together, torch's tensors and everything else alike
-(tracemalloc sees no torch tensor; sampling RSS misses short peaks; the mark cannot). The same
+each setting in its own process, for the extra peak memory of the first apply. The meter:
+``common.PeakMeter``, the kernel's high-water mark of resident memory reset just before, minus
+the resident memory at that moment, with ``common.FREED_AT_ONCE`` so that the mark counts what
+was alive together, torch's tensors and everything else alike (tracemalloc sees no torch tensor;
+sampling RSS misses short peaks; the mark cannot). The same
 apply first runs on the bundled model, so that code pages read in once per process (LAPACK's)
 do not count. A self-check fills 32 MiB under the meter. Extra = the apply's peak - a bare
 forward pass's peak over the same windows (8 at a time, as the apply runs them: the activations
@@ -37,19 +36,17 @@ any measurement needs); / the model's bytes, against 0.25 + the largest target's
 cannot be smaller than (1 - sparsity) of the target weights in their dtype) and that apply's
 first / (forward + solves), the solves timed inside it (one apply: no median).
 
-Run: python benchmarks/bench_obs.py [--large] [--llmcompressor] [--rounds N]
+Exits non-zero when a target is missed.
+
+Run: python -m benchmarks.bench_obs [--large] [--llmcompressor] [--rounds N]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import gc
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,8 +54,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the checkout, whatever the installed copy points at
+from benchmarks.common import (
+    FREED_AT_ONCE,
+    PeakMeter,
+    Targets,
+    calibration_pass,
+    in_fresh_process,
+    model_bytes,
+)
+from benchmarks.models import random_llama
 
 SETTINGS = [
     ("quant.gptq", {"bits": 4}),
@@ -72,17 +76,14 @@ THREADS = 1  # both sides of every ratio alike; a second thread straggles on a s
 
 
 def _loaded(large: bool) -> Any:
-    import torch
-
-    from pytest_hemorrhage.loading import LoadedModel, load_model
+    from pytest_hemorrhage.loading import load_model
 
     tiny = load_model("hemorrhage-tiny", device="cpu")
     if not large:
         return tiny
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    g = torch.Generator().manual_seed(0)
-    config = LlamaConfig(  # Llama-7B's proportions (32 blocks, MLP 2.69x hidden), narrower
+    return random_llama(  # Llama-7B's proportions (32 blocks, MLP 2.69x hidden), narrower
+        tiny.tokenizer,
+        "random-24m",
         vocab_size=tiny.model.config.vocab_size,
         hidden_size=256,
         intermediate_size=688,
@@ -91,11 +92,6 @@ def _loaded(large: bool) -> Any:
         num_key_value_heads=2,
         tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.02 if p.dim() > 1 else torch.ones_like(p))
-    return LoadedModel(model=model, tokenizer=tiny.tokenizer, spec="random-24m")
 
 
 def _harness(loaded: Any, cache_dir: Path | None, tokens: int = 8192) -> Any:
@@ -109,12 +105,9 @@ def _harness(loaded: Any, cache_dir: Path | None, tokens: int = 8192) -> Any:
 
 
 def _forward(h: Any, windows: Any) -> float:
-    import torch
-
+    """Seconds of one forward pass over ``windows``, 8 at a time, as calibration runs them."""
     start = time.perf_counter()
-    with torch.no_grad():
-        for ids in windows.split(8):
-            h.context.logits(ids)
+    calibration_pass(h, windows)
     return time.perf_counter() - start
 
 
@@ -244,29 +237,6 @@ def measure_small(name: str, params: dict[str, Any], rounds: int) -> dict[str, A
     }
 
 
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-class PeakMeter:
-    """Peak resident memory since ``start()`` (the kernel's high-water mark, reset), minus the
-    resident memory at ``start()``."""
-
-    def start(self) -> None:
-        gc.collect()
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap pages leave before the baseline
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident size
-        self.base = _status_bytes("VmRSS")
-
-    def peak(self) -> int:
-        return _status_bytes("VmHWM") - self.base
-
-
 def _timing_solves(seconds: list[float]) -> contextlib.AbstractContextManager[None]:
     """Add the time of each per-layer solve to ``seconds[0]`` (nothing kept: memory is measured
     around it)."""
@@ -322,7 +292,7 @@ def measure_large(name: str, params: dict[str, Any]) -> dict[str, Any]:
         "forward_peak": forward_peak,
         "held": held,
         "weight_bytes": weights,
-        "model_bytes": sum(p.numel() * p.element_size() for p in h.model.parameters()),
+        "model_bytes": model_bytes(h.model),
         "hessian_bytes": max(t.weight.shape[1] ** 2 * 4 for t in targets),
         "params": sum(p.numel() for p in h.model.parameters()),
         "first": first,
@@ -336,9 +306,8 @@ def theirs() -> dict[str, Any]:
     compare_llmcompressor_obs.py and compare_llmcompressor_awq.py; run in /tmp/llmc's Python)."""
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from compare_llmcompressor_awq import _awq_theirs
-    from compare_llmcompressor_obs import _gptq_modifier, _sparse_modifier, _theirs
+    from benchmarks.compare_llmcompressor_awq import _awq_theirs
+    from benchmarks.compare_llmcompressor_obs import _gptq_modifier, _sparse_modifier, _theirs
 
     torch.set_num_threads(THREADS)
     loaded = _loaded(False)
@@ -353,19 +322,13 @@ def theirs() -> dict[str, Any]:
 
 
 def _child(mode: str, *args: Any, python: str = sys.executable) -> dict[str, Any]:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(ROOT)}
-    out = subprocess.run(
-        [python, __file__, "--child", json.dumps([mode, *args])],
-        capture_output=True,
-        text=True,
-        env=env,
+    """One measurement in a fresh process (``python``: llm-compressor's own for ``theirs``)."""
+    return in_fresh_process(
+        __spec__.name, "--child", json.dumps([mode, *args]), env=FREED_AT_ONCE, python=python
     )
-    if out.returncode:
-        raise RuntimeError(f"{mode} {args} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_small(rounds: int, llmcompressor: bool) -> None:
+def run_small(rounds: int, llmcompressor: bool, targets: Targets) -> None:
     print(
         f"model: hemorrhage-tiny; 16 calibration windows of 128 tokens; {THREADS} torch "
         f"thread(s); medians over {rounds} rounds (cached: {max(rounds, 5)}), each setting in "
@@ -380,17 +343,16 @@ def run_small(rounds: int, llmcompressor: bool) -> None:
     for name, params in SETTINGS:
         r = _child("small", name, params, rounds)
         results[(name, json.dumps(params))] = r
-        flags = []
-        if r["first_ratio"] > 3:
-            flags.append("FIRST OVER")
-        if r["cached_ratio"] > 0.1:
-            flags.append("CACHED OVER")
         label = f"{name} {params}"
+        flags = [
+            targets.at_most(f"{label}: first/(fwd+solves)", r["first_ratio"], 3),
+            targets.at_most(f"{label}: cached/eval", r["cached_ratio"], 0.1),
+        ]
         print(
             f"{label:42s} {r['first']:5.2f}s {r['forward_calibration']:5.2f}s "
             f"{r['solves']:5.2f}s {r['first_ratio']:17.2f}x {r['outside_ratio']:17.2f}x "
             f"{r['cached'] * 1000:5.1f}ms {r['forward_eval']:7.2f}s {r['cached_ratio']:10.4f}x "
-            f"{r['held'] / r['weight_bytes']:6.3f}  {' '.join(flags)}"
+            f"{r['held'] / r['weight_bytes']:6.3f}  {'/'.join(flags)}"
         )
     print(
         f"targets: first/(fwd+solves) <= 3; cached/eval <= 0.1 (eval: "
@@ -420,15 +382,7 @@ def run_small(rounds: int, llmcompressor: bool) -> None:
         )
 
 
-def _peak_flag(extra: float, held: float, target: float) -> str:
-    if extra <= target:
-        return ""
-    if extra - held <= target:  # the applied state alone is over: what the method must keep
-        return "PEAK OVER (the held state alone)"
-    return "PEAK OVER"
-
-
-def run_large() -> None:
+def run_large(targets: Targets) -> None:
     print(
         "model: random-init Llama, 32 blocks, hidden 256, MLP 688 (Llama-7B's proportions); "
         f"16 calibration windows of 128 tokens; {THREADS} torch thread(s); each setting in "
@@ -446,9 +400,12 @@ def run_large() -> None:
         extra = peak - forward
         ratio = r["first"] / (r["forward_calibration"] + r["solves"])
         label = f"{name} {params}"
+        verdict = targets.at_most(f"{label}: extra peak/model", extra, target)
+        if extra > target and extra - held <= target:  # over by what the method must keep
+            verdict += " (the held state alone)"
         print(
             f"{label:42s} {peak:6.3f} {forward:8.3f} {extra:6.3f} {held:6.3f} {target:6.3f} "
-            f"{ratio:17.2f}x  {_peak_flag(extra, held, target)}"
+            f"{ratio:17.2f}x  {verdict}"
         )
     print(
         f"model: {r['params'] / 1e6:.1f}M parameters, {model / 2**20:.1f} MiB; largest Hessian "
@@ -473,10 +430,13 @@ def main() -> None:
         mode, *rest = json.loads(args.child)
         fn = {"small": measure_small, "large": measure_large, "theirs": theirs}[mode]
         print(json.dumps(fn(*rest)))
-    elif args.large:
-        run_large()
+        return
+    targets = Targets()
+    if args.large:
+        run_large(targets)
     else:
-        run_small(args.rounds, args.llmcompressor)
+        run_small(args.rounds, args.llmcompressor, targets)
+    targets.finish()
 
 
 if __name__ == "__main__":

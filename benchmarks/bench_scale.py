@@ -23,16 +23,19 @@ larger vocabulary), side by side in one run:
 The decoding change is decode.temperature at 1, which adds no pass over the logits (dividing by
 1 changes no bit), so the first ratio is the scoring's own cost.
 
-Run: python benchmarks/bench_scale.py [--windows 16] [--early-windows 64] [--rounds 5]
+Exits non-zero when a target is missed.
+
+Run: python -m benchmarks.bench_scale [--windows 16] [--early-windows 64] [--rounds 5]
 [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
-import statistics
 import time
+
+from benchmarks.common import Targets, forward_pass, peak_resident_bytes, side_by_side
+from benchmarks.models import random_llama
 
 CONFIGS = {
     # 32k: untied head, 10 blocks -> ~91M parameters; 128k: tied head, 6 blocks -> ~112M
@@ -42,7 +45,7 @@ CONFIGS = {
 
 
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_resident_bytes() / 2**20
 
 
 def main() -> None:
@@ -55,11 +58,10 @@ def main() -> None:
 
     import torch
     from torch.multiprocessing.reductions import StorageWeakRef
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from pytest_hemorrhage.budget import Budget
     from pytest_hemorrhage.harness import Harness
-    from pytest_hemorrhage.loading import LoadedModel, load_model, model_logits
+    from pytest_hemorrhage.loading import load_model
     from pytest_hemorrhage.reference import storage_bytes
     from pytest_hemorrhage.settings import Settings
 
@@ -68,8 +70,11 @@ def main() -> None:
 
     tokenizer = load_model("hemorrhage-tiny", device="cpu").tokenizer
     seq_len = 128
+    targets = Targets()
     for label, extra in CONFIGS.items():
-        config = LlamaConfig(
+        loaded = random_llama(
+            tokenizer,
+            f"random-llama-{label}",
             hidden_size=640,
             intermediate_size=1728,
             num_attention_heads=10,
@@ -77,14 +82,8 @@ def main() -> None:
             max_position_embeddings=seq_len,
             **extra,
         )
-        generator = torch.Generator().manual_seed(0)
-        model = LlamaForCausalLM(config).eval()
-        with torch.no_grad():  # seeded init from our own generator (global RNG untouched)
-            for p in model.parameters():
-                if p.dim() > 1:
-                    p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+        model = loaded.model
         params = sum(p.numel() for p in model.parameters())
-        loaded = LoadedModel(model=model, tokenizer=tokenizer, spec=f"random-llama-{label}")
         common = {"model": loaded.spec, "tokens": args.windows * seq_len, "seq_len": seq_len}
         harness = Harness(loaded, Settings.defaults(**common))
         print(
@@ -98,56 +97,55 @@ def main() -> None:
         reference = harness.reference
         ref_s = time.perf_counter() - t0
         per_token = storage_bytes(reference) / len(reference.targets)
+        verdict = targets.at_most(f"{label}: reference bytes per token", per_token, 1024)
         print(
-            f"  reference: {per_token:.0f} bytes per token (target <= 1024), {ref_s:.1f} s, "
+            f"  reference: {per_token:.0f} bytes per token (target <= 1024: {verdict}), "
+            f"{ref_s:.1f} s, "
             f"peak RSS {_peak_mb():.0f} MB",
             flush=True,
         )
-
-        windows = harness.windows.eval
-
-        def bare_forward(windows=windows, model=model, size=harness.batch_size):
-            with torch.inference_mode():
-                for i in range(0, len(windows), size):
-                    model_logits(model, windows[i : i + size])
 
         handed = []  # per batch of logits measure() scored: (weak ref to its storage, windows)
         alive = []  # windows of logits alive each time a batch is handed to the scoring
         batches = harness.batches
 
         def watched(*a, batches=batches, handed=handed, alive=alive, **k):
-            for logits, targets in batches(*a, **k):
+            for logits, scored in batches(*a, **k):
                 handed.append((StorageWeakRef(logits.untyped_storage()), logits.shape[0]))
                 alive.append(sum(n for ref, n in handed if not ref.expired()))
-                yield logits, targets
+                yield logits, scored
                 del logits  # the watcher holds none
 
         stages = [("decode.temperature", {"value": 1.0})]
-        harness.batches = watched
-        harness.measure(stages)  # warm-up: first-call imports and allocations, on neither side
-        ratios, bare_s, measure_s = [], [], []
-        for _ in range(args.rounds):
-            t0 = time.perf_counter()
-            bare_forward()
-            bare_s.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            harness.measure(stages)
-            measure_s.append(time.perf_counter() - t0)
-            ratios.append(measure_s[-1] / bare_s[-1])
-        del harness.batches
+
+        def measure(harness=harness, watched=watched, stages=stages):
+            harness.batches = watched  # only the measure's batches are watched
+            try:
+                harness.measure(stages)
+            finally:
+                del harness.batches
+
+        measure()  # warm-up: first-call imports and allocations, on neither side
+        timing = side_by_side(
+            {"bare": lambda h=harness: forward_pass(h), "measure": measure}, args.rounds
+        )
+        ratio = timing.ratio("measure", "bare")
+        rounds = [r["measure"] / r["bare"] for r in timing.each_round()]
         most = max(alive)
         mb = most * (seq_len - 1) * harness.vocab * 4 / 2**20
+        verdict = targets.at_most(f"{label}: measure/bare forward", ratio, 1.15)
         print(
-            f"  measure() {statistics.median(measure_s):.1f} s / bare forward "
-            f"{statistics.median(bare_s):.1f} s (medians of {args.rounds} rounds, "
-            f"{torch.get_num_threads()} thread(s)): ratio {statistics.median(ratios):.2f} "
-            f"(rounds {', '.join(f'{r:.2f}' for r in ratios)}; target <= 1.15); most windows "
+            f"  measure() {timing.median('measure'):.1f} s / bare forward "
+            f"{timing.median('bare'):.1f} s (medians of {args.rounds} rounds, "
+            f"{torch.get_num_threads()} thread(s)): ratio {ratio:.2f} "
+            f"(rounds {', '.join(f'{r:.2f}' for r in rounds)}; target <= 1.15: {verdict}); "
+            "most windows "
             f"of logits alive at once {most} ({mb:.0f} MB; auto batch bound "
             f"{harness.batch_size}), peak RSS {_peak_mb():.0f} MB",
             flush=True,
         )
 
-        del harness
+        del harness, measure, timing  # the next harness's memory is measured
         common["tokens"] = args.early_windows * seq_len
         harness = Harness(loaded, Settings.defaults(**common))
         early = Harness(loaded, Settings.defaults(**common, early_stop=True))
@@ -160,14 +158,17 @@ def main() -> None:
         stopped = early.measure(stages, budget=Budget({"kl_mean": 4 * full.metrics["kl_mean"]}))
         early_s = time.perf_counter() - t0
         info = stopped.details["early_stop"]
+        share = stopped.tokens / full.tokens
+        verdict = targets.at_most(f"{label}: early stop, tokens used", share, 0.25)
         print(
             f"  early stop, clear verdict (rtn8, budget 4x kl_mean {full.metrics['kl_mean']:.2e}"
             f", {len(harness.windows.eval)} windows): {stopped.tokens}/{full.tokens} tokens = "
-            f"{stopped.tokens / full.tokens:.3f} "
-            f"(target <= 0.25), {early_s:.1f} s vs {full_s:.1f} s; {info['reason']}",
+            f"{share:.3f} (target <= 0.25: {verdict}), {early_s:.1f} s vs {full_s:.1f} s; "
+            f"{info['reason']}",
             flush=True,
         )
         del model, loaded, harness, early
+    targets.finish()
 
 
 if __name__ == "__main__":

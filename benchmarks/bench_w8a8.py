@@ -4,21 +4,27 @@ The emulation (before issue 11) converted the int8 weight to float32 on every ca
 ``F.linear`` over integer-valued floats: exact only while in_features * 127**2 < 2**24. The int8
 path runs ``torch._int_mm`` with int32 accumulation (exact at any width). For each layer shape,
 on 2048 tokens taken 1024 at a time (``chunk_rows``' floor), side by side:
-  time          best of ``--repeat`` forward calls
-  peak          tensor bytes allocated during the call and alive at its peak (torch.profiler,
-                as in bench_modifications.py), output included, over the float32 weight's bytes
+  time          median of ``--repeat`` rounds, the two paths back to back in each
+  peak          tensor bytes allocated during the call and alive at its peak
+                (``common.Allocations``), output included, over the float32 weight's bytes
   exact         whether the accumulator equals the int64 dot product on same-sign data (the
                 worst case for float32 sums)
 Then the bundled model: a forward pass over the evaluation windows with quant.w8a8 applied, each
 way (its widths, 128 and 384, are exact both ways: there only time differs).
 
-Run: python benchmarks/bench_w8a8.py [--repeat N] [--threads N]
+Exits non-zero when the int8 path's accumulator is not exact.
+
+Run: python -m benchmarks.bench_w8a8 [--repeat N] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
+
+from benchmarks.common import Allocations, Rounds, Targets, forward_pass, side_by_side
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (in, out): Llama-7B's q/o, gate/up, down
 TOKENS, ROWS = 2048, 1024
@@ -66,23 +72,8 @@ def _exact(layer: Any, x: Any) -> bool:
     return bool(torch.equal(acc, exact.double()))
 
 
-def _side_by_side(fns: list[Any], repeat: int) -> list[float]:
-    """Best seconds of each of ``fns``, called in turn ``repeat`` times so that load on the
-    (shared) machine affects them alike."""
-    import time
-
-    best = [float("inf")] * len(fns)
-    for _ in range(repeat):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best
-
-
-def layers(repeat: int) -> None:
+def layers(repeat: int, targets: Targets) -> None:
     import torch
-    from bench_modifications import Allocations
 
     from pytest_hemorrhage.modifications.quant.w8a8 import W8A8Linear
 
@@ -99,18 +90,24 @@ def layers(repeat: int) -> None:
         g = torch.Generator().manual_seed(k + n)
         weight = torch.rand(n, k, generator=g) * 0.5 + 0.5
         x = torch.rand(1, TOKENS, k, generator=g)  # same sign: sums past 2**24
-        pair = [cls(weight, None, None, rows=ROWS) for cls in (W8A8Linear, emulated)]
+        pair = {
+            "int8": W8A8Linear(weight, None, None, rows=ROWS),
+            "emulated": emulated(weight, None, None, rows=ROWS),
+        }
         with torch.inference_mode():
-            seconds = _side_by_side([lambda m=m, x=x: m(x) for m in pair], repeat)
+            timing = side_by_side({key: lambda m=m, x=x: m(x) for key, m in pair.items()}, repeat)
             row = []
-            for layer, t in zip(pair, seconds, strict=True):
+            for key, layer in pair.items():
                 with Allocations(x.device) as alloc:
                     layer(x)
-                row.append((t, alloc.peak / (weight.numel() * 4), _exact(layer, x)))
-        (ti, pi, ei), (te, pe, ee) = row
+                row.append((timing.median(key), alloc.peak / (weight.numel() * 4)))
+        exact = _exact(pair["int8"], x)
+        verdict = targets.check(f"{k} -> {n}: the int8 GEMM's accumulator is exact", exact)
+        (ti, pi), (te, pe) = row
         print(
-            f"{k:5d} -> {n:5d}{'':23} {ti * 1e3:6.1f}ms {pi:7.3f} {ei!s:>6}         "
-            f"{te * 1e3:6.1f}ms {pe:7.3f} {ee!s:>6}   {ti / te:5.2f}x"
+            f"{k:5d} -> {n:5d}{'':23} {ti * 1e3:6.1f}ms {pi:7.3f} {exact!s:>6}         "
+            f"{te * 1e3:6.1f}ms {pe:7.3f} {_exact(pair['emulated'], x)!s:>6}   "
+            f"{timing.ratio('int8', 'emulated'):5.2f}x  {verdict}"
         )
 
 
@@ -118,51 +115,53 @@ def model(repeat: int) -> None:
     import time
 
     import torch
-    from bench_modifications import _forward
 
-    import pytest_hemorrhage.modifications.quant.w8a8 as quant
+    import pytest_hemorrhage.modifications.quant.w8a8 as w8a8
     from pytest_hemorrhage.harness import Harness
     from pytest_hemorrhage.loading import load_model
     from pytest_hemorrhage.settings import Settings
 
     h = Harness(load_model("hemorrhage-tiny", device="cpu"), Settings.defaults(tokens=2048))
-    int8, emulated = quant.W8A8Linear, _emulated(quant.W8A8Linear)
-    labels = {"int8 GEMM": int8, "float emulation": emulated}
+    int8 = w8a8.W8A8Linear
+    labels = {"int8 GEMM": int8, "float emulation": _emulated(int8)}
+    inner: dict[str, list[float]] = {label: [] for label in labels}  # the forward alone
 
-    def forward(cls: type | None) -> None:
-        if cls is None:
-            _forward(h)
-            return
-        quant.W8A8Linear = cls  # the handler builds whichever class the name holds
+    @contextmanager
+    def built_as(cls: type) -> Iterator[None]:
+        w8a8.W8A8Linear = cls  # the handler builds whichever class the name holds
         try:
-            with h.modified([("quant.w8a8", {})]):
-                start = time.perf_counter()
-                _forward(h)
-                spent[cls] = min(spent.get(cls, float("inf")), time.perf_counter() - start)
+            yield
         finally:
-            quant.W8A8Linear = int8
+            w8a8.W8A8Linear = int8
 
-    spent: dict[type, float] = {}
+    def applied(label: str) -> None:
+        with built_as(labels[label]), h.modified([("quant.w8a8", {})]):
+            start = time.perf_counter()
+            forward_pass(h)
+            inner[label].append(time.perf_counter() - start)
+
     with torch.inference_mode():
-        forward(int8)  # warm up: calibration statistics are computed once per session
-        base, _, _ = _side_by_side(
-            [lambda c=c: forward(c) for c in (None, *labels.values())], repeat
+        applied("int8 GEMM")  # warm up: calibration statistics are computed once per session
+        inner["int8 GEMM"].clear()
+        timing = side_by_side(
+            {"baseline": lambda: forward_pass(h)}
+            | {label: lambda label=label: applied(label) for label in labels},
+            repeat,
         )
-    times = {label: spent[cls] for label, cls in labels.items()}  # the forward alone
+    forward = Rounds({"baseline": timing.seconds["baseline"], **inner})
     kls = {}
     for label, cls in labels.items():
-        quant.W8A8Linear = cls
-        try:
+        with built_as(cls):
             kls[label] = h.measure([("quant.w8a8", {})]).metrics["kl_mean"]
-        finally:
-            quant.W8A8Linear = int8
+    base = forward.median("baseline")
     print(f"\nbundled model, forward over the windows: baseline {base * 1e3:.1f}ms")
-    for label in times:
+    for label in labels:
         print(
-            f"  quant.w8a8 on the {label:16s} {times[label] * 1e3:7.1f}ms "
-            f"({times[label] / base:.2f}x the baseline), kl_mean {kls[label]:.3e}"
+            f"  quant.w8a8 on the {label:16s} {forward.median(label) * 1e3:7.1f}ms "
+            f"({forward.ratio(label, 'baseline'):.2f}x the baseline), kl_mean {kls[label]:.3e}"
         )
-    print(f"  int8 GEMM / emulation time: {times['int8 GEMM'] / times['float emulation']:.2f}x")
+    ratio = forward.ratio("int8 GEMM", "float emulation")
+    print(f"  int8 GEMM / emulation time: {ratio:.2f}x")
 
 
 def main() -> None:
@@ -173,8 +172,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    layers(args.repeat)
+    targets = Targets()
+    layers(args.repeat, targets)
     model(args.repeat)
+    targets.finish()
 
 
 if __name__ == "__main__":

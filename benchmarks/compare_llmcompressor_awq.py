@@ -37,10 +37,9 @@ Measured (llm-compressor 0.14.0.1, 2 CPU threads):
     o_proj is not smoothed by llm-compressor on this model (grouped-query attention: v_proj's
     64 outputs cannot absorb o_proj's 128 scales; "4 mappings were skipped due to incompatible
     shapes"), which this project's parametrization does (0.81-0.93 identical integers to its
-    RTN). 0.9721 of all integers identical. First apply times: benchmarks/bench_obs.py
-    --llmcompressor, one thread on both sides (1.15 s, 5.2x one forward over the calibration
-    windows, vs llm-compressor's 8.4 s, 35x; an earlier 498 s here was two threads straggling
-    on a loaded machine).
+    RTN). 0.9721 of all integers identical. First apply times, one thread on both sides:
+    ``python -m benchmarks.bench_obs --llmcompressor`` (two threads straggle on a loaded
+    machine).
   * SmoothQuant: with each side's own definitions the factors differ by a median 2.8-4.8%
     (the activation range alone: max|x| is 1.06-1.10x half of max - min); 0.40 of the int8
     weights identical (that and the grid, max / 127 here, max / 127.5 there). Fed
@@ -50,14 +49,14 @@ Measured (llm-compressor 0.14.0.1, 2 CPU threads):
 
 llm-compressor pins transformers <= 5.17, so it runs in its own virtualenv:
     python -m venv /tmp/llmc && /tmp/llmc/bin/pip install torch==2.13.0 llmcompressor
-    PYTHONPATH=. /tmp/llmc/bin/python benchmarks/compare_llmcompressor_awq.py [--smoothquant-only]
+    /tmp/llmc/bin/python -m benchmarks.compare_llmcompressor_awq [--smoothquant-only]
 """
 
 from __future__ import annotations
 
 import time
 
-from compare_llmcompressor_obs import _theirs, setup
+from benchmarks.compare_llmcompressor_obs import _theirs, setup
 
 GRID = 20  # this project's alphas i / 20, i < 20; llm-compressor's n_grid=21 adds alpha = 1
 

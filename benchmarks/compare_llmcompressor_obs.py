@@ -16,7 +16,7 @@ forward pass over the calibration windows.
 
 llm-compressor pins transformers <= 5.17, so it runs in its own virtualenv:
     python -m venv /tmp/llmc && /tmp/llmc/bin/pip install torch==2.13.0 llmcompressor
-    PYTHONPATH=. /tmp/llmc/bin/python benchmarks/compare_llmcompressor_obs.py
+    /tmp/llmc/bin/python -m benchmarks.compare_llmcompressor_obs   # from the checkout's root
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import copy
 import logging
 import time
 import warnings
+
+from benchmarks.common import calibration_pass, side_by_side
 
 GPTQ_CASES = [
     ("act_order off", {"act_order": False}, None),
@@ -130,19 +132,9 @@ def _sparse_modifier(structure, sparsity):
     )
 
 
-def _forward_seconds(harness, windows):
-    import torch
-
-    start = time.perf_counter()
-    with torch.no_grad():
-        for ids in windows.split(8):
-            harness.context.logits(ids)
-    return time.perf_counter() - start
-
-
 def setup():
     """Quiet llm-compressor, load the bundled model; (loaded, harness, calibration windows,
-    seconds of one forward pass over them). Shared with compare_llmcompressor_awq.py."""
+    median seconds of one forward pass over them). Shared with compare_llmcompressor_awq.py."""
     import torch
 
     from pytest_hemorrhage.harness import Harness
@@ -161,8 +153,9 @@ def setup():
     loaded = load_model("hemorrhage-tiny", device="cpu")
     harness = Harness(loaded, Settings.defaults(model=loaded.spec, tokens=2048))
     windows = harness.context.calibration_windows()
-    _forward_seconds(harness, windows)  # warm up
-    forward = min(_forward_seconds(harness, windows) for _ in range(3))
+    calibration_pass(harness, windows)  # warm up
+    forward = side_by_side({"forward": lambda: calibration_pass(harness, windows)}, 3)
+    forward = forward.median("forward")
     print(
         f"calibration: {len(windows)} windows x {windows.shape[1]} tokens; one forward pass "
         f"over them {forward * 1000:.0f} ms"
