@@ -453,7 +453,7 @@ def test_holds(hemorrhage, sparsity):
 
 
 def test_the_ci_profile_explores_the_same_examples_on_every_run(pytester, profile_restored):
-    pytester.makepyfile(test_gate=HOLDS)
+    pytester.makepyfile(test_ci_draws=HOLDS)  # not test_gate: tests/test_gate.py may be imported
     runs = []
     for _ in range(2):
         result = pytester.runpytest(
