@@ -2,48 +2,46 @@
 reference file's size, side by side in one run (issue 9's targets).
 
   * time of ``measure_model`` of a loaded candidate / time of one bare forward pass of the same
-    candidate over the same evaluation windows (inference mode, the harness's batches).
-    Target: <= 1.15x.
+    candidate over the same evaluation windows (inference mode, the harness's batches), the
+    median over 7 rounds of the two back to back. Target: <= 1.15x.
   * peak resident memory of a reference-only gate (reference file + candidate + measure, the
     baseline never loaded) / peak of loading the candidate alone, each in a fresh process
-    after the same imports, on a ~28M-parameter random-init Llama with the bundled tokenizer
-    (the live run, baseline loaded too, is shown for contrast). Target: <= 1.25x.
+    after the same imports (``common.PeakMeter``: the kernel's high-water mark), on a
+    ~26M-parameter random-init Llama with the bundled tokenizer (the live run, baseline loaded
+    too, is shown for contrast). Target: <= 1.25x.
   * reference file bytes per evaluation token, for the bundled model (512-token vocabulary,
     exact storage) and for a 32k vocabulary (top-K storage, Zipf-shaped logits), with the
-    relative error of kl_mean that top-K storage implies there. Target: <= 1 KB per token at 32k.
+    relative error of kl_mean that top-K storage implies there. Target: <= 1 KB per token at 32k
+    (the vocabulary aside: a file stores it once).
 
-Run: python benchmarks/bench_gate.py
+Exits non-zero when a target is missed.
+
+Run: python -m benchmarks.bench_gate
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).parent.parent
-sys.path.insert(0, str(ROOT))
+from benchmarks.common import (
+    ROOT,
+    PeakMeter,
+    Targets,
+    forward_pass,
+    in_fresh_process,
+    side_by_side,
+)
+from benchmarks.models import random_llama
 
 
-def _best(fn, repeat: int = 5) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def speed(candidate_dir: Path) -> None:
-    import torch
-
+def speed(candidate_dir: Path, targets: Targets) -> None:
     from pytest_hemorrhage.candidates import load_candidate
     from pytest_hemorrhage.harness import Harness
-    from pytest_hemorrhage.loading import load_model, model_logits
+    from pytest_hemorrhage.loading import load_model
     from pytest_hemorrhage.settings import Settings
 
     base = load_model("hemorrhage-tiny", device="cpu")
@@ -52,87 +50,64 @@ def speed(candidate_dir: Path) -> None:
     cand = load_candidate(str(candidate_dir), device="cpu")
     params = {"label": "bench"}
 
-    def bare() -> None:
-        with torch.inference_mode():
-            for i in range(0, len(harness.windows.eval), harness.batch_size):
-                model_logits(cand.model, harness.windows.eval[i : i + harness.batch_size])
-
     harness.measure_model(cand, params)  # warm
-    # interleaved, best of each: the machine's other load hits both alike
-    t_bare = t_measure = math.inf
-    for _ in range(7):
-        t_bare = min(t_bare, _best(bare, 1))
-        t_measure = min(t_measure, _best(lambda: harness.measure_model(cand, params), 1))
-    tokens = harness.windows.eval.numel()
+    timing = side_by_side(
+        {
+            "bare": lambda: forward_pass(harness, model=cand.model),
+            "measure": lambda: harness.measure_model(cand, params),
+        },
+        7,
+    )
+    ratio = timing.ratio("measure", "bare")
+    verdict = targets.at_most(f"{candidate_dir.name}: measure_model/forward", ratio, 1.15)
     print(
-        f"measure_model: {t_measure * 1e3:.1f} ms, bare forward: {t_bare * 1e3:.1f} ms over "
-        f"{tokens} tokens -> {t_measure / t_bare:.2f}x (target <= 1.15x)"
+        f"{candidate_dir.name}: measure_model {timing.median('measure') * 1e3:.1f} ms, bare "
+        f"forward {timing.median('bare') * 1e3:.1f} ms over {harness.windows.eval.numel()} "
+        f"tokens -> {ratio:.2f}x (target <= 1.15x: {verdict})"
     )
 
 
-_PEAK = """
-import json, sys
-sys.path.insert(0, {root!r})
-import torch, transformers  # the same imports in every process
-from pytest_hemorrhage.candidates import load_candidate
-from pytest_hemorrhage.loading import load_model
-from pytest_hemorrhage.settings import Settings
-from pytest_hemorrhage.harness import Harness
-from pytest_hemorrhage.reference_file import AbsentBaseline, PortableReference
-import os, threading, time
-page = os.sysconf("SC_PAGE_SIZE")
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * page
-start, top, done = rss(), [0], threading.Event()
-def sample():  # the current resident size every 2 ms: its peak above the imports
-    while not done.is_set():
-        top[0] = max(top[0], rss())
-        time.sleep(0.002)
-threading.Thread(target=sample, daemon=True).start()
-mode, base, cand, ref = sys.argv[1:5]
-settings = Settings.defaults(model=None if mode == "reference" else base, device="cpu")
-if mode == "candidate":  # its own footprint in use: loaded, one forward pass over the windows
+def peak(mode: str, base: str, cand: str, ref: str) -> int:
+    """Peak resident memory of one way to gate (in this fresh process) above its imports."""
+    import torch
+    import transformers  # noqa: F401  (the same imports in every process)
+
+    from pytest_hemorrhage.candidates import load_candidate
     from pytest_hemorrhage.data import make_windows, read_text
-    from pytest_hemorrhage.harness import auto_batch
-    from pytest_hemorrhage.loading import model_logits
-    loaded = load_candidate(cand, device="cpu")
-    ids = make_windows(loaded.tokenizer, read_text(None), seq_len=settings.seq_len,
-                       tokens=settings.tokens).eval
-    batch = auto_batch(settings.seq_len, 512)
-    with torch.inference_mode():
-        for i in range(0, len(ids), batch):
-            model_logits(loaded.model, ids[i : i + batch])
-elif mode == "reference":
-    portable = PortableReference.load(ref)
-    stand_in = AbsentBaseline("base", portable.baseline["fingerprint"], torch.device("cpu"))
-    harness = Harness(stand_in, settings, portable)
-    harness.measure_model(load_candidate(cand, device="cpu"), {{}})
-else:
-    harness = Harness(load_model(base, device="cpu"), settings)
-    harness.measure_model(load_candidate(cand, device="cpu"), {{}})
-done.set()
-print(json.dumps({{"start": start, "peak": max(top[0], rss())}}))
-"""
+    from pytest_hemorrhage.harness import Harness, auto_batch
+    from pytest_hemorrhage.loading import load_model, model_logits
+    from pytest_hemorrhage.reference_file import AbsentBaseline, PortableReference
+    from pytest_hemorrhage.settings import Settings
+
+    meter = PeakMeter()
+    meter.start()
+    settings = Settings.defaults(model=None if mode == "reference" else base, device="cpu")
+    if mode == "candidate":  # its own footprint in use: loaded, one forward pass over the windows
+        loaded = load_candidate(cand, device="cpu")
+        ids = make_windows(
+            loaded.tokenizer, read_text(None), seq_len=settings.seq_len, tokens=settings.tokens
+        ).eval
+        batch = auto_batch(settings.seq_len, 512)
+        with torch.inference_mode():
+            for i in range(0, len(ids), batch):
+                model_logits(loaded.model, ids[i : i + batch])
+    elif mode == "reference":
+        portable = PortableReference.load(ref)
+        stand_in = AbsentBaseline("base", portable.baseline["fingerprint"], torch.device("cpu"))
+        harness = Harness(stand_in, settings, portable)
+        harness.measure_model(load_candidate(cand, device="cpu"), {})
+    else:
+        harness = Harness(load_model(base, device="cpu"), settings)
+        harness.measure_model(load_candidate(cand, device="cpu"), {})
+    return meter.peak()
 
 
 def _peak(mode: str, base: Path, cand: Path, ref: Path) -> int:
-    code = _PEAK.format(root=str(ROOT))
-    run = subprocess.run(
-        [sys.executable, "-c", code, mode, str(base), str(cand), str(ref)],
-        capture_output=True,
-        text=True,
-    )
-    if run.returncode:
-        raise RuntimeError(f"{mode} run failed:\n{run.stderr[-2000:]}")
-    out = run.stdout
-    data = json.loads(out.strip().splitlines()[-1])
-    return data["peak"] - data["start"]
+    return in_fresh_process(__spec__.name, "--peak", mode, str(base), str(cand), str(ref))
 
 
-def memory(folder: Path) -> None:
+def memory(folder: Path, targets: Targets) -> None:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from pytest_hemorrhage.data import read_text
     from pytest_hemorrhage.harness import Harness
@@ -141,7 +116,9 @@ def memory(folder: Path) -> None:
     from pytest_hemorrhage.settings import Settings
 
     tiny = load_model("hemorrhage-tiny", device="cpu")
-    config = LlamaConfig(
+    model = random_llama(
+        tiny.tokenizer,
+        "random-26m",
         vocab_size=512,
         hidden_size=512,
         intermediate_size=1536,
@@ -149,12 +126,8 @@ def memory(folder: Path) -> None:
         num_attention_heads=8,
         num_key_value_heads=4,
         max_position_embeddings=512,
-    )
-    generator = torch.Generator().manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+    ).model
+    generator = torch.Generator().manual_seed(1)  # the candidate's perturbation
     model.save_pretrained(folder / "base")
     tiny.tokenizer.save_pretrained(folder / "base")
     with torch.no_grad():
@@ -189,16 +162,17 @@ def memory(folder: Path) -> None:
     only = _peak("reference", folder / "base", folder / "cand", ref)
     live = _peak("live", folder / "base", folder / "cand", ref)
     mb = 1 / 2**20
+    verdict = targets.at_most("reference-only gate / candidate alone (peak)", only / alone, 1.25)
     print(
         f"peak memory above imports ({params / 1e6:.0f}M-parameter model, "
         f"{params * 4 * mb:.0f} MB of weights): candidate loaded + bare forward "
         f"{alone * mb:.0f} MB, "
-        f"reference-only gate {only * mb:.0f} MB -> {only / alone:.2f}x (target <= 1.25x); "
-        f"live gate with the baseline {live * mb:.0f} MB -> {live / alone:.2f}x"
+        f"reference-only gate {only * mb:.0f} MB -> {only / alone:.2f}x (target <= 1.25x: "
+        f"{verdict}); live gate with the baseline {live * mb:.0f} MB -> {live / alone:.2f}x"
     )
 
 
-def size(folder: Path, candidate_path: Path | None = None) -> None:
+def size(folder: Path, verdicts: Targets, candidate_path: Path | None = None) -> None:
     import torch
 
     from pytest_hemorrhage.candidates import load_candidate
@@ -249,10 +223,13 @@ def size(folder: Path, candidate_path: Path | None = None) -> None:
         {},
         {},
     ).save(folder / "vocab-only.ref")
+    per_token = (bytes_ - vocab_bytes) / n  # the vocabulary is stored once per file
+    verdict = verdicts.at_most("reference file at 32k, B/token", per_token, 1024)
     print(
-        f"reference file, 32k vocabulary (top-{topk}, {n} tokens): {bytes_ / n:.0f} B/token "
-        f"({(bytes_ - vocab_bytes) / n:.0f} B/token without the vocabulary, stored once) "
-        f"(target <= 1024); kl_mean exact {kl['exact']:.5f}, top-{topk} {kl['topk']:.5f}: "
+        f"reference file, 32k vocabulary (top-{topk}, {n} tokens): {bytes_ / n:.0f} B/token, "
+        f"{per_token:.0f} B/token without the vocabulary, stored once (target <= 1024: "
+        f"{verdict}); kl_mean exact {kl['exact']:.5f}, top-{topk} "
+        f"{kl['topk']:.5f}: "
         f"{(kl['topk'] - kl['exact']) / kl['exact']:+.2%} (mean baseline mass outside the "
         f"top-{topk}: {compact.tail_mass.mean().item():.3f})"
     )
@@ -284,18 +261,25 @@ def size(folder: Path, candidate_path: Path | None = None) -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--peak", nargs=4, help=argparse.SUPPRESS)  # internal: JSON out
+    args = parser.parse_args()
+    if args.peak:
+        print(json.dumps(peak(*args.peak)))
+        return
+
+    from examples.gate.build_artifacts import build_gguf
     from pytest_hemorrhage.loading import BUNDLED_MODEL
 
+    targets = Targets()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        sys.path.insert(0, str(ROOT / "examples" / "gate"))
-        import build_artifacts
-
-        q4 = build_artifacts.build_gguf(folder / "tiny-q4_0.gguf", "Q4_0", BUNDLED_MODEL)
-        speed(q4)
-        speed(ROOT / "examples" / "gate" / "artifacts" / "w4a16")
-        size(folder, q4)
-        memory(folder)
+        q4 = build_gguf(folder / "tiny-q4_0.gguf", "Q4_0", BUNDLED_MODEL)
+        speed(q4, targets)
+        speed(ROOT / "examples" / "gate" / "artifacts" / "w4a16", targets)
+        size(folder, targets, q4)
+        memory(folder, targets)
+    targets.finish()
 
 
 if __name__ == "__main__":
