@@ -11,13 +11,17 @@ expert to the stacked parameter (the original stays untouched and comes back exa
 Patterns name an expert parameter by its dotted name (``model.layers.0.mlp.experts.down_proj``)
 or its module's (``model.layers.0.mlp.experts``); a trailing index selects experts:
 ``*.experts.gate_up_proj[3]``, ``*.experts[0-3,7]``, ``*[5]``.
+
+Calibration follows the router (:func:`routed_hooks`): each expert's matrices see the tokens
+the router sent to that expert, as transformers' experts forward computes them.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +36,7 @@ __all__ = [
     "expert_stacks",
     "format_indices",
     "matches_expert",
+    "routed_hooks",
     "stored",
 ]
 
@@ -216,3 +221,108 @@ def cache_per_call(module: nn.Module) -> list[Any]:
         module.register_forward_pre_hook(enter),
         module.register_forward_hook(leave, always_call=True),
     ]
+
+
+# the routing argument of transformers' experts forward (``experts(hidden_states, top_k_index,
+# top_k_weights)``), by the names its MoE blocks pass it under
+_ROUTING = ("top_k_index", "router_indices", "selected_experts", "topk_indices")
+Record = Callable[[ExpertStack, int, torch.Tensor], None]
+
+
+def routed_hooks(
+    stacks: Sequence[ExpertStack], record: Record, wanted: Collection[str] | None = None
+) -> list[Any]:
+    """Hook the experts modules of ``stacks`` so that every call hands each expert's matrices
+    the inputs the router sent that expert; returns the hook handles (to remove).
+
+    transformers calls every fused experts module as ``experts(hidden_states (tokens, hidden),
+    top_k_index (tokens, k), top_k_weights)``, whichever kernel then runs it (eager loop,
+    ``grouped_mm``, ``batched_mm``): expert ``e`` reads the rows of ``hidden_states`` whose
+    ``top_k_index`` holds ``e`` (an index past the last expert is a sentinel no expert reads).
+    Those rows are the input of its up/gate matrices; its down matrix reads the gated
+    intermediate, recomputed here from them as the module computes it (:func:`_gated`). For
+    each call, ``record(stack, expert, x)`` gets ``x`` (tokens, in) of every expert with
+    tokens, ``wanted`` (target names, ``stack.name[expert]``) limiting which; a down matrix of a
+    layout not known here gets none (its experts count as never reached).
+    """
+    by_module: dict[int, list[ExpertStack]] = {}
+    for stack in stacks:  # every stack of a module: the down input is computed from the up
+        by_module.setdefault(id(stack.module), []).append(stack)
+    handles = []
+    for group in by_module.values():
+        hook = functools.partial(_route, group, record, wanted)
+        handles.append(group[0].module.register_forward_pre_hook(hook, with_kwargs=True))
+    return handles
+
+
+def _route(
+    stacks: list[ExpertStack],
+    record: Record,
+    wanted: Collection[str] | None,
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> None:
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    index = args[1] if len(args) > 1 else next((kwargs[k] for k in _ROUTING if k in kwargs), None)
+    if not isinstance(hidden, torch.Tensor) or not isinstance(index, torch.Tensor):
+        return
+    hidden = hidden.detach().reshape(-1, hidden.shape[-1])
+    index = index.detach().reshape(len(hidden), -1)
+    count = stacks[0].count
+    # one stable sort: each expert's tokens contiguous, in token order
+    order = torch.argsort(index.reshape(-1), stable=True)
+    sizes = torch.bincount(index.reshape(-1), minlength=count)[:count].tolist()
+    rows = (order // index.shape[1]).split([*sizes, len(order) - sum(sizes)])
+    by_param = {s.param: s for s in stacks}
+    with parametrize.cached(), torch.no_grad():  # one evaluation of an edited parameter
+        for expert in range(count):
+            if not sizes[expert]:
+                continue
+            want = [s for s in stacks if wanted is None or f"{s.name}[{expert}]" in wanted]
+            if not want:
+                continue
+            x = hidden[rows[expert]]
+            gated = None
+            for stack in want:
+                if not _is_down(stack.param):
+                    record(stack, expert, x)
+                    continue
+                if gated is None:
+                    gated = _gated(module, by_param, expert, x)
+                if gated is not None:
+                    record(stack, expert, gated)
+
+
+def _is_down(param: str) -> bool:
+    return "down" in param or param == "w2"
+
+
+def _expert_linear(stack: ExpertStack, expert: int, x: torch.Tensor) -> torch.Tensor:
+    """``x`` through expert ``expert`` of ``stack`` (and its ``_bias`` parameter if any)."""
+    w = getattr(stack.module, stack.param)[expert]
+    y = x.to(w.dtype) @ (w if stack.transposed else w.t())
+    bias = getattr(stack.module, f"{stack.param}_bias", None)
+    return y if not isinstance(bias, torch.Tensor) else y + bias[expert]
+
+
+def _gated(
+    module: nn.Module, by_param: dict[str, ExpertStack], expert: int, x: torch.Tensor
+) -> torch.Tensor | None:
+    """What expert ``expert``'s down matrix reads for inputs ``x``, computed as transformers'
+    experts forwards do (every kernel: ``_apply_gate`` of the fused gate/up output, GPT-OSS's
+    clamped interleaved halves included, or the activation of the gate times the up); None for
+    a layout not known here."""
+    if "gate_up_proj" in by_param:
+        out = _expert_linear(by_param["gate_up_proj"], expert, x)
+        apply_gate = getattr(module, "_apply_gate", None)
+        if callable(apply_gate):
+            return apply_gate(out)
+        gate, up = out.chunk(2, dim=-1)
+        return module.act_fn(gate) * up
+    if "up_proj" in by_param and hasattr(module, "act_fn"):
+        up = _expert_linear(by_param["up_proj"], expert, x)
+        if "gate_proj" in by_param:
+            return module.act_fn(_expert_linear(by_param["gate_proj"], expert, x)) * up
+        return module.act_fn(up)
+    return None

@@ -12,6 +12,12 @@ Alistarh 2023):
     the final parametrizations once every layer is solved, so an error (a singular Hessian, too
     little calibration data) leaves the model untouched.
 
+An expert's matrix of a fused expert weight gets the Hessian of the tokens the router sent that
+expert (``calibration.routed_grams``); one sent fewer than the config's ``min_expert_tokens``
+gets the identity, with which both solves reduce to their data-free counterparts (no
+off-diagonal to compensate through: GPTQ rounds to nearest on its grid, SparseGPT keeps the
+largest magnitudes).
+
 Block 0's Hessians do not depend on the config, so every GPTQ or SparseGPT config of a session
 (a sweep over ``sparsity`` or ``bits``) reuses them. The column-by-column solves themselves live
 with their methods (``quant/gptq.py``, ``prune/sparsegpt.py``); their compact results are kept
@@ -29,6 +35,7 @@ import torch
 from torch import nn
 
 from ..errors import HemorrhageError
+from .calibration import falls_back, routed_grams
 from .handler import Context
 from .registry import Patch, Target, blocks
 
@@ -281,8 +288,12 @@ def walk_blocks(
 
 
 def sequential_hessians(
-    model: nn.Module, context: Context, targets: list[Target], solve: Solve
-) -> None:
+    model: nn.Module,
+    context: Context,
+    targets: list[Target],
+    solve: Solve,
+    min_expert_tokens: int = 0,
+) -> dict[str, int]:
     """Calibrate ``targets`` block by block (``walk_blocks``): collect each block's Hessians
     from the outputs of the blocks before it as already solved, call ``solve(target, hessian)``
     for each of its targets (it returns the new (out, in) weight, or a function that rebuilds
@@ -293,27 +304,55 @@ def sequential_hessians(
     ``solve`` owns the Hessian it receives and may overwrite it: a layer's Hessian is handed
     over as is when nothing else needs it, a copy when the session memo or another layer
     reading the same input does, so at most two Hessians of a layer are alive during a solve.
+
+    Returns:
+        The calibration tokens each expert target was routed (absent: none); those under
+        ``min_expert_tokens`` (or none) were solved with the identity Hessian.
     """
+    routed: dict[str, int] = {}
+
+    def collect(chosen: list[Target], run: Callable[[], None]) -> tuple[dict, dict[str, int]]:
+        experts: list[Any] = []
+        linear = {t.name: t.module for t in chosen if t.expert is None}
+        hessians = _accumulate_hessians(
+            linear, lambda: experts.append(routed_grams(chosen, run, model))
+        )
+        sums, counts = experts[0]
+        for name, total in sums.items():
+            hessians[name] = total.mul_(2 / counts[name])
+        return hessians, counts
 
     def visit(
         index: int | None, chosen: list[Target], run: Callable[[], None], swaps: Patch
     ) -> None:
-        modules = {t.name: t.module for t in chosen}
         memoized = index == 0
         if memoized:  # independent of the config: shared by every config
             shape = context.calibration_windows().shape
-            key = ("obs.hessians", context.applied, tuple(modules), shape)
-            hessians = dict(
-                context.memo(key, functools.partial(_accumulate_hessians, modules, run))
-            )
+            key = ("obs.hessians", context.applied, tuple(t.name for t in chosen), shape)
+            hessians, counts = context.memo(key, functools.partial(collect, chosen, run))
+            hessians = dict(hessians)
         else:
-            hessians = _accumulate_hessians(modules, run)
+            hessians, counts = collect(chosen, run)
+        routed.update(counts)
         for t in chosen:
-            hessian = hessians.pop(t.name)
-            if memoized or any(hessian is other for other in hessians.values()):
-                hessian = hessian.clone()
+            if t.expert is not None and falls_back(min_expert_tokens, counts.get(t.name, 0)):
+                hessians.pop(t.name, None)  # too few routed tokens: the data-free solve
+                hessian = torch.eye(t.weight.shape[1], device=t.weight.device)
+            else:
+                hessian = hessians.pop(t.name)
+                if memoized or any(hessian is other for other in hessians.values()):
+                    hessian = hessian.clone()
             new = solve(t, hessian)
             del hessian  # (its memory held the solve's factor) freed before the next layer
-            swaps.swap_module(t.name, _Solved(new, t.weight.dtype, t.module.bias))
+            if t.expert is None:
+                swaps.swap_module(t.name, _Solved(new, t.weight.dtype, t.module.bias))
+            else:  # one matrix of a fused parameter: edited in place of being swapped
+                swaps.parametrize(t, functools.partial(_solved_expert, new))
 
     walk_blocks(model, context, targets, visit)
+    return routed
+
+
+def _solved_expert(new: torch.Tensor | Callable[[], torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+    """A solved expert's (out, in) matrix during calibration, as ``_Solved`` for a layer."""
+    return (new if isinstance(new, torch.Tensor) else new()).to(w.dtype)

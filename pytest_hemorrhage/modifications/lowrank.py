@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .calibration import calibrated_inputs
+from .calibration import RoutedCalibration, routed_statistics
 from .handler import Context
 from .registry import Modification, Patch, Target, register_modification
 from .validate import check_number
@@ -62,21 +62,23 @@ class LowRank(Modification):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ASVD(LowRank):
+class ASVD(LowRank, RoutedCalibration):
     """Activation-aware SVD (Yuan et al. 2023): truncate ``W diag(s)``, fold ``diag(1/s)`` back.
 
     ``s_j = mean|x_j| ** alpha`` over the calibration tokens of the layer's input channel j
     (ASVD's "absmean" scaling). Every layer keeps the same share of its rank (ASVD's
     sensitivity-based rank allocation is not done), so ``lowrank.asvd`` against
-    ``lowrank.svd`` at one ``rank_ratio`` isolates the scaling.
+    ``lowrank.svd`` at one ``rank_ratio`` isolates the scaling. An expert's matrix is scaled
+    by the tokens the router sent that expert; under ``min_expert_tokens`` of them, plain SVD.
 
     Args:
         rank_ratio: fraction of each layer's full rank ``min(out, in)`` that is KEPT, in (0, 1].
         alpha: strength of the activation scaling, 0-1: 0 is plain SVD; ASVD's default 0.5.
+        min_expert_tokens: routed calibration tokens an expert needs (see
+            ``RoutedCalibration``).
     """
 
-    # its activation scales come from calibration, which does not follow the router yet
-    per_expert: ClassVar[bool | None] = False
+    fallback: ClassVar[str] = "lowrank.svd"
     alpha: float = 0.5
 
     def __post_init__(self) -> None:
@@ -270,8 +272,9 @@ def asvd_scale(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
 @register_modification("lowrank.asvd", ASVD)
 def apply_asvd(config: ASVD, model: nn.Module, patch: Patch, context: Context) -> None:
     targets = config.targets(model)
-    stats = calibrated_inputs(model, context, targets, config.name, "use lowrank.svd")
+    stats = routed_statistics(model, context, config, targets, patch, "use lowrank.svd")
     spaces = _subspaces(config, context)
     for target in targets:
-        scale = asvd_scale(stats[target.name].abs_mean, config.alpha)
+        found = stats[target.name]
+        scale = None if found is None else asvd_scale(found.abs_mean, config.alpha)
         _truncated(config.rank_ratio, target, scale, patch, spaces)

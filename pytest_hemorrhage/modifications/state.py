@@ -28,6 +28,7 @@ __all__ = [
     "Layout",
     "States",
     "calibrated",
+    "expert_tokens",
     "pack_bits",
     "pack_states",
     "unpack_bits",
@@ -93,6 +94,13 @@ class Arena:
             "index": torch.tensor(index, dtype=torch.int64),
             "names": "\n".join("\t".join(path) for path, *_ in self.entries),
         }
+
+
+def expert_tokens(target: Any) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The layout entry holding how many calibration tokens the router sent ``target``'s
+    expert (none for a linear layer): stored with the solve, so a cached result still reports
+    its coverage."""
+    return {} if target.expert is None else {"tokens": ((), torch.int64)}
 
 
 def _views(

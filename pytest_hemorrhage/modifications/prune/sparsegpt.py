@@ -10,16 +10,17 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ...errors import HemorrhageError
+from ..calibration import RoutedCalibration, record_coverage
 from ..handler import Context
 from ..hessian import COLUMNS, inverse_hessian_factor, sequential_hessians, solver_inputs
-from ..registry import Modification, Patch, Target, register_modification
-from ..state import Arena, Layout, calibrated, pack_bits, unpack_bits
+from ..registry import Patch, Target, register_modification
+from ..state import Arena, Layout, calibrated, expert_tokens, pack_bits, unpack_bits
 from ..validate import check_int, check_number
 
 __all__ = ["SparseGPT", "sparsegpt_prune", "sparsegpt_weight"]
@@ -28,22 +29,27 @@ LayerState = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True, kw_only=True)
-class SparseGPT(Modification):
+class SparseGPT(RoutedCalibration):
     """SparseGPT (Frantar & Alistarh 2023): weights pruned one column at a time by the OBS score
     ``w^2 / [H^-1]_jj^2``, the survivors updated to compensate the pruned ones.
 
     Unstructured masks are chosen per block of 128 columns (``sparsity`` of each block, ranked
     over all its rows: the paper's adaptive mask selection) from the weights as compensated so
     far. With ``n``/``m``, each group of ``m`` consecutive inputs keeps its ``n`` best weights
-    (as ``prune.nm``: 2:4 keeps 2 of every 4).
+    (as ``prune.nm``: 2:4 keeps 2 of every 4). An expert's matrix is solved with the Hessian of
+    the tokens the router sent that expert; under ``min_expert_tokens`` of them, with the
+    identity: the same masks by magnitude alone, no compensation.
 
     Args:
         sparsity: fraction of weights to zero, 0-1 (default 0.5 unless ``n``/``m`` are given).
         n: weights kept in each group of ``m`` (semi-structured N:M sparsity).
         m: group size along the input dimension; every target's in_features must divide by it.
         damp: added to the Hessian's diagonal, as a fraction of its mean (0.01 as in the paper).
+        min_expert_tokens: routed calibration tokens an expert needs (see
+            ``RoutedCalibration``).
     """
 
+    fallback: ClassVar[str] = "prune.magnitude"
     sparsity: float | None = None
     n: int | None = None
     m: int | None = None
@@ -157,6 +163,7 @@ def _sparsegpt_layout(targets: list[Target], config: SparseGPT) -> Layout:
             "values": ((rows * columns - pruned,), t.weight.dtype),
             "keep": ((rows, math.ceil(columns / 8)), torch.uint8),
             "columns": ((), torch.int64),
+            **expert_tokens(t),
         }
     return layout
 
@@ -186,10 +193,15 @@ def apply_sparsegpt(config: SparseGPT, model: nn.Module, patch: Patch, context: 
             stored["columns"].fill_(keep.shape[1])
             return functools.partial(sparsegpt_weight, stored, dtype)
 
-        sequential_hessians(model, context, targets, solve)
+        routed = sequential_hessians(model, context, targets, solve, config.min_expert_tokens)
+        for t in targets:
+            if t.expert is not None:
+                states[t.name]["tokens"].fill_(routed.get(t.name, 0))
         return arena.packed()
 
     states = calibrated(config, context, targets[0].weight, compute)
+    tokens = {t.name: int(states[t.name]["tokens"]) for t in targets if t.expert is not None}
+    record_coverage(patch, config, targets, tokens)
     for target in targets:
         device = target.weight.device
         patch.parametrize(

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from ...errors import HemorrhageError
-from ..calibration import input_norms
+from ..calibration import InputStats, RoutedCalibration, routed_statistics
 from ..handler import Context
-from ..registry import Modification, Patch, Target, register_modification, select_targets
+from ..registry import Modification, Patch, Target, register_modification
 from ..state import pack_bits, unpack_bits
 from ..validate import check_choice, check_int, check_number
 
@@ -69,16 +69,22 @@ class _RowPruning(Modification):
 
 
 @dataclass(frozen=True, kw_only=True)
-class WandaPruning(_RowPruning):
+class WandaPruning(_RowPruning, RoutedCalibration):
     """Wanda (Sun et al. 2023): zero the weights of smallest ``|W_ij| * ||X_j||_2`` per output row.
 
     ``||X_j||_2`` is the norm of input channel j over the calibration windows, taken from the
     model as it is when the stage runs (all layers at once, not re-collected layer by layer
-    after pruning the earlier ones as the reference implementation does).
+    after pruning the earlier ones as the reference implementation does); for an expert's
+    matrix, over the tokens the router sent that expert. An expert under
+    ``min_expert_tokens`` is pruned by ``|W_ij|`` alone, within each row.
 
     Args:
         sparsity: fraction of every output row's weights to zero, 0-1.
+        min_expert_tokens: routed calibration tokens an expert needs (see
+            ``RoutedCalibration``).
     """
+
+    fallback: ClassVar[str] = "prune.magnitude"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,17 +106,19 @@ class GradientPruning(_RowPruning):
 
 
 @dataclass(frozen=True, kw_only=True)
-class NMPruning(Modification):
+class NMPruning(RoutedCalibration):
     """Semi-structured N:M sparsity: keep the ``n`` largest of every ``m`` consecutive inputs.
 
     Args:
         n: weights kept in each group, 1-m (2 for 2:4).
         m: group size along the input dimension; every target's in_features must divide by it.
-        score: ``"magnitude"`` ranks by ``|W|`` (each expert's matrix of a fused expert
-            weight too); ``"wanda"`` by ``|W| * ||X||_2`` (calibration).
+        score: ``"magnitude"`` ranks by ``|W|``; ``"wanda"`` by ``|W| * ||X||_2``
+            (calibration: an expert's matrix on the tokens routed to it).
+        min_expert_tokens: with ``score="wanda"``, routed calibration tokens an expert needs
+            to be scored by its inputs; fewer: by ``|W|`` (see ``RoutedCalibration``).
     """
 
-    per_expert: ClassVar[bool | None] = True  # with score="magnitude": see targets()
+    fallback: ClassVar[str] = "prune.nm score=magnitude"
     n: int = 2
     m: int = 4
     score: str = "magnitude"
@@ -120,11 +128,6 @@ class NMPruning(Modification):
         check_int(self, "m", 1)
         check_int(self, "n", 1, self.m)
         check_choice(self, "score", ("magnitude", "wanda"))
-
-    def targets(self, model: nn.Module) -> list[Target]:
-        # Wanda's input norms come from calibration, which does not follow the router yet
-        experts = self.score == "magnitude"
-        return select_targets(model, self.include, self.exclude, self.name, experts)
 
 
 def kth_smallest_magnitude(weight: torch.Tensor, k: int) -> torch.Tensor:
@@ -215,6 +218,13 @@ def apply_magnitude(
 # --- Wanda -------------------------------------------------------------------------------------
 
 
+def _norms(stats: InputStats | None, weight: torch.Tensor) -> torch.Tensor:
+    """Wanda's ``||X_j||_2``; ones for an expert that falls back (the score is then ``|W|``)."""
+    if stats is None:
+        return torch.ones(weight.shape[1], dtype=torch.float32)
+    return stats.l2
+
+
 def _wanda_mask(l2: torch.Tensor, threshold: torch.Tensor):
     def mask(w: torch.Tensor) -> torch.Tensor:
         # same expression, dtype and device as when the thresholds were taken: same bits
@@ -227,11 +237,12 @@ def _wanda_mask(l2: torch.Tensor, threshold: torch.Tensor):
 @register_modification("prune.wanda", WandaPruning)
 def apply_wanda(config: WandaPruning, model: nn.Module, patch: Patch, context: Context) -> None:
     targets = config.targets(model)
+    stats = routed_statistics(model, context, config, targets, patch, "use a magnitude score")
     state = []
     with torch.no_grad():
         for target in targets:
             w = target.weight.detach()
-            l2 = input_norms(model, context, target, config.name)
+            l2 = _norms(stats[target.name], w)
             k = round(config.sparsity * w.shape[1])
             state.append((l2, row_thresholds(w.abs() * l2.to(w.device, w.dtype), k)))
     for target, (l2, threshold) in zip(targets, state, strict=True):
@@ -388,9 +399,9 @@ def apply_nm(config: NMPruning, model: nn.Module, patch: Patch, context: Context
                 f"{config.name}: layer {target.name!r} has {columns} inputs, not a multiple of "
                 f"m={config.m}; choose an m that divides it or exclude the layer with exclude=(...)"
             )
-    norms = [
-        input_norms(model, context, t, config.name) if config.score == "wanda" else None
-        for t in targets
-    ]
+    norms: list[torch.Tensor | None] = [None] * len(targets)
+    if config.score == "wanda":
+        stats = routed_statistics(model, context, config, targets, patch, "use a magnitude score")
+        norms = [_norms(stats[t.name], t.weight) for t in targets]
     for target, l2 in zip(targets, norms, strict=True):
         patch.parametrize(target, _nm_mask(config.n, config.m, l2))

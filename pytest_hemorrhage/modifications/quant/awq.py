@@ -27,27 +27,40 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..calibration import calibrated_inputs, calibration_forwards
+from ..calibration import (
+    RoutedCalibration,
+    calibrated_inputs,
+    calibration_forwards,
+    falls_back,
+    input_stats,
+    record_coverage,
+    routed_grams,
+)
 from ..handler import Context
 from ..hessian import walk_blocks
-from ..registry import Modification, Patch, Target, register_modification
+from ..registry import Patch, Target, register_modification
 from ..state import calibrated, pack_states
 from ..validate import check_choice, check_int
 from .rtn import rtn_quantize
 
 __all__ = ["AWQ", "FORMAT", "InputGram", "awq_scales", "input_grams", "search_scale"]
 
-FORMAT = 2  # bump when the cached scales change meaning or layout (2: state.Arena's)
+# bump when the cached scales change meaning or layout (2: state.Arena's; 3: experts' tokens)
+FORMAT = 3
+_TOKENS = "#tokens"  # the stored entry of each expert's routed calibration tokens
 
 
 @dataclass(frozen=True, kw_only=True)
-class AWQ(Modification):
+class AWQ(RoutedCalibration):
     """Activation-aware scaling searched per layer group, then ``quant.rtn``'s rounding.
+
+    An expert's matrix of a fused expert weight is scaled by the tokens the router sent that
+    expert (its own group); under ``min_expert_tokens`` of them it is not scaled: ``quant.rtn``.
 
     Args:
         bits: bits per weight, 1-8.
@@ -56,7 +69,11 @@ class AWQ(Modification):
             a zero point (``symmetric=False``).
         grid: number of ``alpha`` values tried, ``alpha = i / grid`` for i in 0..grid-1
             (the official code's 20).
+        min_expert_tokens: routed calibration tokens an expert needs (see
+            ``RoutedCalibration``).
     """
+
+    fallback: ClassVar[str] = "quant.rtn"
 
     bits: int = 4
     group_size: int = 128
@@ -166,8 +183,9 @@ def search_scale(
 
 def awq_scales(
     model: nn.Module, context: Context, config: AWQ, targets: list[Target]
-) -> dict[str, torch.Tensor]:
-    """Per target, the searched input-channel scale (float32, on the CPU).
+) -> dict[str, Any]:
+    """Per target, the searched input-channel scale (float32, on the CPU); ones for an expert
+    that falls back; under ``"#tokens"``, each expert target's routed calibration tokens.
 
     The Grams come block by block (``hessian.walk_blocks``, on the unmodified model: each block's
     inputs are the baseline's), each block's searched and let go before the next: holding every
@@ -177,19 +195,35 @@ def awq_scales(
     """
 
     def compute() -> dict[str, Any]:
-        stats = calibrated_inputs(model, context, targets, config.name, "use quant.rtn")
+        linear = [t for t in targets if t.expert is None]
+        calibrated_inputs(model, context, linear, config.name, "use quant.rtn")
+        stats = input_stats(model, context)
         by_name = {t.name: t for t in targets}
-        scales: dict[str, torch.Tensor] = {}
+        scales: dict[str, Any] = {}
+        tokens: dict[str, torch.Tensor] = {}
 
         def visit(index: int | None, chosen: list[Target], run: Callable[[], None], _) -> None:
+            routed: list[Any] = []
+
             def block(handles: list[Any], new_batch: Callable[[], None]) -> None:
                 try:
-                    run()
+                    routed.append(routed_grams(chosen, run, model))
                 finally:
                     for handle in handles:
                         handle.remove()
 
-            for group in _collect_grams(chosen, block):
+            groups = _collect_grams([t for t in chosen if t.expert is None], block)
+            sums, counts = routed[0]
+            for t in chosen:  # each expert's matrix: a group of its own
+                if t.expert is None:
+                    continue
+                tokens[t.name] = torch.tensor(counts.get(t.name, 0))
+                if falls_back(config.min_expert_tokens, counts.get(t.name, 0)):
+                    scales[t.name] = torch.ones(t.weight.shape[1])
+                else:
+                    gram = (sums[t.name] / counts[t.name]).cpu()
+                    groups.append(InputGram((t.name,), gram))
+            for group in groups:
                 device = by_name[group.members[0]].weight.device
                 mean = stats[group.members[0]].abs_mean.float()
                 weights = [by_name[n].weight.detach().float() for n in group.members]
@@ -198,6 +232,8 @@ def awq_scales(
                     scales[name] = best
 
         walk_blocks(model, context, targets, visit, observe_only=True)
+        if tokens:
+            scales[_TOKENS] = tokens
         return pack_states(scales)
 
     return calibrated(config, context, targets[0].weight, compute, name="awq", format=FORMAT)
@@ -216,5 +252,7 @@ def _scaled_rtn(scale: torch.Tensor, config: AWQ):
 def apply_awq(config: AWQ, model: nn.Module, patch: Patch, context: Context) -> None:
     targets = config.targets(model)
     scales = awq_scales(model, context, config, targets)
+    tokens = {name: int(n) for name, n in scales.get(_TOKENS, {}).items()}
+    record_coverage(patch, config, targets, tokens)
     for target in targets:
         patch.parametrize(target, _scaled_rtn(scales[target.name], config))

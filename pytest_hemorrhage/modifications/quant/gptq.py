@@ -10,15 +10,16 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from ..calibration import RoutedCalibration, record_coverage
 from ..handler import Context
 from ..hessian import COLUMNS, inverse_hessian_factor, sequential_hessians, solver_inputs
-from ..registry import Modification, Patch, Target, register_modification
-from ..state import Arena, Layout, calibrated, pack_bits, unpack_bits
+from ..registry import Patch, Target, register_modification
+from ..state import Arena, Layout, calibrated, expert_tokens, pack_bits, unpack_bits
 from ..validate import check_choice, check_int, check_number
 from .rtn import quant_grid
 
@@ -28,12 +29,14 @@ LayerState = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True, kw_only=True)
-class GPTQ(Modification):
+class GPTQ(RoutedCalibration):
     """GPTQ (Frantar et al. 2022): weights rounded one input column at a time, each column's
     rounding error compensated on the columns not yet rounded through the inverse Hessian.
 
     The grid is ``quant.rtn``'s (same ``bits``, ``group_size``, ``symmetric``), so the two differ
-    only by the error compensation.
+    only by the error compensation. An expert's matrix is solved with the Hessian of the tokens
+    the router sent that expert; under ``min_expert_tokens`` of them, with the identity, which
+    is ``quant.rtn`` on the same grid.
 
     Args:
         bits: bits per weight, 2-8.
@@ -45,7 +48,11 @@ class GPTQ(Modification):
         static_groups: compute every group's grid from the weights before any compensation
             (llm-compressor's behaviour; groups by original column also under act_order)
             instead of when the algorithm reaches the group (the reference implementation's).
+        min_expert_tokens: routed calibration tokens an expert needs (see
+            ``RoutedCalibration``).
     """
+
+    fallback: ClassVar[str] = "quant.rtn"
 
     bits: int = 4
     group_size: int = 128
@@ -166,6 +173,7 @@ def _gptq_layout(targets: list[Target], config: GPTQ) -> Layout:
             "scale": ((rows, groups), torch.float32),
             "zero": ((rows, groups), torch.float32),
             "g_idx": ((columns,), torch.int32),
+            **expert_tokens(t),
         }
     return layout
 
@@ -185,11 +193,16 @@ def apply_gptq(config: GPTQ, model: nn.Module, patch: Patch, context: Context) -
                 stored[key].copy_(value)
             return functools.partial(gptq_weight, stored, config.bits, config.symmetric)
 
-        sequential_hessians(model, context, targets, solve)
+        routed = sequential_hessians(model, context, targets, solve, config.min_expert_tokens)
+        for t in targets:
+            if t.expert is not None:
+                states[t.name]["tokens"].fill_(routed.get(t.name, 0))
         return arena.packed()
 
     states = calibrated(config, context, targets[0].weight, compute)
+    tokens = {t.name: int(states[t.name]["tokens"]) for t in targets if t.expert is not None}
+    record_coverage(patch, config, targets, tokens)
     for target in targets:
         device = target.weight.device  # views of the stored buffers where already there
-        state = {k: v.to(device) for k, v in states[target.name].items()}
+        state = {k: v.to(device) for k, v in states[target.name].items() if k != "tokens"}
         patch.parametrize(target, _gptq_fn(state, config))
