@@ -194,6 +194,11 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     model = session.header.get("model")
     if model:  # which model, and which kind of measure (next tokens or embeddings)
         terminalreporter.write_line(f"hemorrhage model: {model['spec']} ({model['kind']})")
+    if session.portable is not None:  # the reference built elsewhere: not all of it is damage
+        from .report.describe import drift_notes
+
+        for line in drift_notes(session.report()):
+            terminalreporter.write_line(f"hemorrhage: {line}", yellow=True)
     if session.records:
         from .report.terminal import render_results
 

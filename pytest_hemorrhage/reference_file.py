@@ -5,9 +5,10 @@ The file holds everything a candidate's measurement needs from the baseline: the
 token ids, every field of :class:`~pytest_hemorrhage.reference.Reference` (whatever its storage
 form: the file follows ``reference.FORMAT`` and refuses any other), the model's output
 vocabulary size and the tokenizer's vocabulary (to check a candidate's), the baseline's
-fingerprint, and the settings that determine the reference (seq-len, tokens, a hash of the
-evaluation text). It is a ``torch.save`` archive read with ``weights_only=True``: plain tensors,
-numbers, strings, lists and dicts, never code.
+fingerprint, the settings that determine the reference (seq-len, tokens, a hash of the
+evaluation text), and where it was built (:mod:`pytest_hemorrhage.environment`; files written
+before it was recorded load with none). It is a ``torch.save`` archive read with
+``weights_only=True``: plain tensors, numbers, strings, lists and dicts, never code.
 
 Size: the reference's own bytes (see ``reference``'s module docstring: exact distributions up
 to ``EXACT_VOCAB`` tokens of vocabulary, top-K above it), plus 4 bytes of token id per scored
@@ -87,6 +88,8 @@ class PortableReference:
     baseline: dict[str, Any]  # spec, fingerprint, class, parameters, dtype, device
     settings: dict[str, Any]  # seq_len, tokens, data, data_hash, topk
     path: Path | None = field(default=None, compare=False)
+    # where it was built (environment.measured_in); None: a file from before it was recorded
+    environment: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -120,6 +123,8 @@ class PortableReference:
             ),
             "baseline": self.baseline,
             "settings": self.settings,
+            # optional, so that a file without it (an earlier one) keeps the same format
+            **({"environment": self.environment} if self.environment is not None else {}),
         }
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
@@ -180,6 +185,7 @@ class PortableReference:
                 dict(state["baseline"]),
                 dict(state["settings"]),
                 path,
+                dict(state["environment"]) if state.get("environment") is not None else None,
             )
             scored = windows.shape[0] * (windows.shape[1] - 1)
             if len(reference.targets) != scored:

@@ -8,7 +8,9 @@ fails its test when a metric named in ``--hemorrhage-compare-fail`` rose beyond 
 ``metric:N%`` relative to the old value (an old value of 0 then fails on any rise: give an
 absolute tolerance for metrics that can be 0) or ``metric:X`` absolute. Every metric is 0 for
 the baseline and grows with damage, so a rise is a regression. An unmatched result is noted,
-never failed.
+never failed. A matched result also says what changed in the environment it was measured in
+(``environment.changes``: a new torch, another device), so that drift is told apart from damage;
+an old report from before environments were recorded says ``not recorded``.
 
 This is a core module (not ``report/``) because its verdict fails the test: the check and the
 test's report need it while the test runs, as they need the budget. ``report/comparison.py``
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .environment import changes
 from .errors import HemorrhageError, first_line
 from .metrics import EXTRA_METRICS, METRICS, jsonable
 
@@ -88,10 +91,12 @@ def result_key(nodeid: str, modification: str, params: dict[str, Any]) -> str:
 
 @dataclass
 class OldReport:
-    """An earlier JSON report's results, by :func:`result_key`."""
+    """An earlier JSON report's results, by :func:`result_key`, and the environments they were
+    measured in (by id; none in a report from before they were recorded)."""
 
     path: Path
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    environments: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> OldReport:
@@ -119,20 +124,31 @@ class OldReport:
                 f"{where}: not a pytest-hemorrhage report (no schema_version and results); give "
                 "the file an earlier run wrote with --hemorrhage-report"
             )
-        old = cls(Path(path))
+        environments = data.get("environments")
+        old = cls(Path(path), environments=environments if isinstance(environments, dict) else {})
         for record in results:
             key = result_key(record["nodeid"], record.get("modification", ""), record["params"])
             old.results.setdefault(key, record)  # a test measuring the same thing twice: first
         return old
 
-    def compare(self, record: dict[str, Any], tolerances: tuple[Tolerance, ...]) -> dict[str, Any]:
+    def compare(
+        self,
+        record: dict[str, Any],
+        tolerances: tuple[Tolerance, ...],
+        environment: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """The comparison of a new report record: per metric in both, the old value and the
-        change; ``failures``: one line per tolerance exceeded."""
+        change; ``failures``: one line per tolerance exceeded; ``environment``: what changed
+        from the old result's environment to ``environment`` (the new record's), None where
+        either was not recorded."""
         key = result_key(record["nodeid"], record["modification"], record["params"])
         old = self.results.get(key)
         out: dict[str, Any] = {"file": self.path.name, "matched": old is not None}
         if old is None:
             return out
+        known = old.get("environment")
+        before = self.environments.get(known) if isinstance(known, str) else None
+        out["environment"] = changes(before, environment)
         limits = {t.metric: t for t in tolerances}
         metrics, failures = {}, []
         for metric, new in record["metrics"].items():

@@ -25,7 +25,9 @@ if TYPE_CHECKING:
 __all__ = ["REPORT_SCHEMA", "HemorrhageSession"]
 
 # 2: candidates (list), comparison (header), per result comparison, reference_file (header)
-REPORT_SCHEMA = 2
+# 3: environments (header), per result and exploration environment, data.reference_environment,
+#    reference_file.environment, per result comparison.environment
+REPORT_SCHEMA = 3
 NO_MODEL = (
     "no model given: pass --hemorrhage-model=<dir | hub id | module:factory | "
     "hemorrhage-tiny> or set hemorrhage_model in the ini file"
@@ -42,6 +44,9 @@ class HemorrhageSession:
     explorations: list[dict[str, Any]] = field(default_factory=list)  # thresholds, sweeps
     header: dict[str, Any] = field(default_factory=dict)
     candidates: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> header
+    # where results were measured, by environment_id: this process's (every worker's, on the
+    # controller), and the reference file's
+    environments: dict[str, dict[str, Any]] = field(default_factory=dict)
     default_budget: Budget = field(init=False)
     portable: PortableReference | None = None  # --hemorrhage-reference, read at startup
     old_report: OldReport | None = None  # --hemorrhage-compare
@@ -55,6 +60,7 @@ class HemorrhageSession:
     _loaded: LoadedModel | None = None
     _harness: Harness | None = None
     _candidate: Any = None  # the one candidate held (loaded once per spec, then released)
+    _environment: str | None = None  # this process's, by environment_id, once measured
 
     def __post_init__(self) -> None:
         self.default_budget = parse_ini(self.settings.budget)  # a bad ini budget: at startup
@@ -138,7 +144,16 @@ class HemorrhageSession:
                     "seq_len": self.settings.seq_len,
                     "windows": len(self._harness.windows.eval),
                     "topk": self._harness.topk,
-                    **({"reference": str(self.settings.reference)} if self.portable else {}),
+                    **(
+                        {
+                            "reference": str(self.settings.reference),
+                            "reference_environment": self._note_environment(
+                                self.portable.environment
+                            ),
+                        }
+                        if self.portable
+                        else {}
+                    ),
                 },
             }
             if self._harness.texts is not None:  # an encoder: texts, not windows
@@ -149,6 +164,29 @@ class HemorrhageSession:
                     "texts": len(self._harness.texts.texts),
                 }
         return self._harness
+
+    def environment(self) -> str:
+        """This process's environment (see :mod:`pytest_hemorrhage.environment`), by its id in
+        ``environments``: measured once, at the first result, with the baseline's device and
+        dtype (reference only: no dtype; a candidate's runtime is in its result's details)."""
+        if self._environment is None:
+            from .environment import measured_in
+
+            loaded = self.harness().loaded
+            model = loaded.model
+            dtype = next(model.parameters()).dtype if model is not None else None
+            self._environment = self._note_environment(measured_in(loaded.device, dtype))
+        return self._environment
+
+    def _note_environment(self, environment: dict[str, Any] | None) -> str | None:
+        """Keep ``environment`` in ``environments``; its id (None: not recorded)."""
+        if environment is None:
+            return None
+        from .environment import environment_id
+
+        key = environment_id(environment)
+        self.environments.setdefault(key, plain(environment))
+        return key
 
     def _baseline(self) -> Any:
         """The loaded baseline checked against ``--hemorrhage-reference``; with the file alone,
@@ -250,6 +288,7 @@ class HemorrhageSession:
                 "distributions; an encoder's embeddings are not supported"
             )
         s = self.settings
+        environment = self.environments[self.environment()]
         portable = PortableReference(
             harness.reference,
             harness.windows.eval,
@@ -263,6 +302,7 @@ class HemorrhageSession:
                 "data_hash": text_hash(read_text(s.data)),
                 "topk": harness.topk,
             },
+            environment=environment,
         )
         size = portable.save(path)
         scored = len(harness.reference.targets)
@@ -270,6 +310,7 @@ class HemorrhageSession:
             "path": str(path),
             "bytes": size,
             "bytes_per_token": size / scored,
+            "environment": self.environment(),
         }
 
     def comparison_failures(self, nodeid: str) -> list[str]:
@@ -315,6 +356,7 @@ class HemorrhageSession:
                 "budget": budget.to_dict(),
                 "violations": budget.violations(result),
                 "outcome": None,
+                "environment": self.environment(),
             },
             notes_in="details",
         )
@@ -322,7 +364,9 @@ class HemorrhageSession:
         self.records.append(record)
         self.counts[item.nodeid] += 1
         if self.old_report is not None:
-            record["comparison"] = self.old_report.compare(record, self.tolerances)
+            record["comparison"] = self.old_report.compare(
+                record, self.tolerances, self.environments[record["environment"]]
+            )
         for metric, value in record["metrics"].items():
             item.user_properties.append((f"hemorrhage.{result.modification}.{metric}", value))
 
@@ -361,7 +405,10 @@ class HemorrhageSession:
     def record_exploration(self, item: pytest.Item, kind: str, data: dict[str, Any]) -> None:
         """Keep a threshold search or sweep for the summary and report, as plain data."""
         self.explorations.append(
-            self._plain(item.nodeid, {"nodeid": item.nodeid, "kind": kind, **data})
+            self._plain(
+                item.nodeid,
+                {"nodeid": item.nodeid, "kind": kind, **data, "environment": self.environment()},
+            )
         )
         self.counts[item.nodeid] += 1
 
@@ -376,6 +423,7 @@ class HemorrhageSession:
         is not becomes its repr here, and a line naming the test and the value fails the run:
         from an xdist worker it could not have been sent."""
         parts = [("", "header", self.header), ("", "candidates", self.candidates)]
+        parts += [("", "environments", self.environments)]
         parts += [(r["nodeid"], "result", r) for r in self.records]
         parts += [(e["nodeid"], "exploration", e) for e in self.explorations]
         for nodeid, what, data in parts:
@@ -400,6 +448,7 @@ class HemorrhageSession:
             "records": self.records,
             "explorations": self.explorations,
             "candidates": self.candidates,
+            "environments": self.environments,
             "failures": self.failures,
         }
 
@@ -426,6 +475,7 @@ class HemorrhageSession:
         self.records.extend(output.get("records", []))
         self.explorations.extend(output.get("explorations", []))
         self.candidates.update(output.get("candidates", {}))
+        self.environments.update(output.get("environments", {}))
         self.failures.extend(output.get("failures", []))
         self.counts.update(r["nodeid"] for r in output.get("records", []))
         self.counts.update(e["nodeid"] for e in output.get("explorations", []))
@@ -464,6 +514,7 @@ class HemorrhageSession:
                 if self.old_report is not None
                 else {}
             ),
+            "environments": self.environments,
             "results": self.records,
             "explorations": self.explorations,
         }

@@ -122,7 +122,7 @@ def test_real_artifacts_are_measured_and_the_baseline_saved_to_a_directory_measu
     for label in ("w4a16", "nf4"):
         assert results[label]["stderr"]["kl_mean"] > 0
     data = json.loads(report.read_text())
-    assert data["schema_version"] == 2
+    assert data["schema_version"] == 3
     described = {c["label"]: c for c in data["candidates"]}
     assert described["w4a16"]["quantization"] == "compressed-tensors"
     assert described["nf4"]["quantization"] == "bitsandbytes"

@@ -130,7 +130,7 @@ def test_json_report_and_junit_properties(pytester):
     report = pytester.path / "out" / "hemorrhage.json"
     pytester.runpytest(*MODEL, f"--hemorrhage-report={report}", "--junitxml=junit.xml")
     data = json.loads(report.read_text())
-    assert data["schema_version"] == 2
+    assert data["schema_version"] == 3
     assert data["model"]["spec"] == "hemorrhage-tiny" and len(data["model"]["fingerprint"]) == 16
     assert data["data"]["windows"] == 8 and data["data"]["seq_len"] == 128
     assert data["baseline"]["ppl"] > 1

@@ -291,6 +291,9 @@ def test_every_kind_of_result_arrives(runs):
     assert quantization["nf4"] == "bitsandbytes" and quantization["w4a16"] == "compressed-tensors"
     assert {e["kind"] for e in report["explorations"]} == {"threshold", "sweep"}
     assert all("comparison" in r for r in report["results"])
+    # every worker's environment reached the controller: each result names one it has
+    measured = [*report["results"], *report["explorations"]]
+    assert all(r["environment"] in report["environments"] for r in measured)
 
 
 def _summary(output: str) -> list[str]:

@@ -1,5 +1,6 @@
-"""The terminal's comparison with an earlier report (``--hemorrhage-compare``): per compared
-metric of every result, the old value, the new one and the change; unmatched results noted."""
+"""The terminal's comparison with an earlier report (``--hemorrhage-compare``): what changed in
+the environment (once for the run, or per result where they differ), then per compared metric
+of every result, the old value, the new one and the change; unmatched results noted."""
 
 from __future__ import annotations
 
@@ -8,7 +9,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .describe import DEFAULT_METRICS, describe_modification
+from ..environment import NOT_RECORDED
+from .describe import (
+    DEFAULT_METRICS,
+    describe_modification,
+    environment_change,
+    shared_environment_change,
+)
 
 __all__ = ["render_comparison", "shown_metrics"]
 
@@ -35,8 +42,12 @@ def render_comparison(report: Mapping[str, Any]) -> str:
     tolerances = {t["metric"] for t in header.get("fail", [])}
     name = Path(str(header.get("file", "?"))).name
     out = [f"hemorrhage compared with {name}:"]
+    results = list(report.get("results", []))
+    shared = shared_environment_change(results)
+    if shared is not None:
+        out.append(f"  environment: {shared}" + (f" in {name}" if shared == NOT_RECORDED else ""))
     unmatched = 0
-    for record in report.get("results", []):
+    for record in results:
         comparison = record.get("comparison") or {}
         test = record.get("nodeid", "").rpartition("::")[2] or record.get("nodeid", "")
         what = describe_modification(record.get("modification", "?"), record.get("params", {}))
@@ -44,6 +55,8 @@ def render_comparison(report: Mapping[str, Any]) -> str:
             unmatched += 1
             out.append(f"  {test}  {what}: not in {name} (not compared)")
             continue
+        if shared is None:
+            out.append(f"  {test}  {what}  environment: {environment_change(record)}")
         failing = {line.partition(":")[0] for line in comparison.get("failures", [])}
         for metric, entry in shown_metrics(record, comparison, tolerances).items():
             relative = entry.get("relative")

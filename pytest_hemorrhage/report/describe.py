@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ..environment import describe_changes, drift_warning
 from ..stats import upper_bound
 
 __all__ = [
@@ -15,6 +16,10 @@ __all__ = [
     "describe_modification",
     "describe_touched",
     "describe_untouched",
+    "drift_notes",
+    "environment_change",
+    "run_environment",
+    "shared_environment_change",
 ]
 
 DEFAULT_METRICS = ("ppl_increase", "kl_mean")  # shown for results measured without a budget
@@ -111,3 +116,42 @@ def _share(x: float) -> str:
             else ("<0.1%" if x < 0.5 else ">99.9%")
         )
     return text
+
+
+def run_environment(report: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The environment this run measured in: its first result's (or exploration's), from the
+    report's ``environments``; None when nothing was measured or none was recorded."""
+    environments = report.get("environments") or {}
+    for record in [*report.get("results", []), *report.get("explorations", [])]:
+        key = record.get("environment")
+        if isinstance(key, str) and key in environments:
+            return environments[key]
+    return None
+
+
+def drift_notes(report: Mapping[str, Any]) -> list[str]:
+    """With ``--hemorrhage-reference``: the line saying the reference was built under another
+    environment than this run's (or that the file does not say), else nothing."""
+    data = report.get("data") or {}
+    if "reference_environment" not in data:
+        return []
+    key = data["reference_environment"]
+    built = (report.get("environments") or {}).get(key) if isinstance(key, str) else None
+    line = drift_warning(built, run_environment(report))
+    return [line] if line else []
+
+
+def environment_change(record: Mapping[str, Any]) -> str | None:
+    """What changed in a compared result's environment since the old report's, described
+    (``environment.describe_changes``); None when the result was not matched."""
+    comparison = record.get("comparison") or {}
+    if not comparison.get("matched"):
+        return None
+    return describe_changes(comparison.get("environment"))
+
+
+def shared_environment_change(results: list[Mapping[str, Any]]) -> str | None:
+    """The environment change every matched result shares (a run's usual case: one line for
+    all), None when they differ or none matched."""
+    found = {environment_change(r) for r in results} - {None}
+    return found.pop() if len(found) == 1 else None

@@ -1,6 +1,8 @@
 """``--hemorrhage-html PATH``: the release report, one self-contained HTML page.
 
-A release reviewer's single page: the model and data fingerprints, every result against its
+A release reviewer's single page: the model and data fingerprints, where the results were
+measured (and a warning when the reference was built elsewhere, or the environment changed since
+the compared report), every result against its
 budget, the explored curves (budget, threshold and phase transition marked) and the per-block
 blame of failed checks. The page carries its CSS inline and its curves as base64 PNG data URIs;
 it has no script, and its Content-Security-Policy forbids any fetch, so it reads the same
@@ -23,7 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from ..diagnosis import Diagnosis, severity
-from .describe import DEFAULT_METRICS, compared_value, describe_fallbacks, describe_modification
+from .describe import (
+    DEFAULT_METRICS,
+    compared_value,
+    describe_fallbacks,
+    describe_modification,
+    drift_notes,
+    shared_environment_change,
+)
 
 __all__ = ["render_html", "write_html"]
 
@@ -43,6 +52,7 @@ KNOWN_KEYS = {
     "baseline",
     "results",
     "explorations",
+    "environments",
 }
 INSTALL = "pip install pytest-hemorrhage[plot]"
 
@@ -67,6 +77,7 @@ code,.mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font
 .banner{margin:14px 0 0;padding:10px 14px;border-radius:6px;font-weight:600}
 .banner.ok{background:var(--ok-bg);color:var(--ok)}
 .banner.bad{background:var(--bad-bg);color:var(--bad)}
+.banner.warn{background:var(--warn-bg);color:var(--warn)}
 .banner ul{margin:6px 0 0;padding-left:20px;font-weight:400}
 .banner a{color:inherit}
 .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(300px,1fr));gap:14px}
@@ -261,6 +272,12 @@ def _page_header(report: Mapping[str, Any], results: Sequence[Mapping[str, Any]]
             f'<div class="banner bad">{len(over)} of {len(results)} measures over budget'
             f"<ul>{items}{more}</ul></div>"
         )
+    notes = drift_notes(report)
+    shared = shared_environment_change(list(results)) if report.get("comparison") else None
+    if shared is not None:
+        name = Path(str((report.get("comparison") or {}).get("file", "?"))).name
+        notes.append(f"environment since {name}: {shared}")
+    banner += "".join(f'<div class="banner warn">{_escape(note)}</div>' for note in notes)
     return (
         f'<header class="top"><div><h1>Hemorrhage release report: '
         f"<code>{_escape(model.get('spec', 'no model'))}</code></h1>"
@@ -273,6 +290,17 @@ def _fingerprints(report: Mapping[str, Any]) -> str:
     for key, title in (("model", "Model"), ("data", "Evaluation data"), ("baseline", "Baseline")):
         if isinstance(report.get(key), Mapping):
             cards.append(_card_dl(title, report[key]))
+    reference = (report.get("data") or {}).get("reference_environment")
+    measured = {r.get("environment") for r in report.get("results") or []}
+    for key, environment in (report.get("environments") or {}).items():
+        if isinstance(environment, Mapping):
+            whose = [
+                w
+                for w, used in (("results", key in measured), ("reference", key == reference))
+                if used
+            ]
+            title = f"Environment {key}" + (f" ({', '.join(whose)})" if whose else "")
+            cards.append(_card_dl(title, _environment_rows(environment)))
     for key, value in report.items():  # sections later versions add (e.g. settings)
         if key not in KNOWN_KEYS and isinstance(value, Mapping):
             cards.append(_card_dl(key.replace("_", " ").capitalize(), value))
@@ -282,6 +310,20 @@ def _fingerprints(report: Mapping[str, Any]) -> str:
             '<p class="note">no model was loaded in this run</p>'
         )
     return f'<h2 id="fingerprints">Model and data</h2><div class="grid">{"".join(cards)}</div>'
+
+
+def _environment_rows(environment: Mapping[str, Any]) -> dict[str, str]:
+    """An environment (``environment.measured_in``) as one line per group."""
+    rows = {}
+    for key, value in environment.items():
+        if isinstance(value, Mapping):
+            value = ", ".join(
+                f"{k} {v}" if key == "packages" else f"{k}={v}"
+                for k, v in value.items()
+                if v is not None
+            )
+        rows[key.replace("_", " ")] = "–" if value in (None, "") else str(value)
+    return rows
 
 
 def _card_dl(title: str, values: Mapping[str, Any]) -> str:

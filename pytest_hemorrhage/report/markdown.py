@@ -1,9 +1,10 @@
 """The Markdown summary a CI job shows: appended to ``$GITHUB_STEP_SUMMARY`` when it is set.
 
 Results with their budgets, margins (budget - value, or - its upper bound with ``confidence``,
-per budgeted metric) and verdicts; the
-comparison with an earlier report (old value and change per compared metric, unmatched results
-noted); and the thresholds found. GitHub renders the file on the run's summary page.
+per budgeted metric) and verdicts; a note when the reference was built under another
+environment; the comparison with an earlier report (what changed in the environment, old value
+and change per compared metric, unmatched results noted); and the thresholds found. GitHub
+renders the file on the run's summary page.
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from .comparison import shown_metrics
-from .describe import DEFAULT_METRICS, compared_value, describe_modification
+from .describe import (
+    DEFAULT_METRICS,
+    compared_value,
+    describe_modification,
+    drift_notes,
+    environment_change,
+    shared_environment_change,
+)
 
 __all__ = ["append_step_summary", "render_markdown"]
 
@@ -77,15 +85,26 @@ def _comparison(report: Mapping[str, Any]) -> list[str]:
         t["metric"]: (f"{t['limit']:.0%}" if t["relative"] else f"{t['limit']:g}")
         for t in header.get("fail", [])
     }
+    results = list(report.get("results", []))
+    shared = shared_environment_change(results)
+    per_result = [
+        f"`{_cell(r.get('nodeid', '').rpartition('::')[2])}` "
+        f"{_cell(describe_modification(r.get('modification', '?'), r.get('params', {})))}: "
+        f"{_cell(str(environment_change(r)))}"
+        for r in results
+        if shared is None and environment_change(r) is not None
+    ]
     lines = [
         "",
         f"### Compared with `{_cell(Path(str(header.get('file', '?'))).name)}`",
         "",
+        *([f"Environment: {_cell(shared)}", ""] if shared is not None else []),
+        *(["Environment per result: " + "; ".join(per_result), ""] if per_result else []),
         "| test | measured | metric | old | new | change | tolerance |",
         "|---|---|---|---:|---:|---:|---:|",
     ]
     unmatched = []
-    for record in report.get("results", []):
+    for record in results:
         comparison = record.get("comparison") or {}
         what = describe_modification(record.get("modification", "?"), record.get("params", {}))
         test = record.get("nodeid", "").rpartition("::")[2]
@@ -139,6 +158,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"Baseline `{_cell(str(model.get('spec', '?')))}` (fingerprint "
         f"`{model.get('fingerprint', '?')}`), {len(records)} result(s).",
         "",
+        *(f"> ⚠️ {_cell(note)}\n" for note in drift_notes(report)),
         *_results(records),
     ]
     if report.get("comparison"):
