@@ -76,9 +76,12 @@ def _names(module: nn.Module) -> list[str]:
 def _is_expert_module(name: str, module: nn.Module) -> bool:
     # torch's own layers (Conv1d's 3-D weight) are never experts; the rest by the name
     # transformers gives every experts class and attribute (``*Experts``, ``.experts``)
-    if type(module).__module__.startswith("torch."):
+    cls = type(module)
+    if parametrize.is_parametrized(module):  # parametrize subclasses it in its own module
+        cls = cls.__bases__[0]
+    if cls.__module__.startswith("torch."):
         return False
-    return "expert" in type(module).__name__.lower() or "expert" in name.lower()
+    return "expert" in cls.__name__.lower() or "expert" in name.lower()
 
 
 def expert_stacks(model: nn.Module, within: str = "") -> list[ExpertStack]:

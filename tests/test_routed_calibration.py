@@ -1,0 +1,207 @@
+"""Calibration that follows the router: on mixture-of-experts models stored fused, the
+activation-aware methods calibrate each expert's matrices on the tokens the router sent that
+expert, experts sent too few fall back to a named data-free method, and every result reports
+the coverage per MoE module.
+
+The five MoE architectures of ``architectures.py`` (2 blocks, hidden 64, 4 experts of which 2
+are routed per token, random init).
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+from architectures import build
+from bit_identity import assert_restored, snapshot
+
+from pytest_hemorrhage.modifications import make
+from pytest_hemorrhage.modifications.experts import expert_stacks, routed_hooks
+from pytest_hemorrhage.modifications.registry import Patch, apply
+
+MOE = ("mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss", "deepseek_v3")  # in architectures.py
+CALIBRATED = ("prune.wanda", "quant.gptq", "prune.sparsegpt", "quant.awq", "lowrank.asvd")
+EXPERTS = "model.layers.{}.mlp.experts"
+
+
+def _router(model: torch.nn.Module, layer: int) -> torch.nn.Module:
+    mlp = model.model.layers[layer].mlp
+    return mlp.router if hasattr(mlp, "router") else mlp.gate
+
+
+def _routing(model: torch.nn.Module, layer: int, run) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router's own view of what ``run()`` sends through ``layer``: its input tokens
+    (tokens, hidden) and the top-k expert indices it returns (tokens, k), over every call."""
+    inputs, indices = [], []
+
+    def seen(module, args, output):
+        inputs.append(args[0].detach().reshape(-1, args[0].shape[-1]))
+        indices.append(output[-1].detach().reshape(len(inputs[-1]), -1))
+
+    handle = _router(model, layer).register_forward_hook(seen)
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        handle.remove()
+    return torch.cat(inputs), torch.cat(indices)
+
+
+@pytest.fixture(scope="module")
+def moe(tiny, make_harness):
+    """``moe(architecture, unreached=None)``: a Harness (2 windows of 128 tokens, 2 calibration
+    windows) on the tiny model; with ``unreached``, GPT-OSS with that expert of every layer
+    biased out of its router's top-k, so calibration never reaches it. Built on first use."""
+    built = {}
+
+    def harness(arch: str, unreached: int | None = None):
+        if (arch, unreached) not in built:
+            model = build(arch, len(tiny.tokenizer))
+            if unreached is not None:  # GPT-OSS's router has a bias: -inf in all but name
+                for layer in model.model.layers:
+                    layer.mlp.router.bias.data[unreached] = -1e4
+            built[arch, unreached] = make_harness(
+                model, tiny.tokenizer, spec=f"{arch}-{unreached}", tokens=256, calibration_windows=2
+            )
+        return built[arch, unreached]
+
+    return harness
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_each_expert_sees_the_tokens_its_router_sends_it(tiny, arch):
+    """Up/gate inputs: exactly the router's input rows whose top-k holds the expert; down
+    inputs: what rebuilds the experts module's own output, routed weights applied."""
+    model = build(arch, len(tiny.tokenizer))
+    stacks = expert_stacks(model, "model.layers.1")
+    module = stacks[0].module
+    got: dict[tuple[str, int], torch.Tensor] = {}
+
+    def record(stack, expert, x):
+        got[stack.param, expert] = x.clone()
+
+    outputs = []
+    handles = routed_hooks(stacks, record)
+    handles.append(module.register_forward_hook(lambda m, a, out: outputs.append(out)))
+    ids = torch.randint(1, len(tiny.tokenizer), (2, 48), generator=torch.Generator().manual_seed(0))
+    try:
+        hidden, index = _routing(model, 1, lambda: model(ids))
+    finally:
+        for handle in handles:
+            handle.remove()
+    down = next(s for s in stacks if "down" in s.param)
+    up = next(s for s in stacks if s is not down)
+    weights = None
+    rebuilt = torch.zeros_like(hidden)
+    for expert in range(up.count):
+        rows = (index == expert).any(-1).nonzero().squeeze(1)
+        if not len(rows):
+            assert (up.param, expert) not in got
+            continue
+        assert torch.equal(got[up.param, expert], hidden[rows])
+        w = getattr(module, down.param)[expert]
+        y = got[down.param, expert] @ (w if down.transposed else w.t())
+        bias = getattr(module, f"{down.param}_bias", None)
+        y = y if bias is None else y + bias[expert]
+        weights = _router(model, 1)(hidden)[1] if weights is None else weights
+        share = weights[rows][index[rows] == expert].unsqueeze(1)
+        rebuilt.index_add_(0, rows, y * share)
+    assert torch.allclose(rebuilt, outputs[0].reshape(rebuilt.shape), atol=1e-5, rtol=1e-4)
+
+
+def test_coverage_counts_the_tokens_routed_to_each_expert(moe):
+    """details["calibration"]: per MoE module, the routed calibration tokens of its experts."""
+    h = moe("mixtral")
+    result = h.measure([("prune.wanda", {"sparsity": 0.5})])
+    for layer in (0, 1):
+        _, index = _routing(h.model, layer, lambda: _calibration_pass(h))
+        counts = [int((index == e).any(-1).sum()) for e in range(4)]
+        assert result.details["calibration"][EXPERTS.format(layer)] == {
+            "method": "prune.wanda",
+            "experts": 4,
+            "reached": sum(1 for n in counts if n),
+            "tokens_min": min(counts),
+            "tokens_median": statistics.median(counts),
+            "min_tokens": 16,
+            "fallback": [],
+            "fallback_method": "prune.magnitude",
+        }
+
+
+def _calibration_pass(h) -> None:
+    for batch in h.context.calibration_windows().split(8):
+        h.context.logits(batch)
+
+
+def _applied(h, name: str, params: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``name`` applied through a Patch: its details and each stack's effective weights."""
+    patch = Patch(h.model)
+    try:
+        apply(make(name, params), h.model, patch, h.context)
+        with torch.no_grad():
+            weights = {s.name: getattr(s.module, s.param).clone() for s in expert_stacks(h.model)}
+    finally:
+        patch.undo()
+    return patch.details, weights
+
+
+@pytest.mark.parametrize("name", CALIBRATED)
+def test_an_expert_calibration_never_reaches_falls_back_and_is_named(moe, name):
+    """GPT-OSS ((experts, in, out) layout) with expert 3 outside every top-k: each method
+    still measures, says expert 3 fell back and to what, and restores bit for bit."""
+    h = moe("gpt_oss", unreached=3)
+    before = snapshot(h.model)
+    result = h.measure([name])
+    assert_restored(h.model, before)
+    assert all(torch.isfinite(torch.tensor(v)) for v in result.metrics.values())
+    fallback = {
+        "quant.gptq": "quant.rtn",
+        "quant.awq": "quant.rtn",
+        "prune.wanda": "prune.magnitude",
+        "prune.sparsegpt": "prune.magnitude",
+        "lowrank.asvd": "lowrank.svd",
+    }[name]
+    for layer in (0, 1):
+        record = result.details["calibration"][EXPERTS.format(layer)]
+        assert (record["experts"], record["reached"], record["tokens_min"]) == (4, 3, 0)
+        assert (record["fallback"], record["fallback_method"]) == ([3], fallback)
+
+
+def test_gptq_falls_back_to_rtn_on_the_same_grid(moe):
+    """The unreached expert gets exactly quant.rtn at the same bits and group size; a reached
+    one gets GPTQ's compensated rounding, which differs."""
+    h = moe("gpt_oss", unreached=3)
+    params = {"bits": 3, "group_size": 32}
+    _, gptq = _applied(h, "quant.gptq", params)
+    _, rtn = _applied(h, "quant.rtn", params)
+    name = EXPERTS.format(0) + ".gate_up_proj"
+    assert torch.equal(gptq[name][3], rtn[name][3])
+    assert not torch.equal(gptq[name][0], rtn[name][0])
+
+
+@pytest.mark.parametrize("name", ["quant.gptq", "prune.wanda", "quant.awq", "lowrank.asvd"])
+def test_routed_calibration_changes_the_result_against_the_fallback(moe, name):
+    """Calibrated on its routed tokens, each expert is modified differently from its data-free
+    fallback (every expert falling back: ``min_expert_tokens`` above any count), and both
+    measure finite."""
+    h = moe("qwen3_moe")
+    routed = h.measure([(name, {})])
+    fallen = h.measure([(name, {"min_expert_tokens": 10**6})])
+    assert fallen.details["calibration"][EXPERTS.format(0)]["fallback"] == [0, 1, 2, 3]
+    assert routed.details["calibration"][EXPERTS.format(0)]["fallback"] == []
+    for result in (routed, fallen):
+        assert all(torch.isfinite(torch.tensor(v)) for v in result.metrics.values())
+    _, calibrated = _applied(h, name, {})
+    _, plain = _applied(h, name, {"min_expert_tokens": 10**6})
+    for stack in calibrated:
+        assert not torch.equal(calibrated[stack], plain[stack]), stack
+
+
+def test_a_later_stage_still_calibrates_experts_an_earlier_one_edited(moe):
+    """After a per-expert stage the experts are parametrized (parametrize subclasses them in
+    torch's module); a calibrated stage after it still finds and calibrates them."""
+    h = moe("mixtral")
+    result = h.measure(["prune.magnitude", ("quant.gptq", {"bits": 4})])
+    assert result.details["calibration"][EXPERTS.format(1)]["reached"] == 4
+    assert result.details["touched"]["share"] >= 0.95
