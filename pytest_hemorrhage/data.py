@@ -13,14 +13,23 @@ from .errors import HemorrhageError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BUNDLED_CORPUS", "Windows", "jsonl_records", "make_windows", "read_text"]
+__all__ = [
+    "BUNDLED_CORPUS",
+    "Windows",
+    "jsonl_records",
+    "leading_bos",
+    "make_windows",
+    "read_text",
+]
 
 BUNDLED_CORPUS = Path(__file__).parent / "assets" / "corpus" / "valid.txt"
 
 
 def read_text(path: str | Path | None) -> str:
     """The evaluation text from a ``.txt`` file, a ``.jsonl`` file (``text`` field) or a
-    directory of ``.txt`` files; the bundled held-out corpus when ``path`` is None.
+    directory of ``.txt`` files; the bundled held-out corpus when ``path`` is None. Records and
+    files are joined, a blank line between them, into one text that the windows are cut from
+    as llama.cpp's perplexity tool cuts its input file: a long window spans documents.
 
     A ``.jsonl`` file of conversations (``messages``, see :mod:`pytest_hemorrhage.chat`)
     gives its messages' contents, one conversation a paragraph: the text an encoder embeds
@@ -96,6 +105,7 @@ class Windows:
     roles: torch.Tensor | None = None  # (n_windows, seq_len) int8, chat data only
     markers: tuple[int, ...] = ()  # chat data: the template's end-of-turn token ids
     details: dict[str, Any] = field(default_factory=dict)
+    bos: int | None = None  # raw text: the token that leads every window (see make_windows)
 
     def calibration(self, count: int) -> torch.Tensor:
         """``count`` windows from the spare tokens, in order (deterministic, disjoint from eval)."""
@@ -107,21 +117,46 @@ class Windows:
                 f"{available} after the evaluation windows; lower --hemorrhage-tokens, ask for "
                 "fewer calibration windows, or give more --hemorrhage-data"
             )
-        return self.spare[: count * seq_len].reshape(count, seq_len)
+        windows = self.spare[: count * seq_len].reshape(count, seq_len)
+        if self.bos is not None:  # led like the evaluation windows
+            windows = windows.clone()
+            windows[:, 0] = self.bos
+        return windows
 
 
-def make_windows(tokenizer: Any, text: str, *, seq_len: int, tokens: int) -> Windows:
-    """Tokenize ``text`` and cut the first ``tokens`` tokens into windows of ``seq_len``."""
+def make_windows(
+    tokenizer: Any, text: str, *, seq_len: int, tokens: int, source: str | Path | None = None
+) -> Windows:
+    """Tokenize ``text`` as one stream and cut its first ``tokens`` tokens into windows of
+    ``seq_len``, as llama.cpp's perplexity tool does: where the tokenizer puts a BOS token
+    before a text (:func:`leading_bos`), it takes each window's first position, so every
+    window starts as the model saw its training sequences start. ``source`` (the
+    ``--hemorrhage-data`` path; None: the bundled corpus) names the text in errors."""
     import torch
 
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     ids = torch.tensor(ids, dtype=torch.long)
     if ids.numel() < seq_len:
+        where = f"--hemorrhage-data={source}" if source else "the evaluation text"
         raise HemorrhageError(
-            f"the data has {ids.numel()} tokens, fewer than one window of "
-            f"--hemorrhage-seq-len={seq_len}; give more data or a shorter seq-len"
+            f"{where} has {ids.numel():,} tokens, fewer than one window of "
+            f"--hemorrhage-seq-len={seq_len}; the longest window it makes is "
+            f"--hemorrhage-seq-len={ids.numel()}; give more text (its documents are joined "
+            "into one stream) or ask for a shorter window"
         )
     count = max(1, min(tokens, ids.numel()) // seq_len)
-    return Windows(
-        eval=ids[: count * seq_len].reshape(count, seq_len), spare=ids[count * seq_len :]
-    )
+    windows = ids[: count * seq_len].reshape(count, seq_len)
+    bos = leading_bos(tokenizer)
+    if bos is not None:
+        windows[:, 0] = bos
+    return Windows(eval=windows, spare=ids[count * seq_len :], bos=bos)
+
+
+def leading_bos(tokenizer: Any) -> int | None:
+    """The beginning-of-sequence token ``tokenizer`` puts before a text, or None when it puts
+    none (GPT-2 style tokenizers, the bundled model's)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True, verbose=False)["input_ids"]
+    return bos if ids and ids[0] == bos else None

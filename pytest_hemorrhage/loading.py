@@ -34,8 +34,10 @@ __all__ = [
     "MINILM_NAME",
     "LoadedModel",
     "Pooling",
+    "check_context",
     "check_spec",
     "load_model",
+    "model_context",
     "model_logits",
     "model_source",
     "quiet",
@@ -137,6 +139,57 @@ def check_spec(spec: str) -> None:
                 f"--hemorrhage-model={spec}: not in the local hub cache and HF_HUB_OFFLINE is "
                 "set; download it once with network access, or pass a local directory"
             )
+
+
+# Where each family's config declares how many positions the model takes: Llama and most
+# others, GPT-2, BLOOM-style and ChatGLM-style names.
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+# RoPE scalings whose factor stretches the original context (transformers' rope_type names);
+# llama3 and longrope configs already declare the stretched length as the context.
+_STRETCHING_ROPE = ("linear", "dynamic", "yarn")
+
+
+def model_context(config: Any) -> tuple[int, str] | None:
+    """The longest window ``config`` declares, and where it says so
+    (``max_position_embeddings=512``); None when it declares none.
+
+    A RoPE scaling already in the config (``rope_parameters``, or ``rope_scaling`` in older
+    transformers) of type linear, dynamic or yarn stretches the context to its
+    ``original_max_position_embeddings`` (default: the declared one) times its ``factor``, as
+    transformers' RoPE functions read it; where the config already declares the stretched
+    length (DeepSeek-V3, Llama 3.1), that stands."""
+    for key in _CONTEXT_KEYS:
+        declared = getattr(config, key, None)
+        if isinstance(declared, int) and not isinstance(declared, bool) and declared > 0:
+            break
+    else:
+        return None
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    rope = dict(rope) if isinstance(rope, dict) else {}
+    if rope and all(isinstance(v, dict) for v in rope.values()):  # per layer type (Gemma 3)
+        rope = dict(rope.get("full_attention") or {})
+    kind = rope.get("rope_type") or rope.get("type")
+    factor = rope.get("factor")
+    if kind in _STRETCHING_ROPE and isinstance(factor, (int, float)) and factor > 1:
+        stretched = int((rope.get("original_max_position_embeddings") or declared) * factor)
+        if stretched > declared:
+            return stretched, f"{key}={declared} with {kind} RoPE scaling x{factor:g}"
+    return declared, f"{key}={declared}"
+
+
+def check_context(config: Any, spec: str, seq_len: int, *, beyond_context: bool) -> None:
+    """Refuse a window longer than the context ``config`` declares (see :func:`model_context`)
+    unless ``beyond_context`` (``--hemorrhage-beyond-context``) asks for it."""
+    context = model_context(config)
+    if context is None or beyond_context or seq_len <= context[0]:
+        return
+    length, where = context
+    raise HemorrhageError(
+        f"--hemorrhage-seq-len={seq_len} is longer than the context of {spec}: {length:,} "
+        f"tokens ({where}); lower --hemorrhage-seq-len to {length} or less, or pass "
+        "--hemorrhage-beyond-context to score windows past it (to measure context extension, "
+        "context.rope_scaling, where the baseline was not trained)"
+    )
 
 
 def load_model(

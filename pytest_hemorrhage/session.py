@@ -100,9 +100,11 @@ class HemorrhageSession:
         if self._loaded is None:
             from .devices import parse_device_map
             from .loading import load_model
+            from .memory import check_window
 
             s = self.settings
             try:
+                check_window(s)  # the window against the context and the memory: no weight read
                 self._loaded = load_model(
                     s.model,
                     device=s.device,

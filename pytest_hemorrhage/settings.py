@@ -114,7 +114,20 @@ OPTIONS = [
         _choice("auto", "float32", "float16", "bfloat16"),
         "DTYPE",
     ),
-    Option("seq-len", "Tokens per evaluation window. Default: 128.", 128, _positive_int, "N"),
+    Option(
+        "seq-len",
+        "Tokens per evaluation window, up to the baseline's context. Default: 128.",
+        128,
+        _positive_int,
+        "N",
+    ),
+    Option(
+        "beyond-context",
+        "Allow windows (--hemorrhage-seq-len) longer than the baseline's context, to measure "
+        "context extension (context.rope_scaling) past it; the baseline itself is then scored "
+        "where it was not trained. Default: off (a longer window is a usage error).",
+        type=None,
+    ),
     Option(
         "tokens",
         "Evaluation budget in tokens (rounded down to whole windows). Default: 8192.",
@@ -265,6 +278,7 @@ class Settings:
     device_map: str | None
     dtype: str
     seq_len: int
+    beyond_context: bool
     tokens: int
     batch_size: int
     topk: int
