@@ -73,7 +73,7 @@ def main() -> None:
 
     # the masking alone: summarizing one measure's per-token stats, with and without the mask
     with assistant.modified(STAGE):
-        logits = torch.cat([lg for lg, _ in assistant.batches()])
+        logits = torch.cat([lg for lg, *_ in assistant.chunks()])
     reference = assistant.reference
     plain = token_stats(logits, reference)
     masked = assistant._marked(plain, reference)

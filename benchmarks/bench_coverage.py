@@ -90,7 +90,7 @@ def pool_stats(mods, seq_len: int, max_windows: int | None, cache: Path | None):
         reference = harness.reference
         with harness.modified([(name, params)]) as patch:
             parts, row = [], 0
-            for logits, targets in harness.batches(patch.logits_processors):
+            for logits, targets, *_ in harness.chunks(patch.logits_processors):
                 parts.append(token_stats(logits, reference.rows(row, row + len(targets))))
                 row += len(targets)
         stats = TokenStats.cat(parts)

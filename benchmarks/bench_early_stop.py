@@ -128,9 +128,9 @@ def main() -> None:
         with full.modified([(name, params)]) as patch:  # per-window stats for part 2
             parts = [
                 token_stats(logits, reference.rows(i * per_window, (i + len(logits)) * per_window))
-                for i, (logits, _) in zip(
+                for i, (logits, *_) in zip(
                     range(0, windows, full.batch_size),
-                    full.batches(patch.logits_processors),
+                    full.chunks(patch.logits_processors),
                     strict=True,
                 )
             ]

@@ -242,8 +242,8 @@ def size(folder: Path, verdicts: Targets, candidate_path: Path | None = None) ->
     candidate = load_candidate(str(candidate_path), device="cpu")
     sums = {"exact": 0.0, "topk": 0.0}
     tails = []
-    for (logits, targets), (q, _) in zip(
-        harness.batches(), harness.batches(model=candidate.model), strict=True
+    for (logits, targets, *_), (q, *_) in zip(
+        harness.chunks(), harness.chunks(model=candidate.model), strict=True
     ):
         logp = torch.log_softmax(logits.float(), -1).flatten(0, -2)
         for name, k in (("exact", harness.vocab), ("topk", topk)):

@@ -68,7 +68,7 @@ def phase(what: str, cache: Path, rounds: int) -> dict:
     h = _harness(cache)
     out = reference_figures(h)
     # a measure as a test runs it: with the fixture's end-of-test restore detection (checksums)
-    runs = {"forward": lambda: list(h.batches())} | {
+    runs = {"forward": lambda: list(h.chunks())} | {
         str(i): (lambda m=m: (h.measure([m]), h.check_pristine()))
         for i, m in enumerate(MODIFICATIONS)
     }

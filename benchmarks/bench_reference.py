@@ -56,8 +56,8 @@ def main() -> None:
 
     loaded = load_model("hemorrhage-tiny", device="cpu")
     h = Harness(loaded, Settings.defaults(model="hemorrhage-tiny", tokens=args.windows * 128))
-    base = [torch.log_softmax(lg.float(), -1).flatten(0, 1) for lg, _ in h.batches()]
-    targets = torch.cat([t for _, t in h.batches()])
+    base = [torch.log_softmax(lg.float(), -1).flatten(0, 1) for lg, *_ in h.chunks()]
+    targets = torch.cat([t for _, t, *_ in h.chunks()])
     base = torch.cat(base)
     vocab = base.shape[-1]
     modified = {}
@@ -66,7 +66,7 @@ def main() -> None:
             modified[(name, str(params))] = torch.cat(
                 [
                     torch.log_softmax(lg.float(), -1).flatten(0, 1)
-                    for lg, _ in h.batches(patch.logits_processors)
+                    for lg, *_ in h.chunks(patch.logits_processors)
                 ]
             )
     n = len(targets)

@@ -267,7 +267,7 @@ def forward_pass(harness: Any, windows: Any = None, model: Any = None) -> None:
     """One forward pass over ``windows`` (default: the evaluation windows) in the harness's own
     batches, inference mode, logits dropped batch by batch: a measure without its scoring.
     ``model`` runs them (default: the harness's, as modified now)."""
-    for _ in harness.batches(windows=windows, model=model):
+    for _ in harness.chunks(windows=windows, model=model):
         pass
 
 

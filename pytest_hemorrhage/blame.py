@@ -59,7 +59,7 @@ from torch.nn.utils import parametrize
 from .diagnosis import BEGIN_LEVEL, BEGIN_SHARE, BlockDrift, Diagnosis, severity
 from .errors import HemorrhageError
 from .loading import ENCODER, model_logits
-from .metrics import Result, TokenStats, summarize, token_stats
+from .metrics import LogitReads, Result, read_logits, score_reads, summarize
 from .modifications.registry import Patch, Target, blocks, is_linear
 
 if TYPE_CHECKING:
@@ -494,10 +494,11 @@ def _replay(
             for edit in change.edits:  # a captured parametrization transposes by itself
                 patch.parametrize(Target(change.name, change.module, False), edit)
         reference, parts, row = harness.reference, [], 0
-        for logits, targets in harness.batches(processors):
-            parts.append(token_stats(logits, reference.rows(row, row + len(targets))))
-            row += len(targets)
-        metrics, _ = summarize(TokenStats.cat(parts), reference)
+        for chunk in harness.chunks(processors):
+            rows = reference.rows(row, row + len(chunk.targets))
+            parts.append(read_logits(chunk.logits, rows, chunk.window, chunk.position))
+            row += len(chunk.targets)
+        metrics, _ = summarize(score_reads(LogitReads.cat(parts), reference), reference)
     return metrics["kl_mean"]
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from .embeddings import EMBEDDING_METRICS
 from .errors import HemorrhageError
-from .metrics import EXTRA_METRICS, METRICS, NO_STDERR
+from .metrics import EXTRA_METRICS, METRICS, NO_STDERR, position_range, token_metric
 from .stats import upper_bound
 
 if TYPE_CHECKING:
@@ -37,10 +37,15 @@ class Budget:
 
     @classmethod
     def parse(cls, kwargs: Mapping[str, Any], *, where: str) -> Budget:
-        """Validate marker-style keyword arguments; ``where`` names the test for errors."""
+        """Validate marker-style keyword arguments; ``where`` names the test for errors.
+
+        ``positions={"8192:": {"kl_mean": 0.05}}`` budgets token metrics over a range of
+        positions (Python's slice of the tokens of context a prediction had: ``"8192:"``,
+        ``":1024"``, ``"1024:8192"``); the result names them ``kl_mean[8192:]``, the form the
+        ini ``hemorrhage_budget`` takes too."""
         limits: dict[str, float] = {}
         confidence = None
-        for key, value in kwargs.items():
+        for key, value in _flat(kwargs, where):
             if key == "confidence":
                 if not _number(value) or not 0.5 <= value < 1:
                     raise HemorrhageError(
@@ -48,10 +53,16 @@ class Budget:
                         "[0.5, 1), e.g. confidence=0.95"
                     )
                 confidence = float(value)
-            elif key not in METRICS and key not in EXTRA_METRICS and key not in EMBEDDING_METRICS:
+            elif not token_metric(key) and key not in EXTRA_METRICS | EMBEDDING_METRICS.keys():
+                if key != position_range(key)[0]:  # a range of a metric without positions
+                    raise HemorrhageError(
+                        f"{where}: {key}: only token metrics are measured by position "
+                        f"({', '.join(METRICS)})"
+                    )
                 valid = ", ".join([*METRICS, *EXTRA_METRICS, *EMBEDDING_METRICS, *OPTIONS])
                 raise HemorrhageError(
-                    f"{where}: can't have {key!r} in the hemorrhage budget; valid keys: {valid}"
+                    f"{where}: can't have {key!r} in the hemorrhage budget; valid keys: "
+                    f"{valid}, positions"
                 )
             elif not _number(value) or value < 0 or math.isnan(value):
                 raise HemorrhageError(
@@ -71,7 +82,7 @@ class Budget:
 
     def _bounded(self, where: str) -> Budget:
         """Self, unless ``confidence`` asks for a bound on a metric that has none."""
-        unbounded = [m for m in self.limits if m in NO_STDERR]
+        unbounded = [m for m in self.limits if position_range(m)[0] in NO_STDERR]
         if self.confidence is not None and unbounded:
             metric = unbounded[0]
             raise HemorrhageError(
@@ -147,6 +158,39 @@ def parse_ini(text: str) -> Budget:
                 "e.g. hemorrhage_budget = ppl_increase=0.05 kl_mean=0.02"
             )
     return Budget.parse(kwargs, where="hemorrhage_budget")
+
+
+def _flat(kwargs: Mapping[str, Any], where: str) -> list[tuple[str, Any]]:
+    """The marker's keyword arguments with ``positions={range: {metric: limit}}`` spread into
+    ``metric[range]`` keys (checked here: a range is ``lo:hi`` in positions); a key that
+    already names a range (the ini's ``kl_mean[8192:]``) is checked the same way."""
+    flat: list[tuple[str, Any]] = []
+    example = 'positions={"8192:": {"kl_mean": 0.05}}'
+    for key, value in kwargs.items():
+        if key != "positions":
+            flat.append((key, value))
+            continue
+        if not isinstance(value, Mapping):
+            raise HemorrhageError(f"{where}: positions={value!r} must be a dict, e.g. {example}")
+        for span, limits in value.items():
+            if not isinstance(limits, Mapping):
+                raise HemorrhageError(
+                    f"{where}: positions[{span!r}]={limits!r} must be a dict of metric "
+                    f"limits, e.g. {example}"
+                )
+            flat += [(f"{metric}[{span}]", limit) for metric, limit in limits.items()]
+    for key, _ in flat:
+        if "[" not in key:
+            continue
+        metric, lo, hi = position_range(key)
+        if metric == key:
+            raise HemorrhageError(
+                f"{where}: {key!r}: a position range is lo:hi, lo: or :hi in whole numbers, "
+                f"e.g. {example}"
+            )
+        if hi is not None and hi <= lo:
+            raise HemorrhageError(f"{where}: {key!r}: the range {lo}:{hi} holds no position")
+    return flat
 
 
 def _number(value: Any) -> bool:

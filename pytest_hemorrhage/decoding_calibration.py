@@ -162,7 +162,7 @@ def _calibration_data(
 
     def forward(processors: Sequence[Any] = ()) -> torch.Tensor:
         return torch.cat(
-            [logits.float().flatten(0, -2) for logits, _ in harness.batches(processors, ids)]
+            [chunk.logits.float().flatten(0, -2) for chunk in harness.chunks(processors, ids)]
         )
 
     def reference() -> Reference:

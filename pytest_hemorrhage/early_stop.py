@@ -50,7 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
-from .metrics import METRICS
+from .metrics import position_range, token_metric
 from .stats import DEFAULT_LEVEL, lower_bound, upper_bound
 
 if TYPE_CHECKING:
@@ -112,16 +112,17 @@ def decide(
     level = 1 - alpha
     out: dict[str, str] = {}
     for metric, limit in budget.limits.items():
-        if metric not in METRICS:
+        if not token_metric(metric):
             continue  # computed on its own data, in full
+        if metric not in metrics:  # a position range no token of this look reached
+            out[metric] = "open"
+            continue
         value, se = metrics[metric], stderr.get(metric)
-        if metric == "ppl_increase":  # the same event on the scale its SE is honest on
-            value, se, limit = (
-                metrics["nll_increase"],
-                stderr.get("nll_increase"),
-                math.log1p(limit),
-            )
-        if metric == "kl_max":
+        base = position_range(metric)[0]
+        if base == "ppl_increase":  # the same event on the scale its SE is honest on
+            nll = _nll_key(metric)
+            value, se, limit = metrics[nll], stderr.get(nll), math.log1p(limit)
+        if base == "kl_max":
             out[metric] = "over" if value > limit else "open"
         elif se is None or not math.isfinite(se) or not math.isfinite(value):
             out[metric] = "open"
@@ -146,6 +147,11 @@ def take_windows(reference: Reference, windows: torch.Tensor, per_window: int) -
             for f in fields(reference)
         }
     )
+
+
+def _nll_key(key: str) -> str:
+    """``ppl_increase`` (of a position range, or not) -> the same range's ``nll_increase``."""
+    return "nll_increase" + key.removeprefix("ppl_increase")
 
 
 @dataclass
@@ -177,7 +183,7 @@ class EarlyStop:
         self.order = torch.randperm(self.windows, generator=generator)
         confidence = (self.budget.confidence if self.budget else None) or DEFAULT_LEVEL
         self.alpha = 1 - confidence
-        self.budgeted = self.budget is not None and any(m in METRICS for m in self.budget.limits)
+        self.budgeted = self.budget is not None and any(map(token_metric, self.budget.limits))
         schedule = look_schedule(self.windows) if self.budgeted else []
         self.looks = [n for n, _ in schedule]
         self.shares = [share for _, share in schedule]
@@ -198,12 +204,15 @@ class EarlyStop:
         n = self.looks[look]
         # as the full evaluation counts them: over the scored tokens (chat data: a mask)
         if int((~scored_tokens(stats, reference)[0].finite).sum()):
-            self.verdicts = {m: "over" for m in self.budget.limits if m in METRICS}
+            self.verdicts = {m: "over" for m in self.budget.limits if token_metric(m)}
             self.reason = f"non-finite outputs after {n} windows: the verdict is failed"
             self.stopped_at = n
             return True
         alpha = self.spend(look)
-        metrics, stderr = summarize(stats, reference, level=1 - alpha)
+        # the position-restricted metrics budgeted (ppl_increase's decided on nll_increase)
+        within = [k for k in self.budget.limits if token_metric(k) and k != position_range(k)[0]]
+        within += [_nll_key(k) for k in within if position_range(k)[0] == "ppl_increase"]
+        metrics, stderr = summarize(stats, reference, level=1 - alpha, within=within)
         self.verdicts = decide(self.budget, metrics, stderr, alpha)
         if "open" in self.verdicts.values():
             return False

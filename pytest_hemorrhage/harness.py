@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -37,12 +37,15 @@ from .embeddings import (
 )
 from .errors import HemorrhageError, first_line
 from .extras import providers
+from .forward import chunk_rows, head_chunks, split_forward
 from .loading import ENCODER, model_logits
 from .metrics import (
     DEFAULT_LEVEL,
     LogitReads,
     Result,
     TokenStats,
+    by_position,
+    position_range,
     read_logits,
     score_reads,
     scored_tokens,
@@ -63,6 +66,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ENCODER_BATCH",
     "RESTORE_COPY_BYTES",
+    "Chunk",
     "Harness",
     "HarnessContext",
     "Stages",
@@ -72,11 +76,26 @@ __all__ = [
 # Models up to this size keep a host copy of their weights to restore a write made outside
 # modified(); larger ones are reloaded from their spec instead (no host memory held).
 RESTORE_COPY_BYTES = 1 << 30
+# Rows per Reference.from_logprobs call while the reference is built (its top-K storage sorts
+# each row's tail in float64: 32 bytes per logit for the rows in hand).
+_REFERENCE_ROWS = 128
 # Texts per forward pass of an encoder (unless --hemorrhage-batch-size says otherwise).
 ENCODER_BATCH = 64
 
 # What measure()/modified() accept: a name, a config, or a sequence of (name, params) / configs.
 Stages = str | Modification | Sequence[Any]
+
+
+class Chunk(NamedTuple):
+    """Logits of scored positions, (windows, positions, vocab), and their targets,
+    flattened: windows ``window``, ``window + 1``, ... of those scored (indices into them),
+    positions ``position``, ``position + 1``, ... of each (a position counts the tokens of
+    context its prediction had, 1 to the window's length - 1)."""
+
+    logits: torch.Tensor
+    targets: torch.Tensor
+    window: int
+    position: int
 
 
 class HarnessContext:
@@ -245,40 +264,71 @@ class Harness:
         return encode(self.model, self.texts.batches, self.loaded.pooling, self.device)
 
     def _compute_reference(self) -> Reference:
-        parts = []
-        for logits, targets in self.batches():
-            logp = torch.log_softmax(logits.float(), -1).flatten(0, -2)
-            parts.append(Reference.from_logprobs(logp.cpu(), targets.cpu(), self.topk))
-            del logits, logp  # freed before the next batch's forward pass (see batches)
+        parts, row = [], 0
+        for chunk in self.chunks():
+            logp = torch.log_softmax(chunk.logits.float(), -1).flatten(0, -2)
+            targets = chunk.targets.cpu()
+            # a hundred rows at a time: the top-K storage sorts each row's tail in float64;
+            # each block's tail draws seeded by its first row
+            for start in range(0, len(logp), _REFERENCE_ROWS):
+                rows = slice(start, start + _REFERENCE_ROWS)
+                parts.append(
+                    Reference.from_logprobs(
+                        logp[rows].cpu(), targets[rows], self.topk, seed=row + start
+                    )
+                )
+            row += len(logp)
+            del chunk, logp  # freed before the next chunk (see chunks)
         return Reference.cat(parts)
 
-    def batches(
+    def chunks(
         self,
         processors: Sequence[LogitsProcessor] = (),
         windows: torch.Tensor | None = None,
         model: Any = None,
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Per batch of ``windows`` (default: the evaluation windows), after ``processors``:
-        the logits of the scored positions, (windows, positions, vocab), a view of the model's
-        output (not copied to flatten it), and their targets, flattened. ``model`` runs them
-        (default: the baseline, as modified now), on its own device."""
+    ) -> Iterator[Chunk]:
+        """The logits of ``windows`` (default: the evaluation windows) after ``processors``, a
+        chunk of scored positions at a time, in row-major order (see :class:`Chunk`). ``model``
+        runs them (default: the baseline, as modified now), on its own device.
+
+        A transformers model runs its body once per batch and its head once per chunk
+        (:mod:`pytest_hemorrhage.forward`): one chunk of logits is alive at a time, whatever
+        the window's length, with a consumer that drops its own reference before the next
+        (as measure() does). Other models give a batch's logits whole, one chunk."""
         windows = self.windows.eval if windows is None else windows
         model = self.model if model is None else model
         device = self.device if model is self.model else _device(model)
+        rows = chunk_rows(self.vocab or 1)
         for i in range(0, len(windows), self.batch_size):
             ids = windows[i : i + self.batch_size].to(device)
             with torch.inference_mode():
-                logits = model_logits(model, ids)
-                # processors see the whole window (T = L): the model's output is contiguous
-                # there, so a processor that flattens its rows reads a view instead of copying
-                # every logit (the last position, scored by nothing, is dropped after; each
-                # position's processed logits are the same either way)
-                for process in processors:
-                    logits = process(ids, logits)
-            yield logits[:, :-1], ids[:, 1:].reshape(-1)
-            # not held through the next batch's forward pass: with a consumer that drops its
-            # own reference too (as measure() does), one batch of logits is alive at a time
-            del logits
+                split = split_forward(model, ids)
+            if split is None:
+                yield self._whole(model, ids, processors, i)
+                continue
+            for at, span in head_chunks(len(ids), ids.shape[1] - 1, rows):
+                with torch.inference_mode():
+                    logits = split.head(split.hidden[at, span])
+                    for process in processors:  # each position sees the ids up to it
+                        logits = process(ids[at, : span.stop], logits)
+                targets = ids[at, span.start + 1 : span.stop + 1].reshape(-1)
+                yield Chunk(logits, targets, i + at.start, span.start + 1)
+                del logits  # not held through the next chunk (see above)
+            del split
+
+    def _whole(
+        self, model: Any, ids: torch.Tensor, processors: Sequence[LogitsProcessor], first: int
+    ) -> Chunk:
+        """One batch's logits from one forward pass, as one chunk."""
+        with torch.inference_mode():
+            logits = model_logits(model, ids)
+            # processors see the whole window (T = L): the model's output is contiguous
+            # there, so a processor that flattens its rows reads a view instead of copying
+            # every logit (the last position, scored by nothing, is dropped after; each
+            # position's processed logits are the same either way)
+            for process in processors:
+                logits = process(ids, logits)
+        return Chunk(logits[:, :-1], ids[:, 1:].reshape(-1), first, 1)
 
     @contextmanager
     def modified(self, stages: Stages) -> Iterator[Patch]:
@@ -541,15 +591,18 @@ class Harness:
             scored_windows = stop.order[: stop.stopped_at or stop.windows].sort().values
         else:
             parts, row = [], 0
-            for logits, targets in self.batches(patch.logits_processors, model=model):
-                parts.append(read_logits(logits, reference.rows(row, row + len(targets))))
-                row += len(targets)
-                del logits  # freed before the next batch's forward pass (see batches)
-            # the per-token measures once over every batch: one pass of each small operation
-            # per measure, not per batch (the same bits; see metrics.score_reads)
+            for chunk in self.chunks(patch.logits_processors, model=model):
+                rows = reference.rows(row, row + len(chunk.targets))
+                parts.append(read_logits(chunk.logits, rows, chunk.window, chunk.position))
+                row += len(chunk.targets)
+                del chunk  # freed before the next chunk (see chunks)
+            # the per-token measures once over every chunk: one pass of each small operation
+            # per measure, not per chunk (the same bits; see metrics.score_reads)
             stats = self._marked(score_reads(LogitReads.cat(parts), reference), reference)
             scored_windows = torch.arange(len(self.windows.eval))
-        metrics, stderr = summarize(stats, reference, self.level)
+        within = self._within(budget)
+        metrics, stderr = summarize(stats, reference, self.level, within)
+        positions = by_position(stats, reference, self.windows.eval.shape[1], self.level)
         details = {} if stop is None else {"early_stop": stop.details(stats.nll.numel())}
         details.update(self._coverage(stats, scored_windows))
         # chat data: the tokens counted (the assistant's) and their baseline log-probs
@@ -565,7 +618,25 @@ class Harness:
             details=details,
             configs=list(configs),
             level=self.level,
+            positions=positions,
         )
+
+    def _within(self, budget: Budget | None) -> list[str]:
+        """The position-restricted metrics ``budget`` names (``"kl_mean[8192:]"``), each
+        checked against the window: a range no scored position reaches is a usage error."""
+        if budget is None:
+            return []
+        within = [key for key in budget.limits if position_range(key)[1:] != (1, None)]
+        length = self.windows.eval.shape[1]
+        for key in within:
+            _, lo, hi = position_range(key)
+            if lo >= length or (hi is not None and hi <= lo):
+                raise HemorrhageError(
+                    f"{key}: positions {lo}:{'' if hi is None else hi} hold no token of the "
+                    f"windows of {length} tokens (positions 1 to {length - 1}); budget a "
+                    f"range inside them, or raise --hemorrhage-seq-len above {lo}"
+                )
+        return within
 
     def _marked(
         self, stats: TokenStats, rows: Reference, windows: torch.Tensor | None = None
@@ -613,14 +684,13 @@ class Harness:
         stop = EarlyStop(budget, len(windows), per_window, self.settings.seed)
 
         def score(chosen: torch.Tensor) -> list[TokenStats]:
-            parts, done = [], 0
-            for logits, _ in self.batches(
-                patch.logits_processors, windows=windows[chosen], model=model
-            ):
-                rows = take_windows(reference, chosen[done : done + len(logits)], per_window)
-                parts.append(read_logits(logits, rows))
-                done += len(logits)
-                del logits  # freed before the next batch's forward pass (see batches)
+            parts = []
+            for chunk in self.chunks(patch.logits_processors, windows=windows[chosen], model=model):
+                at = chosen[chunk.window : chunk.window + len(chunk.logits)]
+                positions = torch.arange(chunk.logits.shape[1]) + chunk.position - 1
+                rows = reference.take((at[:, None] * per_window + positions).reshape(-1))
+                parts.append(read_logits(chunk.logits, rows, chunk.window, chunk.position))
+                del chunk  # freed before the next chunk (see chunks)
             if not parts:
                 return []
             # per look, the per-token measures once over its batches (see _evaluate)

@@ -14,6 +14,7 @@ statistics (standard errors, quantiles, bounds) live in :mod:`pytest_hemorrhage.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .stats import DEFAULT_LEVEL, mean_se, normal_quantile, quantile_se
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterable, Iterator
 
     import torch
 
@@ -37,6 +38,10 @@ __all__ = [
     "Result",
     "TokenStats",
     "NO_STDERR",
+    "by_position",
+    "position_buckets",
+    "position_range",
+    "token_metric",
     "jsonable",
     "mean_se",
     "quantile_se",
@@ -91,6 +96,8 @@ class TokenStats:
     token), the others being context only: a mask over the same forward passes.
     ``special`` marks the tokens whose baseline top-1 is a marker, where
     ``special_top1_flip`` is measured (None: not known, and not measured).
+    ``position`` is each token's position in its window, 1 to the window's length - 1: the
+    number of tokens of context its prediction had (None: tokens that are not in windows).
     """
 
     kl: torch.Tensor
@@ -101,6 +108,7 @@ class TokenStats:
     window: torch.Tensor
     scored: torch.Tensor | None = None
     special: torch.Tensor | None = None
+    position: torch.Tensor | None = None
 
     def take(self, index: torch.Tensor) -> TokenStats:
         """The tokens at ``index`` (a bool mask or positions), every per-token field with
@@ -127,7 +135,7 @@ class TokenStats:
                 f: None
                 if getattr(parts[0], f) is None
                 else torch.cat([getattr(p, f) for p in parts])
-                for f in ("scored", "special")
+                for f in ("scored", "special", "position")
             },
         )
 
@@ -158,8 +166,9 @@ class LogitReads:
     ``logq`` holds the modified log-probs of the target, of the baseline's top-1 and, for
     top-K storage, of the baseline's top-K and tail-sample tokens, in that column order;
     ``best`` the largest modified log-prob. Exact storage reads its KL (and the rows whose KL
-    is skew-smoothed, ``cut``) in the full-vocabulary pass already. ``window`` numbers the
-    tokens' windows as in :class:`TokenStats`.
+    is skew-smoothed, ``cut``) in the full-vocabulary pass already. ``window`` and
+    ``position`` label the tokens as in :class:`TokenStats`; the caller numbers the windows
+    (a window scored in several chunks of positions is one sampling unit).
     """
 
     logq: torch.Tensor
@@ -167,25 +176,30 @@ class LogitReads:
     window: torch.Tensor
     kl: torch.Tensor | None = None
     cut: torch.Tensor | None = None
+    position: torch.Tensor | None = None
 
     @staticmethod
     def cat(parts: list[LogitReads]) -> LogitReads:
-        """The parts in order; each part's windows are numbered after the previous parts'."""
+        """The parts in order, their labels as they are."""
         import torch
 
-        exact = parts[0].kl is not None
-        return LogitReads(
-            logq=torch.cat([p.logq for p in parts]),
-            best=torch.cat([p.best for p in parts]),
-            window=_numbered_on([p.window for p in parts]),
-            kl=torch.cat([p.kl for p in parts]) if exact else None,
-            cut=torch.cat([p.cut for p in parts]) if exact else None,
-        )
+        def joined(name: str) -> torch.Tensor | None:
+            if getattr(parts[0], name) is None:
+                return None
+            return torch.cat([getattr(p, name) for p in parts])
+
+        return LogitReads(**{f.name: joined(f.name) for f in fields(LogitReads)})
 
 
-def read_logits(logits: torch.Tensor, ref: Reference) -> LogitReads:
-    """The full-vocabulary pass of :func:`token_stats` over one batch of ``logits``, against
-    the reference rows ``ref`` of its tokens: what the per-token measures need from it."""
+def read_logits(
+    logits: torch.Tensor, ref: Reference, window: int = 0, position: int = 1
+) -> LogitReads:
+    """The full-vocabulary pass of :func:`token_stats` over one chunk of ``logits``, against
+    the reference rows ``ref`` of its tokens: what the per-token measures need from it.
+
+    Logits (windows, positions, vocab) are labelled with their windows, numbered from
+    ``window``, and their positions, from ``position``; each row of (tokens, vocab) logits is
+    a window of its own, without a position."""
     import torch
 
     device = logits.device
@@ -214,7 +228,8 @@ def read_logits(logits: torch.Tensor, ref: Reference) -> LogitReads:
         best.append(logq.amax(-1))
         if exact:
             versus.append(torch.linalg.vecdot(p[span], logq))
-    reads = LogitReads(torch.cat(picked), torch.cat(best), _windows(logits.shape))
+    labels, positions = _labels(logits.shape, window, position)
+    reads = LogitReads(torch.cat(picked), torch.cat(best), labels, position=positions)
     if exact:
         kl = ref.neg_entropy.to(device) - torch.cat(versus)
         # a -inf logit where the baseline has mass (NaN rows are non-finite, not cut)
@@ -284,6 +299,7 @@ def score_reads(reads: LogitReads, ref: Reference) -> TokenStats:
         p_target=target_logq.exp().cpu(),
         finite=finite.cpu(),
         window=reads.window,
+        position=reads.position,
     )
 
 
@@ -299,13 +315,20 @@ def _numbered_on(windows: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(shifted)
 
 
-def _windows(shape: torch.Size) -> torch.Tensor:
-    """The window number of each token of (windows, ..., vocab) logits, or one per row."""
+def _labels(
+    shape: torch.Size, window: int, position: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The window of each token of (windows, positions, vocab) logits, numbered from
+    ``window``, and its position, from ``position``; of (tokens, vocab) logits, a window per
+    row and no position."""
     import torch
 
     if len(shape) < 3:
-        return torch.arange(math.prod(shape[:-1]))
-    return torch.arange(shape[0]).repeat_interleave(math.prod(shape[1:-1]))
+        return torch.arange(window, window + shape[0]), None
+    windows, positions = shape[0], math.prod(shape[1:-1])
+    labels = torch.arange(window, window + windows).repeat_interleave(positions)
+    at = torch.arange(position, position + positions, dtype=torch.int32).repeat(windows)
+    return labels, at
 
 
 _CHUNK = 1 << 16  # elements per chunk of logits
@@ -366,14 +389,98 @@ def _tail_kl(
 
 
 def summarize(
-    stats: TokenStats, ref: Reference, level: float = DEFAULT_LEVEL
+    stats: TokenStats, ref: Reference, level: float = DEFAULT_LEVEL, within: Iterable[str] = ()
 ) -> tuple[dict[str, float], dict[str, float | None]]:
     """Aggregate per-token measures into the metrics and their window-level standard errors,
     calibrated for one-sided bounds at ``level`` (95% unless told; see :func:`mean_se`).
 
     Over the tokens ``stats.scored`` marks (all without it); ``special_top1_flip`` where
-    ``stats.special`` marks any of them (else it is not measured, and left out)."""
+    ``stats.special`` marks any of them (else it is not measured, and left out). ``within``
+    names position-restricted metrics (``"kl_mean[8192:]"``, see :func:`position_range`):
+    each is its metric over the tokens at those positions, with the same standard error
+    (windows are still the sampling units), under its own name."""
     stats, base_logp = scored_tokens(stats, ref)
+    metrics, stderr = _summary(stats, base_logp, level)
+    ranges: dict[tuple[int, int | None], list[str]] = {}
+    for key in within:
+        metric, lo, hi = position_range(key)
+        ranges.setdefault((lo, hi), []).append(key)
+    for (lo, hi), keys in ranges.items():
+        at = _at_positions(stats, lo, hi)
+        part, part_se = _summary(stats.take(at), base_logp[at], level)
+        for key in keys:
+            metric = position_range(key)[0]
+            # no token there (an empty range): not measured, as a budget will say
+            if metric in part and at.any():
+                metrics[key], stderr[key] = part[metric], part_se[metric]
+    return metrics, stderr
+
+
+def by_position(
+    stats: TokenStats, ref: Reference, length: int, level: float = DEFAULT_LEVEL
+) -> list[dict[str, Any]]:
+    """Every metric of :func:`summarize` per position bucket of windows of ``length`` tokens
+    (:func:`position_buckets`), with its standard error: where along the context the damage
+    is. Empty for tokens without positions."""
+    if stats.position is None:
+        return []
+    stats, base_logp = scored_tokens(stats, ref)
+    buckets = []
+    for lo, hi in position_buckets(length):
+        at = _at_positions(stats, lo, hi)
+        if not at.any():
+            continue
+        metrics, stderr = _summary(stats.take(at), base_logp[at], level)
+        buckets.append(
+            {"positions": [lo, hi], "tokens": int(at.sum()), "metrics": metrics, "stderr": stderr}
+        )
+    return buckets
+
+
+def position_buckets(length: int) -> list[tuple[int, int]]:
+    """Log-spaced ranges ``[lo, hi)`` of the positions of windows of ``length`` tokens (1 to
+    ``length - 1``, the tokens of context a prediction had): 1-15, 16-63, 64-255, ...,
+    growing 4x, the last one ending at the window's end."""
+    edges, edge = [1], 16
+    while edge < length:
+        edges.append(edge)
+        edge *= 4
+    edges.append(length)
+    return list(zip(edges, edges[1:], strict=False))
+
+
+def position_range(key: str) -> tuple[str, int, int | None]:
+    """``"kl_mean[8192:]"`` -> ``("kl_mean", 8192, None)``: a metric restricted to positions
+    ``lo <= position < hi`` (Python's slice, hi open when left out); a plain metric name ->
+    ``(name, 1, None)``, every position."""
+    match = _RANGE.fullmatch(key)
+    if match is None:
+        return key, 1, None
+    metric, lo, hi = match.groups()
+    return metric, int(lo or 1), int(hi) if hi else None
+
+
+_RANGE = re.compile(r"(\w+)\[(\d*):(\d*)\]")
+
+
+def token_metric(key: str) -> bool:
+    """Whether ``key`` is a metric of the tokens (:data:`METRICS`), of every position or of
+    a range of them."""
+    return position_range(key)[0] in METRICS
+
+
+def _at_positions(stats: TokenStats, lo: int, hi: int | None) -> torch.Tensor:
+    """Which tokens of ``stats`` sit at positions ``lo <= position < hi``."""
+    if stats.position is None:
+        raise ValueError("tokens without positions")  # the harness always labels them
+    at = stats.position >= lo
+    return at if hi is None else at & (stats.position < hi)
+
+
+def _summary(
+    stats: TokenStats, base_logp: torch.Tensor, level: float
+) -> tuple[dict[str, float], dict[str, float | None]]:
+    """:func:`summarize` of tokens already selected, against their baseline log-probs."""
     unit = stats.window
     d = stats.nll.double() - (-base_logp).double()
     nll_increase, nll_se = mean_se(d, unit, level)
@@ -386,7 +493,7 @@ def summarize(
         "nll_increase": (nll_increase, nll_se),
         "kl_mean": mean_se(stats.kl, unit, level),
         "kl_p99": quantile_se(stats.kl, 0.99, unit, level),
-        "kl_max": (stats.kl.max().item(), None),
+        "kl_max": (stats.kl.max().item() if stats.kl.numel() else math.nan, None),
         "top1_disagreement": mean_se(stats.disagree, unit, level),
         "delta_p_mean": mean_se(base_logp.exp().double() - stats.p_target.double(), unit, level),
     }
@@ -411,7 +518,9 @@ class Result:
 
     ``stages`` holds the cumulative measurement after each stage of a composition. ``level``
     is the one-sided level the standard errors are calibrated at (``summarize``'s): the
-    budget's ``confidence`` when the measure had one, else 0.95.
+    budget's ``confidence`` when the measure had one, else 0.95. ``metrics`` holds the
+    position-restricted metrics a budget names too (``"kl_mean[8192:]"``); ``positions``
+    every metric per position bucket.
     """
 
     modification: str
@@ -426,6 +535,8 @@ class Result:
     details: dict[str, Any] = field(default_factory=dict)
     configs: list[Any] = field(default_factory=list, repr=False)  # to re-apply (diagnostics)
     level: float = DEFAULT_LEVEL
+    # the metrics per position bucket (metrics.by_position): where along the window damage is
+    positions: list[dict[str, Any]] = field(default_factory=list)
 
     def violations(self, budget: BudgetCheck) -> list[str]:
         """One line per metric over ``budget``; empty when within it."""
@@ -444,6 +555,7 @@ class Result:
             "nonfinite_tokens": self.nonfinite,
             "stages": [s.to_dict() for s in self.stages],
             "details": self.details,
+            "positions": self.positions,
         }
 
 

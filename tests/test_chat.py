@@ -128,7 +128,7 @@ def test_assistant_only_scoring_masks_the_same_passes(tiny, chat):
     mask = (chat.windows.roles[:, 1:] == ASSISTANT).reshape(-1)
     ref = chat.reference
     with chat.modified(stage):
-        logits = torch.cat([lg for lg, _ in chat.batches()])
+        logits = torch.cat([lg for lg, *_ in chat.chunks()])
     stats = token_stats(logits, ref)
     assert result.tokens == int(mask.sum()) == result.details["scored"]["assistant"]
     assert set(result.details["scored"]) == {"assistant"}
@@ -154,7 +154,7 @@ def test_special_top1_flip_is_the_disagreement_where_the_baseline_predicts_a_mar
     newline = chat.loaded.tokenizer.convert_tokens_to_ids("Ċ")
     at = mask & (ref.top1 == newline)
     with chat.modified(stage):
-        stats = token_stats(torch.cat([lg for lg, _ in chat.batches()]), ref)
+        stats = token_stats(torch.cat([lg for lg, *_ in chat.chunks()]), ref)
     flips = stats.disagree[at].double().mean().item()
     assert result.details["special"]["positions"] == int(at.sum()) > 0
     assert result.details["special"]["markers"] == ["<|endoftext|>", "Ċ"]

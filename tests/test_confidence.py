@@ -46,7 +46,7 @@ def test_token_metrics_count_windows_as_the_independent_draws(harness):
     r = harness.measure(MODIFICATION)
     reference, parts, row = harness.reference, [], 0
     with harness.modified(MODIFICATION) as patch:
-        for logits, targets in harness.batches(patch.logits_processors):
+        for logits, targets, *_ in harness.chunks(patch.logits_processors):
             parts.append(token_stats(logits, reference.rows(row, row + len(targets))))
             row += len(targets)
     stats = TokenStats.cat(parts)

@@ -99,18 +99,18 @@ def test_no_logits_alive_during_the_next_forward_pass(tiny, make_harness, stages
     harness = make_harness(tiny, tokens=8 * 128, batch_size=2, early_stop=early_stop)
     handed = []  # weak references to the memory of every batch of logits measure() scored
     alive_at_forward = []
-    batches = harness.batches
+    chunks = harness.chunks
 
     def watched(*args, **kwargs):
-        for logits, targets in batches(*args, **kwargs):
-            handed.append(StorageWeakRef(logits.untyped_storage()))
-            yield logits, targets
-            del logits  # this wrapper must not hold them either
+        for chunk in chunks(*args, **kwargs):
+            handed.append(StorageWeakRef(chunk.logits.untyped_storage()))
+            yield chunk
+            del chunk  # this wrapper must not hold them either
 
     def count_alive(module, args):
         alive_at_forward.append(sum(not ref.expired() for ref in handed))
 
-    harness.batches = watched
+    harness.chunks = watched
     hook = harness.model.register_forward_pre_hook(count_alive)
     try:
         harness.measure(stages, budget=Budget({"kl_mean": 1e9}) if early_stop else None)

@@ -201,13 +201,13 @@ FIELDS = ("kl", "nll", "disagree", "p_target", "finite", "window")
     ("topk", "tail_samples"), [(None, 0), (50, 0), (50, 8)], ids=["exact", "topk", "topk+tail"]
 )
 def test_scoring_once_equals_scoring_batch_by_batch(harness, topk, tail_samples):
-    base = torch.cat([logits.clone() for logits, _ in harness.batches()])
-    targets = torch.cat([t for _, t in harness.batches()])
+    base = torch.cat([logits.clone() for logits, *_ in harness.chunks()])
+    targets = torch.cat([t for _, t, *_ in harness.chunks()])
     vocab = base.shape[-1]
     logp = torch.log_softmax(base, -1).flatten(0, 1)
     ref = Reference.from_logprobs(logp, targets, topk or vocab, tail_samples=tail_samples)
     with harness.modified([("quant.rtn", {"bits": 3})]):
-        modified = torch.cat([logits.clone() for logits, _ in harness.batches()])
+        modified = torch.cat([logits.clone() for logits, *_ in harness.chunks()])
     # truncated rows (skew-smoothed), a NaN row and a row with no finite logit (non-finite),
     # an unmodified window; scored in batches of 3, 7 and the rest of the windows
     modified[0, 5, : vocab // 2] = float("-inf")
@@ -215,12 +215,13 @@ def test_scoring_once_equals_scoring_batch_by_batch(harness, topk, tail_samples)
     modified[5, 9] = float("-inf")
     modified[-1] = base[-1]
     modified = [modified[:3], modified[3:10], modified[10:]]
-    parts, reads, row = [], [], 0
+    parts, reads, row, window = [], [], 0, 0
     for logits in modified:
         rows = ref.rows(row, row + logits.shape[0] * logits.shape[1])
         row += logits.shape[0] * logits.shape[1]
         parts.append(token_stats(logits, rows))
-        reads.append(read_logits(logits, rows))
+        reads.append(read_logits(logits, rows, window))  # the caller numbers the windows
+        window += len(logits)
     by_batch = TokenStats.cat(parts)
     once = score_reads(LogitReads.cat(reads), ref)
     for field in FIELDS:

@@ -28,7 +28,7 @@ def pool(tiny, make_harness):
     harness = make_harness(tiny, data=str(train), seq_len=32, tokens=512 * 32)
     reference, parts, row = harness.reference, [], 0
     with harness.modified([("quant.rtn", {"bits": 3})]) as patch:
-        for logits, targets in harness.batches(patch.logits_processors):
+        for logits, targets, *_ in harness.chunks(patch.logits_processors):
             parts.append(token_stats(logits, reference.rows(row, row + len(targets))))
             row += len(targets)
     return TokenStats.cat(parts), reference
