@@ -27,6 +27,7 @@ __all__ = [
     "REFERENCE_BYTES_PER_TOKEN",
     "RUNTIME_BYTES",
     "Estimate",
+    "attention_of",
     "available_bytes",
     "check_window",
     "estimate_measure",
@@ -102,6 +103,7 @@ def _widths(config: Any) -> dict[str, int]:
     intermediate = _int(
         config, "moe_intermediate_size", "intermediate_size", "n_inner", "ffn_dim"
     ) or (4 * hidden)
+    experts = _int(config, "num_local_experts", "num_experts", "n_routed_experts", default=1)
     return {
         "vocab": _int(config, "vocab_size", default=1),
         "hidden": hidden,
@@ -110,7 +112,9 @@ def _widths(config: Any) -> dict[str, int]:
         "kv_heads": _int(config, "num_key_value_heads", "num_kv_heads", default=heads),
         "head_dim": head_dim,
         "intermediate": intermediate,
-        "experts": _int(config, "num_local_experts", "num_experts", "n_routed_experts", default=1),
+        "experts": experts,
+        # the experts each token passes through, whose intermediates exist at once
+        "active_experts": min(experts, _int(config, "num_experts_per_tok", default=experts)),
         "mlps": 2 if getattr(config, "model_type", "") in _UNGATED else 3,
     }
 
@@ -160,12 +164,14 @@ def estimate_measure(
         3 * w["hidden"]
         + 2 * w["head_dim"] * (w["heads"] + 2 * w["kv_heads"])
         + w["heads"] * w["head_dim"]
-        + 4 * w["intermediate"] * w["experts"]
+        + 4 * w["intermediate"] * w["active_experts"]
         + 2 * w["layers"] * w["kv_heads"] * w["head_dim"]
     ) * dtype_bytes
     activations = batch_size * seq_len * per_token
-    if getattr(config, "_attn_implementation", None) == "eager":
+    if attention_of(config) == "eager":
         activations += batch_size * w["heads"] * seq_len * seq_len * (2 * dtype_bytes + 4)
+    elif _sliding_window(config) < seq_len:  # SDPA is handed a window x window boolean mask
+        activations += batch_size * seq_len * seq_len
     return Estimate(
         weights=weights,
         activations=activations,
@@ -174,6 +180,28 @@ def estimate_measure(
         restore_copy=weights if weights <= restore_copy_limit else 0,
         batch_size=batch_size,
     )
+
+
+def attention_of(config: Any) -> str:
+    """The attention implementation a model of ``config`` will run: the config's choice, else
+    ``sdpa`` where its transformers class supports it (as transformers picks), else ``eager``."""
+    chosen = getattr(config, "_attn_implementation", None)
+    if chosen:
+        return str(chosen)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except (KeyError, ValueError):
+        return "sdpa"  # custom code: its own attention, assumed linear in the window
+    return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
+
+
+def _sliding_window(config: Any) -> int | float:
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or getattr(config, "use_sliding_window", True) is False:
+        return math.inf
+    return window
 
 
 def available_bytes(device: str) -> tuple[int, str] | None:
@@ -218,22 +246,24 @@ def check_window(settings: Settings) -> None:
     (``loading.check_context``) and a measure the device cannot hold, each in one line naming
     the figures and the fix. A model with no config to read (``module:factory``), a device map
     and an encoder are not estimated."""
-    from .loading import CAUSAL, check_context, detect_kind, kind, model_source
+    from .loading import CAUSAL, check_context, detect_kind, kind, model_source, quiet
 
     spec = settings.model
     if spec is None or kind(spec) in ("factory", "missing"):
         return
-    from transformers import AutoConfig
+    with quiet():  # the imports of transformers' model classes warn, as loading's would
+        from transformers import AutoConfig
 
-    source = model_source(spec)
-    try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=settings.trust_remote_code)
-    except (OSError, ValueError, KeyError):
-        return  # loading names what is wrong with it
-    check_context(config, spec, settings.seq_len, beyond_context=settings.beyond_context)
-    if settings.device_map or detect_kind(source, spec, settings.trust_remote_code) != CAUSAL:
-        return
-    _check_memory(config, settings)
+        source = model_source(spec)
+        trust = settings.trust_remote_code
+        try:
+            config = AutoConfig.from_pretrained(source, trust_remote_code=trust)
+        except (OSError, ValueError, KeyError):
+            return  # loading names what is wrong with it
+        check_context(config, spec, settings.seq_len, beyond_context=settings.beyond_context)
+        if settings.device_map or detect_kind(source, spec, trust) != CAUSAL:
+            return
+        _check_memory(config, settings)
 
 
 def _check_memory(config: Any, settings: Settings) -> None:
@@ -278,7 +308,7 @@ def _check_memory(config: Any, settings: Settings) -> None:
             continue
         fitting = [
             1 << power
-            for power in range(7, int(math.log2(settings.seq_len)) + 1)
+            for power in range(7, (settings.seq_len - 1).bit_length())
             if part(estimate(1 << power, 1)) <= room[0]
         ]
         hints = ["lower --hemorrhage-seq-len" + (f" (to {fitting[-1]} or less)" if fitting else "")]

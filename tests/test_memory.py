@@ -169,3 +169,25 @@ def test_the_refusal_names_a_batch_of_one_when_that_fits():
     )
     with pytest.raises(HemorrhageError, match=r"or --hemorrhage-batch-size=1 \(that fits\)"):
         check_window(settings)
+
+
+def test_a_mixture_counts_the_experts_a_token_passes_and_a_sliding_window_its_mask():
+    from transformers import LlamaConfig, MistralConfig, MixtralConfig
+
+    widths = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 512,
+    }
+    mixture = MixtralConfig(**widths, num_local_experts=8, num_experts_per_tok=2)
+    dense = LlamaConfig(**widths)
+    assert parameter_count(mixture) - parameter_count(dense) == 7 * 2 * 3 * 64 * 128
+    # two experts' intermediates per token, not eight
+    extra = _estimate(mixture, 1024).activations - _estimate(dense, 1024).activations
+    assert extra == 1024 * 4 * 128 * 4
+    # SDPA gets a boolean window x window mask once the window passes the sliding one
+    sliding = [_estimate(MistralConfig(**widths, sliding_window=w), 1024) for w in (512, 4096)]
+    assert sliding[0].activations - sliding[1].activations == 1024 * 1024
