@@ -85,7 +85,7 @@ class Estimate:
 
 
 def _gb(size: int) -> str:
-    return f"{size / 1e9:.1f} GB" if size >= 100e6 else f"{size / 1e6:.0f} MB"
+    return f"{size / 1e9:,.1f} GB" if size >= 100e6 else f"{size / 1e6:.0f} MB"
 
 
 def _int(config: Any, *names: str, default: int = 0) -> int:
@@ -150,9 +150,11 @@ def estimate_measure(
 
     Per token of a batch, the body holds at its peak: the residual stream, the normed input and
     the attention output (3 hidden widths), queries, keys and values with their rotated copies,
-    the heads' output, the MLP's gate, up and product (4 intermediate widths, every expert's
-    for a mixture) and every layer's keys and values (a KV cache, where one is kept). Attention
-    itself: SDPA's flash and memory-efficient kernels take O(window) memory; eager attention
+    the heads' output, the MLP's gate, up and product (4 intermediate widths; of a mixture,
+    those of the experts a token passes) and every layer's keys and values (the cache
+    ``quant.kv_cache`` scores with; a plain measure keeps none, so there it is margin).
+    Attention itself: SDPA's flash and memory-efficient kernels take O(window) memory, plus a
+    boolean window x window mask past a sliding window; eager attention
     (``attn_implementation="eager"``) holds a window x window score matrix per head, in the
     model's dtype and again in float32 for the softmax.
     """
