@@ -3,8 +3,8 @@ before any weight is read, and refused in one line when it will not.
 
 A long window costs memory in the model's body: every layer's hidden states, MLP intermediate
 and attention, for a batch of windows at once. The head and the log-softmax run over position
-chunks (``HEAD_CHUNK_BYTES`` of float32 logits each), so they cost the same at any window. The
-estimate adds the weights, the host copy the exact restore keeps of a small model
+chunks (``forward.HEAD_CHUNK_BYTES`` of float32 logits each), so they cost the same at any
+window. The estimate adds the weights, the host copy the exact restore keeps of a small model
 (``harness.RESTORE_COPY_BYTES``) and the reference (at most ``REFERENCE_BYTES_PER_TOKEN``), and
 is meant as an upper bound: ``benchmarks/bench_memory.py`` measures the real peaks beside it.
 """
@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from .settings import Settings
 
 __all__ = [
-    "HEAD_CHUNK_BYTES",
     "REFERENCE_BYTES_PER_TOKEN",
     "RUNTIME_BYTES",
     "Estimate",
@@ -34,9 +33,8 @@ __all__ = [
     "parameter_count",
 ]
 
-# One position chunk's float32 logits; the scoring holds about three such arrays at once
-# (logits, log-probabilities, the reference's comparison).
-HEAD_CHUNK_BYTES = 64 << 20
+# The scoring holds about three arrays of one position chunk's logits at once (logits,
+# log-probabilities, the reference's comparison or a processor's copy).
 _HEAD_COPIES = 3
 # What the reference may keep per scored token (its top-k log-probs and tail samples).
 REFERENCE_BYTES_PER_TOKEN = 1024
@@ -158,6 +156,8 @@ def estimate_measure(
     (``attn_implementation="eager"``) holds a window x window score matrix per head, in the
     model's dtype and again in float32 for the softmax.
     """
+    from .forward import HEAD_CHUNK_BYTES  # imports torch
+
     w = _widths(config)
     windows = max(tokens // seq_len, 1)
     batch_size = min(batch_size, windows)  # a batch holds at most the windows there are
