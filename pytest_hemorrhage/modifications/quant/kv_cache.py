@@ -1,49 +1,69 @@
-"""``quant.kv_cache``: transformers' quantized KV cache (KIVI-style, Liu et al. 2024).
+"""``quant.kv_cache``: a quantized KV cache (KIVI-style, Liu et al. 2024), quantized incrementally.
 
 A quantized cache leaves every weight alone and changes only what later tokens read: the keys
-and values of earlier tokens, stored in ``bits`` bits by the ``backend`` (hqq or quanto)
-through transformers' own ``QuantizedCache``. It acts on tokens that attend to *cached* keys,
-so it is measured where it acts:
+and values of earlier tokens, stored in ``bits`` bits by the ``backend`` (hqq or quanto). It
+acts on tokens that attend to *cached* keys, so it is measured where it acts:
 
 - **Scoring**: each evaluation window is fed in chunks of ``chunk`` tokens through one
   quantized cache, so the tokens of chunk k attend to the quantized keys and values of chunks
-  0..k-1 (and to their own chunk's in full precision). The first chunk scores itself in full
-  precision and is quantized as it is cached (transformers quantizes a prefill at once); of
-  what is cached after it, the newest ``residual_length`` tokens stay in full precision, as in
-  serving. With the default 64-token chunks and 128-token windows, half the scored tokens (63
-  of 127) read a quantized cache of 64 tokens; ``chunk=32`` makes it 3/4, reading 32 to 96.
+  0..k-1 and to their own chunk's in full precision. Of what is cached, the newest
+  ``residual_length`` tokens stay in full precision, as in serving. With the default 64-token
+  chunks and 128-token windows, half the scored tokens (63 of 127) read a quantized cache of 64
+  tokens; ``chunk=32`` makes it 3/4, reading 32 to 96.
 - **Generation**: the prompt's keys and values go into a quantized cache, and every generated
   token reads them (the generation metrics, ``gen_mismatch`` and ``gen_first_divergence``).
 
-What the chunking costs, and why: the forward passes themselves cost about what one pass over
-the window does; the time goes to quantizing. With ``residual_length=0`` transformers
-re-quantizes the *whole* cache at every chunk (dequantize, append, quantize), and the hqq
-backend runs HQQ's optimizer (up to 20 proximal iterations over every cached element) each
-time. A window of n chunks of C tokens therefore quantizes C + 2C + ... + (n-1)C cached
-positions per layer, keys and values: 64 at the default, 192 at ``chunk=32``, 448 at
-``chunk=16``. The last chunk's re-quantization, which nothing reads, is skipped (the logits are
-bit-identical). Measured on the bundled model (benchmarks/bench_kv_cache.py), a measure costs
-about 2x a plain one at the default, and grows with the quantized volume at smaller chunks.
+**Incremental quantization.** Each token's keys and values are quantized once, when they
+leave the full-precision residual window (at once with ``residual_length=0``), by the backend's
+own quantizer (transformers' ``HQQQuantizedLayer._quantize``: HQQ's optimizer;
+``QuantoQuantizedLayer._quantize``: quanto's min-max) applied to those entries only, and
+dequantized once, in place, into the float buffer every later chunk reads (the packed form is
+dropped: nothing here needs the memory it saves). A group of ``group_size`` elements lies along
+one token's head vector (a group wider than the head is cut to the head), so entries quantize
+alone and no group mixes tokens quantized at different times; the entries of all layers that a
+chunk leaves go to the quantizer together, in blocks (see ``_BLOCK``), before the next chunk
+reads them. Both backends can work this way; neither needs the whole cache (quanto is not
+installed here, so its path runs untested: transformers' quanto layer takes 2 or 4 bits only).
 
-Sliding-window layers (Mistral, Gemma 2/3, GPT-OSS) are quantized too. transformers'
-``QuantizedCache`` refuses such models because its layers keep every cached token where a
-sliding layer keeps the last ``sliding_window``; but the model masks each sliding layer's
-attention to its window whatever the cache holds, so a cache keeping everything computes the
-same logits (at 8 bits, the whole-window reference's up to rounding:
-``tests/test_architectures.py``), and the cache here is built from transformers' quantized
-layers directly, one per attention layer. ``Result.details["kv_cache"]`` names the sliding-window
-layers and their window. Other layer kinds (chunked or linear attention, shared caches) are
-refused in one line naming them.
+transformers' own ``QuantizedCache`` instead dequantizes, appends and re-quantizes the *whole*
+cache at every chunk (residual_length=0), HQQ's optimizer over every cached element each time:
+a cost growing as the square of the number of chunks, and entries quantized again and again.
+The results are close but not equal: on the bundled model, 4 windows of 128 tokens in 32-token
+chunks, both with 32-element per-token groups (``tests/test_kv_cache.py`` checks it), the
+largest logit difference between the two caches is 1.9e-4 at 8 bits, where either differs from
+the unquantized model by 0.057 (kl_mean 3.811e-6 here, 3.814e-6 there), and 0.018 at 4 bits
+against 1.21. The cost against a plain measure, at the default window and at long ones:
+``benchmarks/bench_kv_cache.py``.
+
+**Layer kinds.** Full-attention and sliding-window layers (Mistral, Gemma 2/3, GPT-OSS) get a
+quantized layer. A sliding layer's quantized cache keeps every token where transformers'
+sliding layer keeps the last ``sliding_window``, but the model masks each sliding layer's
+attention to its window whatever the cache holds, so it computes the same logits (at 8 bits,
+the whole-window reference's up to rounding: ``tests/test_architectures.py``). Every other
+kind keeps transformers' own unquantized layer, and the measure goes on with the layers that
+are quantized: chunked attention (Llama 4: its layer keeps only the current attention chunk,
+and a quantized layer keeping every token is not proven to mask the same), linear-attention
+and state-space layers (no per-token keys and values, a recurrent state), hybrid
+linear-plus-attention layers, and layers that read another layer's cache (shared KV, as in
+Gemma 3n/4) or have no attention. ``Result.details["kv_cache"]`` names the quantized layers,
+the sliding ones and their window, and every unquantized layer with its kind and why; a model
+with no quantizable layer is refused in one line.
 
 The model's ``forward`` is wrapped through the patch (undone exactly); a model whose forward
-takes no transformers cache is refused.
+takes no transformers cache is refused. The wrapper owns ``input_ids``, ``use_cache`` and the
+cache keyword; every other keyword reaches each chunk's forward, per-position ones cut to the
+chunk (``attention_mask`` to the positions so far, ``position_ids``, and ``logits_to_keep`` to
+the kept positions inside the chunk, at least one), the rest as given
+(``output_hidden_states``: the chunks' hidden states come back joined); ``labels`` are refused
+(a loss per chunk is not the sequence's). So a forward hook on ``model.base_model`` sees each
+chunk's hidden states, and ``logits_to_keep=1`` computes the head on one position per chunk
+and returns the sequence's last.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import sys
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -58,6 +78,7 @@ from ..validate import check_choice, check_int
 __all__ = ["KV_BACKENDS", "KVCache", "quantized_forward"]
 
 KV_BACKENDS = {"hqq": "hqq", "quanto": "optimum-quanto"}  # backend -> the package it needs
+_BITS = {"hqq": (2, 4, 8), "quanto": (2, 4)}  # what each backend's quantized layer takes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,14 +86,14 @@ class KVCache(Modification):
     """Keys and values of earlier tokens quantized in the KV cache.
 
     Args:
-        bits: bits per cached key/value element: 2, 4 or 8.
-        backend: ``"hqq"`` or ``"quanto"`` (transformers' QuantizedCache backends).
-        residual_length: newest cached tokens kept in full precision before they are
-            quantized (transformers' default is 128; 0 quantizes every cached token).
-        group_size: elements sharing a scale, along the head dimension.
+        bits: bits per cached key/value element: 2, 4 or 8 (quanto: 2 or 4).
+        backend: ``"hqq"`` or ``"quanto"`` (the quantizers of transformers' QuantizedCache).
+        residual_length: newest cached tokens kept in full precision; each older token is
+            quantized once, as it leaves them (0 quantizes every token as it is cached).
+        group_size: elements sharing a scale, along one token's head dimension (cut to the
+            head's width when wider).
         chunk: tokens per forward pass when evaluation windows are scored through the cache
-            (smaller: more tokens read the cache, at a quantizing cost growing about as the
-            square of the number of chunks; see the module docstring).
+            (smaller: more tokens read the cache; see the module docstring).
     """
 
     changes: ClassVar[str] = "the KV cache"
@@ -84,8 +105,8 @@ class KVCache(Modification):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_choice(self, "bits", (2, 4, 8))
         check_choice(self, "backend", tuple(KV_BACKENDS))
+        check_choice(self, "bits", _BITS[self.backend])
         check_int(self, "residual_length", 0)
         check_int(self, "group_size", 1)
         check_int(self, "chunk", 1)
@@ -115,69 +136,210 @@ def _cache_keyword(model: nn.Module) -> str:
 
 
 _CACHED = ("full_attention", "sliding_attention")  # layer kinds a quantized layer stands in for
+# why each other kind keeps transformers' unquantized layer (see the module docstring)
+_UNQUANTIZED = {
+    "chunked_attention": "chunked attention: its layer keeps only the current attention chunk",
+    "linear_attention": "linear attention: a recurrent state, no per-token keys and values",
+    "conv": "a convolution state, no per-token keys and values",
+    "hybrid": "linear attention beside attention: a recurrent state in the same layer",
+    "hybrid_sliding": "linear attention beside attention: a recurrent state in the same layer",
+    "dummy": "reads another layer's cache (shared KV) or has no attention",
+}
 
 
 def _layer_kinds(model: nn.Module) -> tuple[list[str], list[dict[str, Any]]]:
-    """Per decoder layer, its attention kind and cache arguments, as transformers reads them
-    from the config (``QuantizedCache`` does the same)."""
+    """Per decoder layer, its cache kind and arguments, as transformers reads them from the
+    config (its ``DynamicCache`` and ``QuantizedCache`` do the same)."""
     from transformers.cache_utils import get_layer_types_and_kwargs
 
     return get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
 
 
-def _check_layers(model: nn.Module) -> dict[str, Any]:
-    """Refuse layer kinds a quantized cache layer cannot stand in for; else what
-    ``Result.details["kv_cache"]`` reports: the layers, and which of them slide, over what."""
+def _plan(model: nn.Module) -> dict[str, Any]:
+    """What ``Result.details["kv_cache"]`` reports: which layers are quantized, which slide
+    (over what), and which keep an unquantized layer (their kind, and why); refuse a model
+    with no layer to quantize."""
     kinds, kwargs = _layer_kinds(model)
-    other = sorted({k for k in kinds if k not in _CACHED})
-    if other:
+    quantized = [i for i, k in enumerate(kinds) if k in _CACHED]
+    if not quantized:
         raise HemorrhageError(
-            f"quant.kv_cache: {type(model).__name__} has {', '.join(other)} layers, whose "
-            "caches transformers' quantized cache layers cannot stand in for (they hold full "
-            "or sliding-window attention only); quantize its weights instead (e.g. quant.rtn)"
+            f"quant.kv_cache: {type(model).__name__} has no attention layer whose cache can be "
+            f"quantized (its layers: {', '.join(sorted(set(kinds)))}); quantize its weights "
+            "instead (e.g. quant.rtn)"
         )
-    details: dict[str, Any] = {"layers": len(kinds)}
-    sliding = [i for i, k in enumerate(kinds) if k == "sliding_attention"]
+    details: dict[str, Any] = {"layers": len(kinds), "quantized_layers": quantized}
+    sliding = [i for i in quantized if kinds[i] == "sliding_attention"]
     if sliding:
         details["sliding_window_layers"] = sliding
         details["sliding_window"] = sorted({kwargs[i]["sliding_window"] for i in sliding})
+    unquantized = [
+        {
+            "layers": [i for i, k in enumerate(kinds) if k == kind],
+            "kind": kind,
+            "why": _UNQUANTIZED.get(kind, "no quantized layer stands in for this kind"),
+        }
+        for kind in sorted(set(kinds) - set(_CACHED))
+    ]
+    if unquantized:
+        details["unquantized"] = unquantized
     return details
 
 
-def _new_cache(config: KVCache, model: nn.Module) -> Any:
-    """transformers' quantized cache layers, one per attention layer, sliding ones included
-    (see the module docstring: transformers' ``QuantizedCache`` would refuse those)."""
-    from transformers.cache_utils import Cache, HQQQuantizedLayer, QuantoQuantizedLayer
+class _Incremental:
+    """What both backends' layers share, mixed in before transformers' ``HQQQuantizedLayer`` /
+    ``QuantoQuantizedLayer`` (whose ``_quantize`` and ``_dequantize`` quantize here): an
+    ``update`` that appends each chunk's keys and values to a buffer of floats and returns
+    them with everything before, and entries that left the residual window quantized and
+    dequantized once, in place, before anything reads the cache again (see the module
+    docstring). Quantizing before the next read, not at once, reads the same values and lets
+    :func:`_quantize_pending` quantize the entries of every layer in one call."""
 
-    layer = HQQQuantizedLayer if config.backend == "hqq" else QuantoQuantizedLayer
+    axis: int  # the axis that makes the backend's groups runs of a 2-D tensor's rows
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.buffers = [
+            s.new_empty((*s.shape[:-2], 0, s.shape[-1])) for s in (key_states, value_states)
+        ]
+        self.done = 0  # the first ``done`` tokens hold their dequantized values
+        self.quantized_elements = 0  # entries handed to the quantizer (tests count them)
+
+    def pending(self) -> int:
+        """Tokens that left the residual window, not yet quantized."""
+        return max(0, self.cumulative_length - self.done - self.residual_length)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        _quantize_pending([self])  # a generation step: nothing quantized it since the last
+        held, new = self.cumulative_length, key_states.shape[-2]
+        if held + new > self.buffers[0].shape[-2]:  # grow by doubling: appends copy nothing
+            grown = []
+            for buffer in self.buffers:
+                shape = (*buffer.shape[:-2], 2 * (held + new), buffer.shape[-1])
+                bigger = buffer.new_empty(shape)
+                bigger[..., :held, :] = buffer[..., :held, :]
+                grown.append(bigger)
+            self.buffers = grown
+        for buffer, states in zip(self.buffers, (key_states, value_states), strict=True):
+            buffer[..., held : held + new, :] = states
+        self.cumulative_length = held + new
+        self.keys, self.values = (b[..., : held + new, :] for b in self.buffers)
+        return self.keys, self.values
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            beam_idx = beam_idx.to(self.keys.device)
+            self.buffers = [b.index_select(0, beam_idx) for b in self.buffers]
+            self.keys, self.values = (b[..., : self.cumulative_length, :] for b in self.buffers)
+
+
+# Elements per quantizer call. HQQ's optimizer makes up to 20 passes over what it is given: a
+# chunk's entries of one layer are mostly per-call overhead, and the entries of a whole batch
+# of windows overflow the CPU's caches (2M elements took 5x the time of 2^17-element blocks on
+# this machine; 2^15 to 2^18 were alike).
+_BLOCK = 1 << 17
+
+
+def _quantize_pending(layers: Any) -> None:
+    """Quantize and dequantize, in place, the entries that left the residual window of every
+    incremental layer among ``layers``: keys and values of all of them as rows of one matrix
+    per group width, quantized in blocks of ``_BLOCK`` elements (HQQ's stopping rule, the mean
+    error, is then per block). A group is ``group_size`` elements of one token's head vector,
+    cut to the head's width."""
+    parts: dict[int, list[tuple[Any, torch.Tensor]]] = {}
+    for layer in layers:
+        if not isinstance(layer, _Incremental) or not layer.is_initialized:
+            continue
+        count = layer.pending()
+        if not count:
+            continue
+        for buffer in layer.buffers:
+            entries = buffer[..., layer.done : layer.done + count, :]
+            width = entries.shape[-1]
+            group = min(layer.q_group_size, width)
+            if width % group:
+                raise HemorrhageError(
+                    f"quant.kv_cache: group_size={group} does not divide the head dimension "
+                    f"({width}); choose a divisor of it"
+                )
+            parts.setdefault(group, []).append((layer, entries))
+            layer.quantized_elements += entries.numel()
+        layer.done += count
+    for group, entries in parts.items():
+        layer = entries[0][0]
+        rows = torch.cat([e.reshape(-1, group) for _, e in entries])
+        block = max(1, _BLOCK // group)
+        saved, layer.q_group_size = layer.q_group_size, group
+        try:
+            rows = torch.cat(
+                [
+                    layer._dequantize(layer._quantize(rows[i : i + block], axis=layer.axis))
+                    for i in range(0, len(rows), block)
+                ]
+            )
+        finally:
+            layer.q_group_size = saved
+        at = 0
+        for _, e in entries:
+            e.copy_(rows[at : at + e.numel() // group].reshape(e.shape))
+            at += e.numel() // group
+
+
+@functools.cache
+def _layer_class(backend: str) -> type:
+    """The incremental layer of ``backend`` (classes built here: transformers imports lazily)."""
+    from transformers.cache_utils import HQQQuantizedLayer, QuantoQuantizedLayer
+
+    if backend == "hqq":
+        # HQQ groups runs of the last dimension with axis=1 (it reshapes to (-1, group))
+        return type("HQQIncrementalLayer", (_Incremental, HQQQuantizedLayer), {"axis": 1})
+    # quanto groups runs of the last dimension with axis=0 (``optimum.quanto``'s ``group``)
+    return type("QuantoIncrementalLayer", (_Incremental, QuantoQuantizedLayer), {"axis": 0})
+
+
+def _new_cache(config: KVCache, model: nn.Module) -> Any:
+    """A cache of incremental quantized layers for the full and sliding attention layers, and
+    transformers' own layer for every other kind (see the module docstring)."""
+    from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache
+
+    layer = _layer_class(config.backend)
+    kinds, kwargs = _layer_kinds(model)
     return Cache(
         layers=[
             layer(
                 nbits=config.bits,
                 q_group_size=config.group_size,
                 residual_length=config.residual_length,
-                axis_key=1,  # per channel of the head dimension, as KIVI quantizes keys
-                axis_value=1,
+                axis_key=layer.axis,
+                axis_value=layer.axis,
             )
-            for _ in _layer_kinds(model)[0]
+            if kind in _CACHED
+            else DYNAMIC_LAYER_TYPE_MAPPING[kind](**kw)
+            for kind, kw in zip(kinds, kwargs, strict=True)
         ]
     )
 
 
-def _keep_last(cache: Any) -> None:
-    """Before the last chunk: nothing reads what it caches, so let every layer keep it in its
-    full-precision residual instead of quantizing the whole cache again. transformers builds
-    the keys and values a chunk attends to before it decides whether to quantize, so the
-    logits are bit-identical; the cost is not (with ``residual_length=0`` every chunk
-    re-quantizes the whole cache, HQQ's optimizer iterating over all of it)."""
-    for layer in getattr(cache, "layers", ()):
-        if hasattr(layer, "residual_length"):
-            layer.residual_length = sys.maxsize
+def _chunk_keep(keep: Any, start: int, stop: int, length: int) -> tuple[Any, int | None]:
+    """What ``logits_to_keep`` asks of the chunk ``start:stop`` of a sequence of ``length``: the
+    value to pass it, and how many of its last logits to keep (None: all it returns)."""
+    if isinstance(keep, torch.Tensor):  # positions of the whole sequence
+        inside = keep[(keep >= start) & (keep < stop)]
+        return inside - start, None
+    if not keep:  # 0 or None: every position
+        return keep, None
+    wanted = max(0, stop - max(start, length - keep))
+    # a chunk wanting none still computes one logit: 0 would mean all of them
+    return max(1, wanted), wanted
 
 
 def quantized_forward(config: KVCache, model: nn.Module) -> Any:
     """``model.forward`` with a quantized KV cache: whole sequences scored chunk by chunk
-    through one cache; a generation prefill given a quantized cache to fill."""
+    through one cache, every keyword the wrapper does not own passed to each chunk; a
+    generation prefill given a quantized cache to fill."""
     original = model.forward
     keyword = _cache_keyword(model)
 
@@ -189,22 +351,45 @@ def quantized_forward(config: KVCache, model: nn.Module) -> Any:
             return original(
                 *args, input_ids=input_ids, **kwargs, **{keyword: _new_cache(config, model)}
             )
-        if input_ids is None:
-            raise HemorrhageError("quant.kv_cache: the model was called without input_ids")
-        kwargs.pop("use_cache", None)
-        cache, parts = _new_cache(config, model), []
-        starts = range(0, input_ids.shape[1], config.chunk)
-        for start in starts:
-            if start == starts[-1] and start:
-                _keep_last(cache)
-            out = original(
-                input_ids=input_ids[:, start : start + config.chunk],
-                use_cache=True,
-                **kwargs,
-                **{keyword: cache},
+        if input_ids is None or args:
+            raise HemorrhageError(
+                "quant.kv_cache: the model was called without input_ids as a keyword"
             )
-            parts.append(out.logits)
-        out.logits = torch.cat(parts, 1)
+        if kwargs.get("labels") is not None:
+            raise HemorrhageError(
+                "quant.kv_cache: labels are not split over chunks; compute the loss from the logits"
+            )
+        kwargs.pop(keyword, None)
+        kwargs.pop("use_cache", None)
+        keep = kwargs.pop("logits_to_keep", None)
+        mask = kwargs.pop("attention_mask", None)
+        positions = kwargs.pop("position_ids", None)
+        length = input_ids.shape[1]
+        cache, logits, hidden = _new_cache(config, model), [], []
+        starts = range(0, length, config.chunk)
+        for start in starts:
+            stop = min(start + config.chunk, length)
+            chunk = dict(kwargs)
+            if keep is not None:
+                chunk["logits_to_keep"], wanted = _chunk_keep(keep, start, stop, length)
+            else:
+                wanted = None
+            if mask is not None:  # a padding mask covers the cache and the chunk
+                chunk["attention_mask"] = mask[..., :stop]
+            if positions is not None:
+                chunk["position_ids"] = positions[..., start:stop]
+            out = original(
+                input_ids=input_ids[:, start:stop], use_cache=True, **chunk, **{keyword: cache}
+            )
+            if stop < length:  # what this chunk left the residual, before the next reads it
+                _quantize_pending(cache.layers)
+            part = out.logits
+            logits.append(part if wanted is None else part[:, part.shape[1] - wanted :])
+            if getattr(out, "hidden_states", None) is not None:
+                hidden.append(out.hidden_states)
+        out.logits = torch.cat(logits, 1)
+        if hidden:
+            out.hidden_states = tuple(torch.cat(layer, 1) for layer in zip(*hidden, strict=True))
         return out
 
     return forward
@@ -214,7 +399,7 @@ def quantized_forward(config: KVCache, model: nn.Module) -> Any:
 def kv_cache(config: KVCache, model: nn.Module, patch: Patch, context: Context) -> None:
     """Route the model's forward through a quantized KV cache (see the module docstring)."""
     _cache_keyword(model)
-    details = _check_layers(model)
+    details = _plan(model)
     backend = config.backend
     try:
         __import__("hqq" if backend == "hqq" else "optimum.quanto")
