@@ -4,10 +4,12 @@ A release reviewer's single page: the model and data fingerprints, where the res
 measured (and a warning when the reference was built elsewhere, or the environment changed since
 the compared report), every result against its
 budget, the explored curves (budget, threshold and phase transition marked) and the per-block
-blame of failed checks. The page carries its CSS inline and its curves as base64 PNG data URIs;
-it has no script, and its Content-Security-Policy forbids any fetch, so it reads the same
+blame of failed checks. Where the windows are long enough to hold several
+position buckets, each result's metric is drawn along the window (position buckets, error bars
+and budget lines) as inline SVG. The page carries its CSS inline and its curves as base64 PNG
+data URIs; it has no script, and its Content-Security-Policy forbids any fetch, so it reads the same
 offline, attached to a CI run or mailed around. Without matplotlib the page keeps its tables
-and says why the curves are missing.
+and position charts, and says why the curves are missing.
 
 The input is the JSON report's dict (``HemorrhageSession.report()``), before or after the
 JSON round trip: a non-finite metric may be a float (``nan``, ``inf``) or ``None``.
@@ -33,6 +35,7 @@ from .describe import (
     drift_notes,
     shared_environment_change,
 )
+from .positions import PositionChart, Series, bucket_label, position_chart
 
 __all__ = ["render_html", "write_html"]
 
@@ -119,6 +122,17 @@ summary{color:var(--accent);cursor:pointer}
 tr.begins td{background:var(--bad-bg)}
 tr.most td:first-child{font-weight:700}
 a{color:var(--accent)}
+.along{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
+.along svg{width:420px;max-width:100%;height:auto;border:1px solid var(--line);border-radius:4px;
+background:#fff}
+.along table{width:auto;min-width:220px}
+svg text{font:11px system-ui,-apple-system,"Segoe UI",Roboto,Arial,sans-serif;fill:#57606a}
+svg .axis{stroke:#8c959f;stroke-width:1}
+svg .grid{stroke:#eaeef2;stroke-width:1}
+svg .err{stroke:var(--accent);stroke-width:1.5}
+svg .point{fill:var(--accent)}
+svg .budget{stroke:#1f2328;stroke-width:1.5;stroke-dasharray:5 3}
+svg .budget.range{stroke:var(--bad)}
 @media print{body{background:#fff}.card{break-inside:avoid}}
 """
 
@@ -141,6 +155,7 @@ def render_html(report: Mapping[str, Any]) -> str:
         "<main>",
         _fingerprints(report),
         _results(results),
+        _positions(results),
         _curves(explorations),
         _blame(results),
         "</main>",
@@ -344,7 +359,8 @@ def _results(results: Sequence[Mapping[str, Any]]) -> str:
     if not results:
         return head + '<p class="note">no measures were recorded</p>'
     blamed = {i for i, r in enumerate(results) if (r.get("details") or {}).get("blame")}
-    rows = [_result_rows(i, r, i in blamed) for i, r in enumerate(results)]
+    charted = {i for i, r in enumerate(results) if position_chart(r) is not None}
+    rows = [_result_rows(i, r, i in blamed, i in charted) for i, r in enumerate(results)]
     return (
         head + '<table class="results"><thead><tr><th>test</th><th>modification</th>'
         '<th>metric</th><th class="n">value</th><th class="n">± stderr</th>'
@@ -354,7 +370,7 @@ def _results(results: Sequence[Mapping[str, Any]]) -> str:
     )
 
 
-def _result_rows(index: int, record: Mapping[str, Any], blamed: bool) -> str:
+def _result_rows(index: int, record: Mapping[str, Any], blamed: bool, charted: bool) -> str:
     budget = dict(record.get("budget") or {})
     confidence = budget.pop("confidence", None)
     metrics = record.get("metrics") or {}
@@ -398,6 +414,7 @@ def _result_rows(index: int, record: Mapping[str, Any], blamed: bool) -> str:
     test = (
         f'<td class="test" rowspan="{len(lines)}"><span class="mono">{_escape(nodeid)}</span> '
         f"{_badge(record.get('outcome'))}"
+        + (f' <a href="#p{index}">by position ↓</a>' if charted else "")
         + (f' <a href="#b{index}">blame ↓</a>' if blamed else "")
         + "</td>"
     )
@@ -461,6 +478,146 @@ def _folded_details(record: Mapping[str, Any]) -> str:
         f"<p>{_escape(' · '.join(facts))}</p>{notes}"
         f"<table>{''.join(rows)}</table>{stages}</details>"
     )
+
+
+# -- by position -----------------------------------------------------------------------------
+
+# one chart's size in SVG user units and its plot area's margins
+CHART_WIDTH, CHART_HEIGHT = 420, 220
+LEFT, RIGHT, TOP, BOTTOM = 58, 14, 14, 40
+
+
+def _positions(results: Sequence[Mapping[str, Any]]) -> str:
+    cards = []
+    for i, record in enumerate(results):
+        chart = position_chart(record)
+        if chart is not None:
+            cards.append(_position_card(i, record, chart))
+    if not cards:
+        return ""
+    return (
+        '<h2 id="positions">Where along the context: metrics by position</h2>'
+        '<p class="sub">each metric over the tokens whose prediction had that many tokens of '
+        "context (log-spaced buckets), ± its standard error; dashed: the budget, a "
+        "position range's drawn over that range only.</p>" + "".join(cards)
+    )
+
+
+def _position_card(index: int, record: Mapping[str, Any], chart: PositionChart) -> str:
+    charts = "".join(_position_svg(chart, series) for series in chart.series)
+    head = "".join(f'<th class="n">{_escape(s.metric)}</th>' for s in chart.series)
+    rows = "".join(
+        f'<tr><td class="n">{_escape(label)}</td><td class="n">{_number_text(tokens)}</td>'
+        + "".join(
+            f'<td class="n">{_number_text(s.values[i])}'
+            + ("" if s.stderr[i] is None else f" ± {_number_text(s.stderr[i])}")
+            + "</td>"
+            for s in chart.series
+        )
+        + "</tr>"
+        for i, (label, tokens) in enumerate(zip(chart.labels, chart.tokens, strict=True))
+    )
+    limits = [
+        f"{_escape(limit.key)} ≤ {_number_text(limit.value)} (positions "
+        f"{_escape(bucket_label(limit.lo, limit.hi))})"
+        for s in chart.series
+        for limit in s.limits
+    ]
+    legend = f'<p class="sub">budget: {", ".join(limits)}</p>' if limits else ""
+    return (
+        f'<section class="card" id="p{index}"><h3><a href="#r{index}" class="mono">'
+        f"{_escape(record.get('nodeid', ''))}</a> · "
+        f"<code>{_escape(_modification_text(record))}</code></h3>"
+        f'<div class="along">{charts}<table><thead><tr><th class="n">positions</th>'
+        f'<th class="n">tokens</th>{head}</tr></thead><tbody>{rows}</tbody></table></div>'
+        f"{legend}</section>"
+    )
+
+
+def _position_svg(chart: PositionChart, series: Series) -> str:
+    """One metric along the window: a point per bucket with its error bar, a dashed line per
+    budget over the positions it covers, the buckets' positions under the axis."""
+    n = len(chart.buckets)
+    finite = [
+        (v, se if _finite(se) else 0.0)
+        for v, se in zip(series.values, series.stderr, strict=True)
+        if _finite(v)
+    ]
+    lows = [v - se for v, se in finite] + [0.0]
+    highs = [v + se for v, se in finite] + [limit.value for limit in series.limits]
+    top = _nice(max([h for h in highs if h > 0] or [1.0]) * 1.05)
+    bottom = -_nice(-min(lows)) if min(lows) < 0 else 0.0  # a model better than its baseline
+    width, height = CHART_WIDTH - LEFT - RIGHT, CHART_HEIGHT - TOP - BOTTOM
+
+    def px(x: float) -> float:
+        return LEFT + width * x / n
+
+    def py(y: float) -> float:
+        return TOP + height * (top - y) / (top - bottom)
+
+    out = [
+        f'<svg class="positions" viewBox="0 0 {CHART_WIDTH} {CHART_HEIGHT}" role="img" '
+        f'aria-label="{_escape(series.metric)} by position" xmlns="http://www.w3.org/2000/svg">'
+        f"<title>{_escape(series.metric)} by position</title>"
+    ]
+    ticks = {0.0, top / 2, top} | ({bottom} if bottom < -top / 8 else set())
+    for tick in sorted(ticks):
+        y = py(tick)
+        out.append(
+            f'<line class="grid" x1="{LEFT}" x2="{LEFT + width}" y1="{y:.1f}" y2="{y:.1f}"/>'
+            f'<text x="{LEFT - 5}" y="{y + 4:.1f}" text-anchor="end">{_number_text(tick)}</text>'
+        )
+    out.append(
+        f'<line class="axis" x1="{LEFT}" x2="{LEFT}" y1="{TOP}" y2="{TOP + height}"/>'
+        f'<line class="axis" x1="{LEFT}" x2="{LEFT + width}" y1="{TOP + height}" '
+        f'y2="{TOP + height}"/>'
+        f'<text x="{LEFT + width / 2:.1f}" y="{CHART_HEIGHT - 4}" text-anchor="middle">'
+        f"{_escape(series.metric)} by position (tokens of context)</text>"
+    )
+    for i, label in enumerate(chart.labels):
+        out.append(
+            f'<text x="{px(i + 0.5):.1f}" y="{TOP + height + 15}" text-anchor="middle">'
+            f"{_escape(label)}</text>"
+        )
+    for limit in series.limits:
+        ranged = " range" if limit.ranged else ""
+        y = py(limit.value)
+        out.append(
+            f'<line class="budget{ranged}" data-key="{_escape(limit.key)}" '
+            f'x1="{px(chart.x(limit.lo)):.1f}" x2="{px(chart.x(limit.hi)):.1f}" '
+            f'y1="{y:.1f}" y2="{y:.1f}"><title>budget {_escape(limit.key)} ≤ '
+            f"{_number_text(limit.value)} (positions {_escape(bucket_label(limit.lo, limit.hi))})"
+            "</title></line>"
+        )
+    for i, (value, se) in enumerate(zip(series.values, series.stderr, strict=True)):
+        if not _finite(value):
+            continue  # the table says what it was
+        x = px(i + 0.5)
+        tip = (
+            f"{series.metric} {_number_text(value)}"
+            + (f" ± {_number_text(se)}" if _finite(se) else "")
+            + f" at positions {chart.labels[i]} ({_number_text(chart.tokens[i])} tokens)"
+        )
+        bar = ""
+        if _finite(se) and se > 0:
+            y0, y1 = py(value - se), py(value + se)
+            bar = (
+                f'<line class="err" x1="{x:.1f}" x2="{x:.1f}" y1="{y0:.1f}" y2="{y1:.1f}"/>'
+                f'<line class="err" x1="{x - 4:.1f}" x2="{x + 4:.1f}" y1="{y0:.1f}" y2="{y0:.1f}"/>'
+                f'<line class="err" x1="{x - 4:.1f}" x2="{x + 4:.1f}" y1="{y1:.1f}" y2="{y1:.1f}"/>'
+            )
+        out.append(
+            f'<g class="bucket"><title>{_escape(tip)}</title>{bar}'
+            f'<circle class="point" cx="{x:.1f}" cy="{py(value):.1f}" r="3.5"/></g>'
+        )
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _nice(x: float) -> float:
+    """The round number at or above ``x`` an axis ends at: 1, 2, 2.5 or 5 times a power of 10."""
+    power = 10 ** math.floor(math.log10(x))
+    return next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= x * (1 - 1e-9))
 
 
 # -- curves ----------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""``--hemorrhage-plot DIR``: one PNG per explored curve (metric vs parameter, budget, PTP)
-and one per failed check's blame (drift per block).
+"""``--hemorrhage-plot DIR``: one PNG per explored curve (metric vs parameter, budget, PTP),
+one per failed check's blame (drift per block) and one per result measured over several
+position buckets (its metrics along the window, with the budget lines: :mod:`.positions`).
 
 matplotlib is an optional extra (``pip install pytest-hemorrhage[plot]``), imported only here
 and only when plots are asked for. Figures are drawn on their own canvas (no pyplot), so the
@@ -17,8 +18,10 @@ from typing import Any, BinaryIO
 
 from ..errors import HemorrhageError
 from ..explore.fit import PhaseTransition
+from .describe import describe_modification
+from .positions import PositionChart, position_chart
 
-__all__ = ["plot_blame", "plot_curve", "require_matplotlib", "write_plots"]
+__all__ = ["plot_blame", "plot_curve", "plot_positions", "require_matplotlib", "write_plots"]
 
 INSTALL = "pip install pytest-hemorrhage[plot]"
 
@@ -39,14 +42,15 @@ def write_plots(
     directory: Path | str,
     results: Sequence[Mapping[str, Any]] = (),
 ) -> list[Path]:
-    """Write one PNG per recorded threshold search or sweep, and one per result with blame
-    figures, into ``directory``.
+    """Write one PNG per recorded threshold search or sweep, one per result with blame
+    figures and one per result with several position buckets, into ``directory``.
 
     Args:
         explorations: the session's exploration records (as in the JSON report).
         directory: where the files go (created if missing).
         results: the session's result records; those whose ``details`` hold ``blame`` get a
-            ``blame-<modification>-<digest>.png``.
+            ``blame-<modification>-<digest>.png``, those with two or more position buckets a
+            ``positions-<test>-<modification>-<digest>.png`` (digest: of the parameters).
 
     Returns:
         The paths written, in record order.
@@ -63,11 +67,16 @@ def write_plots(
         plot_curve(path, record, record.get("budget"))
         paths.append(path)
     for result in results:
+        digest = hashlib.blake2b(repr(result["params"]).encode(), digest_size=4).hexdigest()
         blame = result.get("details", {}).get("blame")
         if blame:
-            digest = hashlib.blake2b(repr(result["params"]).encode(), digest_size=4).hexdigest()
             stem = _unique(f"blame-{_safe(result['modification'])}-{digest}", used)
             paths.append(plot_blame(directory / f"{stem}.png", blame))
+        chart = position_chart(result)
+        if chart is not None:
+            test = _safe(result.get("nodeid", "").rpartition("::")[2] or "measure")[:100]
+            stem = _unique(f"positions-{test}-{_safe(result['modification'])}-{digest}", used)
+            paths.append(plot_positions(directory / f"{stem}.png", result, chart))
     return paths
 
 
@@ -224,6 +233,74 @@ def _fit_line(ax: Any, record: Mapping[str, Any], increasing: bool) -> None:
         zorder=2,
         label="power law → exponential fit",
     )
+
+
+def plot_positions(
+    path: Path | str, record: Mapping[str, Any], chart: PositionChart | None = None
+) -> Path:
+    """A result's metrics along the window: one panel per metric, a point per position bucket
+    with ± its standard error, a dashed line per budget over the positions it covers (a
+    position range's in red), each bucket's positions and tokens under the axis.
+
+    Args:
+        path: the PNG to write.
+        record: a result record (as in the JSON report) with two or more ``positions``.
+        chart: what to draw, when the caller has it (:func:`.positions.position_chart`).
+
+    Returns:
+        ``path``.
+    """
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    chart = chart or position_chart(record)
+    if chart is None:
+        raise ValueError("the result has fewer than two position buckets: nothing to draw")
+    panels = len(chart.series)
+    fig = Figure(figsize=(5.2 * panels, 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    centers = [i + 0.5 for i in range(len(chart.buckets))]
+    ticks = [
+        f"{label}\n{tokens:,} tok" for label, tokens in zip(chart.labels, chart.tokens, strict=True)
+    ]
+    for ax, series in zip(axes, chart.series, strict=True):
+        ax.errorbar(
+            centers,
+            [_y(v) for v in series.values],
+            yerr=[0.0 if se is None else _y(se) for se in series.stderr],
+            fmt="o",
+            color="tab:blue",
+            capsize=4,
+            zorder=3,
+            label=f"{series.metric} ± stderr",
+        )
+        for limit in series.limits:
+            ax.plot(
+                [chart.x(limit.lo), chart.x(limit.hi)],
+                [limit.value, limit.value],
+                color="tab:red" if limit.ranged else "black",
+                ls="--",
+                lw=1.2,
+                label=f"budget {limit.key} ≤ {limit.value:g}",
+            )
+        ax.set_xlim(0, len(chart.buckets))
+        ax.set_xticks(centers, ticks, fontsize=7)
+        ax.set_xticks(range(len(chart.buckets) + 1), minor=True)
+        ax.grid(axis="x", which="minor", alpha=0.3)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_ylim(bottom=min(0.0, ax.get_ylim()[0]))
+        ax.set_xlabel("positions (tokens of context)")
+        ax.set_ylabel(series.metric)
+        ax.legend(fontsize=7)
+    what = describe_modification(record.get("modification", "?"), record.get("params") or {})
+    fig.suptitle(f"{what} by position\n{record.get('nodeid', '')}", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
 
 
 def plot_blame(path: Path | str, blame: Mapping[str, Any]) -> Path:

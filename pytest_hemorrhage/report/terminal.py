@@ -1,7 +1,8 @@
 """The terminal summary (rich): results against their budgets, and the thresholds found.
 
 By default one row per test: its verdict, the measure closest to its budget, that metric and
-its margin (budget - value). With ``-v``, every measure with every budgeted metric. Cells never
+its margin (budget - value). With ``-v``, every measure with every budgeted metric and one line
+of its first metric along the window (per position bucket). Cells never
 wrap: what does not fit the terminal is cut with an ellipsis (the JSON and HTML reports keep the
 full text); below ``NARROW`` columns the tables become plain lines.
 """
@@ -21,6 +22,7 @@ from .describe import (
     describe_touched,
     describe_untouched,
 )
+from .positions import position_chart
 
 __all__ = [
     "closest_metric",
@@ -296,7 +298,25 @@ def render_table(records: list[dict[str, Any]], *, width: int = 80, color: bool 
         touched = describe_touched(record)
         if touched:
             lines.append(f"      {touched}")
+        along = _by_position(record, width - 6)
+        if along:
+            lines.append(f"      {along}")
     return "\n".join(lines) + "\n"
+
+
+def _by_position(record: Mapping[str, Any], width: int) -> str:
+    """One line of the charts' first metric along the window (:mod:`.positions`):
+    ``by position: kl_mean 0.0482 (1-15), 0.0423 (16-63), 0.043 (64-127)``; the first and the
+    last bucket only when all of them would be wider than ``width``. Empty without a chart."""
+    chart = position_chart(record)
+    if chart is None:
+        return ""
+    series = chart.series[0]
+    cells = [f"{_g3(v)} ({label})" for v, label in zip(series.values, chart.labels, strict=True)]
+    line = f"by position: {series.metric} {', '.join(cells)}"
+    if len(line) > width:
+        line = f"by position: {series.metric} {cells[0]} … {cells[-1]}"
+    return line
 
 
 def render_explorations(
