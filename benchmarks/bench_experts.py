@@ -10,7 +10,15 @@ one batch):
   * extra peak resident memory of measure() over a bare forward pass / model bytes
                                                                           target <= 0.3x
 for ``quant.rtn`` and ``prune.magnitude``; each result's touched share is printed too (every
-expert must be in it). Times: one process, one thread, the median over rounds of the per-round
+expert must be in it). And calibration that follows the router, over the calibration windows:
+  * time of collecting the activation statistics (every linear layer's and each expert's on
+    the tokens routed to it: what Wanda, AWQ, ASVD use) / time of one bare calibration forward
+                                                                          target <= 1.5x
+  * time of collecting each expert's Hessian ``X^T X`` on its routed tokens (what GPTQ and
+    SparseGPT use) / time of one bare calibration forward: printed, no target (the products
+    themselves cost ``in**2`` per routed token, about the experts' own forward again, as a
+    dense layer's Hessian does)
+Times: one process, one thread, the median over rounds of the per-round
 ratio. Memory: a fresh process per phase (``PeakMeter`` after a warm-up, glibc returning freed
 memory at once). Exits non-zero when a target is missed.
 
@@ -40,7 +48,7 @@ MODIFICATIONS = {
     "quant.rtn": {"bits": 4, "group_size": 64},
     "prune.magnitude": {"sparsity": 0.5},
 }
-TIME_TARGET, MEMORY_TARGET = 1.2, 0.3
+TIME_TARGET, MEMORY_TARGET, CALIBRATION_TARGET = 1.2, 0.3, 1.5
 MIXTRAL = {
     "hidden_size": 512,
     "intermediate_size": 1024,
@@ -81,6 +89,31 @@ def _runs(h: Any) -> dict[str, Any]:
     }
 
 
+def _calibration_runs(h: Any) -> dict[str, Any]:
+    """One bare pass over the calibration windows, and the two routed collections over it."""
+    from pytest_hemorrhage.modifications import make
+    from pytest_hemorrhage.modifications.calibration import (
+        calibration_forwards,
+        input_stats,
+        routed_grams,
+    )
+
+    experts = [t for t in make("quant.gptq").targets(h.model) if t.expert is not None]
+
+    def statistics() -> None:
+        h.memo.pop(("input_stats", h.context.applied), None)  # collected anew each round
+        input_stats(h.model, h.context)
+
+    def hessians() -> None:
+        routed_grams(experts, lambda: calibration_forwards(h.context, []), h.model)
+
+    return {
+        "forward": lambda: calibration_forwards(h.context, []),
+        "statistics": statistics,
+        "hessians": hessians,
+    }
+
+
 def timing(cache: Path, rounds: int) -> dict[str, Any]:
     """Per modification, the median per-round ratio to the bare forward, and its touched
     record."""
@@ -94,8 +127,14 @@ def timing(cache: Path, rounds: int) -> dict[str, Any]:
         run()  # warm-up: lazy imports, allocator pools
     rounds_ = side_by_side(runs, rounds)
     touched = {n: h.measure([(n, p)]).details["touched"] for n, p in MODIFICATIONS.items()}
+    calibration = _calibration_runs(h)
+    for run in calibration.values():
+        run()
+    routed = side_by_side(calibration, rounds)
     return {
         "ratio": {n: rounds_.ratio(n, "forward") for n in MODIFICATIONS},
+        "calibration": {n: routed.ratio(n, "forward") for n in calibration if n != "forward"},
+        "calibration_s": routed.median("forward"),
         "forward_s": rounds_.median("forward"),
         "touched": touched,
         "model_bytes": model_bytes(h.model),
@@ -163,6 +202,14 @@ def main() -> None:
             f"{name:16} {share:8.1%} {ratio:12.2f}x {extra:16.2f}x  "
             f"(targets >=95%, <={TIME_TARGET}x, <={MEMORY_TARGET}x: {' '.join(verdicts)})"
         )
+    print(
+        f"calibration: {times['calibration_s']:.2f} s for one bare forward over the "
+        "calibration windows; routed collection / that forward:"
+    )
+    ratio = times["calibration"]["statistics"]
+    verdict = targets.at_most("routed statistics/forward", ratio, CALIBRATION_TARGET)
+    print(f"  routed statistics      {ratio:6.2f}x  (target <={CALIBRATION_TARGET}x: {verdict})")
+    print(f"  routed expert Hessians {times['calibration']['hessians']:6.2f}x  (no target)")
     sys.stdout.flush()
     targets.finish()
 

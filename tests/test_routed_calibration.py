@@ -72,27 +72,33 @@ def moe(tiny, make_harness):
 @pytest.mark.parametrize("arch", MOE)
 def test_each_expert_sees_the_tokens_its_router_sends_it(tiny, arch):
     """Up/gate inputs: exactly the router's input rows whose top-k holds the expert; down
-    inputs: what rebuilds the experts module's own output, routed weights applied."""
+    inputs: what rebuilds the experts module's output as its own kernel computes it, routed
+    weights applied; and the model's output is that of its own kernel meanwhile."""
     model = build(arch, len(tiny.tokenizer))
     stacks = expert_stacks(model, "model.layers.1")
     module = stacks[0].module
-    got: dict[tuple[str, int], torch.Tensor] = {}
-
-    def record(stack, expert, x):
-        got[stack.param, expert] = x.clone()
-
-    outputs = []
-    handles = routed_hooks(stacks, record)
-    handles.append(module.register_forward_hook(lambda m, a, out: outputs.append(out)))
     ids = torch.randint(1, len(tiny.tokenizer), (2, 48), generator=torch.Generator().manual_seed(0))
-    try:
-        hidden, index = _routing(model, 1, lambda: model(ids))
-    finally:
-        for handle in handles:
-            handle.remove()
+    outputs = []
+    handle = module.register_forward_hook(lambda m, a, out: outputs.append(out.detach()))
+    with torch.no_grad():
+        plain = model(ids).logits  # the module's own kernel (grouped_mm here)
+        got: dict[tuple[str, int], torch.Tensor] = {}
+
+        def record(stack, expert, x):
+            got[stack.param, expert] = x.clone()
+
+        handles = routed_hooks(stacks, record)
+        try:
+            hidden, index = _routing(model, 1, lambda: outputs.append(model(ids).logits))
+        finally:
+            for h in [handle, *handles]:
+                h.remove()
+    kernel, routed_out, routed_logits = outputs
+    assert torch.allclose(routed_logits, plain, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(routed_out, kernel, atol=1e-5, rtol=1e-4)
     down = next(s for s in stacks if "down" in s.param)
     up = next(s for s in stacks if s is not down)
-    weights = None
+    weights = _router(model, 1)(hidden)[1]
     rebuilt = torch.zeros_like(hidden)
     for expert in range(up.count):
         rows = (index == expert).any(-1).nonzero().squeeze(1)
@@ -104,10 +110,9 @@ def test_each_expert_sees_the_tokens_its_router_sends_it(tiny, arch):
         y = got[down.param, expert] @ (w if down.transposed else w.t())
         bias = getattr(module, f"{down.param}_bias", None)
         y = y if bias is None else y + bias[expert]
-        weights = _router(model, 1)(hidden)[1] if weights is None else weights
         share = weights[rows][index[rows] == expert].unsqueeze(1)
         rebuilt.index_add_(0, rows, y * share)
-    assert torch.allclose(rebuilt, outputs[0].reshape(rebuilt.shape), atol=1e-5, rtol=1e-4)
+    assert torch.allclose(rebuilt, kernel.reshape(rebuilt.shape), atol=1e-5, rtol=1e-4)
 
 
 def test_coverage_counts_the_tokens_routed_to_each_expert(moe):

@@ -235,30 +235,64 @@ Record = Callable[[ExpertStack, int, torch.Tensor], None]
 def routed_hooks(
     stacks: Sequence[ExpertStack], record: Record, wanted: Collection[str] | None = None
 ) -> list[Any]:
-    """Hook the experts modules of ``stacks`` so that every call hands each expert's matrices
-    the inputs the router sent that expert; returns the hook handles (to remove).
+    """Make the experts modules of ``stacks`` hand each expert's matrices the inputs the router
+    sent that expert, on every call; returns handles whose ``remove()`` undoes it.
 
     transformers calls every fused experts module as ``experts(hidden_states (tokens, hidden),
-    top_k_index (tokens, k), top_k_weights)``, whichever kernel then runs it (eager loop,
-    ``grouped_mm``, ``batched_mm``): expert ``e`` reads the rows of ``hidden_states`` whose
-    ``top_k_index`` holds ``e`` (an index past the last expert is a sentinel no expert reads).
-    Those rows are the input of its up/gate matrices; its down matrix reads the gated
-    intermediate, recomputed here from them as the module computes it (:func:`_gated`). For
-    each call, ``record(stack, expert, x)`` gets ``x`` (tokens, in) of every expert with
-    tokens, ``wanted`` (target names, ``stack.name[expert]``) limiting which; a down matrix of a
-    layout not known here gets none (its experts count as never reached).
+    top_k_index (tokens, k), top_k_weights (tokens, k))``, whichever kernel then runs it (eager
+    loop, ``grouped_mm``, ``batched_mm``): expert ``e`` reads the rows of ``hidden_states``
+    whose ``top_k_index`` holds ``e`` (an index past the last expert is a sentinel no expert
+    reads). Those rows are the input of its up/gate matrices; its down matrix reads the gated
+    intermediate. For a layout known here (``gate_up_proj`` or ``up_proj``, ``down_proj``) the
+    module runs transformers' eager experts loop meanwhile (:class:`_RoutedForward`), which
+    computes that intermediate once for the output and the record alike; otherwise a hook
+    records the up/gate inputs only (the down matrices' experts then count as never reached).
+    For each call, ``record(stack, expert, x)`` gets ``x`` (tokens, in) of every expert with
+    tokens, ``wanted`` (target names, ``stack.name[expert]``) limiting which.
     """
     by_module: dict[int, list[ExpertStack]] = {}
     for stack in stacks:  # every stack of a module: the down input is computed from the up
         by_module.setdefault(id(stack.module), []).append(stack)
-    handles = []
+    handles: list[Any] = []
     for group in by_module.values():
-        hook = functools.partial(_route, group, record, wanted)
-        handles.append(group[0].module.register_forward_pre_hook(hook, with_kwargs=True))
+        module = group[0].module
+        by_param = {s.param: s for s in group}
+        known = any(_is_down(p) for p in by_param) and (
+            "gate_up_proj" in by_param or ("up_proj" in by_param and hasattr(module, "act_fn"))
+        )
+        # an instance-level forward is someone's wrapper (accelerate's offload hooks): kept
+        if (
+            known
+            and "forward" not in module.__dict__
+            and not getattr(module, "has_post_expert_norm", False)
+        ):
+            handles.append(_RoutedForward(group, record, wanted))
+        else:
+            hook = functools.partial(_route_inputs, group, record, wanted)
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
     return handles
 
 
-def _route(
+def _routing(
+    count: int, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor, torch.Tensor]]] | None:
+    """The experts call's ``hidden_states`` (tokens, hidden) and, per expert with tokens, its
+    index, its rows and their flat top-k slots; None if the call does not read as one."""
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    index = args[1] if len(args) > 1 else next((kwargs[k] for k in _ROUTING if k in kwargs), None)
+    if not isinstance(hidden, torch.Tensor) or not isinstance(index, torch.Tensor):
+        return None
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat = index.detach().reshape(-1)
+    k = len(flat) // len(hidden)
+    # one stable sort: each expert's slots contiguous, in token order
+    order = torch.argsort(flat, stable=True)
+    sizes = torch.bincount(flat, minlength=count)[:count].tolist()
+    slots = order.split([*sizes, len(order) - sum(sizes)])
+    return hidden, [(e, slots[e] // k, slots[e]) for e in range(count) if sizes[e]]
+
+
+def _route_inputs(
     stacks: list[ExpertStack],
     record: Record,
     wanted: Collection[str] | None,
@@ -266,35 +300,72 @@ def _route(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> None:
-    hidden = args[0] if args else kwargs.get("hidden_states")
-    index = args[1] if len(args) > 1 else next((kwargs[k] for k in _ROUTING if k in kwargs), None)
-    if not isinstance(hidden, torch.Tensor) or not isinstance(index, torch.Tensor):
+    """The pre-hook of an experts module of a layout not known here: up/gate inputs only."""
+    routing = _routing(stacks[0].count, args, kwargs)
+    if routing is None:
         return
-    hidden = hidden.detach().reshape(-1, hidden.shape[-1])
-    index = index.detach().reshape(len(hidden), -1)
-    count = stacks[0].count
-    # one stable sort: each expert's tokens contiguous, in token order
-    order = torch.argsort(index.reshape(-1), stable=True)
-    sizes = torch.bincount(index.reshape(-1), minlength=count)[:count].tolist()
-    rows = (order // index.shape[1]).split([*sizes, len(order) - sum(sizes)])
-    by_param = {s.param: s for s in stacks}
-    with parametrize.cached(), torch.no_grad():  # one evaluation of an edited parameter
-        for expert in range(count):
-            if not sizes[expert]:
-                continue
-            want = [s for s in stacks if wanted is None or f"{s.name}[{expert}]" in wanted]
-            if not want:
-                continue
-            x = hidden[rows[expert]]
-            gated = None
-            for stack in want:
-                if not _is_down(stack.param):
-                    record(stack, expert, x)
-                    continue
-                if gated is None:
-                    gated = _gated(module, by_param, expert, x)
-                if gated is not None:
-                    record(stack, expert, gated)
+    hidden, experts = routing
+    with torch.no_grad():
+        for expert, rows, _ in experts:
+            for stack in stacks:
+                if not _is_down(stack.param) and _wants(wanted, stack, expert):
+                    record(stack, expert, hidden[rows].detach())
+
+
+def _wants(wanted: Collection[str] | None, stack: ExpertStack, expert: int) -> bool:
+    return wanted is None or f"{stack.name}[{expert}]" in wanted
+
+
+class _RoutedForward:
+    """An experts module's forward while calibration follows its router: transformers' eager
+    experts loop (each expert on its routed rows, its output weighted by the router and summed
+    per token), recording each expert's inputs as it computes them. A hook beside the module's
+    own kernel would have to compute every routed token's up projection a second time for the
+    down matrices' inputs (about half the experts' cost, ``bench_experts``)."""
+
+    def __init__(
+        self, stacks: list[ExpertStack], record: Record, wanted: Collection[str] | None
+    ) -> None:
+        self.stacks, self.record, self.wanted = stacks, record, wanted
+        self.module = stacks[0].module
+        self.by_param = {s.param: s for s in stacks}
+        self.down = next(s for s in stacks if _is_down(s.param))
+        self.module.forward = self
+
+    def remove(self) -> None:
+        if self.module.__dict__.get("forward") is self:
+            del self.module.forward
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        routing = _routing(self.down.count, args, kwargs)
+        if routing is None:
+            raise TypeError(
+                f"{type(self.module).__name__}: not called as experts(hidden_states, "
+                "top_k_index, top_k_weights)"
+            )
+        hidden, experts = routing
+        weights = (
+            args[2]
+            if len(args) > 2
+            else kwargs.get(
+                "top_k_weights", kwargs.get("routing_weights", kwargs.get("router_scores"))
+            )
+        )
+        weights = weights.reshape(-1)
+        out = torch.zeros_like(hidden)
+        with parametrize.cached():  # one evaluation of an edited parameter per call
+            for expert, rows, slots in experts:
+                x = hidden[rows]
+                for stack in self.stacks:
+                    if not _is_down(stack.param) and _wants(self.wanted, stack, expert):
+                        self.record(stack, expert, x.detach())
+                gated = _gated(self.module, self.by_param, expert, x)
+                assert gated is not None  # a known layout (routed_hooks)
+                if _wants(self.wanted, self.down, expert):
+                    self.record(self.down, expert, gated.detach())
+                y = _expert_linear(self.down, expert, gated) * weights[slots, None]
+                out.index_add_(0, rows, y.to(out.dtype))
+        return out
 
 
 def _is_down(param: str) -> bool:
