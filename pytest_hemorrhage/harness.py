@@ -514,6 +514,7 @@ class Harness:
                 p_target=scores.p_target,
                 finite=scores.present,
                 window=torch.arange(len(windows)).repeat_interleave(per_window),
+                position=torch.arange(1, per_window + 1).repeat(len(windows)),
             )
             stats = self._marked(stats, reference)
             scored = scores.present if stats.scored is None else stats.scored & scores.present
@@ -527,6 +528,13 @@ class Harness:
                 details["unscored"] = int((~scores.present).sum())
             details["noise_floor"] = noise_floor(endpoint, windows, served, budget)
             details["runtime"] = endpoint.describe()
+            if self.windows.roles is not None and self.loaded.tokenizer is not None:  # chat
+                details["chat_template"] = endpoint.chat_template(
+                    self.loaded.tokenizer,
+                    Path(self.settings.data),
+                    self.windows.details["conversations"],
+                    read_template(self.settings.chat_template),
+                )
             return Result(
                 modification="candidate",
                 params=params,
@@ -537,6 +545,7 @@ class Harness:
                 tokens=kept.nll.numel(),
                 details=details,
                 level=self.level,
+                positions=by_position(stats, reference, per_window + 1, self.level),
             )
 
     @contextmanager
@@ -1028,13 +1037,14 @@ def _naming(configs: Sequence[Modification]) -> dict[str, Any]:
 
 
 def auto_batch(seq_len: int, vocab: int) -> int:
-    """Windows per forward pass: large batches, with logits kept under ~256 MB.
+    """Windows per forward pass: large batches, fewer as windows x vocabulary grow.
 
-    One batch's logits take at most a third of it: a measure holds one batch at a time
-    (:meth:`Harness.batches` and its consumers drop it before the next forward pass), and the
-    rest is room for a logits processor's output beside the model's and for the scoring's row
-    blocks of 64 vocabulary-sized rows (``metrics.read_logits``). A processor that sorts the
-    vocabulary (``decode.top_p``) takes a few more copies while it runs.
+    A transformers model's batch holds its hidden states, and its head runs over chunks of
+    positions (:mod:`pytest_hemorrhage.forward`), so its logits are never whole; the bound is
+    for the models whose head cannot be split off, whose batch's logits exist at once: they
+    take at most a third of ~256 MB, the rest being room for a logits processor's output
+    beside them and for the scoring's row blocks (``metrics.read_logits``). A processor that
+    sorts the vocabulary (``decode.top_p``) takes a few more copies while it runs.
     """
     return max(1, min(64, (256 << 20) // (seq_len * vocab * 4 * 3)))
 
