@@ -137,7 +137,7 @@ OPTIONS = [
     ),
     Option(
         "batch-size",
-        "Windows per forward pass. Default: auto (logits under ~256 MB).",
+        "Windows per forward pass. Default: auto (up to 64; the head runs over position chunks).",
         0,
         _count,
         "N",
