@@ -192,6 +192,25 @@ def test_a_range_inside_a_bucket_is_placed_on_the_log_scale(run):
     assert float(line["x2"]) == pytest.approx(xs[1], abs=0.2)
 
 
+def test_each_budgeted_metric_gets_a_chart_and_a_non_finite_bucket_no_point(run):
+    """A collapsed bucket (inf before the JSON round trip, null after) is left off the chart and
+    shown in the table; the other buckets and the budget lines are drawn as ever."""
+    report = run["report"]
+    i, record = _result(report, "test_ranged")
+    record["budget"] = {"ppl_increase": 0.5, "kl_mean": 0.5}
+    record["positions"][0]["metrics"]["kl_mean"] = float("inf")
+    record["positions"][1]["metrics"]["kl_mean"] = None
+    card = _card(report_html.render_html(report), i)
+    ppl, kl = _svgs(card)
+    assert len(_of(ppl, "circle", "point")) == 3 and len(_of(kl, "circle", "point")) == 1
+    assert [b["data-key"] for b in _of(kl, "line", "budget")] == ["kl_mean"]
+    assert '<th class="n">ppl_increase</th><th class="n">kl_mean</th>' in card
+    assert re.search(r'<td class="n">1-15</td>.*?<td class="n">inf ± ', card)
+    assert re.search(
+        r'<td class="n">16-63</td>(<td class="n">[^<]*</td>){2}<td class="n">n/a ± ', card
+    )
+
+
 def test_a_result_with_one_bucket_or_none_gets_no_chart(run):
     """An encoder's result, or one from a report written before positions were measured."""
     report = run["report"]
