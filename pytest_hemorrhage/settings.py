@@ -176,7 +176,8 @@ OPTIONS = [
     ),
     Option(
         "plot",
-        "Write one PNG per measured curve into DIR (needs matplotlib). Default: no plots.",
+        "Write PNGs into DIR (needs matplotlib): each measured curve, each failed check's blame, "
+        "each result's metrics by position. Default: no plots.",
         metavar="DIR",
     ),
     Option(
