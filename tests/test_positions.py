@@ -26,19 +26,25 @@ def _same(a, b) -> None:
             assert a.stderr[metric] == pytest.approx(b.stderr[metric], rel=1e-6), metric
 
 
-def test_chunks_of_positions_score_what_whole_windows_score(tiny, make_harness, monkeypatch):
-    """Windows cut into chunks of 50 positions (a window's chunks one sampling unit), and
-    whole windows from one forward pass, give the same result: same metrics and standard
-    errors within float32 round-off, the same per-position buckets."""
+@pytest.mark.parametrize(
+    "stages", [RTN, [("decode.repetition_penalty", {"value": 1.3})]], ids=["rtn", "penalty"]
+)
+def test_chunks_of_positions_score_what_whole_windows_score(
+    tiny, make_harness, monkeypatch, stages
+):
+    """Windows cut into chunks of 50 positions (a window's chunks one sampling unit; a
+    processor sees each position's own past), and whole windows from one forward pass, give
+    the same result: same metrics and standard errors within float32 round-off, the same
+    per-position buckets."""
     harness = make_harness(tiny, tokens=1024, cache_dir=tempfile.mkdtemp())
-    whole_batch = harness.measure(RTN)  # the tiny vocabulary: a batch of windows per chunk
+    whole_batch = harness.measure(stages)  # the tiny vocabulary: a batch of windows per chunk
     monkeypatch.setattr(forward, "HEAD_CHUNK_BYTES", 50 * 4 * harness.vocab)
     assert forward.chunk_rows(harness.vocab) == 50
     sizes = [c.logits.shape[:2] for c in harness.chunks()]
     assert sizes[:3] == [(1, 50), (1, 50), (1, 27)]  # 127 scored positions per window
-    chunked = harness.measure(RTN)
+    chunked = harness.measure(stages)
     monkeypatch.setattr("pytest_hemorrhage.harness.split_forward", lambda model, ids: None)
-    whole_logits = harness.measure(RTN)
+    whole_logits = harness.measure(stages)
     for other in (chunked, whole_logits):
         _same(whole_batch, other)
         assert [b["tokens"] for b in other.positions] == [
