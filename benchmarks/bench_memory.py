@@ -35,7 +35,8 @@ def peak(seq_len: int, attention: str) -> dict[str, float]:
     from transformers import LlamaConfig
 
     from benchmarks.models import random_llama
-    from pytest_hemorrhage.harness import RESTORE_COPY_BYTES, Harness, auto_batch
+    from pytest_hemorrhage.baseline import RESTORE_COPY_BYTES
+    from pytest_hemorrhage.harness import Harness, auto_batch
     from pytest_hemorrhage.loading import load_model
     from pytest_hemorrhage.memory import estimate_measure
     from pytest_hemorrhage.settings import Settings

@@ -221,9 +221,9 @@ class Stress:
 
 
 def _versions(harness: Any) -> dict[str, Any]:
-    from pytest_hemorrhage.harness import _snapshot
+    from pytest_hemorrhage.baseline import snapshot
 
-    return _snapshot(harness.model)
+    return snapshot(harness.model)
 
 
 def run(harness: Any, count: int) -> Tally:

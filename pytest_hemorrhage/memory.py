@@ -5,7 +5,7 @@ A long window costs memory in the model's body: every layer's hidden states, MLP
 and attention, for a batch of windows at once. The head and the log-softmax run over position
 chunks (``forward.HEAD_CHUNK_BYTES`` of float32 logits each), so they cost the same at any
 window. The estimate adds the weights, the host copy the exact restore keeps of a small model
-(``harness.RESTORE_COPY_BYTES``) and the reference (at most ``REFERENCE_BYTES_PER_TOKEN``), and
+(``baseline.RESTORE_COPY_BYTES``) and the reference (at most ``REFERENCE_BYTES_PER_TOKEN``), and
 is meant as an upper bound: ``benchmarks/bench_memory.py`` measures the real peaks beside it.
 """
 
@@ -213,6 +213,8 @@ def available_bytes(device: str) -> tuple[int, str] | None:
     if device.startswith("cuda"):
         import torch
 
+        if not torch.cuda.is_available():
+            return None  # the device check at startup names that
         index = int(device.partition(":")[2] or torch.cuda.current_device())
         free, _ = torch.cuda.mem_get_info(index)
         return free, f"{device} has {_gb(free)} free"
@@ -271,7 +273,8 @@ def check_window(settings: Settings) -> None:
 def _check_memory(config: Any, settings: Settings) -> None:
     import torch
 
-    from .harness import RESTORE_COPY_BYTES, auto_batch
+    from .baseline import RESTORE_COPY_BYTES
+    from .harness import auto_batch
 
     device = settings.device
     if device == "auto":

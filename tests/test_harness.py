@@ -10,7 +10,7 @@ import torch
 from bit_identity import assert_restored, snapshot
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from pytest_hemorrhage import harness as harness_module
+from pytest_hemorrhage import baseline as baseline_module
 from pytest_hemorrhage.errors import HemorrhageError
 from pytest_hemorrhage.loading import load_model
 
@@ -39,7 +39,7 @@ def test_a_write_is_named_and_undone(harness, how):
 
 
 def test_a_model_too_large_to_copy_is_reloaded_from_its_spec(make_harness, monkeypatch):
-    monkeypatch.setattr(harness_module, "RESTORE_COPY_BYTES", 0)
+    monkeypatch.setattr(baseline_module, "RESTORE_COPY_BYTES", 0)
     loaded = load_model("hemorrhage-tiny", device="cpu")  # its own model: its own baseline
     h = make_harness(loaded, tokens=512)
     assert h._baseline.copy is None
