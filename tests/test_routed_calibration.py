@@ -210,3 +210,7 @@ def test_a_later_stage_still_calibrates_experts_an_earlier_one_edited(moe):
     result = h.measure(["prune.magnitude", ("quant.gptq", {"bits": 4})])
     assert result.details["calibration"][EXPERTS.format(1)]["reached"] == 4
     assert result.details["touched"]["share"] >= 0.95
+
+
+def test_a_dense_model_result_carries_no_calibration_record(harness):
+    assert "calibration" not in harness.measure([("prune.wanda", {"sparsity": 0.5})]).details

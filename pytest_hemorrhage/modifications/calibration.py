@@ -224,6 +224,8 @@ def record_coverage(
         for t in targets
         if t.expert is not None and falls_back(config.min_expert_tokens, tokens.get(t.name, 0))
     }
+    if not per_module:  # a dense model's result carries no record
+        return short
     record = patch.details.setdefault("calibration", {})
     for module, seen in per_module.items():
         counts = [seen[e] for e in sorted(seen)]
