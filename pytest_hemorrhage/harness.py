@@ -796,6 +796,7 @@ def _windows(
             read_text(settings.data),
             seq_len=settings.seq_len,
             tokens=settings.tokens,
+            source=settings.data,
         )
     if loaded.tokenizer is None:
         raise HemorrhageError(
