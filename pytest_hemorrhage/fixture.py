@@ -40,6 +40,8 @@ class Run(Protocol):
 
     def note_candidate(self, label: str, loaded: Any) -> None: ...
 
+    def note_endpoint(self, label: str, result: Result) -> None: ...
+
 
 class Hemorrhage:
     """Per-test handle on the baseline model and the test's budget.
@@ -104,12 +106,17 @@ class Hemorrhage:
         ``retries``.
         """
         from .candidates import candidate_label, load_endpoint
-        from .runtimes.endpoint import is_endpoint
+        from .explore.progress import progress
+        from .runtimes.endpoint import is_endpoint, public_url
 
         if _is_spec(candidate) and is_endpoint(str(candidate)):
             served = load_endpoint(str(candidate), self.harness.loaded.tokenizer, **endpoint)
             params = {"label": label or str(candidate), "spec": str(candidate)}
-            result = self.harness.measure_endpoint(served, params, budget=self.budget)
+            total = served.requests(len(self.harness.windows.eval))
+            with progress(self, total, public_url(served.url), unit="req") as advance:
+                served.on_response = advance
+                result = self.harness.measure_endpoint(served, params, budget=self.budget)
+            self._session.note_endpoint(params["label"], result)
             self._session.record(self._node, result, self.budget)
             return result
         if endpoint:

@@ -276,6 +276,23 @@ class HemorrhageSession:
             },
         )
 
+    def note_endpoint(self, label: str, result: Result) -> None:
+        """Describe a measured served model in the report's ``candidates``: its URL (without
+        credentials), served model, protocol, what the server says it is, and its noise floor;
+        never the API key."""
+        runtime = result.details["runtime"]
+        self.candidates[label] = self._plain(
+            label,
+            {
+                "label": label,
+                "spec": runtime["url"],
+                "endpoint": {
+                    key: runtime[key] for key in ("url", "model", "protocol", "server", "logprobs")
+                },
+                "noise_floor": result.details["noise_floor"],
+            },
+        )
+
     def save_reference(self) -> None:
         """``--hemorrhage-save-reference``: write the baseline's reference file."""
         from .data import read_text

@@ -8,6 +8,9 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
+import pty
+import re
 import socket
 import subprocess
 import sys
@@ -21,8 +24,14 @@ import pytest
 import torch
 
 from pytest_hemorrhage.budget import Budget
+from pytest_hemorrhage.chat import BUNDLED_CHAT
 from pytest_hemorrhage.errors import HemorrhageError
-from pytest_hemorrhage.runtimes.endpoint import API_KEY_ENV, Endpoint, check_reachable
+from pytest_hemorrhage.runtimes.endpoint import (
+    API_KEY_ENV,
+    Endpoint,
+    check_reachable,
+    public_url,
+)
 
 # -- a real server: llama-cpp-python's, on a free port ------------------------------------------
 
@@ -126,12 +135,16 @@ def test_the_float_file_served_measures_at_the_noise_floor(served, windows, tiny
     assert 0 <= result.metrics["kl_mean"] < 2e-5
     assert abs(result.metrics["ppl_increase"]) < 1e-3
     assert result.metrics["top1_disagreement"] == 0
+    import llama_cpp
+
     assert result.details["runtime"] == {
         "name": "endpoint",
         "url": served["f32"][1],
         "protocol": "echo",
         "model": str(served["f32"][0]),
         "logprobs": 20,
+        # what llama-cpp-python's server says it is (its FastAPI schema)
+        "server": f"llama.cpp Python API {llama_cpp.__version__}",
     }
     bound = result.details["kl_bound"]
     assert not bound["exact"] and bound["interval"]["kl_mean"][1] is None
@@ -139,6 +152,9 @@ def test_the_float_file_served_measures_at_the_noise_floor(served, windows, tiny
     assert result.details["noise_floor"]["max_abs_logprob_diff"] == 0
     # the first token after BOS gets no log-prob from echo (OpenAI's null first entry)
     assert result.tokens == 4 * 126 and result.details["unscored"] == 4
+    # damage by position: the buckets count the scored tokens (not position 1's, unscored)
+    assert [b["positions"] for b in result.positions] == [[1, 16], [16, 64], [64, 128]]
+    assert [b["tokens"] for b in result.positions] == [4 * 14, 4 * 48, 4 * 64]
 
 
 def test_q4_0_served_measures_what_llama_cpp_measures_in_process(
@@ -204,12 +220,19 @@ def test_a_kl_budget_under_confidence_is_refused_on_a_lower_bound(
 
 class _Replay:
     """A local server answering ``/v1/models`` and ``/v1/completions`` as vLLM does, its
-    log-probs computed by ``logits(ids)``; ``fail`` answers the next requests with an error."""
+    log-probs computed by ``logits(ids)``; ``fail`` answers the next requests with an error.
+    With ``version``, ``GET /version`` answers as vLLM's does; with ``render`` (messages ->
+    the rendered text), ``POST /tokenize`` with ``messages`` answers as vLLM's does, or, with
+    ``apply_template`` set, ``POST /apply-template`` as llama.cpp's llama-server does. Any
+    other path is FastAPI's 404."""
 
     def __init__(self, logits):
         self.logits = logits
         self.requests: list[tuple[str, dict, dict]] = []
         self.fail: list[tuple[int, str]] = []
+        self.version: str | None = None
+        self.render = None
+        self.apply_template = False
         self.delay, self.in_flight, self.most_in_flight = 0.0, 0, 0
         lock = threading.Lock()
         replay = self
@@ -227,11 +250,20 @@ class _Replay:
                 self.wfile.write(data)
 
             def do_GET(self):
-                self._send(200, {"object": "list", "data": [{"id": "tiny", "object": "model"}]})
+                if self.path == "/v1/models":
+                    models = [{"id": "tiny", "object": "model"}]
+                    self._send(200, {"object": "list", "data": models})
+                elif self.path == "/version" and replay.version:
+                    self._send(200, {"version": replay.version})
+                else:
+                    self._send(404, {"detail": "Not Found"})
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 replay.requests.append((self.path, dict(self.headers), body))
+                if self.path != "/v1/completions":
+                    self._send(*replay.other(self.path, body))
+                    return
                 with lock:
                     replay.in_flight += 1
                     replay.most_in_flight = max(replay.most_in_flight, replay.in_flight)
@@ -291,6 +323,26 @@ class _Replay:
             "usage": {"prompt_tokens": len(ids), "completion_tokens": 1},
         }
 
+    def other(self, path, body):
+        """vLLM's ``/tokenize`` with messages (recorded shape, vLLM 0.8-0.10: the rendered
+        template's ids, tokenized without special tokens, as vLLM does by default for chat);
+        llama-server's ``/apply-template`` (``{"prompt": text}``)."""
+        if self.render is not None and "messages" in body:
+            if path == "/apply-template" and self.apply_template:
+                return 200, {"prompt": self.render(body["messages"])}
+            if path == "/tokenize" and not self.apply_template:
+                assert body["add_generation_prompt"] is False and body["model"] == "tiny"
+                text = self.render(body["messages"])
+                ids = self.tokenizer(text, add_special_tokens=body["add_special_tokens"])
+                tokens = ids["input_ids"]
+                return 200, {
+                    "count": len(tokens),
+                    "max_model_len": 2048,
+                    "tokens": tokens,
+                    "token_strs": None,
+                }
+        return 404, {"detail": "Not Found"}
+
     def close(self):
         self.server.shutdown()
         self.server.server_close()
@@ -309,14 +361,21 @@ def replay(tiny):
             return tiny.model(ids).logits
 
     server = _Replay(logits)
+    server.tokenizer = tiny.tokenizer
     yield server
     server.close()
 
 
 def test_vllm_prompt_logprobs_covering_the_vocabulary_give_the_exact_kl(replay, tiny, small):
+    replay.version = "0.10.1.1"
     endpoint = Endpoint(replay.url, tiny.tokenizer, logprobs=len(tiny.tokenizer))
     result = small.measure_endpoint(endpoint, {"label": "vllm"})
     assert endpoint.protocol == "prompt_logprobs" and endpoint.model == "tiny"
+    assert result.details["runtime"]["server"] == "0.10.1.1"  # vLLM's GET /version
+    # damage by position: every position scored, bucket by bucket
+    assert [b["tokens"] for b in result.positions] == [4 * 15, 4 * 48, 4 * 64]
+    weighted = sum(b["metrics"]["top1_disagreement"] * b["tokens"] for b in result.positions)
+    assert weighted / result.tokens == pytest.approx(result.metrics["top1_disagreement"])
     assert result.details["kl_bound"]["exact"]
     assert result.metrics["kl_mean"] < 1e-6 and result.metrics["top1_disagreement"] == 0
     assert result.tokens == small.reference.targets.numel()  # every position scored
@@ -524,3 +583,158 @@ def test_the_kl_is_the_coarsened_one_a_lower_bound_exact_over_the_whole_vocabula
     reference, served, true_kl = _one_row(p, q, [0, 1, 2, 3])
     got = score_windows([served], reference, 4)
     assert got.exact and got.kl.item() == pytest.approx(true_kl, rel=1e-6)
+
+
+# -- the served chat template, the server's version, the report's candidates ----------------
+
+
+@pytest.fixture(scope="module")
+def chat(tiny, make_harness):
+    """Chat data: the bundled conversations rendered by the bundled chat template."""
+    return make_harness(tiny, data=BUNDLED_CHAT, tokens=512)
+
+
+def _template(tokenizer, source=None):
+    def render(messages):
+        return tokenizer.apply_chat_template(messages, chat_template=source, tokenize=False)
+
+    return render
+
+
+@pytest.mark.parametrize("form", ["vllm /tokenize", "llama-server /apply-template"])
+def test_the_server_s_chat_template_is_compared_token_by_token(replay, tiny, chat, form):
+    """The server's rendering (vLLM: token ids; llama-server: text) against the baseline's,
+    once per measure with chat data: the same template reads "same"; one that writes the
+    roles in capitals names the first token that differs, and where."""
+    replay.apply_template = form.startswith("llama-server")
+    replay.render = _template(tiny.tokenizer)
+    result = chat.measure_endpoint(Endpoint(replay.url, tiny.tokenizer), {})
+    assert result.details["chat_template"] == "same"
+    # every conversation measured, each once (llama-server's form is tried first, once)
+    rendered = [p for p, _, _ in replay.requests if p in ("/tokenize", "/apply-template")]
+    probe = [] if replay.apply_template else ["/apply-template"]
+    assert rendered == probe + [form.split()[1]] * chat.windows.details["conversations"]
+    upper = tiny.tokenizer.chat_template.replace(
+        "message.role | capitalize", "message.role | upper"
+    )
+    replay.render = _template(tiny.tokenizer, upper)
+    result = chat.measure_endpoint(Endpoint(replay.url, tiny.tokenizer), {})
+    # the bundled tokenizer writes "System:" as 'S' 'y' ..., "SYSTEM:" as 'S' 'Y' ...
+    where = f"{BUNDLED_CHAT}:1"
+    assert result.details["chat_template"] == f"differs at token 2: 'y' vs 'Y' ({where})"
+
+
+def test_a_server_without_a_rendered_prompt_says_so(replay, tiny, chat, small, served):
+    """llama-cpp-python's real server exposes no rendering (its routes have none); nor does
+    a vLLM-shaped server that answers /tokenize with 404. Without chat data nothing is asked."""
+    real = Endpoint(served["f32"][1], tiny.tokenizer)
+    assert real.chat_template(tiny.tokenizer, BUNDLED_CHAT, 2) == "not exposed by this server"
+    result = chat.measure_endpoint(Endpoint(replay.url, tiny.tokenizer), {})
+    assert result.details["chat_template"] == "not exposed by this server"
+    replay.requests.clear()
+    assert (
+        "chat_template"
+        not in small.measure_endpoint(Endpoint(replay.url, tiny.tokenizer), {}).details
+    )
+    assert all(p == "/v1/completions" for p, _, _ in replay.requests)
+
+
+def test_a_report_shows_the_url_without_credentials():
+    url = "https://user:pw@gpu-box.internal:8443/v1?api_key=sk-1#model=llama"
+    assert public_url(url) == "https://gpu-box.internal:8443/v1"
+    assert public_url("http://[::1]:8000/v1") == "http://[::1]:8000/v1"
+
+
+def test_the_report_lists_the_endpoint_among_candidates_never_its_key(
+    pytester, replay, monkeypatch
+):
+    monkeypatch.setenv(API_KEY_ENV, "sk-secret-123")
+    replay.version = "0.10.1.1"
+    pytester.makepyfile(
+        """
+        def test_gate(hemorrhage, hemorrhage_candidate):
+            hemorrhage.measure_model(hemorrhage_candidate)
+        """
+    )
+    report = pytester.path / "report.json"
+    spec = f"{replay.url}#model=tiny"
+    result = pytester.runpytest(
+        "--hemorrhage-model=hemorrhage-tiny",
+        "--hemorrhage-tokens=256",
+        f"--hemorrhage-candidate={spec}",
+        f"--hemorrhage-report={report}",
+    )
+    result.assert_outcomes(passed=1)
+    text = report.read_text()
+    assert "sk-secret" not in text
+    [entry] = json.loads(text)["candidates"]
+    assert entry["label"] == spec and entry["spec"] == replay.url
+    assert entry["endpoint"] == {
+        "url": replay.url,
+        "model": "tiny",
+        "protocol": "prompt_logprobs",
+        "server": "0.10.1.1",
+        "logprobs": 20,
+    }
+    assert entry["noise_floor"]["windows"] == 2
+    assert entry["noise_floor"]["max_abs_logprob_diff"] == 0  # the replay is deterministic
+    # output that is not a terminal (a CI log): no progress bar
+    assert not any("req/s" in line for line in result.outlines + result.errlines)
+
+
+@contextlib.contextmanager
+def _terminal(monkeypatch):
+    """stderr a pseudo-terminal, as a user's shell gives pytest; yields what was written to
+    it so far (read on a thread, so the terminal never fills)."""
+    leader, follower = pty.openpty()
+    tty = os.fdopen(follower, "w")
+    monkeypatch.setattr(sys, "__stderr__", tty)
+    monkeypatch.setenv("TERM", "xterm")
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    chunks: list[bytes] = []
+
+    def read():
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the other end closed
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        yield lambda: b"".join(chunks).decode("utf-8", "replace")
+    finally:
+        tty.close()
+        reader.join(5)
+        os.close(leader)
+
+
+def test_a_progress_bar_counts_the_requests_on_a_terminal_only(pytester, replay, monkeypatch):
+    """On a terminal, a slow server's measure shows requests done of the total (4 windows
+    and 2 repeated for the noise floor) and their rate; under -p no:terminal, nothing."""
+    replay.delay = 0.4
+    pytester.makepyfile(
+        """
+        def test_gate(hemorrhage, hemorrhage_candidate):
+            hemorrhage.measure_model(hemorrhage_candidate)
+        """
+    )
+    args = [
+        "--hemorrhage-model=hemorrhage-tiny",
+        "--hemorrhage-tokens=512",
+        f"--hemorrhage-candidate={replay.url}#concurrency=1",
+    ]
+    with _terminal(monkeypatch) as shown:
+        pytester.runpytest(*args).assert_outcomes(passed=1)
+        time.sleep(0.2)
+        assert "/6" in shown() and re.search(r"\d+\.\d req/s", shown()), shown()
+        assert "127.0.0.1" in shown()  # the bar names the server
+        before = shown()
+        result = pytester.runpytest(*args, "-p", "no:terminal")
+        assert result.ret == 0
+        time.sleep(0.2)
+        assert shown() == before

@@ -22,7 +22,13 @@ its tail mass on tokens where the baseline's is tiny, making KL arbitrarily larg
 budget under ``confidence`` is refused unless the KL is exact.
 
 An API key is read from ``HEMORRHAGE_API_KEY`` and sent as a bearer token; it is never part of
-:meth:`Endpoint.describe`, an error or a report.
+:meth:`Endpoint.describe`, an error or a report, nor is a user name or password in the URL.
+
+With chat data, the server's own rendering of a conversation is compared with the baseline's
+(:meth:`Endpoint.chat_template`) where the server exposes it: vLLM's ``POST /tokenize`` with
+``messages`` (the rendered template's token ids) and llama.cpp's ``POST /apply-template`` (its
+text, tokenized by the baseline). The measure itself sends the baseline's rendering, so a
+difference does not move the metrics: it says the server's users are sent other prompts.
 """
 
 from __future__ import annotations
@@ -33,14 +39,21 @@ import os
 import re
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import HemorrhageError, first_line
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from ..chat import Conversation
 
 __all__ = [
     "API_KEY_ENV",
@@ -55,6 +68,7 @@ __all__ = [
     "is_endpoint",
     "kl_bound",
     "noise_floor",
+    "public_url",
     "refuse_bound",
     "score_windows",
     "token_strings",
@@ -75,6 +89,15 @@ _SHIFT_MARGIN = 0.2
 def is_endpoint(spec: str) -> bool:
     """Whether a candidate spec is a served model's base URL."""
     return spec.startswith(("http://", "https://"))
+
+
+def public_url(url: str) -> str:
+    """``url`` as a report may show it: without a user name, password, query or fragment."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    netloc = host if parts.port is None else f"{host}:{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def check_reachable(url: str, timeout: float = 5.0) -> None:
@@ -143,6 +166,9 @@ class Endpoint:
         timeout: seconds per request.
         retries: further tries after a 408, 429 or 5xx answer or a dropped connection, with
             exponential backoff from ``backoff`` seconds.
+
+    Attributes:
+        on_response: called once per scoring request answered (a progress bar's advance).
     """
 
     def __init__(
@@ -174,19 +200,28 @@ class Endpoint:
         self.retries = retries
         self.backoff = backoff
         self.model = model or self._served_model()
+        self.on_response: Callable[[], None] | None = None
+        self._server: str | None | bool = False  # False: not asked yet
+        self._render_forms = ("/apply-template", "/tokenize")  # those not yet refused
         self._strings: list[str] | None = None
         self._by_string: dict[str, tuple[int, ...]] | None = None
 
     # -- HTTP -----------------------------------------------------------------------------
 
     def _request(
-        self, path: str, body: dict[str, Any] | None = None, retries: int | None = None
+        self,
+        path: str,
+        body: dict[str, Any] | None = None,
+        retries: int | None = None,
+        root: bool = False,
     ) -> dict[str, Any]:
-        """One JSON request, retried on 408/429/5xx and dropped connections."""
+        """One JSON request, retried on 408/429/5xx and dropped connections; ``root``: the
+        path is the server's (``/tokenize``), not under the base URL's ``/v1``."""
         data = None if body is None else json.dumps(body).encode()
         retries = self.retries if retries is None else retries
+        base = self.url.removesuffix("/v1") if root else self.url
         for attempt in range(retries + 1):
-            request = urllib.request.Request(self.url + path, data=data, headers=_headers())
+            request = urllib.request.Request(base + path, data=data, headers=_headers())
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     return json.load(response)
@@ -280,7 +315,10 @@ class Endpoint:
         body = self._ids_body if self.protocol == "prompt_logprobs" else self._echo_body
 
         def one(index: int) -> WindowScores:
-            return parse(index, windows[index], self._post(body(windows[index])))
+            scored = parse(index, windows[index], self._post(body(windows[index])))
+            if self.on_response is not None:
+                self.on_response()
+            return scored
 
         with ThreadPoolExecutor(self.concurrency) as pool:
             return list(pool.map(one, range(len(windows))))
@@ -377,15 +415,105 @@ class Endpoint:
         assert self._by_string is not None
         return self._strings, self._by_string
 
+    @staticmethod
+    def requests(windows: int) -> int:
+        """The scoring requests a measure of ``windows`` windows sends (the noise floor's
+        repeats included)."""
+        return windows + min(NOISE_WINDOWS, windows)
+
+    def server_version(self) -> str | None:
+        """What the server says it is, asked once: vLLM's and SGLang's ``GET /version``,
+        llama.cpp's ``GET /props`` build, else a FastAPI server's ``/openapi.json`` title and
+        version (llama-cpp-python's); None when none answers."""
+        if self._server is False:
+            self._server = None
+            for path, read in (
+                ("/version", lambda r: r.get("version")),
+                ("/props", lambda r: r.get("build_info")),
+                ("/openapi.json", _openapi_version),
+            ):
+                try:
+                    found = read(self._request(path, retries=0, root=True))
+                except (_HttpError, HemorrhageError, ValueError, AttributeError):
+                    continue
+                if isinstance(found, str) and found.strip():
+                    self._server = found.strip()
+                    break
+        return self._server or None
+
+    def chat_template(
+        self, tokenizer: Any, path: Path, count: int, template: str | None = None
+    ) -> str:
+        """The server's rendering of the first ``count`` conversations of ``path`` against the
+        baseline's (``tokenizer`` with ``template``, else its own chat template), token by
+        token, stopping at the first conversation that differs: ``"same"``, ``"differs at
+        token i: 'x' vs 'y' (FILE:LINE)"`` (the baseline's token, then the server's; ``the
+        end`` past one's last) or ``"not exposed by this server"``."""
+        from ..chat import read_conversations, render
+
+        for conversation in read_conversations(path)[:count]:
+            theirs = self._rendered(tokenizer, conversation)
+            if theirs is None:
+                return "not exposed by this server"
+            mine = render(tokenizer, conversation, template).ids
+            if mine == theirs:
+                continue
+            pairs = zip(mine, theirs, strict=False)
+            at = next((k for k, (a, b) in enumerate(pairs) if a != b), min(len(mine), len(theirs)))
+            return (
+                f"differs at token {at}: {_token_at(tokenizer, mine, at)} vs "
+                f"{_token_at(tokenizer, theirs, at)} ({conversation.where})"
+            )
+        return "same"
+
+    def _rendered(self, tokenizer: Any, conversation: Conversation) -> list[int] | None:
+        """The server's token ids of ``conversation`` rendered by its chat template, no
+        generation prompt (None: it exposes no rendering). Each form is tried until one
+        answers, then only it; a 4xx or 5xx is "not exposed": the comparison never fails a
+        measure."""
+        messages: dict[str, Any] = {"messages": conversation.messages}
+        if conversation.tools:
+            messages["tools"] = conversation.tools
+        for form in list(self._render_forms):
+            try:
+                if form == "/apply-template":  # llama.cpp's llama-server: the rendered text
+                    text = self._request(form, messages, retries=0, root=True)["prompt"]
+                    tokens = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+                else:  # vLLM: the rendered template's token ids, without special tokens added
+                    body = {"model": self.model, **messages, "add_generation_prompt": False}
+                    body["add_special_tokens"] = False
+                    tokens = self._request(form, body, retries=0, root=True)["tokens"]
+            except (_HttpError, KeyError, TypeError):
+                tokens = None
+            # llama-server's /tokenize answers messages (no "content") with no tokens
+            if isinstance(tokens, list) and tokens:
+                self._render_forms = (form,)
+                return [int(t) for t in tokens]
+            self._render_forms = tuple(f for f in self._render_forms if f != form)
+        return None
+
     def describe(self) -> dict[str, Any]:
-        """What ran it, for ``Result.details["runtime"]`` (never the API key)."""
+        """What ran it, for ``Result.details["runtime"]`` (never the API key nor the URL's
+        credentials); ``server``: what it says it is, where it says."""
         return {
             "name": "endpoint",
-            "url": self.url,
+            "url": public_url(self.url),
             "protocol": self.protocol,
             "model": self.model,
             "logprobs": self.logprobs,
+            "server": self.server_version(),
         }
+
+
+def _token_at(tokenizer: Any, ids: list[int], at: int) -> str:
+    return repr(tokenizer.decode([ids[at]])) if at < len(ids) else "the end"
+
+
+def _openapi_version(schema: dict[str, Any]) -> str | None:
+    """``title version`` of a FastAPI server's schema, the title's emoji dropped."""
+    info = schema.get("info") or {}
+    title = str(info.get("title", "")).encode("ascii", "ignore").decode().strip()
+    return f"{title} {info['version']}".strip() if info.get("version") else None
 
 
 class _HttpError(Exception):
