@@ -18,8 +18,9 @@ the layer class differs) and runs them another way:
 and, for smooth=False, quant.torchao itself from the catalogue. Per row: kl_mean against the
 baseline, its difference from quant.w8a8's, the time to build the layers, run a forward pass
 over the evaluation windows and restore (median of ``--repeat`` rounds, back to back), and how
-many of the integers fed to the kernel differ from quant.w8a8's (weights; activations over the
-evaluation windows).
+many of the integers fed to torchao's kernel differ from quant.w8a8's (weights; activations over
+the evaluation windows), and how many still differ when quant.w8a8's quantizer takes torchao's
+rule (scale max / 127.5, integers in [-128, 127]): what its multiplying by 1 / scale leaves.
 
 Target: every torch int8 path with per-token activations within 5% of quant.w8a8's kl_mean
 (the GGUF audit's bar), and the float simulation equal to it where its sums are exact.
@@ -43,21 +44,48 @@ TOLERANCE = 0.05  # relative kl_mean difference, as for quant.gguf against llama
 
 
 class Tally:
-    """Integers fed to a kernel that differ from quant.w8a8's: counts and the largest gap."""
+    """Integers fed to a kernel that differ from quant.w8a8's (counts and the largest gap), and
+    those that still differ when quant.w8a8's quantizer takes torchao's rule (``by_its_rule``)."""
 
     def __init__(self) -> None:
-        self.total = self.differ = self.gap = 0
+        self.total = self.differ = self.gap = self.beyond_rule = 0
 
-    def add(self, ours: Any, theirs: Any) -> None:
+    def add(self, ours: Any, theirs: Any, by_its_rule: Any) -> None:
         diff = (ours.long() - theirs.long()).abs()
         self.total += diff.numel()
         self.differ += int((diff > 0).sum())
         self.gap = max(self.gap, int(diff.max()))
+        self.beyond_rule += int((by_its_rule.long() != theirs.long()).sum())
 
     def __str__(self) -> str:
         if not self.total:
             return "-"
-        return f"{self.differ / self.total:6.2%} (max {self.gap})"
+        return (
+            f"{self.differ / self.total:6.2%} (max {self.gap}), {self.beyond_rule / self.total:.3%}"
+        )
+
+
+def by_torchao_rule(x: Any) -> Any:
+    """quant.w8a8's per-row quantizer with torchao's symmetric int8 rule: scale
+    ``max|row| / 127.5`` (half of 127 - (-128)) and integers clamped to [-128, 127]."""
+    scale = x.abs().amax(-1, keepdim=True) / 127.5
+    return (x / scale).round().clamp(-128, 127)
+
+
+def kernel_path() -> str:
+    """Which int8 kernel torchao's CPU path takes here, and whether its int32 sums are exact
+    (on same-sign operands, where float32 sums would not be)."""
+    import torch
+    from torchao.kernel import int_scaled_matmul
+    from torchao.kernel.intmm import _cpu_is_amx_tile_supported, _cpu_is_vnni_supported
+
+    u8s8 = not _cpu_is_amx_tile_supported() and _cpu_is_vnni_supported()
+    a = torch.full((32, 4096), 127, dtype=torch.int8)
+    b = torch.full((4096, 16), 127, dtype=torch.int8)
+    exact = int_scaled_matmul(a, b, torch.ones(32, 1, dtype=torch.float64))
+    exact = bool(torch.equal(exact, (a.long() @ b.long()).double()))
+    path = "u8s8 (uint8 activations + 128, minus a column-sum correction)" if u8s8 else "s8s8"
+    return f"torchao's CPU int8 kernel here: torch._int_mm, {path}; int32 sums exact: {exact}"
 
 
 def _kernels(base: type) -> dict[str, type]:
@@ -88,7 +116,7 @@ def _kernels(base: type) -> dict[str, type]:
             if self.own_weights:
                 self.ao = Int8Tensor.from_hp(w, PerRow(), act_quant_kwargs=act)
                 if Torchao.counting:
-                    Torchao.weights.add(self.qweight, self.ao.qdata)
+                    Torchao.weights.add(self.qweight, self.ao.qdata, by_torchao_rule(w))
             else:
                 scale = self.weight_scale.reshape(-1, 1)
                 self.ao = Int8Tensor(
@@ -102,7 +130,7 @@ def _kernels(base: type) -> dict[str, type]:
                     h = h / self.smooth
                 if Torchao.counting:
                     theirs = _choose_quant_func_and_quantize_tensor(h, act).qdata
-                    Torchao.activations.add(int8_per_row(h)[0], theirs)
+                    Torchao.activations.add(int8_per_row(h)[0], theirs, by_torchao_rule(h))
                 bias = None if self.bias is None else self.bias.float()
                 return nn.functional.linear(h, self.ao, bias)
 
@@ -166,7 +194,7 @@ def run(widen: bool, repeat: int, targets: Targets) -> None:
     print(f"\n{loaded.spec}: {h.windows.eval.numel()} evaluation tokens")
     print(
         f"{'smooth':6} {'kernel':20} {'kl_mean':>10} {'vs w8a8':>8} {'time':>9} "
-        f"{'weight ints differ':>19} {'activation ints differ':>23}"
+        f"{'weight ints differ, beyond rule':>32} {'activation ints differ, beyond':>32}"
     )
     for smooth in (False, True):
         mods = [("quant.w8a8", {"smooth": smooth})]
@@ -206,8 +234,8 @@ def run(widen: bool, repeat: int, targets: Targets) -> None:
             elif label not in ("quant.w8a8 (int32)", "fbgemm dynamic"):
                 verdict = targets.at_most(f"{what}: |kl_mean / w8a8's - 1|", abs(rel), TOLERANCE)
             print(
-                f"{smooth!s:6} {label:20} {kl:10.3e} {rel:+8.2%} {ms:>9} {ints[0]:>19} "
-                f"{ints[1]:>23}  {verdict}"
+                f"{smooth!s:6} {label:20} {kl:10.3e} {rel:+8.2%} {ms:>9} {ints[0]:>32} "
+                f"{ints[1]:>32}  {verdict}"
             )
 
 
@@ -220,6 +248,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)  # a second thread straggles on a shared machine
     targets = Targets()
+    print(kernel_path())
     for widen in (False, True):
         run(widen, args.repeat, targets)
     targets.finish()
