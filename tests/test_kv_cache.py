@@ -61,36 +61,42 @@ def test_kept_residual_tokens_stay_in_full_precision(harness):
 def _forward(harness, options, ids, **keywords):
     """The output for ``ids`` through a quantized cache, and the sizes of what its layers
     handed the quantizer, call by call."""
-    from transformers.cache_utils import HQQQuantizedLayer
+    from transformers.cache_utils import HQQQuantizedLayer, QuantoQuantizedLayer
 
     from pytest_hemorrhage.modifications.quant.kv_cache import quantized_forward
 
+    config = make("quant.kv_cache", options)
+    layer = HQQQuantizedLayer if config.backend == "hqq" else QuantoQuantizedLayer
     seen = []
-    real = HQQQuantizedLayer._quantize
+    real = layer._quantize
 
     def counted(self, tensor, axis):
         seen.append(tensor.numel())
         return real(self, tensor, axis)
 
-    HQQQuantizedLayer._quantize = counted
+    layer._quantize = counted
     try:
         with torch.inference_mode():
-            forward = quantized_forward(make("quant.kv_cache", options), harness.model)
-            out = forward(input_ids=ids, **keywords)
+            out = quantized_forward(config, harness.model)(input_ids=ids, **keywords)
     finally:
-        HQQQuantizedLayer._quantize = real
+        layer._quantize = real
     return out, seen
 
 
-@pytest.mark.parametrize(("chunk", "residual_length"), [(32, 0), (32, 40), (16, 0), (128, 0)])
-def test_each_token_is_quantized_once(harness, chunk, residual_length):
+@pytest.mark.parametrize(
+    ("chunk", "residual_length", "backend"),
+    [(32, 0, "hqq"), (32, 40, "hqq"), (16, 0, "hqq"), (128, 0, "hqq"), (32, 40, "quanto")],
+)
+def test_each_token_is_quantized_once(harness, chunk, residual_length, backend):
     """Every cached key and value is quantized once, when it leaves the residual window, in
     one quantizer call per chunk (keys and values of every layer together); what the last chunk
     caches is never read, so never quantized. transformers' QuantizedCache would quantize
     C + 2C + ... + (n-1)C positions per layer instead, re-quantizing the whole cache."""
+    if backend == "quanto":
+        pytest.importorskip("optimum.quanto")
     config = harness.model.config
     ids = harness.windows.eval[:2]
-    options = {"bits": 4, "chunk": chunk, "residual_length": residual_length}
+    options = {"bits": 4, "chunk": chunk, "residual_length": residual_length, "backend": backend}
     _, seen = _forward(harness, options, ids)
     per_token = 2 * ids.shape[0] * config.num_key_value_heads * config.head_dim  # keys, values
     last = (ids.shape[1] - 1) % chunk + 1
@@ -179,6 +185,8 @@ def test_gpt2_layout(gpt2):
 def test_bad_configs_and_models_are_clear_errors(harness):
     with pytest.raises(HemorrhageError, match="bits=3 is not valid; choose one of 2, 4, 8"):
         make("quant.kv_cache", {"bits": 3})
+    with pytest.raises(HemorrhageError, match="bits=8 is not valid; choose one of 2, 4"):
+        make("quant.kv_cache", {"backend": "quanto", "bits": 8})  # quanto's layer takes 2, 4
     with pytest.raises(HemorrhageError, match="include/exclude do not apply"):
         make("quant.kv_cache", {"include": ("*.mlp.*",)})
     before = snapshot(harness.model)
