@@ -74,7 +74,7 @@ def test_small_layers_of_any_shape_are_exact():
 def test_w8a8_on_the_int8_gemm_restores_exactly_and_costs_little(request, model, smooth):
     """Llama (bundled) and GPT-2 (Conv1D, (in, out) weights): every target swapped for an int8
     layer whose int8 weight is the per-row quantized (out, in) weight; restored bit for bit.
-    Measured kl_mean on the bundled model: 9.0e-4 (smooth=False), 7.9e-4 (smooth=True), the
+    Measured kl_mean on the bundled model: 9.0e-4 (smooth=False), 8.4e-4 (smooth=True), the
     same as the float emulation gave (its widths, 128 and 384, are exact in float32)."""
     h = request.getfixturevalue(model)
     before = snapshot(h.model)
