@@ -468,9 +468,8 @@ class Endpoint:
 
     def _rendered(self, tokenizer: Any, conversation: Conversation) -> list[int] | None:
         """The server's token ids of ``conversation`` rendered by its chat template, no
-        generation prompt (None: it exposes no rendering). Each form is tried until one
-        answers, then only it; a 4xx or 5xx is "not exposed": the comparison never fails a
-        measure."""
+        generation prompt (None: it exposes no rendering). A form the server refuses is not
+        tried again; a 4xx or 5xx is "not exposed": the comparison never fails a measure."""
         messages: dict[str, Any] = {"messages": conversation.messages}
         if conversation.tools:
             messages["tools"] = conversation.tools
@@ -487,7 +486,6 @@ class Endpoint:
                 tokens = None
             # llama-server's /tokenize answers messages (no "content") with no tokens
             if isinstance(tokens, list) and tokens:
-                self._render_forms = (form,)
                 return [int(t) for t in tokens]
             self._render_forms = tuple(f for f in self._render_forms if f != form)
         return None
