@@ -214,3 +214,45 @@ def test_a_later_stage_still_calibrates_experts_an_earlier_one_edited(moe):
 
 def test_a_dense_model_result_carries_no_calibration_record(harness):
     assert "calibration" not in harness.measure([("prune.wanda", {"sparsity": 0.5})]).details
+
+
+@pytest.mark.parametrize(
+    ("name", "module", "calibrates"),
+    [
+        ("quant.gptq", "pytest_hemorrhage.modifications.quant.gptq", "sequential_hessians"),
+        (
+            "prune.sparsegpt",
+            "pytest_hemorrhage.modifications.prune.sparsegpt",
+            "sequential_hessians",
+        ),
+        ("quant.awq", "pytest_hemorrhage.modifications.quant.awq", "walk_blocks"),
+    ],
+)
+def test_a_result_read_from_the_disk_cache_still_reports_its_coverage(
+    tiny, make_harness, tmp_path, monkeypatch, name, module, calibrates
+):
+    """The routed token counts are stored with the solve: a second session applying it from
+    the disk cache, without calibrating, reports the same coverage."""
+    import importlib
+
+    def fresh():
+        model = build("gpt_oss", len(tiny.tokenizer))
+        for layer in model.model.layers:
+            layer.mlp.router.bias.data[3] = -1e4
+        return make_harness(
+            model,
+            tiny.tokenizer,
+            spec="gpt_oss-3",
+            tokens=256,
+            calibration_windows=2,
+            cache_dir=tmp_path,
+        )
+
+    first = fresh().measure([name]).details["calibration"]
+    assert first[EXPERTS.format(0)]["fallback"] == [3]
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibrated again")
+
+    monkeypatch.setattr(importlib.import_module(module), calibrates, no_calibration)
+    assert fresh().measure([name]).details["calibration"] == first
