@@ -107,6 +107,26 @@ def test_each_token_is_quantized_once(harness, chunk, residual_length, backend):
     assert len(seen) == quantizing
 
 
+def test_a_scored_window_allocates_its_cache_once(harness):
+    """The wrapper knows the window's length: each quantized layer allocates one buffer of
+    it, and every chunk reads a view of that buffer (no copy of the cache per chunk)."""
+    model, ids = harness.model, harness.windows.eval[:2]
+    caches = []
+
+    def keep(module, args, kwargs):
+        caches.append(kwargs.get("cache", kwargs.get("past_key_values")))
+
+    hook = model.base_model.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        _forward(harness, {"bits": 4, "chunk": 32}, ids)
+    finally:
+        hook.remove()
+    assert len(caches) == 4 and all(c is caches[0] for c in caches)
+    for layer in caches[0].layers:
+        assert [b.shape[-2] for b in layer.buffers] == [ids.shape[1]] * 2
+        assert layer.keys.data_ptr() == layer.buffers[0].data_ptr()
+
+
 def test_close_to_transformers_quantized_cache_at_8_bits(harness):
     """transformers' QuantizedCache (hqq, the same per-token groups) re-quantizes the whole
     cache at every chunk; ours quantizes each entry once. At 8 bits both are finite and differ

@@ -195,9 +195,10 @@ class _Incremental:
     them with everything before, and entries that left the residual window quantized and
     dequantized once, in place, before anything reads the cache again (see the module
     docstring). Quantizing before the next read, not at once, reads the same values and lets
-    :func:`_quantize_pending` quantize the entries of every layer in one call."""
+    :func:`_quantize_pending` quantize the entries of every layer together."""
 
     axis: int  # the axis that makes the backend's groups runs of a 2-D tensor's rows
+    capacity = 0  # tokens to allocate at once, when known
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -218,10 +219,13 @@ class _Incremental:
             self.lazy_initialization(key_states, value_states)
         _quantize_pending([self])  # a generation step: nothing quantized it since the last
         held, new = self.cumulative_length, key_states.shape[-2]
-        if held + new > self.buffers[0].shape[-2]:  # grow by doubling: appends copy nothing
+        if held + new > self.buffers[0].shape[-2]:
+            # a scored window's length is known (``capacity``): one buffer, never copied; a
+            # generation's grows by doubling, so appends copy nothing on average
+            size = self.capacity if held + new <= self.capacity else 2 * (held + new)
             grown = []
             for buffer in self.buffers:
-                shape = (*buffer.shape[:-2], 2 * (held + new), buffer.shape[-1])
+                shape = (*buffer.shape[:-2], size, buffer.shape[-1])
                 bigger = buffer.new_empty(shape)
                 bigger[..., :held, :] = buffer[..., :held, :]
                 grown.append(bigger)
@@ -369,6 +373,9 @@ def quantized_forward(config: KVCache, model: nn.Module) -> Any:
         positions = kwargs.pop("position_ids", None)
         length = input_ids.shape[1]
         cache, logits, hidden = _new_cache(config, model), [], []
+        for layer in cache.layers:
+            if isinstance(layer, _Incremental):
+                layer.capacity = length
         starts = range(0, length, config.chunk)
         for start in starts:
             stop = min(start + config.chunk, length)
