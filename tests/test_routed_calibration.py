@@ -21,7 +21,6 @@ from pytest_hemorrhage.modifications.experts import expert_stacks, routed_hooks
 from pytest_hemorrhage.modifications.registry import Patch, apply
 
 MOE = ("mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss", "deepseek_v3")  # in architectures.py
-CALIBRATED = ("prune.wanda", "quant.gptq", "prune.sparsegpt", "quant.awq", "lowrank.asvd")
 EXPERTS = "model.layers.{}.mlp.experts"
 
 
@@ -48,6 +47,12 @@ def _routing(model: torch.nn.Module, layer: int, run) -> tuple[torch.Tensor, tor
     return torch.cat(inputs), torch.cat(indices)
 
 
+def _unreachable(model: torch.nn.Module, expert: int) -> None:
+    """Bias GPT-OSS's routers against ``expert``: -inf in all but name, never in a top-k."""
+    for layer in model.model.layers:
+        layer.mlp.router.bias.data[expert] = -1e4
+
+
 @pytest.fixture(scope="module")
 def moe(tiny, make_harness):
     """``moe(architecture, unreached=None)``: a Harness (2 windows of 128 tokens, 2 calibration
@@ -58,9 +63,8 @@ def moe(tiny, make_harness):
     def harness(arch: str, unreached: int | None = None):
         if (arch, unreached) not in built:
             model = build(arch, len(tiny.tokenizer))
-            if unreached is not None:  # GPT-OSS's router has a bias: -inf in all but name
-                for layer in model.model.layers:
-                    layer.mlp.router.bias.data[unreached] = -1e4
+            if unreached is not None:
+                _unreachable(model, unreached)
             built[arch, unreached] = make_harness(
                 model, tiny.tokenizer, spec=f"{arch}-{unreached}", tokens=256, calibration_windows=2
             )
@@ -151,22 +155,25 @@ def _applied(h, name: str, params: dict) -> tuple[dict, dict[str, torch.Tensor]]
     return patch.details, weights
 
 
-@pytest.mark.parametrize("name", CALIBRATED)
-def test_an_expert_calibration_never_reaches_falls_back_and_is_named(moe, name):
+@pytest.mark.parametrize(
+    ("name", "params", "fallback"),
+    [
+        ("prune.wanda", {}, "prune.magnitude"),
+        ("prune.nm", {"score": "wanda"}, "prune.nm score=magnitude"),
+        ("quant.gptq", {}, "quant.rtn"),
+        ("prune.sparsegpt", {}, "prune.magnitude"),
+        ("quant.awq", {}, "quant.rtn"),
+        ("lowrank.asvd", {}, "lowrank.svd"),
+    ],
+)
+def test_an_expert_calibration_never_reaches_falls_back_and_is_named(moe, name, params, fallback):
     """GPT-OSS ((experts, in, out) layout) with expert 3 outside every top-k: each method
     still measures, says expert 3 fell back and to what, and restores bit for bit."""
     h = moe("gpt_oss", unreached=3)
     before = snapshot(h.model)
-    result = h.measure([name])
+    result = h.measure([(name, params)])
     assert_restored(h.model, before)
     assert all(torch.isfinite(torch.tensor(v)) for v in result.metrics.values())
-    fallback = {
-        "quant.gptq": "quant.rtn",
-        "quant.awq": "quant.rtn",
-        "prune.wanda": "prune.magnitude",
-        "prune.sparsegpt": "prune.magnitude",
-        "lowrank.asvd": "lowrank.svd",
-    }[name]
     for layer in (0, 1):
         record = result.details["calibration"][EXPERTS.format(layer)]
         assert (record["experts"], record["reached"], record["tokens_min"]) == (4, 3, 0)
@@ -237,8 +244,7 @@ def test_a_result_read_from_the_disk_cache_still_reports_its_coverage(
 
     def fresh():
         model = build("gpt_oss", len(tiny.tokenizer))
-        for layer in model.model.layers:
-            layer.mlp.router.bias.data[3] = -1e4
+        _unreachable(model, 3)
         return make_harness(
             model,
             tiny.tokenizer,
