@@ -262,3 +262,32 @@ def test_a_result_read_from_the_disk_cache_still_reports_its_coverage(
 
     monkeypatch.setattr(importlib.import_module(module), calibrates, no_calibration)
     assert fresh().measure([name]).details["calibration"] == first
+
+
+def test_an_experts_call_by_keyword_is_routed_as_by_position(tiny):
+    """Routing read from keyword arguments too (the names transformers' MoE blocks use)."""
+    model = build("mixtral", len(tiny.tokenizer))
+    stacks = expert_stacks(model, "model.layers.0")
+    module = stacks[0].module
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(10, 64, generator=gen)
+    index = torch.stack([torch.randperm(4, generator=gen)[:2] for _ in range(10)])
+    weights = torch.rand(10, 2, generator=gen)
+    calls = []
+    for kwargs in (
+        {},
+        {"hidden_states": hidden, "top_k_index": index, "top_k_weights": weights},
+    ):
+        got = {}
+        handles = routed_hooks(stacks, lambda s, e, x, got=got: got.__setitem__((s.param, e), x))
+        try:
+            with torch.no_grad():
+                out = module(**kwargs) if kwargs else module(hidden, index, weights)
+        finally:
+            for h in handles:
+                h.remove()
+        calls.append((out, got))
+    (out, got), (out_kw, got_kw) = calls
+    assert torch.equal(out, out_kw) and got.keys() == got_kw.keys() and len(got) == 8
+    assert all(torch.equal(got[k], got_kw[k]) for k in got)
+    assert "forward" not in module.__dict__  # removed: the module's own forward again

@@ -229,6 +229,7 @@ def cache_per_call(module: nn.Module) -> list[Any]:
 # the routing argument of transformers' experts forward (``experts(hidden_states, top_k_index,
 # top_k_weights)``), by the names its MoE blocks pass it under
 _ROUTING = ("top_k_index", "router_indices", "selected_experts", "topk_indices")
+_WEIGHTS = ("top_k_weights", "routing_weights", "router_scores", "topk_weights")
 Record = Callable[[ExpertStack, int, torch.Tensor], None]
 
 
@@ -338,19 +339,14 @@ class _RoutedForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         routing = _routing(self.down.count, args, kwargs)
-        if routing is None:
-            raise TypeError(
-                f"{type(self.module).__name__}: not called as experts(hidden_states, "
-                "top_k_index, top_k_weights)"
-            )
-        hidden, experts = routing
         weights = (
-            args[2]
-            if len(args) > 2
-            else kwargs.get(
-                "top_k_weights", kwargs.get("routing_weights", kwargs.get("router_scores"))
-            )
+            args[2] if len(args) > 2 else next((kwargs[k] for k in _WEIGHTS if k in kwargs), None)
         )
+        if routing is None or not isinstance(weights, torch.Tensor):
+            # not called as transformers calls experts: its own forward, nothing recorded
+            # (the experts then count as never reached, and fall back)
+            return type(self.module).forward(self.module, *args, **kwargs)
+        hidden, experts = routing
         weights = weights.reshape(-1)
         out = torch.zeros_like(hidden)
         with parametrize.cached():  # one evaluation of an edited parameter per call
@@ -360,7 +356,8 @@ class _RoutedForward:
                     if not _is_down(stack.param) and _wants(self.wanted, stack, expert):
                         self.record(stack, expert, x.detach())
                 gated = _gated(self.module, self.by_param, expert, x)
-                assert gated is not None  # a known layout (routed_hooks)
+                if gated is None:  # not reached: routed_hooks picks known layouts
+                    raise TypeError(f"{type(self.module).__name__}: no up projection")
                 if _wants(self.wanted, self.down, expert):
                     self.record(self.down, expert, gated.detach())
                 y = _expert_linear(self.down, expert, gated) * weights[slots, None]
