@@ -284,12 +284,8 @@ _UNQUANTIZED = {
 }
 
 
-@pytest.mark.parametrize("architecture", list(_HYBRIDS))
-def test_hybrid_models_measure_with_the_layers_that_can_be_quantized(
-    tiny, make_harness, architecture
-):
-    """Convolution (LFM2), chunked-attention (Llama 4) and shared-cache (Gemma 3n) layers keep
-    transformers' unquantized layer; the others are quantized, and the result says which."""
+def _hybrid(tiny, architecture, **overrides):
+    """The tiny random-init hybrid ``architecture``, ``overrides`` over its config."""
     import transformers
 
     config_class, model_class, arguments = _HYBRIDS[architecture]
@@ -301,11 +297,28 @@ def test_hybrid_models_measure_with_the_layers_that_can_be_quantized(
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
-        **arguments,
+        **{**arguments, **overrides},
     )
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = getattr(transformers, model_class)(config).eval()
+        return getattr(transformers, model_class)(config).eval()
+
+
+def test_a_model_with_no_layer_to_quantize_is_refused(tiny, harness):
+    from pytest_hemorrhage.modifications.registry import Patch, apply
+
+    model = _hybrid(tiny, "lfm2", layer_types=["conv"] * 4)
+    with pytest.raises(HemorrhageError, match="has no attention layer whose cache can be quanti"):
+        apply(make("quant.kv_cache"), model, Patch(model), harness.context)
+
+
+@pytest.mark.parametrize("architecture", list(_HYBRIDS))
+def test_hybrid_models_measure_with_the_layers_that_can_be_quantized(
+    tiny, make_harness, architecture
+):
+    """Convolution (LFM2), chunked-attention (Llama 4) and shared-cache (Gemma 3n) layers keep
+    transformers' unquantized layer; the others are quantized, and the result says which."""
+    model = _hybrid(tiny, architecture)
     harness = make_harness(model, tiny.tokenizer, spec=architecture, tokens=256)
     before = snapshot(model)
     result = harness.measure([("quant.kv_cache", {"bits": 2, "chunk": 32})])

@@ -115,8 +115,8 @@ class KVCache(Modification):
         check_int(self, "chunk", 1)
         if self.include or self.exclude:
             raise HemorrhageError(
-                f"{self.name}: include/exclude do not apply (the cache of every attention layer "
-                "is quantized); drop them"
+                f"{self.name}: include/exclude do not apply (every full and sliding attention "
+                "layer's cache is quantized); drop them"
             )
 
 
@@ -146,7 +146,8 @@ _UNQUANTIZED = {
     "conv": "a convolution state, no per-token keys and values",
     "hybrid": "linear attention beside attention: a recurrent state in the same layer",
     "hybrid_sliding": "linear attention beside attention: a recurrent state in the same layer",
-    "dummy": "reads another layer's cache (shared KV) or has no attention",
+    "dummy": "reads another layer's cache (shared KV, quantized if that one is) or has no "
+    "attention",
 }
 
 
@@ -162,7 +163,15 @@ def _plan(model: nn.Module) -> dict[str, Any]:
     """What ``Result.details["kv_cache"]`` reports: which layers are quantized, which slide
     (over what), and which keep an unquantized layer (their kind, and why); refuse a model
     with no layer to quantize."""
+    from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING
+
     kinds, kwargs = _layer_kinds(model)
+    unknown = sorted(set(kinds) - set(DYNAMIC_LAYER_TYPE_MAPPING))
+    if unknown:
+        raise HemorrhageError(
+            f"quant.kv_cache: {type(model).__name__} has {', '.join(unknown)} layers, for which "
+            "transformers has no cache layer; quantize its weights instead (e.g. quant.rtn)"
+        )
     quantized = [i for i, k in enumerate(kinds) if k in _CACHED]
     if not quantized:
         raise HemorrhageError(
