@@ -291,3 +291,29 @@ def test_an_experts_call_by_keyword_is_routed_as_by_position(tiny):
     assert torch.equal(out, out_kw) and got.keys() == got_kw.keys() and len(got) == 8
     assert all(torch.equal(got[k], got_kw[k]) for k in got)
     assert "forward" not in module.__dict__  # removed: the module's own forward again
+
+
+@pytest.mark.parametrize("name", ["quant.gptq", "prune.sparsegpt", "lowrank.asvd"])
+def test_applying_evaluates_each_edited_stack_a_fixed_number_of_times(
+    tiny, make_harness, monkeypatch, name
+):
+    """Reading expert e + 1's weight after expert e's edit must not rebuild every expert:
+    the edited stacks are evaluated as often with 8 experts as with 4."""
+    from pytest_hemorrhage.modifications.experts import ExpertEdit
+
+    calls = [0]
+    forward = ExpertEdit.forward
+
+    def counted(self, w):
+        calls[0] += 1
+        return forward(self, w)
+
+    monkeypatch.setattr(ExpertEdit, "forward", counted)
+    counts = []
+    for experts in (4, 8):
+        model = build("mixtral", len(tiny.tokenizer), num_local_experts=experts)
+        h = make_harness(model, tiny.tokenizer, spec=f"mixtral-{experts}", calibration_windows=2)
+        calls[0] = 0
+        _applied(h, name, {})
+        counts.append(calls[0])
+    assert counts[0] == counts[1]

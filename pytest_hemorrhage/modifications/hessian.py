@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..errors import HemorrhageError
 from .calibration import falls_back, routed_grams
@@ -322,18 +323,9 @@ def sequential_hessians(
             hessians[name] = total.mul_(2 / counts[name])
         return hessians, counts
 
-    def visit(
-        index: int | None, chosen: list[Target], run: Callable[[], None], swaps: Patch
+    def solve_block(
+        chosen: list[Target], hessians: dict, counts: dict[str, int], memoized: bool, swaps: Patch
     ) -> None:
-        memoized = index == 0
-        if memoized:  # independent of the config: shared by every config
-            shape = context.calibration_windows().shape
-            key = ("obs.hessians", context.applied, tuple(t.name for t in chosen), shape)
-            hessians, counts = context.memo(key, functools.partial(collect, chosen, run))
-            hessians = dict(hessians)
-        else:
-            hessians, counts = collect(chosen, run)
-        routed.update(counts)
         for t in chosen:
             if t.expert is not None and falls_back(min_expert_tokens, counts.get(t.name, 0)):
                 hessians.pop(t.name, None)  # too few routed tokens: the data-free solve
@@ -348,6 +340,23 @@ def sequential_hessians(
                 swaps.swap_module(t.name, _Solved(new, t.weight.dtype, t.module.bias))
             else:  # one matrix of a fused parameter: edited in place of being swapped
                 swaps.parametrize(t, functools.partial(_solved_expert, new))
+
+    def visit(
+        index: int | None, chosen: list[Target], run: Callable[[], None], swaps: Patch
+    ) -> None:
+        memoized = index == 0
+        if memoized:  # independent of the config: shared by every config
+            shape = context.calibration_windows().shape
+            key = ("obs.hessians", context.applied, tuple(t.name for t in chosen), shape)
+            hessians, counts = context.memo(key, functools.partial(collect, chosen, run))
+            hessians = dict(hessians)
+        else:
+            hessians, counts = collect(chosen, run)
+        routed.update(counts)
+        # each fused stack evaluated once for the block: solving expert e parametrizes it on
+        # ``swaps``, and reading expert e + 1's weight would otherwise rebuild every expert
+        with parametrize.cached():
+            solve_block(chosen, hessians, counts, memoized, swaps)
 
     walk_blocks(model, context, targets, visit)
     return routed

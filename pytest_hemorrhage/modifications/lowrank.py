@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .calibration import RoutedCalibration, routed_statistics
 from .handler import Context
@@ -255,8 +256,9 @@ def _subspaces(config: LowRank, context: Context) -> dict[str, Subspace | None]:
 @register_modification("lowrank.svd", LowRank)
 def apply_svd(config: LowRank, model: nn.Module, patch: Patch, context: Context) -> None:
     spaces = _subspaces(config, context)
-    for target in config.targets(model):
-        _truncated(config.rank_ratio, target, None, patch, spaces)
+    with parametrize.cached():  # see apply_asvd
+        for target in config.targets(model):
+            _truncated(config.rank_ratio, target, None, patch, spaces)
 
 
 def asvd_scale(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -274,7 +276,10 @@ def apply_asvd(config: ASVD, model: nn.Module, patch: Patch, context: Context) -
     targets = config.targets(model)
     stats = routed_statistics(model, context, config, targets, patch, "use lowrank.svd")
     spaces = _subspaces(config, context)
-    for target in targets:
-        found = stats[target.name]
-        scale = None if found is None else asvd_scale(found.abs_mean, config.alpha)
-        _truncated(config.rank_ratio, target, scale, patch, spaces)
+    # each fused expert stack evaluated once: after expert e's edit, reading expert e + 1's
+    # weight would rebuild every expert of the stack (its value before this stage is wanted)
+    with parametrize.cached():
+        for target in targets:
+            found = stats[target.name]
+            scale = None if found is None else asvd_scale(found.abs_mean, config.alpha)
+            _truncated(config.rank_ratio, target, scale, patch, spaces)

@@ -17,6 +17,7 @@ from torch import nn
 
 from ...errors import HemorrhageError
 from ..calibration import RoutedCalibration, record_coverage
+from ..experts import stored
 from ..handler import Context
 from ..hessian import COLUMNS, inverse_hessian_factor, sequential_hessians, solver_inputs
 from ..registry import Patch, Target, register_modification
@@ -203,7 +204,7 @@ def apply_sparsegpt(config: SparseGPT, model: nn.Module, patch: Patch, context: 
     tokens = {t.name: int(states[t.name]["tokens"]) for t in targets if t.expert is not None}
     record_coverage(patch, config, targets, tokens)
     for target in targets:
-        device = target.weight.device
+        device = stored(target.module, target.param).device  # (see quant.gptq)
         patch.parametrize(
             target, _sparsegpt_fn({k: v.to(device) for k, v in states[target.name].items()})
         )

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..calibration import RoutedCalibration, record_coverage
+from ..experts import stored
 from ..handler import Context
 from ..hessian import COLUMNS, inverse_hessian_factor, sequential_hessians, solver_inputs
 from ..registry import Patch, Target, register_modification
@@ -203,6 +204,8 @@ def apply_gptq(config: GPTQ, model: nn.Module, patch: Patch, context: Context) -
     tokens = {t.name: int(states[t.name]["tokens"]) for t in targets if t.expert is not None}
     record_coverage(patch, config, targets, tokens)
     for target in targets:
-        device = target.weight.device  # views of the stored buffers where already there
+        # views of the stored buffers where already there; the stored tensor's device, as
+        # reading an expert's weight after another's edit would rebuild the whole stack
+        device = stored(target.module, target.param).device
         state = {k: v.to(device) for k, v in states[target.name].items() if k != "tokens"}
         patch.parametrize(target, _gptq_fn(state, config))
