@@ -9,6 +9,7 @@ are routed per token, random init).
 
 from __future__ import annotations
 
+import json
 import statistics
 
 import pytest
@@ -136,6 +137,8 @@ def test_coverage_counts_the_tokens_routed_to_each_expert(moe):
             "fallback": [],
             "fallback_method": "prune.magnitude",
         }
+    record = result.details["calibration"]
+    assert json.loads(json.dumps(record)) == record  # plain JSON, as the reports write it
 
 
 def _calibration_pass(h) -> None:
