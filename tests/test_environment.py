@@ -80,7 +80,7 @@ def test_every_result_and_the_reference_record_their_environment_and_a_changed_s
 ):
     """One run saves the reference and the report; the next compares with both, as an earlier
     stack wrote them: the terminal, the JSON report and the Markdown say what changed."""
-    pytester.makepyfile(test_gate=TESTS)
+    pytester.makepyfile(test_env_gate=TESTS)
     first = pytester.runpytest(
         *RUN,
         "--hemorrhage-candidate=hemorrhage-tiny",
@@ -152,7 +152,7 @@ def test_every_result_and_the_reference_record_their_environment_and_a_changed_s
 def test_a_report_and_a_reference_from_before_environments_were_recorded_still_work(pytester):
     """Files as the previous pytest-hemorrhage wrote them: no environments, no environment in
     the reference file. The run passes and says the environment was not recorded."""
-    pytester.makepyfile(test_gate=TESTS.partition("def test_release")[0])
+    pytester.makepyfile(test_env_gate=TESTS.partition("def test_release")[0])
     pytester.runpytest(
         *RUN, "--hemorrhage-save-reference=baseline.ref", "--hemorrhage-report=old.json"
     ).assert_outcomes(passed=1)

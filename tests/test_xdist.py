@@ -333,9 +333,9 @@ def test_summary_comparison_markdown_and_page_see_every_result(runs):
     assert "test_model_object" in xdist["markdown"]
 
     def parts(page: str) -> list[str]:
-        """The page's result rows and cards (explorations, blame), without the numbering by
-        position that xdist shuffles."""
-        body = re.sub(r'(id="[rb]|href="#[rb])\d+', r"\1", page)
+        """The page's result rows and cards (explorations, blame, by position), without the
+        numbering by position that xdist shuffles."""
+        body = re.sub(r'(id="[rbp]|href="#[rbp])\d+', r"\1", page)
         return sorted(
             re.findall(r'<tbody id="r">.*?</tbody>|<section class="card".*?</section>', body, re.S)
         )
