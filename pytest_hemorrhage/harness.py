@@ -72,8 +72,8 @@ __all__ = [
     "auto_batch",
 ]
 
-# Rows per Reference.from_logprobs call while the reference is built (its top-K storage sorts
-# each row's tail in float64: 32 bytes per logit for the rows in hand).
+# Rows per Reference.from_logprobs call while the reference is built (its top-K storage works
+# in float64 over each row's tail: tens of bytes per logit for the rows in hand).
 _REFERENCE_ROWS = 128
 # Texts per forward pass of an encoder (unless --hemorrhage-batch-size says otherwise).
 ENCODER_BATCH = 64
@@ -260,19 +260,18 @@ class Harness:
     def _compute_reference(self) -> Reference:
         parts, row = [], 0
         for chunk in self.chunks():
-            logp = torch.log_softmax(chunk.logits.float(), -1).flatten(0, -2)
+            logits = chunk.logits.flatten(0, -2)
             targets = chunk.targets.cpu()
-            # a hundred rows at a time: the top-K storage sorts each row's tail in float64;
-            # each block's tail draws seeded by its first row
-            for start in range(0, len(logp), _REFERENCE_ROWS):
+            # a hundred rows at a time (no copy of the chunk): the top-K storage works in
+            # float64 over each row's tail; each block's tail draws seeded by its first row
+            for start in range(0, len(logits), _REFERENCE_ROWS):
                 rows = slice(start, start + _REFERENCE_ROWS)
+                logp = torch.log_softmax(logits[rows].float(), -1).cpu()
                 parts.append(
-                    Reference.from_logprobs(
-                        logp[rows].cpu(), targets[rows], self.topk, seed=row + start
-                    )
+                    Reference.from_logprobs(logp, targets[rows], self.topk, seed=row + start)
                 )
-            row += len(logp)
-            del chunk, logp  # freed before the next chunk (see chunks)
+            row += len(logits)
+            del chunk, logits, logp  # freed before the next chunk (see chunks)
         return Reference.cat(parts)
 
     def chunks(
