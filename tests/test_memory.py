@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pytest_hemorrhage.errors import HemorrhageError
+from pytest_hemorrhage.forward import chunk_rows
 from pytest_hemorrhage.loading import BUNDLED_MODEL, model_context
 from pytest_hemorrhage.memory import (
     RUNTIME_BYTES,
@@ -52,7 +53,9 @@ def test_the_estimate_grows_with_the_window_and_the_batch(config):
     # a batch never holds more windows than there are
     assert _estimate(config, 16384, batch_size=8, tokens=16384).batch_size == 1
     # the head runs in chunks: past a chunk's rows its cost stops growing
-    assert _estimate(config, 131072).head == _estimate(config, 65536).head
+    rows = chunk_rows(config.vocab_size)
+    assert _estimate(config, 4 * rows).head == _estimate(config, 2 * rows).head
+    assert _estimate(config, rows // 2).head < _estimate(config, rows).head
     small = _estimate(config, 128)
     assert small.restore_copy == small.weights > 0
     assert small.total == small.weights * 2 + small.activations + small.head + small.reference + (
