@@ -384,15 +384,21 @@ def test_vllm_prompt_logprobs_covering_the_vocabulary_give_the_exact_kl(replay, 
     assert body["max_tokens"] == 1 and body["prompt_logprobs"] == 512
 
 
-def test_a_damaged_served_model_reads_a_lower_bound_below_the_exact_kl(tiny, small):
-    g = torch.Generator().manual_seed(0)
+def _damaged(tiny, seed: int) -> _Replay:
+    """A vLLM-shaped server of the bundled model with seeded noise on its logits (the same
+    per token id at every position)."""
+    g = torch.Generator().manual_seed(seed)
     noise = torch.randn(len(tiny.tokenizer), generator=g) * 0.5
 
     def logits(ids):
         with torch.inference_mode():
             return tiny.model(ids).logits + noise
 
-    server = _Replay(logits)
+    return _Replay(logits)
+
+
+def test_a_damaged_served_model_reads_a_lower_bound_below_the_exact_kl(tiny, small):
+    server = _damaged(tiny, 0)
     try:
         exact = small.measure_endpoint(Endpoint(server.url, tiny.tokenizer, logprobs=512), {})
         low = small.measure_endpoint(Endpoint(server.url, tiny.tokenizer, logprobs=5), {})
@@ -410,14 +416,7 @@ def test_top_k_storage_gives_a_lower_bound_never_called_exact(tiny, make_harness
     every id gives a lower bound: the rest of the baseline's distribution is not known."""
     topk = make_harness(tiny, tokens=512, topk=16)
     exact = make_harness(tiny, tokens=512)
-    g = torch.Generator().manual_seed(1)
-    noise = torch.randn(len(tiny.tokenizer), generator=g) * 0.5
-
-    def logits(ids):
-        with torch.inference_mode():
-            return tiny.model(ids).logits + noise
-
-    server = _Replay(logits)
+    server = _damaged(tiny, 1)
     try:
         low = topk.measure_endpoint(Endpoint(server.url, tiny.tokenizer, logprobs=512), {})
         full = exact.measure_endpoint(Endpoint(server.url, tiny.tokenizer, logprobs=512), {})
