@@ -30,6 +30,20 @@ SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (in, out): Llama-7B's q
 TOKENS, ROWS = 2048, 1024
 
 
+@contextmanager
+def built_as(cls: type) -> Iterator[None]:
+    """Inside: quant.w8a8 builds ``cls`` for its layers (its handler builds whichever class
+    the name ``W8A8Linear`` holds); the class is put back on exit."""
+    from pytest_hemorrhage.modifications.quant import w8a8
+
+    base = w8a8.W8A8Linear
+    w8a8.W8A8Linear = cls
+    try:
+        yield
+    finally:
+        w8a8.W8A8Linear = base
+
+
 def _emulated(base: type) -> type:
     """W8A8Linear with the forward it had before: float32 F.linear over integer-valued floats."""
     import torch
@@ -125,14 +139,6 @@ def model(repeat: int) -> None:
     int8 = w8a8.W8A8Linear
     labels = {"int8 GEMM": int8, "float emulation": _emulated(int8)}
     inner: dict[str, list[float]] = {label: [] for label in labels}  # the forward alone
-
-    @contextmanager
-    def built_as(cls: type) -> Iterator[None]:
-        w8a8.W8A8Linear = cls  # the handler builds whichever class the name holds
-        try:
-            yield
-        finally:
-            w8a8.W8A8Linear = int8
 
     def applied(label: str) -> None:
         with built_as(labels[label]), h.modified([("quant.w8a8", {})]):

@@ -32,11 +32,9 @@ from __future__ import annotations
 
 import argparse
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
-from benchmarks.bench_w8a8 import _emulated
+from benchmarks.bench_w8a8 import _emulated, built_as
 from benchmarks.common import Rounds, Targets, forward_pass, side_by_side
 from benchmarks.models import widened
 
@@ -182,14 +180,6 @@ def run(widen: bool, repeat: int, targets: Targets) -> None:
     base = w8a8.W8A8Linear
     kernels = _kernels(base)
     torchao = kernels["torchao"]
-
-    @contextmanager
-    def built_as(cls: type) -> Iterator[None]:
-        w8a8.W8A8Linear = cls  # the handler builds whichever class the name holds
-        try:
-            yield
-        finally:
-            w8a8.W8A8Linear = base
 
     print(f"\n{loaded.spec}: {h.windows.eval.numel()} evaluation tokens")
     print(
