@@ -20,6 +20,7 @@ before: the same values, with the memory of a whole batch of logits.
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -69,7 +70,7 @@ def split_forward(model: Any, ids: torch.Tensor) -> Split | None:
     model's own logits of the last position; None where the head cannot be split off (see
     the module docstring), the forward pass not run."""
     head_module = _head_module(model)
-    if head_module is None:
+    if head_module is None or model in _UNSPLIT:
         return None
     captured: list[torch.Tensor] = []
 
@@ -91,8 +92,14 @@ def split_forward(model: Any, ids: torch.Tensor) -> Split | None:
 
     own = out.logits[:, -1]
     if hidden.shape[:2] != ids.shape or not torch.equal(head(hidden[:, -1:])[:, 0], own):
+        _UNSPLIT.add(model)  # not tried again: its later batches run one forward pass, not two
         return None
     return Split(hidden, head)
+
+
+# Models whose head failed the check: whole logits from then on (what a modification may
+# change later can only make the check pass, and whole logits are right either way).
+_UNSPLIT: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def _body(model: Any) -> Any:

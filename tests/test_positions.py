@@ -56,8 +56,8 @@ def test_a_head_the_split_does_not_know_falls_back_to_whole_logits(tiny):
     from transformers import LlamaForCausalLM
 
     class Doubled(LlamaForCausalLM):
-        def forward(self, *args, **kwargs):
-            out = super().forward(*args, **kwargs)
+        def forward(self, input_ids=None, logits_to_keep=0, **kwargs):
+            out = super().forward(input_ids=input_ids, logits_to_keep=logits_to_keep, **kwargs)
             out.logits = out.logits * 2
             return out
 
@@ -66,6 +66,10 @@ def test_a_head_the_split_does_not_know_falls_back_to_whole_logits(tiny):
     ids = torch.arange(40).reshape(2, 20)
     with torch.inference_mode():
         assert split_forward(model, ids) is None  # the last position's check caught it
+        calls = []
+        hook = model.register_forward_pre_hook(lambda *_: calls.append(1))
+        assert split_forward(model, ids) is None and calls == []  # not run twice per batch
+        hook.remove()
         split = split_forward(tiny.model, ids)
         assert split is not None
         full = tiny.model(input_ids=ids, use_cache=False).logits
