@@ -58,12 +58,16 @@ def test_kept_residual_tokens_stay_in_full_precision(harness):
     assert whole.metrics["kl_mean"] < 1e-9
 
 
-def _forward(harness, options, ids, **keywords):
-    """The output for ``ids`` through a quantized cache, and the sizes of what its layers
-    handed the quantizer, call by call."""
+def _forward(model, options, ids, chunked=False, **keywords):
+    """The output for ``ids`` through a quantized cache (scored in one pass, or ``chunked``
+    through the cache), and the sizes of what was handed the quantizer, call by call."""
     from transformers.cache_utils import HQQQuantizedLayer, QuantoQuantizedLayer
 
-    from pytest_hemorrhage.modifications.quant.kv_cache import quantized_forward
+    from pytest_hemorrhage.modifications.quant.kv_cache import (
+        _cache_keyword,
+        _chunked,
+        quantized_forward,
+    )
 
     config = make("quant.kv_cache", options)
     layer = HQQQuantizedLayer if config.backend == "hqq" else QuantoQuantizedLayer
@@ -77,31 +81,39 @@ def _forward(harness, options, ids, **keywords):
     layer._quantize = counted
     try:
         with torch.inference_mode():
-            out = quantized_forward(config, harness.model)(input_ids=ids, **keywords)
+            if chunked:
+                out = _chunked(model.forward, config, model, _cache_keyword(model), ids, keywords)
+            else:
+                out = quantized_forward(config, model)(input_ids=ids, **keywords)
     finally:
         layer._quantize = real
     return out, seen
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-pass", "chunked"])
 @pytest.mark.parametrize(
     ("chunk", "residual_length", "backend"),
     [(32, 0, "hqq"), (32, 40, "hqq"), (16, 0, "hqq"), (128, 0, "hqq"), (32, 40, "quanto")],
 )
-def test_each_token_is_quantized_once(harness, chunk, residual_length, backend):
-    """Every cached key and value is quantized once, when it leaves the residual window, in
-    one quantizer call per chunk (keys and values of every layer together); what the last chunk
-    caches is never read, so never quantized. transformers' QuantizedCache would quantize
-    C + 2C + ... + (n-1)C positions per layer instead, re-quantizing the whole cache."""
+def test_each_token_is_quantized_once(harness, chunk, residual_length, backend, chunked):
+    """Every cached key and value is quantized once, when it leaves the residual window; what
+    the last chunk caches is never read, so never quantized. Chunked, in one quantizer call per
+    chunk (keys and values of every layer together); in one pass, one call per layer for its
+    keys and one for its values. transformers' QuantizedCache would quantize C + 2C + ... +
+    (n-1)C positions per layer instead, re-quantizing the whole cache."""
     if backend == "quanto":
         pytest.importorskip("optimum.quanto")
     config = harness.model.config
     ids = harness.windows.eval[:2]
     options = {"bits": 4, "chunk": chunk, "residual_length": residual_length, "backend": backend}
-    _, seen = _forward(harness, options, ids)
+    _, seen = _forward(harness.model, options, ids, chunked=chunked)
     per_token = 2 * ids.shape[0] * config.num_key_value_heads * config.head_dim  # keys, values
     last = (ids.shape[1] - 1) % chunk + 1
     cached = max(0, ids.shape[1] - last - residual_length)
     assert sum(seen) == cached * per_token * config.num_hidden_layers
+    if not chunked:
+        assert len(seen) == (2 * config.num_hidden_layers if cached else 0)
+        return
     reading = -(-ids.shape[1] // chunk) - 1  # chunks whose entries a later chunk reads
     quantizing = sum(1 for c in range(reading) if (c + 1) * chunk > residual_length)
     assert len(seen) == quantizing
@@ -118,7 +130,7 @@ def test_a_scored_window_allocates_its_cache_once(harness):
 
     hook = model.base_model.register_forward_pre_hook(keep, with_kwargs=True)
     try:
-        _forward(harness, {"bits": 4, "chunk": 32}, ids)
+        _forward(harness.model, {"bits": 4, "chunk": 32}, ids, chunked=True)
     finally:
         hook.remove()
     assert len(caches) == 4 and all(c is caches[0] for c in caches)
@@ -138,7 +150,7 @@ def test_close_to_transformers_quantized_cache_at_8_bits(harness):
 
     model, ids = harness.model, harness.windows.eval[:4]
     group = model.config.head_dim
-    ours = _forward(harness, {"bits": 8, "chunk": 32, "group_size": group}, ids)[0].logits
+    ours = _forward(harness.model, {"bits": 8, "chunk": 32, "group_size": group}, ids)[0].logits
     cache = QuantizedCache(
         "hqq",
         model.config,
@@ -164,10 +176,10 @@ def test_close_to_transformers_quantized_cache_at_8_bits(harness):
 
 
 def test_a_forward_hook_on_the_body_sees_every_chunk(harness):
-    """Keywords the wrapper does not own reach each chunk's forward: a forward hook on
+    """Chunked, keywords the wrapper does not own reach each chunk's forward: a forward hook on
     ``model.base_model`` sees every chunk's hidden states, ``logits_to_keep=1`` makes each
     chunk's head compute one position and returns the sequence's last one, and
-    ``output_hidden_states`` comes back whole."""
+    ``output_hidden_states`` comes back whole. In one pass, the hook sees the whole window."""
     model, ids = harness.model, harness.windows.eval[:2]
     options = {"bits": 4, "chunk": 32}
     hidden, heads = [], []
@@ -176,20 +188,97 @@ def test_a_forward_hook_on_the_body_sees_every_chunk(harness):
         model.lm_head.register_forward_hook(lambda m, a, out: heads.append(a[0].shape[1])),
     ]
     try:
-        whole = _forward(harness, options, ids, output_hidden_states=True)[0]
+        whole = _forward(harness.model, options, ids, True, output_hidden_states=True)[0]
         body, hidden[:], heads[:] = torch.cat(hidden, 1), [], []
-        last = _forward(harness, options, ids, logits_to_keep=1)[0]
+        last = _forward(harness.model, options, ids, True, logits_to_keep=1)[0]
         assert [h.shape[1] for h in hidden] == [32] * 4 and heads == [1] * 4
-        tail = _forward(harness, options, ids, logits_to_keep=40)[0]  # across two chunks
+        tail = _forward(harness.model, options, ids, True, logits_to_keep=40)[
+            0
+        ]  # across two chunks
+        pieces, hidden[:], heads[:] = hidden[:4], [], []
+        _forward(harness.model, options, ids, logits_to_keep=1)
+        assert [h.shape[1] for h in hidden] == [128] and heads == [1]
     finally:
         for hook in hooks:
             hook.remove()
-    assert torch.equal(torch.cat(hidden[:4], 1), body)
+    assert torch.equal(torch.cat(pieces, 1), body)
     assert len(whole.hidden_states) == model.config.num_hidden_layers + 1
     assert torch.equal(whole.hidden_states[-1], body)
     assert last.logits.shape[1] == 1
     torch.testing.assert_close(last.logits[:, 0], whole.logits[:, -1])
     torch.testing.assert_close(tail.logits, whole.logits[:, -40:])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"bits": 8, "chunk": 32},
+        {"bits": 4, "chunk": 32},
+        {"bits": 2, "chunk": 16, "residual_length": 40},
+        {"bits": 4, "chunk": 64, "group_size": 16},
+    ],
+)
+def test_one_pass_scores_as_the_chunks_do(harness, options):
+    """A window scored in one pass (each chunk's queries attending to earlier chunks' keys and
+    values quantized) gives the logits of the same window fed chunk by chunk through the cache,
+    also in a left-padded batch, up to HQQ's stopping rule, which sees other blocks (measured:
+    logits within 1.5% of what the cache moves them by, kl_mean within 0.01%)."""
+    ids = harness.windows.eval[:4]
+    padding = torch.ones_like(ids)
+    padding[:2, :20] = 0
+    for keywords in ({}, {"attention_mask": padding}):
+        one, seen = _forward(harness.model, options, ids, **keywords)
+        chunked = _forward(harness.model, options, ids, chunked=True, **keywords)[0]
+        with torch.inference_mode():
+            plain = harness.model(input_ids=ids, **keywords).logits
+        assert len(seen) == 2 * harness.model.config.num_hidden_layers  # one pass it was
+        moved = (chunked.logits - plain).abs().max()
+        assert (one.logits - chunked.logits).abs().max() <= 0.02 * moved
+        assert _kl(plain, one.logits) == pytest.approx(_kl(plain, chunked.logits), rel=1e-3)
+    # the padding reached the attention: the padded windows' logits moved
+    assert (
+        one.logits[:2, 20:] - _forward(harness.model, options, ids)[0].logits[:2, 20:]
+    ).abs().max() > 1
+
+
+def test_a_layer_missed_by_the_one_pass_sends_the_model_to_chunks(harness, monkeypatch):
+    """A quantized layer whose attention does not come through the one-pass attention (here
+    one with a config of its own, so it keeps SDPA) would be scored unquantized: the wrapper
+    sees it, scores chunk by chunk instead, and keeps to chunks for that model."""
+    import copy
+
+    from transformers.cache_utils import HQQQuantizedLayer
+
+    from pytest_hemorrhage.modifications.quant.kv_cache import (
+        _cache_keyword,
+        _chunked,
+        quantized_forward,
+    )
+
+    model, ids = harness.model, harness.windows.eval[:2]
+    config = make("quant.kv_cache", {"bits": 4, "chunk": 32})
+    calls = []
+    real = HQQQuantizedLayer._quantize
+    monkeypatch.setattr(
+        HQQQuantizedLayer, "_quantize", lambda self, t, axis: calls.append(1) or real(self, t, axis)
+    )
+    attention = model.model.layers[2].self_attn
+    monkeypatch.setattr(attention, "config", copy.copy(attention.config))
+    forward = quantized_forward(config, model)
+    with torch.inference_mode():
+        first = forward(input_ids=ids).logits
+        tried = len(calls)
+        second = forward(input_ids=ids).logits
+        chunked = _chunked(model.forward, config, model, _cache_keyword(model), ids, {}).logits
+    assert torch.equal(first, chunked) and torch.equal(second, chunked)
+    chunks = len(calls) - tried  # the second call and _chunked: 3 calls each (chunks 1-3)
+    assert chunks == 6 and tried == 2 * 3 + 3  # keys and values of layers 0, 1, 3; then chunks
+
+
+def _kl(baseline, modified):
+    """Mean KL divergence of ``modified``'s next-token distributions from ``baseline``'s."""
+    p, q = baseline.log_softmax(-1), modified.log_softmax(-1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
 
 
 def test_gpt2_layout(gpt2):

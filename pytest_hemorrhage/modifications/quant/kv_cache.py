@@ -4,8 +4,8 @@ A quantized cache leaves every weight alone and changes only what later tokens r
 and values of earlier tokens, stored in ``bits`` bits by the ``backend`` (hqq or quanto). It
 acts on tokens that attend to *cached* keys, so it is measured where it acts:
 
-- **Scoring**: each evaluation window is fed in chunks of ``chunk`` tokens through one
-  quantized cache, so the tokens of chunk k attend to the quantized keys and values of chunks
+- **Scoring**: each evaluation window is scored as if fed in chunks of ``chunk`` tokens through
+  one quantized cache: the tokens of chunk k attend to the quantized keys and values of chunks
   0..k-1 and to their own chunk's in full precision. Of what is cached, the newest
   ``residual_length`` tokens stay in full precision, as in serving. With the default 64-token
   chunks and 128-token windows, half the scored tokens (63 of 127) read a quantized cache of 64
@@ -17,16 +17,34 @@ acts on tokens that attend to *cached* keys, so it is measured where it acts:
 leave the full-precision residual window (at once with ``residual_length=0``), by the backend's
 own quantizer (transformers' ``HQQQuantizedLayer._quantize``: HQQ's optimizer;
 ``QuantoQuantizedLayer._quantize``: quanto's min-max) applied to those entries only, and
-dequantized once, in place, into the float buffer every later chunk reads (the packed form is
-dropped: nothing here needs the memory it saves). A group of ``group_size`` elements lies along
-one token's head vector (a group wider than the head is cut to the head), so entries quantize
-alone and no group mixes tokens quantized at different times; the entries of all layers that a
-chunk leaves go to the quantizer together, in blocks (see ``_BLOCK``), before the next chunk
-reads them. Both backends work this way; neither needs the whole cache. (optimum-quanto is
-not among the test suite's packages: its path was checked by hand with optimum-quanto 0.2.7,
-where it differs from transformers' quanto cache by 1.4e-5 in the logits at 4 bits, 32-token
-chunks, against 1.55 from the unquantized model. transformers' quanto layer takes 2 or 4 bits
-and groups along the last dimension with axis 0, HQQ's with axis 1.)
+dequantized once (the packed form is dropped: nothing here needs the memory it saves). A group
+of ``group_size`` elements lies along one token's head vector (a group wider than the head is
+cut to the head), so entries quantize alone and no group mixes tokens quantized at different
+times. Both backends work this way; neither needs the whole cache. (optimum-quanto is not among
+the test suite's packages: its path was checked by hand with optimum-quanto 0.2.7, where it
+differs from transformers' quanto cache by 1.4e-5 in the logits at 4 bits, 32-token chunks,
+against 1.55 from the unquantized model. transformers' quanto layer takes 2 or 4 bits and
+groups along the last dimension with axis 0, HQQ's with axis 1.)
+
+**One pass where the model allows, chunks elsewhere.** A model whose attention is
+transformers' SDPA (its default) and none of whose layers reads another's cache scores a window
+in one forward pass. For that pass, and only that pass, its attention is :func:`_attention`
+(registered with transformers as ``"hemorrhage_kv_cache"``): a quantized layer's keys and
+values are quantized once, then each chunk's queries attend, by SDPA under the window's own
+mask cut to the chunk, to the earlier chunks' keys and values as quantized (the residual
+window's as computed) and to their own chunk's. The chunks compute exactly that, since a
+token's keys at every layer come from hidden states that attended the same way below; but the
+rest of the model runs once per window, not once per chunk (the cost:
+``benchmarks/bench_kv_cache.py``). A pass in which a quantized layer's attention did not come
+through (its own attention code, a position bias) would have scored that layer unquantized: it
+is scored again in chunks, and the model stays with chunks. Every other model is fed in chunks
+through one cache of incremental layers: each chunk's forward pass reads the cache the earlier
+ones filled, and the entries a chunk leaves are dequantized in place into the float buffer the
+next chunk reads. The two group entries differently for the quantizer (one pass: a layer's
+keys, then its values, of the whole batch; chunks: the entries of all layers a chunk leaves,
+together), in blocks (see ``_BLOCK``), and HQQ's stopping rule is per block, so they agree up
+to it: on the bundled model, kl_mean within 0.01%, logits within 1.5% of what the cache moves
+them by (``tests/test_kv_cache.py``).
 
 transformers' own ``QuantizedCache`` instead dequantizes, appends and re-quantizes the *whole*
 cache at every chunk (residual_length=0), HQQ's optimizer over every cached element each time:
@@ -34,9 +52,9 @@ a cost growing as the square of the number of chunks, and entries quantized agai
 The results are close but not equal: on the bundled model, 4 windows of 128 tokens in 32-token
 chunks, both with 32-element per-token groups (``tests/test_kv_cache.py`` checks it), the
 largest logit difference between the two caches is 1.9e-4 at 8 bits, where either differs from
-the unquantized model by 0.057 (kl_mean 3.811e-6 here, 3.814e-6 there), and 0.018 at 4 bits
-against 1.21. The cost against a plain measure, at the default window and at long ones:
-``benchmarks/bench_kv_cache.py``.
+the unquantized model by 0.057 (kl_mean 2.858e-6 here, 2.860e-6 there), and 0.011 at 4 bits
+(0.018 in chunks) against 1.21. The cost against a plain measure, at the default window and at
+long ones: ``benchmarks/bench_kv_cache.py``.
 
 **Layer kinds.** Full-attention and sliding-window layers (Mistral, Gemma 2/3, GPT-OSS) get a
 quantized layer. A sliding layer's quantized cache keeps every token where transformers'
@@ -54,20 +72,22 @@ with no quantizable layer is refused in one line.
 
 The model's ``forward`` is wrapped through the patch (undone exactly); a model whose forward
 takes no transformers cache is refused. The wrapper owns ``input_ids``, ``use_cache`` and the
-cache keyword; every other keyword reaches each chunk's forward, per-position ones cut to the
-chunk (``attention_mask`` to the positions so far, ``position_ids``, and ``logits_to_keep`` to
-the kept positions inside the chunk, at least one), the rest as given
-(``output_hidden_states``: the chunks' hidden states come back joined); ``labels`` are refused
-(a loss per chunk is not the sequence's). So a forward hook on ``model.base_model`` sees each
-chunk's hidden states, and ``logits_to_keep=1`` computes the head on one position per chunk
-and returns the sequence's last.
+cache keyword; ``labels`` are refused (chunks' losses are not the sequence's). In one pass,
+every other keyword reaches the forward pass as given. In chunks, each reaches each chunk's
+forward, per-position ones cut to the chunk (``attention_mask`` to the positions so far,
+``position_ids``, and ``logits_to_keep`` to the kept positions inside the chunk, at least one),
+the rest as given (``output_hidden_states``: the chunks' hidden states come back joined). So a
+forward hook on ``model.base_model`` sees the window's hidden states, at once or chunk by
+chunk, and ``logits_to_keep=1`` returns the sequence's last logits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -274,34 +294,44 @@ def _quantize_pending(layers: Any) -> None:
             continue
         for buffer in layer.buffers:
             entries = buffer[..., layer.done : layer.done + count, :]
-            width = entries.shape[-1]
-            group = min(layer.q_group_size, width)
-            if width % group:
-                raise HemorrhageError(
-                    f"quant.kv_cache: group_size={group} does not divide the head dimension "
-                    f"({width}); choose a divisor of it"
-                )
+            group = _group(layer.q_group_size, entries.shape[-1])
             parts.setdefault(group, []).append((layer, entries))
             layer.quantized_elements += entries.numel()
         layer.done += count
     for group, entries in parts.items():
-        layer = entries[0][0]
-        rows = torch.cat([e.reshape(-1, group) for _, e in entries])
-        block = max(1, _BLOCK // group)
-        saved, layer.q_group_size = layer.q_group_size, group
-        try:
-            rows = torch.cat(
-                [
-                    layer._dequantize(layer._quantize(rows[i : i + block], axis=layer.axis))
-                    for i in range(0, len(rows), block)
-                ]
-            )
-        finally:
-            layer.q_group_size = saved
+        rows = _round_trip(entries[0][0], torch.cat([e.reshape(-1, group) for _, e in entries]))
         at = 0
         for _, e in entries:
             e.copy_(rows[at : at + e.numel() // group].reshape(e.shape))
             at += e.numel() // group
+
+
+def _group(group_size: int, width: int) -> int:
+    """Elements per group along a head vector of ``width``: ``group_size``, cut to the head."""
+    group = min(group_size, width)
+    if width % group:
+        raise HemorrhageError(
+            f"quant.kv_cache: group_size={group} does not divide the head dimension "
+            f"({width}); choose a divisor of it"
+        )
+    return group
+
+
+def _round_trip(layer: Any, rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` (one group each) quantized and dequantized by ``layer``'s backend, in blocks
+    of ``_BLOCK`` elements."""
+    group = rows.shape[-1]
+    block = max(1, _BLOCK // group)
+    saved, layer.q_group_size = layer.q_group_size, group
+    try:
+        return torch.cat(
+            [
+                layer._dequantize(layer._quantize(rows[i : i + block], axis=layer.axis))
+                for i in range(0, len(rows), block)
+            ]
+        )
+    finally:
+        layer.q_group_size = saved
 
 
 @functools.cache
@@ -316,27 +346,158 @@ def _layer_class(backend: str) -> type:
     return type("QuantoIncrementalLayer", (_Incremental, QuantoQuantizedLayer), {"axis": 0})
 
 
+def _quantized_layer(config: KVCache) -> Any:
+    """An empty incremental layer of ``config``'s backend."""
+    layer = _layer_class(config.backend)
+    return layer(
+        nbits=config.bits,
+        q_group_size=config.group_size,
+        residual_length=config.residual_length,
+        axis_key=layer.axis,
+        axis_value=layer.axis,
+    )
+
+
 def _new_cache(config: KVCache, model: nn.Module) -> Any:
     """A cache of incremental quantized layers for the full and sliding attention layers, and
     transformers' own layer for every other kind (see the module docstring)."""
     from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache
 
-    layer = _layer_class(config.backend)
     kinds, kwargs = _layer_kinds(model)
     return Cache(
         layers=[
-            layer(
-                nbits=config.bits,
-                q_group_size=config.group_size,
-                residual_length=config.residual_length,
-                axis_key=layer.axis,
-                axis_value=layer.axis,
-            )
-            if kind in _CACHED
-            else DYNAMIC_LAYER_TYPE_MAPPING[kind](**kw)
+            _quantized_layer(config) if kind in _CACHED else DYNAMIC_LAYER_TYPE_MAPPING[kind](**kw)
             for kind, kw in zip(kinds, kwargs, strict=True)
         ]
     )
+
+
+# The attention implementation's name while a window is scored in one pass (registered with
+# transformers for that forward pass only).
+_ATTENTION = "hemorrhage_kv_cache"
+
+
+class _NotOnePass(Exception):
+    """The model's attention took a path the one-pass scoring does not cover."""
+
+
+@dataclass
+class _Pass:
+    """One forward pass scoring windows in one pass: the quantizer (an incremental layer of the
+    backend, for its ``_quantize``/``_dequantize``), the layers to quantize, those whose
+    attention came through (none may be missed), and the causal pattern per window length."""
+
+    config: KVCache
+    quantizer: Any
+    quantized: frozenset[int]
+    seen: set[int] = field(default_factory=set)
+    patterns: dict[tuple[Any, int], torch.Tensor] = field(default_factory=dict)
+
+    def causal(self, start: int, stop: int, length: int, device: Any) -> torch.Tensor:
+        """The chunk ``start:stop``'s causal mask over keys ``0:stop``, a view of one pattern
+        per window: row i of the pattern lets key j through while j <= length + i, so the
+        columns from ``length - start`` let the chunk's row i see keys 0..start + i."""
+        pattern = self.patterns.get((device, length))
+        if pattern is None:
+            chunk = self.config.chunk
+            pattern = torch.ones(chunk, length + chunk, dtype=torch.bool, device=device)
+            self.patterns[device, length] = pattern = pattern.tril(length)
+        return pattern[: stop - start, length - start : length - start + stop]
+
+    def round_trip(self, states: torch.Tensor, count: int) -> torch.Tensor:
+        """The first ``count`` positions of ``states`` quantized and dequantized."""
+        entries = states[..., :count, :]
+        if not count:
+            return entries
+        if not self.quantizer.is_initialized:  # HQQ reads its device and dtype off the layer
+            self.quantizer.lazy_initialization(entries[..., :0, :], entries[..., :0, :])
+        group = _group(self.config.group_size, entries.shape[-1])
+        return _round_trip(self.quantizer, entries.reshape(-1, group)).reshape(entries.shape)
+
+
+def _attention(
+    run: _Pass,
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention, over a whole window, as if it were fed in chunks through
+    the quantized cache: the queries of each chunk attend to the keys and values of earlier
+    chunks quantized (but the residual window's) and to their own chunk's in full precision.
+    Each key and value is quantized once (see the module docstring); a layer that is not
+    quantized gets transformers' own SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    layer = getattr(module, "layer_idx", None)
+    if layer not in run.quantized:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    length = key.shape[-2]
+    if kwargs.get("position_bias") is not None or query.shape[-2] != length:
+        raise _NotOnePass
+    run.seen.add(layer)
+    chunk, residual = run.config.chunk, run.config.residual_length
+    read = max(0, (length - 1) // chunk * chunk - residual)  # positions read quantized
+    quantized = [run.round_trip(states, read) for states in (key, value)]
+    keys, values = key.clone(), value.clone()  # each chunk reads a mix of the two
+    out = query.new_empty((*query.shape[:-1], value.shape[-1]))
+    done = 0
+    for start in range(0, length, chunk):
+        stop = min(start + chunk, length)
+        reads = max(0, start - residual)  # this chunk reads positions 0:reads quantized
+        for mixed, rounded in zip((keys, values), quantized, strict=True):
+            mixed[..., done:reads, :] = rounded[..., done:reads, :]
+        done = reads
+        if attention_mask is None:  # transformers left a causal window to the kernel
+            mask = run.causal(start, stop, length, query.device)
+        else:  # padding or a sliding window: the window's own mask, cut to the chunk
+            mask = attention_mask[..., start:stop, :stop]
+        out[..., start:stop, :] = torch.nn.functional.scaled_dot_product_attention(
+            query[..., start:stop, :],
+            keys[..., :stop, :],
+            values[..., :stop, :],
+            attn_mask=mask,
+            dropout_p=dropout,
+            scale=scaling,
+            enable_gqa=query.shape[1] != key.shape[1],
+        )
+    return out.transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def _attending(text_config: Any, run: _Pass) -> Iterator[None]:
+    """The model's attention is :func:`_attention` bound to ``run``, with SDPA's masks, for the
+    duration of one forward pass; transformers' registries and the config as they were after."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    functions, masks = AttentionInterface._global_mapping, AttentionMaskInterface._global_mapping
+    functions[_ATTENTION] = functools.partial(_attention, run)
+    masks[_ATTENTION] = masks["sdpa"]
+    saved = text_config._attn_implementation_internal
+    text_config._attn_implementation_internal = _ATTENTION
+    try:
+        yield
+    finally:
+        text_config._attn_implementation_internal = saved
+        del functions[_ATTENTION], masks[_ATTENTION]
+
+
+def _one_pass_layers(model: nn.Module) -> frozenset[int] | None:
+    """The layers a window scored in one pass quantizes; None where it cannot be: attention
+    other than SDPA, or layers reading another layer's cache (they would read the full
+    precision states their source computes, not its quantized cache)."""
+    text = model.config.get_text_config(decoder=True)
+    kinds, _ = _layer_kinds(model)
+    if getattr(text, "_attn_implementation", None) != "sdpa" or "dummy" in kinds:
+        return None
+    return frozenset(i for i, kind in enumerate(kinds) if kind in _CACHED)
 
 
 def _chunk_keep(keep: Any, start: int, stop: int, length: int) -> tuple[Any, int | None]:
@@ -353,11 +514,12 @@ def _chunk_keep(keep: Any, start: int, stop: int, length: int) -> tuple[Any, int
 
 
 def quantized_forward(config: KVCache, model: nn.Module) -> Any:
-    """``model.forward`` with a quantized KV cache: whole sequences scored chunk by chunk
-    through one cache, every keyword the wrapper does not own passed to each chunk; a
+    """``model.forward`` with a quantized KV cache: whole sequences scored in one pass where
+    the model allows, else chunk by chunk through one cache (see the module docstring); a
     generation prefill given a quantized cache to fill."""
     original = model.forward
     keyword = _cache_keyword(model)
+    layers = [_one_pass_layers(model)]  # None once the model turned out not to allow it
 
     @functools.wraps(original)
     def forward(*args: Any, input_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
@@ -377,41 +539,63 @@ def quantized_forward(config: KVCache, model: nn.Module) -> Any:
             )
         kwargs.pop(keyword, None)
         kwargs.pop("use_cache", None)
-        keep = kwargs.pop("logits_to_keep", None)
-        mask = kwargs.pop("attention_mask", None)
-        positions = kwargs.pop("position_ids", None)
-        length = input_ids.shape[1]
-        cache, logits, hidden = _new_cache(config, model), [], []
-        for layer in cache.layers:
-            if isinstance(layer, _Incremental):
-                layer.capacity = length
-        starts = range(0, length, config.chunk)
-        for start in starts:
-            stop = min(start + config.chunk, length)
-            chunk = dict(kwargs)
-            if keep is not None:
-                chunk["logits_to_keep"], wanted = _chunk_keep(keep, start, stop, length)
-            else:
-                wanted = None
-            if mask is not None:  # a padding mask covers the cache and the chunk
-                chunk["attention_mask"] = mask[..., :stop]
-            if positions is not None:
-                chunk["position_ids"] = positions[..., start:stop]
-            out = original(
-                input_ids=input_ids[:, start:stop], use_cache=True, **chunk, **{keyword: cache}
-            )
-            if stop < length:  # what this chunk left the residual, before the next reads it
-                _quantize_pending(cache.layers)
-            part = out.logits
-            logits.append(part if wanted is None else part[:, part.shape[1] - wanted :])
-            if getattr(out, "hidden_states", None) is not None:
-                hidden.append(out.hidden_states)
-        out.logits = torch.cat(logits, 1)
-        if hidden:
-            out.hidden_states = tuple(torch.cat(layer, 1) for layer in zip(*hidden, strict=True))
-        return out
+        if layers[0] is not None:
+            run = _Pass(config, _quantized_layer(config), layers[0])
+            try:
+                with _attending(model.config.get_text_config(decoder=True), run):
+                    out = original(input_ids=input_ids, use_cache=False, **kwargs)
+            except _NotOnePass:
+                out = None
+            if out is not None and run.seen == run.quantized:
+                return out
+            layers[0] = None  # a quantized layer's attention did not come through: chunks
+        return _chunked(original, config, model, keyword, input_ids, kwargs)
 
     return forward
+
+
+def _chunked(
+    original: Any,
+    config: KVCache,
+    model: nn.Module,
+    keyword: str,
+    input_ids: torch.Tensor,
+    kwargs: dict[str, Any],
+) -> Any:
+    """The model's output for ``input_ids`` fed in chunks through one quantized cache, every
+    keyword in ``kwargs`` passed to each chunk (per-position ones cut to it)."""
+    keep = kwargs.pop("logits_to_keep", None)
+    mask = kwargs.pop("attention_mask", None)
+    positions = kwargs.pop("position_ids", None)
+    length = input_ids.shape[1]
+    cache, logits, hidden = _new_cache(config, model), [], []
+    for layer in cache.layers:
+        if isinstance(layer, _Incremental):
+            layer.capacity = length
+    for start in range(0, length, config.chunk):
+        stop = min(start + config.chunk, length)
+        chunk = dict(kwargs)
+        if keep is not None:
+            chunk["logits_to_keep"], wanted = _chunk_keep(keep, start, stop, length)
+        else:
+            wanted = None
+        if mask is not None:  # a padding mask covers the cache and the chunk
+            chunk["attention_mask"] = mask[..., :stop]
+        if positions is not None:
+            chunk["position_ids"] = positions[..., start:stop]
+        out = original(
+            input_ids=input_ids[:, start:stop], use_cache=True, **chunk, **{keyword: cache}
+        )
+        if stop < length:  # what this chunk left the residual, before the next reads it
+            _quantize_pending(cache.layers)
+        part = out.logits
+        logits.append(part if wanted is None else part[:, part.shape[1] - wanted :])
+        if getattr(out, "hidden_states", None) is not None:
+            hidden.append(out.hidden_states)
+    out.logits = torch.cat(logits, 1)
+    if hidden:
+        out.hidden_states = tuple(torch.cat(layer, 1) for layer in zip(*hidden, strict=True))
+    return out
 
 
 @register_modification("quant.kv_cache", KVCache)
