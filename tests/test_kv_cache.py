@@ -23,6 +23,13 @@ def by_bits(harness):
     }
     assert_restored(harness.model, before)
     assert "forward" not in vars(harness.model)  # the wrapper is gone, not shadowed by a copy
+    # the one-pass attention was transformers' for its passes only
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    assert harness.model.config._attn_implementation == "sdpa"
+    for registry in (AttentionInterface, AttentionMaskInterface):
+        assert "hemorrhage_kv_cache" not in registry._global_mapping
     return measured
 
 
