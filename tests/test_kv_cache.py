@@ -271,7 +271,9 @@ def test_a_layer_missed_by_the_one_pass_sends_the_model_to_chunks(harness, monke
     )
     attention = model.model.layers[2].self_attn
     monkeypatch.setattr(attention, "config", copy.copy(attention.config))
-    forward = quantized_forward(config, model)
+    details = {}
+    forward = quantized_forward(config, model, details)
+    assert details["scoring"] == "in one pass"
     with torch.inference_mode():
         first = forward(input_ids=ids).logits
         tried = len(calls)
@@ -280,6 +282,31 @@ def test_a_layer_missed_by_the_one_pass_sends_the_model_to_chunks(harness, monke
     assert torch.equal(first, chunked) and torch.equal(second, chunked)
     chunks = len(calls) - tried  # the second call and _chunked: 3 calls each (chunks 1-3)
     assert chunks == 6 and tried == 2 * 3 + 3  # keys and values of layers 0, 1, 3; then chunks
+    assert details["scoring"] == (
+        "in chunks through the cache: one pass failed (the attention of layers 2 did not come "
+        "through it)"
+    )
+
+
+def test_eager_attention_is_scored_in_chunks(harness, monkeypatch):
+    """The one pass stands in for SDPA only: a model attending eagerly is fed in chunks, and
+    the result says so."""
+    from pytest_hemorrhage.modifications.quant.kv_cache import (
+        _cache_keyword,
+        _chunked,
+        quantized_forward,
+    )
+
+    model, ids = harness.model, harness.windows.eval[:2]
+    monkeypatch.setattr(model.config, "_attn_implementation_internal", "eager")
+    config, details = make("quant.kv_cache", {"bits": 4, "chunk": 32}), {}
+    forward = quantized_forward(config, model, details)
+    assert (
+        details["scoring"] == "in chunks through the cache: eager attention (one pass takes SDPA)"
+    )
+    with torch.inference_mode():
+        chunked = _chunked(model.forward, config, model, _cache_keyword(model), ids, {})
+        assert torch.equal(forward(input_ids=ids).logits, chunked.logits)
 
 
 def _kl(baseline, modified):
@@ -378,6 +405,12 @@ _UNQUANTIZED = {
     "llama4": ([0, 1, 2], "chunked_attention", "keeps only the current attention chunk"),
     "gemma3n": ([2, 3], "dummy", "reads another layer's cache"),
 }
+_SCORING = {
+    "lfm2": "in one pass",
+    "llama4": "in one pass",
+    "gemma3n": "in chunks through the cache: layers 2, 3 read another layer's cache or have no "
+    "attention",
+}
 
 
 def _hybrid(tiny, architecture, **overrides):
@@ -425,4 +458,5 @@ def test_hybrid_models_measure_with_the_layers_that_can_be_quantized(
     assert unquantized["layers"] == layers and unquantized["kind"] == kind
     assert why in unquantized["why"]
     assert sorted(details["quantized_layers"] + layers) == list(range(4))
+    assert details["scoring"] == _SCORING[architecture]
     assert 0 < result.metrics["kl_mean"] < math.inf

@@ -37,7 +37,9 @@ token's keys at every layer come from hidden states that attended the same way b
 rest of the model runs once per window, not once per chunk (the cost:
 ``benchmarks/bench_kv_cache.py``). A pass in which a quantized layer's attention did not come
 through (its own attention code, a position bias) would have scored that layer unquantized: it
-is scored again in chunks, and the model stays with chunks. Every other model is fed in chunks
+is scored again in chunks, and the model stays with chunks (``Result.details["kv_cache"]
+["scoring"]`` says how windows were scored, and why not in one pass). Every other model is fed
+in chunks
 through one cache of incremental layers: each chunk's forward pass reads the cache the earlier
 ones filled, and the entries a chunk leaves are dequantized in place into the float buffer the
 next chunk reads. The two group entries differently for the quantizer (one pass: a layer's
@@ -439,8 +441,10 @@ def _attention(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     length = key.shape[-2]
-    if kwargs.get("position_bias") is not None or query.shape[-2] != length:
-        raise _NotOnePass
+    if kwargs.get("position_bias") is not None:
+        raise _NotOnePass(f"layer {layer}'s attention takes a position bias")
+    if query.shape[-2] != length:
+        raise _NotOnePass(f"layer {layer} attends to other keys than its window's")
     run.seen.add(layer)
     chunk, residual = run.config.chunk, run.config.residual_length
     read = max(0, (length - 1) // chunk * chunk - residual)  # positions read quantized
@@ -489,15 +493,26 @@ def _attending(text_config: Any, run: _Pass) -> Iterator[None]:
         del functions[_ATTENTION], masks[_ATTENTION]
 
 
-def _one_pass_layers(model: nn.Module) -> frozenset[int] | None:
-    """The layers a window scored in one pass quantizes; None where it cannot be: attention
-    other than SDPA, or layers reading another layer's cache (they would read the full
-    precision states their source computes, not its quantized cache)."""
+def _one_pass_layers(model: nn.Module) -> tuple[frozenset[int] | None, str]:
+    """The layers a window scored in one pass quantizes, and how windows are scored; None
+    where they cannot be: attention other than SDPA, or layers reading another layer's cache
+    (they would read the full-precision states of their source, not its quantized cache)."""
     text = model.config.get_text_config(decoder=True)
     kinds, _ = _layer_kinds(model)
-    if getattr(text, "_attn_implementation", None) != "sdpa" or "dummy" in kinds:
-        return None
-    return frozenset(i for i, kind in enumerate(kinds) if kind in _CACHED)
+    attention = getattr(text, "_attn_implementation", None)
+    if attention != "sdpa":
+        return None, f"in chunks through the cache: {attention} attention (one pass takes SDPA)"
+    shared = [i for i, kind in enumerate(kinds) if kind == "dummy"]
+    if shared:
+        return None, (
+            f"in chunks through the cache: layers {_listed(shared)} read another layer's cache "
+            "or have no attention"
+        )
+    return frozenset(i for i, kind in enumerate(kinds) if kind in _CACHED), "in one pass"
+
+
+def _listed(layers: Any) -> str:
+    return ", ".join(map(str, sorted(layers)))
 
 
 def _chunk_keep(keep: Any, start: int, stop: int, length: int) -> tuple[Any, int | None]:
@@ -513,13 +528,17 @@ def _chunk_keep(keep: Any, start: int, stop: int, length: int) -> tuple[Any, int
     return max(1, wanted), wanted
 
 
-def quantized_forward(config: KVCache, model: nn.Module) -> Any:
+def quantized_forward(
+    config: KVCache, model: nn.Module, details: dict[str, Any] | None = None
+) -> Any:
     """``model.forward`` with a quantized KV cache: whole sequences scored in one pass where
-    the model allows, else chunk by chunk through one cache (see the module docstring); a
-    generation prefill given a quantized cache to fill."""
+    the model allows, else chunk by chunk through one cache (see the module docstring), how
+    written to ``details["scoring"]``; a generation prefill given a quantized cache to fill."""
     original = model.forward
     keyword = _cache_keyword(model)
-    layers = [_one_pass_layers(model)]  # None once the model turned out not to allow it
+    details = {} if details is None else details
+    one_pass, details["scoring"] = _one_pass_layers(model)
+    layers = [one_pass]  # None once the model turned out not to allow it
 
     @functools.wraps(original)
     def forward(*args: Any, input_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
@@ -544,11 +563,15 @@ def quantized_forward(config: KVCache, model: nn.Module) -> Any:
             try:
                 with _attending(model.config.get_text_config(decoder=True), run):
                     out = original(input_ids=input_ids, use_cache=False, **kwargs)
-            except _NotOnePass:
-                out = None
-            if out is not None and run.seen == run.quantized:
-                return out
-            layers[0] = None  # a quantized layer's attention did not come through: chunks
+                missed = run.quantized - run.seen
+                if not missed:
+                    return out
+                why = f"the attention of layers {_listed(missed)} did not come through it"
+            except _NotOnePass as error:
+                why = str(error)
+            # that layer would have been scored unquantized: chunks, from now on
+            layers[0] = None
+            details["scoring"] = f"in chunks through the cache: one pass failed ({why})"
         return _chunked(original, config, model, keyword, input_ids, kwargs)
 
     return forward
@@ -613,8 +636,9 @@ def kv_cache(config: KVCache, model: nn.Module, patch: Patch, context: Context) 
             "backend='hqq'"
         ) from None
     patch.details["kv_cache"] = details
+    forward = quantized_forward(config, model, details)  # it reports how windows are scored
     if "forward" in vars(model):  # already wrapped (e.g. twice in one composition)
-        patch.setattr(model, "forward", quantized_forward(config, model))
+        patch.setattr(model, "forward", forward)
         return
-    model.forward = quantized_forward(config, model)  # an instance attribute shadows the method
+    model.forward = forward  # an instance attribute shadows the method
     patch.on_undo(lambda: vars(model).pop("forward", None))
