@@ -90,8 +90,10 @@ def split_forward(model: Any, ids: torch.Tensor) -> Split | None:
     def head(states: torch.Tensor) -> torch.Tensor:
         return _after_head(model, head_module(states))
 
-    own = out.logits[:, -1]
-    if hidden.shape[:2] != ids.shape or not torch.equal(head(hidden[:, -1:])[:, 0], own):
+    own, mine = out.logits[:, -1], head(hidden[:, -1:])[:, 0]
+    # bit for bit, NaN where NaN: a modification that overflows (fault.bitflip) says nothing
+    # of the head, and remembering the model would cost it the split for good
+    if hidden.shape[:2] != ids.shape or not ((mine == own) | mine.isnan() & own.isnan()).all():
         _UNSPLIT.add(model)  # not tried again: its later batches run one forward pass, not two
         return None
     return Split(hidden, head)

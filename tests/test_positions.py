@@ -76,6 +76,21 @@ def test_a_head_the_split_does_not_know_falls_back_to_whole_logits(tiny):
         assert torch.equal(split.head(split.hidden), full)
 
 
+def test_non_finite_logits_do_not_cost_a_model_its_split(tiny, make_harness):
+    """A modification that overflows (2,000 bit flips) makes NaN logits, by the split head as
+    by the model's own: the check still holds, and the model keeps its split for the next
+    measure (remembered as unsplittable, it would score whole logits for good)."""
+    import copy
+
+    model = copy.deepcopy(tiny.model)
+    harness = make_harness(model, tiny.tokenizer, spec="bundled-copy", tokens=2048)
+    flipped = harness.measure([("fault.bitflip", {"count": 2000})])
+    assert flipped.nonfinite > 0  # NaN reached the logits
+    assert model not in forward._UNSPLIT
+    with torch.inference_mode():
+        assert split_forward(model, harness.windows.eval[:2]) is not None
+
+
 def test_metrics_by_position_bucket_add_up_to_the_whole(harness):
     result = harness.measure(RTN)
     assert [b["positions"] for b in result.positions] == [[1, 16], [16, 64], [64, 128]]
