@@ -11,6 +11,7 @@ from bit_identity import assert_restored, snapshot
 
 from pytest_hemorrhage.errors import HemorrhageError
 from pytest_hemorrhage.modifications import make
+from pytest_hemorrhage.report.describe import describe_touched
 
 GENERATION = frozenset({"gen_mismatch"})
 
@@ -459,4 +460,9 @@ def test_hybrid_models_measure_with_the_layers_that_can_be_quantized(
     assert why in unquantized["why"]
     assert sorted(details["quantized_layers"] + layers) == list(range(4))
     assert details["scoring"] == _SCORING[architecture]
+    quantized = 4 - len(layers)
+    assert describe_touched(result.to_dict()) == (
+        f"touched no weights: it changes the KV cache ({quantized} of 4 layers quantized; "
+        f"scored {_SCORING[architecture]})"
+    )
     assert 0 < result.metrics["kl_mean"] < math.inf

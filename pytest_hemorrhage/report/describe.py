@@ -71,13 +71,24 @@ UNTOUCHED_NOTED = 0.05
 def describe_touched(record: Mapping[str, Any]) -> str:
     """What a result's stages touched (``details["touched"]``), one line: ``touched 99.8% of
     the block weights (221,184 of 221,696 parameters); unchanged: model.layers.*.mlp.gate.weight``,
-    or ``touched no weights: it changes decoding``. Empty when not recorded."""
-    touched = (record.get("details") or {}).get("touched")
+    or ``touched no weights: it changes decoding``; a quantized KV cache adds which layers'
+    caches it quantized and how the windows were scored. Empty when not recorded."""
+    details = record.get("details") or {}
+    touched = details.get("touched")
     if not isinstance(touched, Mapping):
         return ""
     if touched.get("share") is None:
         changes = [c for c in touched.get("changes", ()) if c not in ("weights", "structure")]
-        return f"touched no weights: it changes {' and '.join(changes)}" if changes else ""
+        if not changes:
+            return ""
+        line = f"touched no weights: it changes {' and '.join(changes)}"
+        cache = details.get("kv_cache")
+        if isinstance(cache, Mapping) and "quantized_layers" in cache:
+            line += (
+                f" ({len(cache['quantized_layers'])} of {cache['layers']} layers quantized; "
+                f"scored {cache.get('scoring', 'in chunks through the cache')})"
+            )
+        return line
     untouched = touched.get("untouched") or []
     return (
         f"touched {_share(touched['share'])} of the block weights ({touched['parameters']:,} of "
