@@ -297,7 +297,7 @@ def test_disk_cache_applies_without_calibrating(tiny, make_harness, tmp_path, mo
     def no_calibration(*args, **kwargs):
         raise AssertionError("calibrated again")
 
-    monkeypatch.setattr(gptq, "sequential_hessians", no_calibration)
+    monkeypatch.setattr(hessian, "sequential_hessians", no_calibration)
     second = fresh()
     before = snapshot(second.model)
     with second.modified(config):

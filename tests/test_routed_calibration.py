@@ -229,12 +229,8 @@ def test_a_dense_model_result_carries_no_calibration_record(harness):
 @pytest.mark.parametrize(
     ("name", "module", "calibrates"),
     [
-        ("quant.gptq", "pytest_hemorrhage.modifications.quant.gptq", "sequential_hessians"),
-        (
-            "prune.sparsegpt",
-            "pytest_hemorrhage.modifications.prune.sparsegpt",
-            "sequential_hessians",
-        ),
+        ("quant.gptq", "pytest_hemorrhage.modifications.hessian", "sequential_hessians"),
+        ("prune.sparsegpt", "pytest_hemorrhage.modifications.hessian", "sequential_hessians"),
         ("quant.awq", "pytest_hemorrhage.modifications.quant.awq", "walk_blocks"),
     ],
 )

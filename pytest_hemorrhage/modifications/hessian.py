@@ -21,7 +21,8 @@ largest magnitudes).
 Block 0's Hessians do not depend on the config, so every GPTQ or SparseGPT config of a session
 (a sweep over ``sparsity`` or ``bits``) reuses them. The column-by-column solves themselves live
 with their methods (``quant/gptq.py``, ``prune/sparsegpt.py``); their compact results are kept
-by ``state.py``.
+by ``state.py``, and ``apply_obs`` is the part of a handler the two share (solve into the
+cached state, report the experts' coverage, parametrize).
 """
 
 from __future__ import annotations
@@ -36,12 +37,15 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import HemorrhageError
-from .calibration import falls_back, routed_grams
+from .calibration import RoutedCalibration, falls_back, record_coverage, routed_grams
+from .experts import stored
 from .handler import Context
 from .registry import Patch, Target, blocks
+from .state import Arena, Layout, calibrated, expert_tokens
 
 __all__ = [
     "COLUMNS",
+    "apply_obs",
     "solver_inputs",
     "inverse_hessian_factor",
     "sequential_hessians",
@@ -365,3 +369,64 @@ def sequential_hessians(
 def _solved_expert(new: torch.Tensor | Callable[[], torch.Tensor], w: torch.Tensor) -> torch.Tensor:
     """A solved expert's (out, in) matrix during calibration, as ``_Solved`` for a layer."""
     return (new if isinstance(new, torch.Tensor) else new()).to(w.dtype)
+
+
+LayerState = dict[str, torch.Tensor]
+
+
+def apply_obs(
+    config: RoutedCalibration,
+    model: nn.Module,
+    patch: Patch,
+    context: Context,
+    targets: list[Target],
+    layout: Layout,
+    solve: Callable[[Target, torch.Tensor, LayerState], Callable[[], torch.Tensor]],
+    weight: Callable[[LayerState], Callable[[torch.Tensor], torch.Tensor]],
+) -> None:
+    """What a GPTQ or SparseGPT handler does around its solve: calibrate ``targets``
+    (``sequential_hessians``) into one ``state.Arena`` of ``layout``, kept by
+    ``state.calibrated``; record the experts' coverage on ``patch``; parametrize each target.
+
+    Args:
+        config: the modification.
+        model: the model ``targets`` are in.
+        patch: the patch that receives the parametrizations and the coverage record.
+        context: the handler's context.
+        targets: the layers to solve.
+        layout: each target's stored state; each expert target also stores, under
+            ``"tokens"``, the calibration tokens it was routed (a cached result still reports
+            its coverage).
+        solve: ``solve(target, hessian, stored)`` solves ``target`` into ``stored`` (its views
+            of the arena; it owns ``hessian``, as in ``sequential_hessians``) and returns a
+            function that rebuilds its (out, in) weight from them.
+        weight: ``weight(state)``: a target's parametrization from its stored state (without
+            ``"tokens"``), on the device of the tensor it parametrizes.
+    """
+
+    def compute() -> dict[str, Any]:
+        # tokens last: the entries' order is the stored layout, which cached results share
+        full = {t.name: {**layout[t.name], **expert_tokens(t)} for t in targets}
+        arena = Arena(full, targets[0].weight.device)
+        states = arena.states()
+        routed = sequential_hessians(
+            model,
+            context,
+            targets,
+            lambda target, hessian: solve(target, hessian, states[target.name]),
+            config.min_expert_tokens,
+        )
+        for t in targets:
+            if t.expert is not None:
+                states[t.name]["tokens"].fill_(routed.get(t.name, 0))
+        return arena.packed()
+
+    states = calibrated(config, context, targets[0].weight, compute)
+    tokens = {t.name: int(states[t.name]["tokens"]) for t in targets if t.expert is not None}
+    record_coverage(patch, config, targets, tokens)
+    for target in targets:
+        # views of the stored buffers where already there; the stored tensor's device, as
+        # reading an expert's weight after another's edit would rebuild the whole stack
+        device = stored(target.module, target.param).device
+        state = {k: v.to(device) for k, v in states[target.name].items() if k != "tokens"}
+        patch.parametrize(target, weight(state))

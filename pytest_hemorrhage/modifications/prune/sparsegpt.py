@@ -10,18 +10,17 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from ...errors import HemorrhageError
-from ..calibration import RoutedCalibration, record_coverage
-from ..experts import stored
+from ..calibration import RoutedCalibration
 from ..handler import Context
-from ..hessian import COLUMNS, inverse_hessian_factor, sequential_hessians, solver_inputs
+from ..hessian import COLUMNS, apply_obs, inverse_hessian_factor, solver_inputs
 from ..registry import Patch, Target, register_modification
-from ..state import Arena, Layout, calibrated, expert_tokens, pack_bits, unpack_bits
+from ..state import Layout, pack_bits, unpack_bits
 from ..validate import check_int, check_number
 
 __all__ = ["SparseGPT", "sparsegpt_prune", "sparsegpt_weight"]
@@ -164,7 +163,6 @@ def _sparsegpt_layout(targets: list[Target], config: SparseGPT) -> Layout:
             "values": ((rows * columns - pruned,), t.weight.dtype),
             "keep": ((rows, math.ceil(columns / 8)), torch.uint8),
             "columns": ((), torch.int64),
-            **expert_tokens(t),
         }
     return layout
 
@@ -182,29 +180,15 @@ def apply_sparsegpt(config: SparseGPT, model: nn.Module, patch: Patch, context: 
                     "exclude=(...)"
                 )
 
-    def compute() -> dict[str, Any]:
-        arena = Arena(_sparsegpt_layout(targets, config), targets[0].weight.device)
-        states = arena.states()
+    def solve(
+        target: Target, hessian: torch.Tensor, stored: LayerState
+    ) -> Callable[[], torch.Tensor]:
+        dtype = target.weight.dtype
+        new, keep = sparsegpt_prune(target.weight, hessian, config, target.name, overwrite=True)
+        stored["values"].copy_(new.to(dtype)[keep])
+        stored["keep"].copy_(pack_bits(keep))
+        stored["columns"].fill_(keep.shape[1])
+        return functools.partial(sparsegpt_weight, stored, dtype)
 
-        def solve(target: Target, hessian: torch.Tensor) -> Callable[[], torch.Tensor]:
-            dtype, stored = target.weight.dtype, states[target.name]
-            new, keep = sparsegpt_prune(target.weight, hessian, config, target.name, overwrite=True)
-            stored["values"].copy_(new.to(dtype)[keep])
-            stored["keep"].copy_(pack_bits(keep))
-            stored["columns"].fill_(keep.shape[1])
-            return functools.partial(sparsegpt_weight, stored, dtype)
-
-        routed = sequential_hessians(model, context, targets, solve, config.min_expert_tokens)
-        for t in targets:
-            if t.expert is not None:
-                states[t.name]["tokens"].fill_(routed.get(t.name, 0))
-        return arena.packed()
-
-    states = calibrated(config, context, targets[0].weight, compute)
-    tokens = {t.name: int(states[t.name]["tokens"]) for t in targets if t.expert is not None}
-    record_coverage(patch, config, targets, tokens)
-    for target in targets:
-        device = stored(target.module, target.param).device  # (see quant.gptq)
-        patch.parametrize(
-            target, _sparsegpt_fn({k: v.to(device) for k, v in states[target.name].items()})
-        )
+    layout = _sparsegpt_layout(targets, config)
+    apply_obs(config, model, patch, context, targets, layout, solve, _sparsegpt_fn)

@@ -10,17 +10,16 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from ..calibration import RoutedCalibration, record_coverage
-from ..experts import stored
+from ..calibration import RoutedCalibration
 from ..handler import Context
-from ..hessian import COLUMNS, inverse_hessian_factor, sequential_hessians, solver_inputs
+from ..hessian import COLUMNS, apply_obs, inverse_hessian_factor, solver_inputs
 from ..registry import Patch, Target, register_modification
-from ..state import Arena, Layout, calibrated, expert_tokens, pack_bits, unpack_bits
+from ..state import Layout, pack_bits, unpack_bits
 from ..validate import check_choice, check_int, check_number
 from .rtn import quant_grid
 
@@ -157,7 +156,7 @@ def _pack_codes(state: LayerState, bits: int) -> LayerState:
     return {**state, "codes": pack_bits(bits_of)}  # 8 bits: the same bytes
 
 
-def _gptq_fn(state: LayerState, config: GPTQ) -> Callable[[torch.Tensor], torch.Tensor]:
+def _gptq_fn(config: GPTQ, state: LayerState) -> Callable[[torch.Tensor], torch.Tensor]:
     def weight(w: torch.Tensor) -> torch.Tensor:
         return gptq_weight(state, config.bits, config.symmetric).to(w.dtype)
 
@@ -174,38 +173,22 @@ def _gptq_layout(targets: list[Target], config: GPTQ) -> Layout:
             "scale": ((rows, groups), torch.float32),
             "zero": ((rows, groups), torch.float32),
             "g_idx": ((columns,), torch.int32),
-            **expert_tokens(t),
         }
     return layout
 
 
 @register_modification("quant.gptq", GPTQ)
 def apply_gptq(config: GPTQ, model: nn.Module, patch: Patch, context: Context) -> None:
+    def solve(
+        target: Target, hessian: torch.Tensor, stored: LayerState
+    ) -> Callable[[], torch.Tensor]:
+        state = gptq_quantize(target.weight, hessian, config, target.name, overwrite=True)
+        for key, value in _pack_codes(state, config.bits).items():
+            stored[key].copy_(value)
+        return functools.partial(gptq_weight, stored, config.bits, config.symmetric)
+
     targets = config.targets(model)
-
-    def compute() -> dict[str, Any]:
-        arena = Arena(_gptq_layout(targets, config), targets[0].weight.device)
-        states = arena.states()
-
-        def solve(target: Target, hessian: torch.Tensor) -> Callable[[], torch.Tensor]:
-            stored = states[target.name]
-            state = gptq_quantize(target.weight, hessian, config, target.name, overwrite=True)
-            for key, value in _pack_codes(state, config.bits).items():
-                stored[key].copy_(value)
-            return functools.partial(gptq_weight, stored, config.bits, config.symmetric)
-
-        routed = sequential_hessians(model, context, targets, solve, config.min_expert_tokens)
-        for t in targets:
-            if t.expert is not None:
-                states[t.name]["tokens"].fill_(routed.get(t.name, 0))
-        return arena.packed()
-
-    states = calibrated(config, context, targets[0].weight, compute)
-    tokens = {t.name: int(states[t.name]["tokens"]) for t in targets if t.expert is not None}
-    record_coverage(patch, config, targets, tokens)
-    for target in targets:
-        # views of the stored buffers where already there; the stored tensor's device, as
-        # reading an expert's weight after another's edit would rebuild the whole stack
-        device = stored(target.module, target.param).device
-        state = {k: v.to(device) for k, v in states[target.name].items() if k != "tokens"}
-        patch.parametrize(target, _gptq_fn(state, config))
+    layout = _gptq_layout(targets, config)
+    apply_obs(
+        config, model, patch, context, targets, layout, solve, functools.partial(_gptq_fn, config)
+    )
