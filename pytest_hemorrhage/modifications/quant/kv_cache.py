@@ -41,11 +41,11 @@ is scored again in chunks, and the model stays with chunks (``Result.details["kv
 ["scoring"]`` says how windows were scored, and why not in one pass). Every other model is fed
 in chunks through one cache of incremental layers: each chunk's forward pass reads the cache
 the earlier ones filled, and the entries a chunk leaves are dequantized in place into the
-float buffer the next chunk reads. The two group entries differently for the quantizer (one pass: a layer's
-keys, then its values, of the whole batch; chunks: the entries of all layers a chunk leaves,
-together), in blocks (see ``_BLOCK``), and HQQ's stopping rule is per block, so they agree up
-to it: on the bundled model, kl_mean within 0.01%, logits within 1.5% of what the cache moves
-them by (``tests/test_kv_cache.py``).
+float buffer the next chunk reads. The two group entries differently for the quantizer (one
+pass: a layer's keys, then its values, of the whole batch; chunks: the entries of all layers a
+chunk leaves, together), in blocks (see ``_BLOCK``), and HQQ's stopping rule is per block, so
+they agree up to it: on the bundled model, kl_mean within 0.01%, logits within 1.5% of what
+the cache moves them by (``tests/test_kv_cache.py``).
 
 transformers' own ``QuantizedCache`` instead dequantizes, appends and re-quantizes the *whole*
 cache at every chunk (residual_length=0), HQQ's optimizer over every cached element each time:
