@@ -462,7 +462,12 @@ def test_hybrid_models_measure_with_the_layers_that_can_be_quantized(
     assert details["scoring"] == _SCORING[architecture]
     quantized = 4 - len(layers)
     assert describe_touched(result.to_dict()) == (
-        f"touched no weights: it changes the KV cache ({quantized} of 4 layers quantized; "
-        f"scored {_SCORING[architecture]})"
+        f"touched no weights: it changes the KV cache; KV cache quantized in {quantized} of 4 "
+        f"layers, scored {_SCORING[architecture]}"
+    )
+    # with a weight modification too, the line still says what the cache covered
+    both = harness.measure([("quant.rtn", {"bits": 8}), ("quant.kv_cache", {"chunk": 32})])
+    assert describe_touched(both.to_dict()).endswith(
+        f"; KV cache quantized in {quantized} of 4 layers, scored {_SCORING[architecture]}"
     )
     assert 0 < result.metrics["kl_mean"] < math.inf

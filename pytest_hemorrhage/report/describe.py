@@ -71,30 +71,29 @@ UNTOUCHED_NOTED = 0.05
 def describe_touched(record: Mapping[str, Any]) -> str:
     """What a result's stages touched (``details["touched"]``), one line: ``touched 99.8% of
     the block weights (221,184 of 221,696 parameters); unchanged: model.layers.*.mlp.gate.weight``,
-    or ``touched no weights: it changes decoding``; a quantized KV cache adds which layers'
-    caches it quantized and how the windows were scored. Empty when not recorded."""
+    or ``touched no weights: it changes decoding``; with a quantized KV cache among the stages,
+    also which layers' caches and how the windows were scored. Empty when not recorded."""
     details = record.get("details") or {}
     touched = details.get("touched")
     if not isinstance(touched, Mapping):
         return ""
     if touched.get("share") is None:
         changes = [c for c in touched.get("changes", ()) if c not in ("weights", "structure")]
-        if not changes:
-            return ""
-        line = f"touched no weights: it changes {' and '.join(changes)}"
-        cache = details.get("kv_cache")
-        if isinstance(cache, Mapping) and "quantized_layers" in cache:
-            line += (
-                f" ({len(cache['quantized_layers'])} of {cache['layers']} layers quantized; "
-                f"scored {cache.get('scoring', 'in chunks through the cache')})"
-            )
-        return line
-    untouched = touched.get("untouched") or []
-    return (
-        f"touched {_share(touched['share'])} of the block weights ({touched['parameters']:,} of "
-        f"{touched['of']:,} parameters)"
-        + (f"; unchanged: {', '.join(untouched)}" if untouched else "")
-    )
+        line = f"touched no weights: it changes {' and '.join(changes)}" if changes else ""
+    else:
+        untouched = touched.get("untouched") or []
+        line = (
+            f"touched {_share(touched['share'])} of the block weights "
+            f"({touched['parameters']:,} of {touched['of']:,} parameters)"
+            + (f"; unchanged: {', '.join(untouched)}" if untouched else "")
+        )
+    cache = details.get("kv_cache")
+    if line and isinstance(cache, Mapping) and "quantized_layers" in cache:
+        line += (
+            f"; KV cache quantized in {len(cache['quantized_layers'])} of {cache['layers']} "
+            f"layers, scored {cache.get('scoring', 'in chunks through the cache')}"
+        )
+    return line
 
 
 def describe_untouched(record: Mapping[str, Any]) -> str:
